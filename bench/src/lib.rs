@@ -1,0 +1,1 @@
+//! `bench`: measurements of vmft against a baseline taken in the same run.

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every check and test of the project. This is the README's second
+# command and what CI runs (.ci/run). It prepares what the tests need:
+# the guest image (built from Debian packages, cached outside the repo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n=== %s\n' "$*"; }
+
+if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
+    echo "error: /dev/kvm is not usable here; vmft's integration tests need KVM" >&2
+    exit 1
+fi
+
+step "guest image (built on first use, then cached)"
+guest-images/build.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test (unit and integration; integration tests boot real guests)"
+cargo test --workspace --release -- --test-threads="${VMFT_TEST_THREADS:-2}"

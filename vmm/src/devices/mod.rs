@@ -1,0 +1,171 @@
+//! Emulated legacy devices and the port I/O bus that dispatches to them.
+//!
+//! Every device lives on the vCPU thread and is driven only by guest port
+//! accesses and by values handed in through the nondeterminism door
+//! ([`crate::nondet::Door`]), so the whole device model replays exactly.
+
+pub mod i8042;
+pub mod pic;
+pub mod pit;
+pub mod rtc;
+pub mod serial;
+
+use std::collections::BTreeMap;
+
+use crate::nondet::Door;
+use crate::snapshot::{Decoder, Encoder, SnapshotError};
+
+use self::i8042::I8042;
+use self::pic::Pic;
+use self::pit::Pit;
+use self::rtc::Rtc;
+use self::serial::{ConsoleOut, SerialPort, COM1_IRQ};
+
+/// ISA IRQ of the PIT's channel 0.
+pub const PIT_IRQ: u8 = 0;
+/// The POST diagnostic port; Linux writes it as an I/O delay.
+pub const POST_PORT: u16 = 0x80;
+
+/// All port-mapped devices of the machine.
+#[derive(Debug)]
+pub struct Devices {
+    /// Interrupt controller pair.
+    pub pic: Pic,
+    /// Interval timer.
+    pub pit: Pit,
+    /// CMOS clock and RAM.
+    pub rtc: Rtc,
+    /// COM1.
+    pub serial: SerialPort,
+    /// Reset controller.
+    pub i8042: I8042,
+    /// Accesses to ports no device claims, by port (reads, writes).
+    pub unknown_ports: BTreeMap<u16, (u64, u64)>,
+}
+
+impl Devices {
+    /// Devices in their power-on state, console output to `console`.
+    pub fn new(console: ConsoleOut) -> Self {
+        Devices {
+            pic: Pic::new(),
+            pit: Pit::new(),
+            rtc: Rtc::new(),
+            serial: SerialPort::new(console),
+            i8042: I8042::default(),
+            unknown_ports: BTreeMap::new(),
+        }
+    }
+
+    /// Handle an `in` from `port`; fills `data` (1, 2 or 4 bytes).
+    pub fn pio_in(&mut self, port: u16, data: &mut [u8], door: &mut dyn Door) {
+        data.fill(0xff);
+        let value = if SerialPort::handles(port) {
+            self.serial.read(port)
+        } else if Pit::handles(port) {
+            let now = door.clock_ns();
+            self.pit.read(port, now)
+        } else if Pic::handles(port) {
+            self.pic.read(port)
+        } else if Rtc::handles(port) {
+            let wall = door.wall_clock_secs();
+            self.rtc.read(port, wall)
+        } else if I8042::handles(port) {
+            self.i8042.read(port)
+        } else {
+            self.unknown_ports.entry(port).or_default().0 += 1;
+            return;
+        };
+        data[0] = value;
+        self.sync_irqs();
+    }
+
+    /// Handle an `out` to `port`.
+    pub fn pio_out(&mut self, port: u16, data: &[u8], door: &mut dyn Door) {
+        let value = data.first().copied().unwrap_or(0);
+        if SerialPort::handles(port) {
+            self.serial.write(port, value);
+        } else if Pit::handles(port) {
+            let now = door.clock_ns();
+            self.pit.write(port, value, now);
+        } else if Pic::handles(port) {
+            self.pic.write(port, value);
+        } else if Rtc::handles(port) {
+            let wall = door.wall_clock_secs();
+            self.rtc.write(port, value, wall);
+        } else if I8042::handles(port) {
+            self.i8042.write(port, value);
+        } else if port != POST_PORT {
+            self.unknown_ports.entry(port).or_default().1 += 1;
+            return;
+        }
+        self.sync_irqs();
+    }
+
+    /// Forward interrupt lines raised by devices to the PIC.
+    pub fn sync_irqs(&mut self) {
+        if self.serial.take_irq() {
+            self.pic.pulse_irq(COM1_IRQ);
+        }
+    }
+
+    /// Raise the timer interrupt if it is due at `now_ns`.
+    pub fn poll_timer(&mut self, now_ns: u64) -> bool {
+        if self.pit.poll_irq0(now_ns) {
+            self.pic.pulse_irq(PIT_IRQ);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Serialise every device's state.
+    pub fn encode(&self, e: &mut Encoder) {
+        self.pic.encode(e);
+        self.pit.encode(e);
+        self.rtc.encode(e);
+        self.serial.encode(e);
+    }
+
+    /// Restore devices from [`Devices::encode`] output.
+    pub fn decode(d: &mut Decoder, console: ConsoleOut) -> Result<Self, SnapshotError> {
+        Ok(Devices {
+            pic: Pic::decode(d)?,
+            pit: Pit::decode(d)?,
+            rtc: Rtc::decode(d)?,
+            serial: SerialPort::decode(d, console)?,
+            i8042: I8042::default(),
+            unknown_ports: BTreeMap::new(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nondet::FixedDoor;
+
+    #[test]
+    fn unknown_ports_read_all_ones_and_are_counted() {
+        let mut dev = Devices::new(ConsoleOut::new(Box::new(std::io::sink())));
+        let mut door = FixedDoor::default();
+        let mut data = [0u8; 2];
+        dev.pio_in(0x1234, &mut data, &mut door);
+        assert_eq!(data, [0xff, 0xff]);
+        dev.pio_out(0x1234, &[1], &mut door);
+        dev.pio_out(POST_PORT, &[1], &mut door);
+        assert_eq!(dev.unknown_ports.get(&0x1234), Some(&(1, 1)));
+        assert!(!dev.unknown_ports.contains_key(&POST_PORT));
+    }
+
+    #[test]
+    fn serial_interrupt_reaches_pic() {
+        let mut dev = Devices::new(ConsoleOut::new(Box::new(std::io::sink())));
+        let mut door = FixedDoor::default();
+        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {
+            dev.pio_out(port, &[v], &mut door);
+        }
+        dev.pio_out(0x3f9, &[0x02], &mut door); // IER: THR empty
+        assert!(dev.pic.has_interrupt());
+        assert_eq!(dev.pic.acknowledge(), Some(0x34));
+    }
+}

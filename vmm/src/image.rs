@@ -1,0 +1,150 @@
+//! The default guest: where its image comes from and the command line that
+//! keeps the guest away from what the monitor cannot intercept or log.
+//! The reasons for every option are in `guest-images/README.md`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use thiserror::Error;
+
+/// Default memory size in MiB.
+pub const DEFAULT_MEM_MIB: u64 = 128;
+/// Default workload run by the guest's init.
+pub const DEFAULT_WORKLOAD: &str = "counter";
+
+/// CPU features the guest kernel must not use: instructions the monitor
+/// cannot intercept (tsc, rdrand, rdseed) and ones the KVM emulator here
+/// rejects or that the kernel would patch into emulated code paths.
+/// Linux 6.1 reads at most 127 characters of `clearcpuid=`: the list is
+/// ordered by importance and kept under that limit (a unit test checks).
+pub const CLEARED_CPU_FEATURES: &str = "tsc,rdrand,rdseed,xsave,avx,avx2,avx512f,smap,smep,umip,pku,\
+fsgsbase,rdpid,popcnt,cx16,movbe,bmi1,bmi2,erms,fsrm,abm";
+
+/// The base kernel command line of every vmft guest.
+pub fn base_cmdline() -> String {
+    [
+        "console=ttyS0",
+        "8250.nr_uarts=1",
+        "reboot=k",
+        "nolapic",
+        "noapic",
+        "nox2apic",
+        "nopv",
+        "no-kvmclock",
+        "nosmap",
+        "nosmep",
+        &format!("clearcpuid={CLEARED_CPU_FEATURES}"),
+        "tsc=unstable",
+        "clocksource=jiffies",
+        "lpj=1000000",
+        "mitigations=off",
+        "no_timer_check",
+    ]
+    .join(" ")
+}
+
+/// Errors preparing the default guest image.
+#[derive(Debug, Error)]
+pub enum ImageError {
+    /// The build script is missing.
+    #[error("guest image build script {0} not found (set VMFT_GUEST_IMAGES to the guest-images folder)")]
+    ScriptMissing(PathBuf),
+    /// The build script could not be started.
+    #[error("running {path}: {source}")]
+    Spawn {
+        /// Script path.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The build failed.
+    #[error("guest image build failed ({path} exited with {status}); its messages are above")]
+    Failed {
+        /// Script path.
+        path: PathBuf,
+        /// Exit status.
+        status: std::process::ExitStatus,
+    },
+    /// The script did not print both paths.
+    #[error("guest image build printed no {0}= line")]
+    Output(&'static str),
+}
+
+/// Paths of the default guest image.
+#[derive(Debug, Clone)]
+pub struct GuestImage {
+    /// Uncompressed vmlinux.
+    pub kernel: PathBuf,
+    /// Initramfs (cpio).
+    pub initrd: PathBuf,
+}
+
+/// The `guest-images` folder: `$VMFT_GUEST_IMAGES`, or the one in the source tree.
+pub fn guest_images_dir() -> PathBuf {
+    std::env::var_os("VMFT_GUEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images"))
+}
+
+/// Build (first use) or look up (cached) the default guest image. The
+/// script's progress goes to our stderr.
+pub fn default_image() -> Result<GuestImage, ImageError> {
+    let script = guest_images_dir().join("build.sh");
+    if !script.exists() {
+        return Err(ImageError::ScriptMissing(script));
+    }
+    let out = Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|source| ImageError::Spawn {
+            path: script.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(ImageError::Failed {
+            path: script,
+            status: out.status,
+        });
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let find = |key: &'static str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")).map(PathBuf::from))
+            .ok_or(ImageError::Output(key))
+    };
+    Ok(GuestImage {
+        kernel: find("kernel")?,
+        initrd: find("initrd")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_keeps_guest_off_unloggable_features() {
+        let c = base_cmdline();
+        for needle in [
+            "nolapic",
+            "noapic",
+            "nox2apic",
+            "nopv",
+            "no-kvmclock",
+            "clocksource=jiffies",
+            "lpj=",
+            "reboot=k",
+        ] {
+            assert!(c.contains(needle), "{needle} missing from {c}");
+        }
+        let cleared: Vec<&str> = CLEARED_CPU_FEATURES.split(',').collect();
+        for f in ["tsc", "rdrand", "rdseed", "cx16", "smap", "popcnt", "xsave"] {
+            assert!(cleared.contains(&f), "{f} not cleared");
+        }
+        assert!(c.len() < crate::boot::CMDLINE_MAX);
+        // The kernel parses clearcpuid= into a 128-byte buffer.
+        assert!(CLEARED_CPU_FEATURES.len() < 128, "{}", CLEARED_CPU_FEATURES.len());
+    }
+}

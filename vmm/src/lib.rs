@@ -1,0 +1,16 @@
+//! `vmm`: the vmft KVM monitor.
+//!
+//! A minimal x86-64 monitor with one vCPU and a userspace irqchip, built
+//! so that every nondeterministic input passes through one door
+//! ([`nondet::Door`]) where record and replay hook in. See
+//! `docs/ARCHITECTURE.md` for the data path and which module owns what.
+
+pub mod boot;
+pub mod devices;
+pub mod emulate;
+pub mod image;
+pub mod nondet;
+pub mod snapshot;
+pub mod stats;
+pub mod vcpu;
+pub mod vm;

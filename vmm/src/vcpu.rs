@@ -1,0 +1,355 @@
+//! The vCPU: KVM set-up (CPUID, registers, MSRs), interrupt injection with
+//! `KVM_INTERRUPT` (not wrapped by kvm-ioctls), state capture for
+//! snapshots, and the kick that takes the vCPU out of `KVM_RUN` from
+//! another thread (`immediate_exit` set by a signal handler, so a kick that
+//! lands just before `KVM_RUN` is not lost).
+
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_interrupt, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Kvm, VcpuFd};
+use thiserror::Error;
+use vmm_sys_util::errno;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::snapshot::{pod_bytes, pod_from_bytes, Decoder, Encoder, SnapshotError};
+
+const KVMIO: u32 = 0xae;
+vmm_sys_util::ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
+
+/// MSRs carried across a snapshot (the rest are in `kvm_sregs`).
+const SAVED_MSRS: &[u32] = &[
+    0x10,        // IA32_TSC
+    0x174,       // IA32_SYSENTER_CS
+    0x175,       // IA32_SYSENTER_ESP
+    0x176,       // IA32_SYSENTER_EIP
+    0x1a0,       // IA32_MISC_ENABLE
+    0x277,       // IA32_PAT
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0102, // KERNEL_GS_BASE
+];
+
+/// vCPU errors: which KVM call failed.
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    /// A KVM ioctl failed.
+    #[error("KVM {what} failed: {source}")]
+    Kvm {
+        /// Which call.
+        what: &'static str,
+        /// errno from KVM.
+        source: kvm_ioctls::Error,
+    },
+    /// Installing the kick signal handler failed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(errno::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Kvm { what, source }
+}
+
+/// The `kvm_run` of the vCPU the kick handler writes `immediate_exit` in.
+static KICK_TARGET: AtomicPtr<kvm_run> = AtomicPtr::new(std::ptr::null_mut());
+
+extern "C" fn handle_kick(_num: libc::c_int, _info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KICK_TARGET.load(Ordering::Acquire);
+    if !run.is_null() {
+        // SAFETY: KICK_TARGET points into the live kvm_run mapping of the
+        // vCPU (set by `Vcpu::arm_kick`, cleared before the vCPU is dropped).
+        // A volatile byte store is what KVM expects for immediate_exit.
+        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+    }
+}
+
+/// The signal used to kick the vCPU thread.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+/// Something that can take the vCPU out of the guest.
+#[derive(Debug, Clone, Copy)]
+pub struct Kicker {
+    thread: libc::pthread_t,
+}
+
+impl Kicker {
+    /// A kicker for the calling thread (the vCPU thread).
+    pub fn for_current_thread() -> Self {
+        Kicker {
+            // SAFETY: pthread_self has no preconditions.
+            thread: unsafe { libc::pthread_self() },
+        }
+    }
+
+    /// Send the kick signal; the vCPU leaves KVM_RUN (or does not enter it).
+    pub fn kick(&self) {
+        // SAFETY: the thread id was taken from a live thread that outlives
+        // every kicker (the vCPU thread runs the VM to its end); the
+        // signal has a handler installed by `Vcpu::arm_kick`.
+        unsafe {
+            libc::pthread_kill(self.thread, kick_signal());
+        }
+    }
+}
+
+/// A helper thread that kicks the vCPU when a deadline passes (the next
+/// timer interrupt), so a guest that runs without exits still gets it.
+pub struct DeadlineKicker {
+    shared: Arc<(Mutex<DeadlineState>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct DeadlineState {
+    deadline: Option<Instant>,
+    stop: bool,
+}
+
+impl DeadlineKicker {
+    /// Start the helper thread.
+    pub fn start(kicker: Kicker) -> Self {
+        let shared = Arc::new((Mutex::new(DeadlineState::default()), Condvar::new()));
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("vmft-deadline".into())
+            .spawn(move || {
+                let (lock, cv) = &*s;
+                let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+                while !st.stop {
+                    match st.deadline {
+                        None => st = cv.wait(st).unwrap_or_else(|e| e.into_inner()),
+                        Some(d) => {
+                            let now = Instant::now();
+                            if now >= d {
+                                st.deadline = None;
+                                kicker.kick();
+                            } else {
+                                st = cv.wait_timeout(st, d - now).unwrap_or_else(|e| e.into_inner()).0;
+                            }
+                        }
+                    }
+                }
+            })
+            .expect("spawn deadline thread");
+        DeadlineKicker {
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    /// Kick the vCPU `after` from now (or never, with `None`).
+    pub fn set(&self, after: Option<Duration>) {
+        let (lock, cv) = &*self.shared;
+        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let new = after.map(|a| Instant::now() + a);
+        // Only wake the helper when the deadline moves earlier or is cleared.
+        let changed = match (st.deadline, new) {
+            (Some(old), Some(n)) => n < old || n > old + Duration::from_micros(200),
+            (None, None) => false,
+            _ => true,
+        };
+        if changed {
+            st.deadline = new;
+            cv.notify_one();
+        }
+    }
+}
+
+impl Drop for DeadlineKicker {
+    fn drop(&mut self) {
+        {
+            let (lock, cv) = &*self.shared;
+            lock.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+            cv.notify_one();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Everything KVM holds about the vCPU, for snapshots.
+pub struct VcpuState {
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// x87/SSE state.
+    pub fpu: kvm_fpu,
+    /// Extended state (XSAVE area).
+    pub xsave: kvm_xsave,
+    /// Extended control registers.
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debugregs: kvm_debugregs,
+    /// Pending exceptions, interrupt shadow, NMI state.
+    pub events: kvm_vcpu_events,
+    /// Selected MSRs (index, value).
+    pub msrs: Vec<(u32, u64)>,
+}
+
+impl VcpuState {
+    /// Serialise.
+    pub fn encode(&self, e: &mut Encoder) {
+        e.bytes(pod_bytes(&self.regs));
+        e.bytes(pod_bytes(&self.sregs));
+        e.bytes(pod_bytes(&self.fpu));
+        e.bytes(pod_bytes(&self.xsave));
+        e.bytes(pod_bytes(&self.xcrs));
+        e.bytes(pod_bytes(&self.debugregs));
+        e.bytes(pod_bytes(&self.events));
+        e.u32(self.msrs.len() as u32);
+        for (i, v) in &self.msrs {
+            e.u32(*i);
+            e.u64(*v);
+        }
+    }
+
+    /// Deserialise.
+    pub fn decode(d: &mut Decoder) -> Result<Self, SnapshotError> {
+        let regs = pod_from_bytes(d.bytes()?)?;
+        let sregs = pod_from_bytes(d.bytes()?)?;
+        let fpu = pod_from_bytes(d.bytes()?)?;
+        let xsave = pod_from_bytes(d.bytes()?)?;
+        let xcrs = pod_from_bytes(d.bytes()?)?;
+        let debugregs = pod_from_bytes(d.bytes()?)?;
+        let events = pod_from_bytes(d.bytes()?)?;
+        let n = d.u32()?;
+        if n as usize > 256 {
+            return Err(SnapshotError::Invalid(format!("{n} MSRs")));
+        }
+        let mut msrs = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            msrs.push((d.u32()?, d.u64()?));
+        }
+        Ok(VcpuState {
+            regs,
+            sregs,
+            fpu,
+            xsave,
+            xcrs,
+            debugregs,
+            events,
+            msrs,
+        })
+    }
+}
+
+/// The one vCPU of the VM.
+pub struct Vcpu {
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Configure CPUID: KVM's supported table passed unchanged, so KVM's
+    /// view and the guest's view agree.
+    pub fn new(kvm: &Kvm, fd: VcpuFd) -> Result<Self, VcpuError> {
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
+        fd.set_cpuid2(&cpuid).map_err(kvm_err("SET_CPUID2"))?;
+        Ok(Vcpu { fd })
+    }
+
+    /// Install the kick handler and point it at this vCPU. Call on the vCPU thread.
+    pub fn arm_kick(&mut self) -> Result<Kicker, VcpuError> {
+        register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::Signal)?;
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        KICK_TARGET.store(run, Ordering::Release);
+        Ok(Kicker::for_current_thread())
+    }
+
+    /// Inject external interrupt `vector` (userspace irqchip only).
+    pub fn interrupt(&self, vector: u8) -> Result<(), VcpuError> {
+        let irq = kvm_interrupt { irq: vector as u32 };
+        // SAFETY: KVM_INTERRUPT reads one kvm_interrupt from the pointer,
+        // which is valid for the duration of the call; the fd is a vCPU fd.
+        let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.fd, KVM_INTERRUPT(), &irq) };
+        if ret < 0 {
+            return Err(VcpuError::Kvm {
+                what: "INTERRUPT",
+                source: errno::Error::last(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Capture the full vCPU state.
+    pub fn save(&self) -> Result<VcpuState, VcpuError> {
+        let mut msrs = Msrs::from_entries(
+            &SAVED_MSRS
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>(),
+        )
+        .expect("MSR list fits");
+        let n = self.fd.get_msrs(&mut msrs).map_err(kvm_err("GET_MSRS"))?;
+        Ok(VcpuState {
+            regs: self.fd.get_regs().map_err(kvm_err("GET_REGS"))?,
+            sregs: self.fd.get_sregs().map_err(kvm_err("GET_SREGS"))?,
+            fpu: self.fd.get_fpu().map_err(kvm_err("GET_FPU"))?,
+            xsave: self.fd.get_xsave().map_err(kvm_err("GET_XSAVE"))?,
+            xcrs: self.fd.get_xcrs().map_err(kvm_err("GET_XCRS"))?,
+            debugregs: self.fd.get_debug_regs().map_err(kvm_err("GET_DEBUGREGS"))?,
+            events: self.fd.get_vcpu_events().map_err(kvm_err("GET_VCPU_EVENTS"))?,
+            msrs: msrs.as_slice()[..n]
+                .iter()
+                .map(|e| (e.index, e.data))
+                .collect(),
+        })
+    }
+
+    /// Load a full vCPU state.
+    pub fn restore(&self, s: &VcpuState) -> Result<(), VcpuError> {
+        self.fd.set_sregs(&s.sregs).map_err(kvm_err("SET_SREGS"))?;
+        self.fd.set_regs(&s.regs).map_err(kvm_err("SET_REGS"))?;
+        self.fd.set_xcrs(&s.xcrs).map_err(kvm_err("SET_XCRS"))?;
+        // SAFETY: the kvm_xsave buffer is the fixed-size one KVM_GET_XSAVE
+        // filled in, so KVM reads only within it.
+        unsafe { self.fd.set_xsave(&s.xsave) }.map_err(kvm_err("SET_XSAVE"))?;
+        self.fd.set_fpu(&s.fpu).map_err(kvm_err("SET_FPU"))?;
+        let entries: Vec<kvm_msr_entry> = s
+            .msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).expect("MSR list fits");
+        self.fd.set_msrs(&msrs).map_err(kvm_err("SET_MSRS"))?;
+        self.fd
+            .set_debug_regs(&s.debugregs)
+            .map_err(kvm_err("SET_DEBUGREGS"))?;
+        self.fd
+            .set_vcpu_events(&s.events)
+            .map_err(kvm_err("SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+}
+
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        let _ = KICK_TARGET.compare_exchange(
+            run,
+            std::ptr::null_mut(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+}
