@@ -184,7 +184,9 @@ pub fn create_memory(mem_mib: u64) -> Result<GuestMemoryMmap, BootError> {
         });
     }
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (mem_mib << 20) as usize)]).map_err(|e| {
-        BootError::Cmdline(format!("cannot allocate {mem_mib} MiB of guest memory: {e}"))
+        BootError::Cmdline(format!(
+            "cannot allocate {mem_mib} MiB of guest memory: {e}"
+        ))
     })
 }
 
@@ -266,7 +268,8 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<BootInfo, BootErr
             CMDLINE_MAX - 1
         )));
     }
-    let mut cmdline = loader::Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut cmdline =
+        loader::Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
     cmdline
         .insert_str(&cfg.cmdline)
         .map_err(|e| BootError::Cmdline(format!("{e}: {:?}", cfg.cmdline)))?;
@@ -366,10 +369,16 @@ const GDT: [u64; 5] = [
 fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     for (i, entry) in GDT.iter().enumerate() {
         mem.write_obj(*entry, GuestAddress(GDT_ADDR + i as u64 * 8))
-            .map_err(|source| BootError::GuestMemory { what: "GDT", source })?;
+            .map_err(|source| BootError::GuestMemory {
+                what: "GDT",
+                source,
+            })?;
     }
     mem.write_obj(0u64, GuestAddress(IDT_ADDR))
-        .map_err(|source| BootError::GuestMemory { what: "IDT", source })
+        .map_err(|source| BootError::GuestMemory {
+            what: "IDT",
+            source,
+        })
 }
 
 fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
@@ -476,7 +485,10 @@ mod tests {
         assert_eq!(gdt_entry(0xa09b, 0, 0xfffff), GDT[2]);
         assert_eq!(gdt_entry(0xc093, 0, 0xfffff), GDT[3]);
         let cs = segment_from_gdt(GDT[2], 2);
-        assert_eq!((cs.l, cs.db, cs.present, cs.type_, cs.selector), (1, 0, 1, 0xb, BOOT_CS));
+        assert_eq!(
+            (cs.l, cs.db, cs.present, cs.type_, cs.selector),
+            (1, 0, 1, 0xb, BOOT_CS)
+        );
         assert_eq!(cs.limit, 0xffff_ffff);
         let ds = segment_from_gdt(GDT[3], 3);
         assert_eq!((ds.l, ds.db, ds.type_, ds.selector), (0, 1, 3, BOOT_DS));
@@ -502,12 +514,21 @@ mod tests {
         std::fs::write(&p, b"#!/bin/sh\necho hi\n").unwrap();
         assert!(matches!(detect_format(&p), Err(BootError::KernelFormat(_))));
         let missing = dir.path().join("missing");
-        assert!(matches!(detect_format(&missing), Err(BootError::KernelIo { .. })));
+        assert!(matches!(
+            detect_format(&missing),
+            Err(BootError::KernelIo { .. })
+        ));
     }
 
     #[test]
     fn memory_bounds() {
-        assert!(matches!(create_memory(8), Err(BootError::MemoryTooSmall { .. })));
-        assert!(matches!(create_memory(1 << 20), Err(BootError::MemoryTooLarge(_))));
+        assert!(matches!(
+            create_memory(8),
+            Err(BootError::MemoryTooSmall { .. })
+        ));
+        assert!(matches!(
+            create_memory(1 << 20),
+            Err(BootError::MemoryTooLarge(_))
+        ));
     }
 }

@@ -109,9 +109,11 @@ pub fn complete(vcpu: &mut Vcpu, mem: &GuestMemoryMmap) -> Result<Completed, Emu
     // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR (the caller got
     // VcpuExit::InternalError), so `internal` is the active union member.
     let suberror = unsafe { vcpu.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-    let st = |rip: u64| move |e: kvm_ioctls::Error| EmulationError::State {
-        rip,
-        detail: e.to_string(),
+    let st = |rip: u64| {
+        move |e: kvm_ioctls::Error| EmulationError::State {
+            rip,
+            detail: e.to_string(),
+        }
     };
     let mut regs = vcpu.fd.get_regs().map_err(st(0))?;
     let rip = regs.rip;

@@ -17,7 +17,8 @@ pub const DEFAULT_WORKLOAD: &str = "counter";
 /// rejects or that the kernel would patch into emulated code paths.
 /// Linux 6.1 reads at most 127 characters of `clearcpuid=`: the list is
 /// ordered by importance and kept under that limit (a unit test checks).
-pub const CLEARED_CPU_FEATURES: &str = "tsc,rdrand,rdseed,xsave,avx,avx2,avx512f,smap,smep,umip,pku,\
+pub const CLEARED_CPU_FEATURES: &str =
+    "tsc,rdrand,rdseed,xsave,avx,avx2,avx512f,smap,smep,umip,pku,\
 fsgsbase,rdpid,popcnt,cx16,movbe,bmi1,bmi2,erms,fsrm,abm";
 
 /// The base kernel command line of every vmft guest.
@@ -47,7 +48,9 @@ pub fn base_cmdline() -> String {
 #[derive(Debug, Error)]
 pub enum ImageError {
     /// The build script is missing.
-    #[error("guest image build script {0} not found (set VMFT_GUEST_IMAGES to the guest-images folder)")]
+    #[error(
+        "guest image build script {0} not found (set VMFT_GUEST_IMAGES to the guest-images folder)"
+    )]
     ScriptMissing(PathBuf),
     /// The build script could not be started.
     #[error("running {path}: {source}")]
@@ -145,6 +148,10 @@ mod tests {
         }
         assert!(c.len() < crate::boot::CMDLINE_MAX);
         // The kernel parses clearcpuid= into a 128-byte buffer.
-        assert!(CLEARED_CPU_FEATURES.len() < 128, "{}", CLEARED_CPU_FEATURES.len());
+        assert!(
+            CLEARED_CPU_FEATURES.len() < 128,
+            "{}",
+            CLEARED_CPU_FEATURES.len()
+        );
     }
 }

@@ -79,7 +79,8 @@ fn run(args: RunArgs) -> Result<()> {
         let (kernel, initrd) = match args.kernel {
             Some(k) => (k, args.initrd),
             None => {
-                let img = image::default_image().context("cannot prepare the default guest image")?;
+                let img =
+                    image::default_image().context("cannot prepare the default guest image")?;
                 (img.kernel, Some(args.initrd.unwrap_or(img.initrd)))
             }
         };

@@ -216,9 +216,11 @@ pub fn write_file(path: &Path, body: &[u8]) -> Result<(), SnapshotError> {
         let mut w = BufWriter::new(f);
         w.write_all(MAGIC).map_err(io)?;
         w.write_all(&FORMAT_VERSION.to_le_bytes()).map_err(io)?;
-        w.write_all(&(body.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&(body.len() as u64).to_le_bytes())
+            .map_err(io)?;
         w.write_all(body).map_err(io)?;
-        w.write_all(&crc32c::crc32c(body).to_le_bytes()).map_err(io)?;
+        w.write_all(&crc32c::crc32c(body).to_le_bytes())
+            .map_err(io)?;
         let f = w.into_inner().map_err(|e| io(e.into_error()))?;
         f.sync_all().map_err(io)?;
     }
@@ -347,7 +349,10 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[22] ^= 0x01;
         std::fs::write(&path, &bytes).unwrap();
-        assert!(matches!(read_file(&path), Err(SnapshotError::Checksum { .. })));
+        assert!(matches!(
+            read_file(&path),
+            Err(SnapshotError::Checksum { .. })
+        ));
 
         bytes[22] ^= 0x01;
         bytes[8] = 9;
@@ -363,6 +368,9 @@ mod tests {
         write_file(&path, b"hello body").unwrap();
         let full = std::fs::read(&path).unwrap();
         std::fs::write(&path, &full[..full.len() - 6]).unwrap();
-        assert!(matches!(read_file(&path), Err(SnapshotError::Truncated { .. })));
+        assert!(matches!(
+            read_file(&path),
+            Err(SnapshotError::Truncated { .. })
+        ));
     }
 }

@@ -64,16 +64,32 @@ impl Stats {
         let _ = writeln!(s, "vmft run statistics");
         let _ = writeln!(s, "  boot to init (Run /init):   {}", secs(self.init_at));
         let _ = writeln!(s, "  boot to ready marker:       {}", secs(self.ready_at));
-        let _ = writeln!(s, "  total wall time:            {:.2} s", total.as_secs_f64());
-        let _ = writeln!(s, "  time in KVM_RUN:            {:.2} s", self.in_guest.as_secs_f64());
-        let _ = writeln!(s, "  time idle (HLT):            {:.2} s", self.idle.as_secs_f64());
+        let _ = writeln!(
+            s,
+            "  total wall time:            {:.2} s",
+            total.as_secs_f64()
+        );
+        let _ = writeln!(
+            s,
+            "  time in KVM_RUN:            {:.2} s",
+            self.in_guest.as_secs_f64()
+        );
+        let _ = writeln!(
+            s,
+            "  time idle (HLT):            {:.2} s",
+            self.idle.as_secs_f64()
+        );
         let all: u64 = self.exits.values().sum();
         let _ = writeln!(s, "  exits: {all}");
         for (k, v) in &self.exits {
             let _ = writeln!(s, "    {k:<22} {v}");
         }
         let inj: u64 = self.injected.values().sum();
-        let _ = writeln!(s, "  interrupts injected: {inj} (timer IRQs raised: {})", self.timer_irqs);
+        let _ = writeln!(
+            s,
+            "  interrupts injected: {inj} (timer IRQs raised: {})",
+            self.timer_irqs
+        );
         for (k, v) in &self.injected {
             let _ = writeln!(s, "    vector {k:#04x}            {v}");
         }

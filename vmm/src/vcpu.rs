@@ -133,7 +133,10 @@ impl DeadlineKicker {
                                 st.deadline = None;
                                 kicker.kick();
                             } else {
-                                st = cv.wait_timeout(st, d - now).unwrap_or_else(|e| e.into_inner()).0;
+                                st = cv
+                                    .wait_timeout(st, d - now)
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .0;
                             }
                         }
                     }
@@ -304,7 +307,10 @@ impl Vcpu {
             xsave: self.fd.get_xsave().map_err(kvm_err("GET_XSAVE"))?,
             xcrs: self.fd.get_xcrs().map_err(kvm_err("GET_XCRS"))?,
             debugregs: self.fd.get_debug_regs().map_err(kvm_err("GET_DEBUGREGS"))?,
-            events: self.fd.get_vcpu_events().map_err(kvm_err("GET_VCPU_EVENTS"))?,
+            events: self
+                .fd
+                .get_vcpu_events()
+                .map_err(kvm_err("GET_VCPU_EVENTS"))?,
             msrs: msrs.as_slice()[..n]
                 .iter()
                 .map(|e| (e.index, e.data))

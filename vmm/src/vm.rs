@@ -19,7 +19,7 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VmFd};
 use thiserror::Error;
 use tracing::{debug, info, warn};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::boot::{self, BootConfig, BootError};
 use crate::devices::serial::{ConsoleEvent, ConsoleOut};
@@ -175,14 +175,15 @@ fn region_len<R: vm_memory::GuestMemoryRegion>(r: &R) -> u64 {
 }
 
 /// All guest memory as one byte slice (the VM has a single region at 0).
-fn mem_slice(mem: &GuestMemoryMmap, len: usize) -> &mut [u8] {
+fn mem_bytes(mem: &GuestMemoryMmap, len: usize) -> &[u8] {
     let host = mem
         .get_host_address(GuestAddress(0))
         .expect("guest memory starts at 0");
     // SAFETY: the single region starting at guest address 0 is `len` bytes
-    // of mapped memory owned by `mem`; callers use the slice only while the
-    // vCPU is outside KVM_RUN (on the vCPU thread), so nothing else writes it.
-    unsafe { std::slice::from_raw_parts_mut(host, len) }
+    // of mapped memory owned by `mem`, which outlives the slice. It is read
+    // only while the vCPU is outside KVM_RUN (on the vCPU thread), so the
+    // guest does not write it meanwhile.
+    unsafe { std::slice::from_raw_parts(host, len) }
 }
 
 impl Vm {
@@ -234,7 +235,7 @@ impl Vm {
         let vstate = VcpuState::decode(&mut d)?;
         let devices = Devices::decode(&mut d, ConsoleOut::new(opts.console_out))?;
         let mem = boot::create_memory(mem_mib)?;
-        decode_memory(&mut d, mem_slice(&mem, (mem_mib << 20) as usize))?;
+        decode_memory(&mut d, &mem, (mem_mib << 20) as usize)?;
         if d.remaining() != 0 {
             return Err(SnapshotError::Invalid(format!("{} trailing bytes", d.remaining())).into());
         }
@@ -242,7 +243,10 @@ impl Vm {
         vcpu.restore(&vstate)?;
         let kicker = vcpu.arm_kick()?;
         let door = Box::new(LiveDoor::new(clock_ns, opts.console_in, kicker));
-        info!(elapsed_ms = t0.elapsed().as_millis() as u64, "snapshot restored");
+        info!(
+            elapsed_ms = t0.elapsed().as_millis() as u64,
+            "snapshot restored"
+        );
         Ok(Vm {
             _kvm: kvm,
             _vm: vmfd,
@@ -276,7 +280,7 @@ impl Vm {
         e.u64(self.pos.exit);
         self.vcpu.save()?.encode(&mut e);
         self.devices.encode(&mut e);
-        encode_memory(&mut e, mem_slice(&self.mem, (self.mem_mib << 20) as usize));
+        encode_memory(&mut e, mem_bytes(&self.mem, (self.mem_mib << 20) as usize));
         let body = e.into_bytes();
         snapshot::write_file(path, &body)?;
         info!(
@@ -308,10 +312,14 @@ impl Vm {
         for ev in self.devices.serial.console().take_events() {
             match ev {
                 ConsoleEvent::InitStarted => {
-                    self.stats.init_at.get_or_insert(self.stats.started.elapsed());
+                    self.stats
+                        .init_at
+                        .get_or_insert(self.stats.started.elapsed());
                 }
                 ConsoleEvent::Ready => {
-                    self.stats.ready_at.get_or_insert(self.stats.started.elapsed());
+                    self.stats
+                        .ready_at
+                        .get_or_insert(self.stats.started.elapsed());
                     if let Some(path) = self.snapshot_on_ready.take() {
                         self.settle()?;
                         self.save_snapshot(&path)?;
@@ -449,7 +457,12 @@ impl Vm {
                     self.stats.exit("kick");
                     self.vcpu.fd.set_kvm_immediate_exit(0);
                 }
-                Err(e) => return Err(VmError::Kvm { what: "RUN", source: e }),
+                Err(e) => {
+                    return Err(VmError::Kvm {
+                        what: "RUN",
+                        source: e,
+                    })
+                }
             }
         }
     }
@@ -491,12 +504,12 @@ fn encode_memory(e: &mut Encoder, mem: &[u8]) {
     }
 }
 
-fn decode_memory(d: &mut Decoder, mem: &mut [u8]) -> Result<(), SnapshotError> {
+fn decode_memory(d: &mut Decoder, mem: &GuestMemoryMmap, len: usize) -> Result<(), SnapshotError> {
     let pages = d.u64()? as usize;
-    if pages * PAGE != mem.len() {
+    if pages * PAGE != len {
         return Err(SnapshotError::Invalid(format!(
             "memory section has {pages} pages, the VM has {}",
-            mem.len() / PAGE
+            len / PAGE
         )));
     }
     let bitmap = d.bytes()?;
@@ -505,7 +518,8 @@ fn decode_memory(d: &mut Decoder, mem: &mut [u8]) -> Result<(), SnapshotError> {
     }
     for i in 0..pages {
         if bitmap[i / 8] & (1 << (i % 8)) != 0 {
-            mem[i * PAGE..(i + 1) * PAGE].copy_from_slice(d.bytes_exact(PAGE)?);
+            mem.write_slice(d.bytes_exact(PAGE)?, GuestAddress((i * PAGE) as u64))
+                .map_err(|e| SnapshotError::Invalid(format!("memory page {i}: {e}")))?;
         }
     }
     Ok(())
@@ -524,9 +538,8 @@ mod tests {
         encode_memory(&mut e, &mem);
         let bytes = e.into_bytes();
         assert!(bytes.len() < 3 * PAGE + 64, "zero pages are not stored");
-        let mut back = vec![0xffu8; 16 * PAGE];
-        back.fill(0);
-        decode_memory(&mut Decoder::new(&bytes), &mut back).unwrap();
-        assert_eq!(back, mem);
+        let guest = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * PAGE)]).unwrap();
+        decode_memory(&mut Decoder::new(&bytes), &guest, 16 * PAGE).unwrap();
+        assert_eq!(mem_bytes(&guest, 16 * PAGE), &mem[..]);
     }
 }

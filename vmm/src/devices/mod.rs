@@ -161,7 +161,13 @@ mod tests {
     fn serial_interrupt_reaches_pic() {
         let mut dev = Devices::new(ConsoleOut::new(Box::new(std::io::sink())));
         let mut door = FixedDoor::default();
-        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {
+        for (port, v) in [
+            (0x20, 0x11),
+            (0x21, 0x30),
+            (0x21, 0x04),
+            (0x21, 0x01),
+            (0x21, 0x00),
+        ] {
             dev.pio_out(port, &[v], &mut door);
         }
         dev.pio_out(0x3f9, &[0x02], &mut door); // IER: THR empty

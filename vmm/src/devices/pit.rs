@@ -400,7 +400,11 @@ impl Pit {
     /// Restore from [`Pit::encode`] output.
     pub fn decode(d: &mut Decoder) -> Result<Self, SnapshotError> {
         Ok(Pit {
-            channels: [Channel::decode(d)?, Channel::decode(d)?, Channel::decode(d)?],
+            channels: [
+                Channel::decode(d)?,
+                Channel::decode(d)?,
+                Channel::decode(d)?,
+            ],
             speaker_data: d.bool()?,
             next_irq0_ns: d.opt_u64()?,
         })
@@ -479,7 +483,7 @@ mod tests {
         program(&mut pit, 0, 2, 5000, 0);
         let t1 = ticks_to_ns(1000);
         pit.write(COMMAND, 0x00, t1); // counter latch, channel 0
-        // Reading later still returns the latched value, LSB then MSB.
+                                      // Reading later still returns the latched value, LSB then MSB.
         let t2 = ticks_to_ns(3000);
         assert_eq!(read_word(&mut pit, 0, t2), 4000);
         // The next read is live again.
@@ -492,7 +496,7 @@ mod tests {
         program(&mut pit, 2, 0, 100, 0);
         pit.write(COMMAND, 0b1110_1000, 0); // read-back: status only, channel 2
         let status = pit.read(CHANNEL0 + 2, 0);
-        assert_eq!(status & 0x3f, (3 << 4) | (0 << 1));
+        assert_eq!(status & 0x3f, 3 << 4, "LSB+MSB access, mode 0, binary");
         assert_eq!(status & 0x80, 0, "mode 0 output low before terminal count");
     }
 

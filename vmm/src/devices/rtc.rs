@@ -225,7 +225,7 @@ impl Rtc {
                 }
                 self.offset_secs = t.to_unix() - wall_secs;
             }
-            REG_WEEKDAY => {} // derived from the date
+            REG_WEEKDAY => {}   // derived from the date
             REG_C | REG_D => {} // read-only
             REG_A => self.ram[REG_A as usize] = value & 0x7f,
             REG_B => self.ram[REG_B as usize] = value,

@@ -301,7 +301,10 @@ mod tests {
         p.write(IER, 0x00);
         assert_eq!(p.read(THR), 0x01);
         p.write(LCR, 0x03);
-        assert!(cap.0.lock().unwrap().is_empty(), "divisor write is not output");
+        assert!(
+            cap.0.lock().unwrap().is_empty(),
+            "divisor write is not output"
+        );
     }
 
     #[test]
@@ -327,9 +330,11 @@ mod tests {
         let mut e = Encoder::new();
         p.encode(&mut e);
         let bytes = e.into_bytes();
-        let mut back =
-            SerialPort::decode(&mut Decoder::new(&bytes), ConsoleOut::new(Box::new(io::sink())))
-                .unwrap();
+        let mut back = SerialPort::decode(
+            &mut Decoder::new(&bytes),
+            ConsoleOut::new(Box::new(io::sink())),
+        )
+        .unwrap();
         assert_eq!(back.read(LCR), 0x03);
         assert_eq!(back.read(IER), 0x03);
         assert_eq!(back.read(THR), b'q');

@@ -1,0 +1,84 @@
+//! Helpers shared by the integration tests: the `vmft` binary, the default
+//! guest image, and transcript checks.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+/// The `vmft` binary under test.
+pub fn vmft() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vmft"));
+    c.stdin(Stdio::null());
+    c
+}
+
+/// These tests need /dev/kvm. CI here has it and must not skip: when
+/// `CI` is set, a missing /dev/kvm fails the test instead of skipping it.
+pub fn require_kvm() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("/dev/kvm is not usable, and CI must run the KVM integration tests");
+        }
+        eprintln!("\n*** SKIPPING: /dev/kvm is not usable on this machine; KVM integration tests did not run ***\n");
+    }
+    ok
+}
+
+/// Paths of the default guest image (built once by guest-images/build.sh).
+pub fn image() -> &'static (PathBuf, PathBuf) {
+    static IMAGE: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let out = vmft()
+            .arg("image")
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "vmft image failed");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(PathBuf::from)
+                .unwrap_or_else(|| panic!("no {k}= in {text}"))
+        };
+        (get("kernel"), get("initrd"))
+    })
+}
+
+/// The counter workload's expected lines for `n` iterations.
+pub fn expected_counter(n: u64) -> Vec<String> {
+    let mut sum: u64 = 7;
+    let mut lines = Vec::new();
+    for i in 1..=n {
+        sum = (sum * 31 + i * 7919) % 1_000_000_007;
+        lines.push(format!("counter {i} sum={sum}"));
+    }
+    lines.push(format!("counter done n={n} sum={sum}"));
+    lines
+}
+
+/// Lines of guest output after the ready marker, without kernel log lines.
+pub fn after_ready(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .skip_while(|l| !l.contains("VMFT-READY"))
+        .skip(1)
+        .filter(|l| !l.starts_with('['))
+        .map(str::to_string)
+        .collect()
+}
+
+/// stdout and stderr as text.
+pub fn texts(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
