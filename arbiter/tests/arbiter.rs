@@ -1,0 +1,325 @@
+//! The built-in arbiter under load, crash and bad input.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arbiter::client::{Client, ClientConfig};
+use arbiter::protocol::{frame_len, ErrorCode, Request, Response, VERSION};
+use arbiter::server::{Server, ServerConfig};
+use arbiter::{Arbiter, ArbiterError, Decision};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const TOKEN: &[u8] = b"test-secret-token";
+const KEYS: usize = 50;
+const CLAIMANTS: usize = 200;
+
+async fn start_in_process(dir: &std::path::Path) -> String {
+    let server = Server::bind("127.0.0.1:0", dir, ServerConfig::new(TOKEN))
+        .await
+        .unwrap();
+    let addr = server.local_addr().to_string();
+    tokio::spawn(server.run());
+    addr
+}
+
+type Answers = Arc<Mutex<Vec<(usize, String, Decision)>>>;
+
+/// 200 claimants, each claiming all 50 keys, starting at different keys.
+async fn race(addr: String, budget: Duration, answers: Answers, won: Arc<AtomicUsize>) {
+    let mut tasks = Vec::new();
+    for c in 0..CLAIMANTS {
+        let addr = addr.clone();
+        let answers = answers.clone();
+        let won = won.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut cfg = ClientConfig::new(addr, TOKEN);
+            cfg.retry_budget = budget;
+            let mut client = Client::new(cfg);
+            let me = format!("claimant-{c}");
+            for k in 0..KEYS {
+                let key = (k + c) % KEYS;
+                let d = client
+                    .test_and_set(&format!("vm-{key}"), 1, &me)
+                    .await
+                    .unwrap_or_else(|e| panic!("{me} on vm-{key}: {e}"));
+                if d == Decision::Won {
+                    won.fetch_add(1, Ordering::SeqCst);
+                }
+                answers.lock().unwrap().push((key, me.clone(), d));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Exactly one winner per key; every loser was told that winner.
+fn check_one_winner(answers: &[(usize, String, Decision)]) -> HashMap<usize, String> {
+    let mut winners: HashMap<usize, String> = HashMap::new();
+    for (key, who, d) in answers {
+        if *d == Decision::Won {
+            if let Some(w) = winners.get(key) {
+                assert_eq!(w, who, "vm-{key} has two winners: {w} and {who}");
+            }
+            winners.insert(*key, who.clone());
+        }
+    }
+    assert_eq!(winners.len(), KEYS, "every key has a winner");
+    for (key, _, d) in answers {
+        if let Decision::Lost { owner } = d {
+            assert_eq!(owner, &winners[key], "vm-{key}: loser told the wrong owner");
+        }
+    }
+    winners
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn race_200_claimants_on_50_keys_has_one_winner_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start_in_process(dir.path()).await;
+    let answers: Answers = Default::default();
+    race(
+        addr.clone(),
+        Duration::from_secs(30),
+        answers.clone(),
+        Default::default(),
+    )
+    .await;
+    let answers = answers.lock().unwrap().clone();
+    assert_eq!(answers.len(), KEYS * CLAIMANTS);
+    let winners = check_one_winner(&answers);
+    let mut c = Client::new(ClientConfig::new(addr, TOKEN));
+    for (key, w) in &winners {
+        assert_eq!(
+            c.owner(&format!("vm-{key}"), 1).await.unwrap().as_ref(),
+            Some(w)
+        );
+    }
+    assert_eq!(
+        c.owner("vm-0", 2).await.unwrap(),
+        None,
+        "other generation undecided"
+    );
+}
+
+fn spawn_server(dir: &std::path::Path, addr: &str) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_arbiter"))
+        .args(["serve", "--listen", addr, "--data"])
+        .arg(dir)
+        .env("ARBITER_TOKEN", std::str::from_utf8(TOKEN).unwrap())
+        .env("ARBITER_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let bound = line
+        .trim()
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (child, bound)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_mid_load_loses_no_answered_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_server(dir.path(), "127.0.0.1:0");
+    let answers: Answers = Default::default();
+    let won = Arc::new(AtomicUsize::new(0));
+    let load = tokio::spawn(race(
+        addr.clone(),
+        Duration::from_secs(60),
+        answers.clone(),
+        won.clone(),
+    ));
+    // Kill once some, not all, decisions have been answered.
+    while won.load(Ordering::SeqCst) < 5 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let before_kill: Vec<_> = answers.lock().unwrap().clone();
+    let (mut child2, addr2) = spawn_server(dir.path(), &addr);
+    assert_eq!(addr2, addr);
+    load.await.unwrap();
+    let all = answers.lock().unwrap().clone();
+    let winners = check_one_winner(&all);
+    // Every decision answered before the kill is unchanged after restart.
+    let mut c = Client::new(ClientConfig::new(addr, TOKEN));
+    for (key, who, d) in &before_kill {
+        let owner = c.owner(&format!("vm-{key}"), 1).await.unwrap();
+        let expected = match d {
+            Decision::Won => who.clone(),
+            Decision::Lost { owner } => owner.clone(),
+        };
+        assert_eq!(
+            owner.as_ref(),
+            Some(&expected),
+            "vm-{key} changed across the crash"
+        );
+        assert_eq!(&winners[key], &expected);
+    }
+    assert!(!before_kill.is_empty());
+    child2.kill().unwrap();
+    child2.wait().unwrap();
+}
+
+async fn raw_connect(addr: &str) -> TcpStream {
+    TcpStream::connect(addr).await.unwrap()
+}
+
+async fn read_response(s: &mut TcpStream) -> Option<Response> {
+    let mut prefix = [0u8; 4];
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut prefix))
+        .await
+        .expect("server answers or closes within 5 s");
+    r.ok()?;
+    let mut body = vec![0u8; frame_len(prefix).unwrap()];
+    s.read_exact(&mut body).await.ok()?;
+    Some(Response::decode(&body).unwrap())
+}
+
+async fn closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+async fn good_client_still_works(addr: &str, vm: &str) {
+    let mut c = Client::new(ClientConfig::new(addr, TOKEN));
+    assert_eq!(c.test_and_set(vm, 1, "good").await.unwrap(), Decision::Won);
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start_in_process(dir.path()).await;
+
+    // Garbage bytes: an error answer (bad request or bad version) or a close.
+    let mut s = raw_connect(&addr).await;
+    s.write_all(b"\x00\x00\x00\x05GARBAGE GARBAGE")
+        .await
+        .unwrap();
+    assert!(matches!(
+        read_response(&mut s).await,
+        Some(Response::Error { .. }) | None
+    ));
+    assert!(closed(&mut s).await);
+    good_client_still_works(&addr, "after-garbage").await;
+
+    // Oversized frame.
+    let mut s = raw_connect(&addr).await;
+    s.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
+    match read_response(&mut s).await {
+        Some(Response::Error { code, message, .. }) => {
+            assert_eq!(code, ErrorCode::BadRequest);
+            assert!(message.contains("exceeds"), "{message}");
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+    assert!(closed(&mut s).await);
+    good_client_still_works(&addr, "after-oversized").await;
+
+    // Truncated frame: promise 100 bytes, send 10, hang up.
+    let mut s = raw_connect(&addr).await;
+    s.write_all(&100u32.to_be_bytes()).await.unwrap();
+    s.write_all(&[VERSION, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    s.shutdown().await.unwrap();
+    assert!(closed(&mut s).await);
+    good_client_still_works(&addr, "after-truncated").await;
+
+    // Wrong token, and a request without any Hello.
+    let mut s = raw_connect(&addr).await;
+    s.write_all(
+        &Request::Hello {
+            token: b"wrong".to_vec(),
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        read_response(&mut s).await,
+        Some(Response::Error {
+            code: ErrorCode::Unauthenticated,
+            ..
+        })
+    ));
+    assert!(closed(&mut s).await);
+    let mut s = raw_connect(&addr).await;
+    let req = Request::TestAndSet {
+        id: 1,
+        vm: "sneaky".into(),
+        generation: 1,
+        claimant: "x".into(),
+    };
+    s.write_all(&req.encode()).await.unwrap();
+    assert!(matches!(
+        read_response(&mut s).await,
+        Some(Response::Error {
+            code: ErrorCode::Unauthenticated,
+            ..
+        })
+    ));
+    let mut c = Client::new(ClientConfig::new(&addr, TOKEN));
+    assert_eq!(
+        c.owner("sneaky", 1).await.unwrap(),
+        None,
+        "unauthenticated claim had no effect"
+    );
+
+    // The client reports a wrong token as a refusal, not a decision.
+    let mut bad = Client::new(ClientConfig::new(&addr, b"nope".to_vec()));
+    assert!(matches!(
+        bad.test_and_set("vm", 1, "x").await,
+        Err(ArbiterError::Rejected { .. })
+    ));
+    good_client_still_works(&addr, "after-bad-token").await;
+}
+
+#[tokio::test]
+async fn unreachable_arbiter_is_an_error_not_a_decision() {
+    // A port nobody listens on.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    drop(l);
+    let mut cfg = ClientConfig::new(&addr, TOKEN);
+    cfg.retry_budget = Duration::from_millis(300);
+    let mut c = Client::new(cfg);
+    match c.test_and_set("vm", 1, "me").await {
+        Err(ArbiterError::Unreachable {
+            attempts, addr: a, ..
+        }) => {
+            assert!(attempts >= 2, "retried ({attempts})");
+            assert_eq!(a, addr);
+        }
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn invalid_names_are_rejected_before_sending() {
+    let mut c = Client::new(ClientConfig::new("127.0.0.1:1", TOKEN));
+    assert!(matches!(
+        c.test_and_set("", 1, "me").await,
+        Err(ArbiterError::Invalid(_))
+    ));
+    assert!(matches!(
+        c.test_and_set("vm", 1, "bad\nname").await,
+        Err(ArbiterError::Invalid(_))
+    ));
+}
