@@ -12,6 +12,19 @@ if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
     exit 1
 fi
 
+step "test dependencies (Debian packages)"
+# protoc builds etcd-client; etcd-server runs the arbiter's etcd tests.
+missing=()
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq || true
+    $sudo apt-get install -y -qq "${missing[@]}"
+fi
+# The package may start a system etcd; the tests start their own on free ports.
+
 step "guest image (built on first use, then cached)"
 guest-images/build.sh
 

@@ -9,10 +9,11 @@
 //! generation is a fresh register for a VM that was re-protected.
 //!
 //! Backends: the built-in server ([`server`], durable [`store`]) reached
-//! through [`client::Client`]. Whatever the backend, "unreachable" is an
+//! through [`client::Client`], or etcd ([`etcd::EtcdArbiter`]). Whatever the backend, "unreachable" is an
 //! error, never a decision: a side that cannot reach the arbiter waits.
 
 pub mod client;
+pub mod etcd;
 pub mod protocol;
 pub mod server;
 pub mod store;

@@ -1,10 +1,9 @@
 //! The built-in arbiter under load, crash and bad input.
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arbiter::client::{Client, ClientConfig};
@@ -15,8 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const TOKEN: &[u8] = b"test-secret-token";
-const KEYS: usize = 50;
-const CLAIMANTS: usize = 200;
+mod common;
+use common::*;
 
 async fn start_in_process(dir: &std::path::Path) -> String {
     let server = Server::bind("127.0.0.1:0", dir, ServerConfig::new(TOKEN))
@@ -27,56 +26,10 @@ async fn start_in_process(dir: &std::path::Path) -> String {
     addr
 }
 
-type Answers = Arc<Mutex<Vec<(usize, String, Decision)>>>;
-
-/// 200 claimants, each claiming all 50 keys, starting at different keys.
-async fn race(addr: String, budget: Duration, answers: Answers, won: Arc<AtomicUsize>) {
-    let mut tasks = Vec::new();
-    for c in 0..CLAIMANTS {
-        let addr = addr.clone();
-        let answers = answers.clone();
-        let won = won.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut cfg = ClientConfig::new(addr, TOKEN);
-            cfg.retry_budget = budget;
-            let mut client = Client::new(cfg);
-            let me = format!("claimant-{c}");
-            for k in 0..KEYS {
-                let key = (k + c) % KEYS;
-                let d = client
-                    .test_and_set(&format!("vm-{key}"), 1, &me)
-                    .await
-                    .unwrap_or_else(|e| panic!("{me} on vm-{key}: {e}"));
-                if d == Decision::Won {
-                    won.fetch_add(1, Ordering::SeqCst);
-                }
-                answers.lock().unwrap().push((key, me.clone(), d));
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-}
-
-/// Exactly one winner per key; every loser was told that winner.
-fn check_one_winner(answers: &[(usize, String, Decision)]) -> HashMap<usize, String> {
-    let mut winners: HashMap<usize, String> = HashMap::new();
-    for (key, who, d) in answers {
-        if *d == Decision::Won {
-            if let Some(w) = winners.get(key) {
-                assert_eq!(w, who, "vm-{key} has two winners: {w} and {who}");
-            }
-            winners.insert(*key, who.clone());
-        }
-    }
-    assert_eq!(winners.len(), KEYS, "every key has a winner");
-    for (key, _, d) in answers {
-        if let Decision::Lost { owner } = d {
-            assert_eq!(owner, &winners[key], "vm-{key}: loser told the wrong owner");
-        }
-    }
-    winners
+fn tcp_backend(addr: &str, budget: Duration) -> Client {
+    let mut cfg = ClientConfig::new(addr, TOKEN);
+    cfg.retry_budget = budget;
+    Client::new(cfg)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -84,9 +37,9 @@ async fn race_200_claimants_on_50_keys_has_one_winner_each() {
     let dir = tempfile::tempdir().unwrap();
     let addr = start_in_process(dir.path()).await;
     let answers: Answers = Default::default();
+    let a = addr.clone();
     race(
-        addr.clone(),
-        Duration::from_secs(30),
+        move || tcp_backend(&a, Duration::from_secs(30)),
         answers.clone(),
         Default::default(),
     )
@@ -136,9 +89,9 @@ async fn kill_9_mid_load_loses_no_answered_decision() {
     let (mut child, addr) = spawn_server(dir.path(), "127.0.0.1:0");
     let answers: Answers = Default::default();
     let won = Arc::new(AtomicUsize::new(0));
+    let a = addr.clone();
     let load = tokio::spawn(race(
-        addr.clone(),
-        Duration::from_secs(60),
+        move || tcp_backend(&a, Duration::from_secs(60)),
         answers.clone(),
         won.clone(),
     ));

@@ -1,0 +1,158 @@
+//! Helpers shared by the arbiter integration tests: the claim race and its
+//! checks, and an etcd cluster on loopback.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arbiter::etcd::{EtcdArbiter, EtcdConfig};
+use arbiter::{Arbiter, Decision};
+
+pub const KEYS: usize = 50;
+pub const CLAIMANTS: usize = 200;
+
+pub type Answers = Arc<Mutex<Vec<(usize, String, Decision)>>>;
+
+/// `CLAIMANTS` claimants, each claiming all `KEYS` keys starting at a
+/// different key, each with its own backend connection from `make`.
+pub async fn race<A, F>(make: F, answers: Answers, won: Arc<AtomicUsize>)
+where
+    A: Arbiter + Send + 'static,
+    F: Fn() -> A,
+{
+    let mut tasks = Vec::new();
+    for c in 0..CLAIMANTS {
+        let mut backend = make();
+        let answers = answers.clone();
+        let won = won.clone();
+        tasks.push(tokio::spawn(async move {
+            let me = format!("claimant-{c}");
+            for k in 0..KEYS {
+                let key = (k + c) % KEYS;
+                let d = backend
+                    .test_and_set(&format!("vm-{key}"), 1, &me)
+                    .await
+                    .unwrap_or_else(|e| panic!("{me} on vm-{key}: {e}"));
+                if d == Decision::Won {
+                    won.fetch_add(1, Ordering::SeqCst);
+                }
+                answers.lock().unwrap().push((key, me.clone(), d));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Exactly one winner per key; every loser was told that winner.
+pub fn check_one_winner(answers: &[(usize, String, Decision)]) -> HashMap<usize, String> {
+    let mut winners: HashMap<usize, String> = HashMap::new();
+    for (key, who, d) in answers {
+        if *d == Decision::Won {
+            if let Some(w) = winners.get(key) {
+                assert_eq!(w, who, "vm-{key} has two winners: {w} and {who}");
+            }
+            winners.insert(*key, who.clone());
+        }
+    }
+    assert_eq!(winners.len(), KEYS, "every key has a winner");
+    for (key, _, d) in answers {
+        if let Decision::Lost { owner } = d {
+            assert_eq!(owner, &winners[key], "vm-{key}: loser told the wrong owner");
+        }
+    }
+    winners
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether Debian's etcd is installed; under CI its absence fails the test.
+pub fn require_etcd() -> bool {
+    let ok = Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("etcd is not installed and CI must run the etcd tests (scripts/test.sh installs etcd-server)");
+        }
+        eprintln!("\n*** SKIPPING: etcd not installed (apt-get install etcd-server); etcd tests did not run ***\n");
+    }
+    ok
+}
+
+pub struct EtcdMember {
+    pub child: Child,
+    pub client_url: String,
+}
+
+impl Drop for EtcdMember {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start an `n`-member etcd cluster on loopback, data under `dir`.
+pub fn start_etcd(n: usize, dir: &std::path::Path) -> Vec<EtcdMember> {
+    let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+    let cluster = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    ports
+        .iter()
+        .enumerate()
+        .map(|(i, (c, p))| {
+            let client_url = format!("http://127.0.0.1:{c}");
+            let peer_url = format!("http://127.0.0.1:{p}");
+            let log = std::fs::File::create(dir.join(format!("m{i}.log"))).unwrap();
+            let child = Command::new("etcd")
+                .arg("--name")
+                .arg(format!("m{i}"))
+                .arg("--data-dir")
+                .arg(dir.join(format!("m{i}")))
+                .args(["--listen-client-urls", &client_url])
+                .args(["--advertise-client-urls", &client_url])
+                .args(["--listen-peer-urls", &peer_url])
+                .args(["--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &cluster])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "vmft-test"])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start etcd");
+            EtcdMember { child, client_url }
+        })
+        .collect()
+}
+
+pub fn etcd_backend(urls: &[String]) -> EtcdArbiter {
+    let mut cfg = EtcdConfig::new(urls.to_vec());
+    cfg.retry_budget = Duration::from_secs(30);
+    EtcdArbiter::new(cfg)
+}
+
+/// Wait until the cluster answers reads.
+pub async fn wait_ready(urls: &[String]) {
+    let mut a = etcd_backend(urls);
+    a.owner("ready-probe", 0)
+        .await
+        .expect("etcd cluster did not come up");
+}

@@ -1,0 +1,94 @@
+//! The etcd backend against a real etcd (Debian's etcd-server) on loopback.
+
+mod common;
+
+use std::sync::Arc;
+
+use arbiter::{Arbiter, Decision};
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_race_200_claimants_on_50_keys_has_one_winner_each() {
+    if !require_etcd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let members = start_etcd(1, dir.path());
+    let urls: Vec<String> = members.iter().map(|m| m.client_url.clone()).collect();
+    wait_ready(&urls).await;
+    let answers: Answers = Default::default();
+    let u = urls.clone();
+    race(
+        move || etcd_backend(&u),
+        answers.clone(),
+        Default::default(),
+    )
+    .await;
+    let answers = answers.lock().unwrap().clone();
+    let winners = check_one_winner(&answers);
+    let mut a = etcd_backend(&urls);
+    for (key, w) in &winners {
+        assert_eq!(
+            a.owner(&format!("vm-{key}"), 1).await.unwrap().as_ref(),
+            Some(w)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_member_cluster_keeps_answering_with_one_member_killed() {
+    if !require_etcd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut members = start_etcd(3, dir.path());
+    let urls: Vec<String> = members.iter().map(|m| m.client_url.clone()).collect();
+    wait_ready(&urls).await;
+    let mut a = etcd_backend(&urls);
+    for k in 0..20 {
+        let who = format!("before-{}", k % 3);
+        assert_eq!(
+            a.test_and_set(&format!("vm-{k}"), 7, &who).await.unwrap(),
+            Decision::Won
+        );
+    }
+    // SIGKILL one member.
+    members[0].child.kill().unwrap();
+    members[0].child.wait().unwrap();
+    let mut a = etcd_backend(&urls);
+    for k in 0..20 {
+        let expected = format!("before-{}", k % 3);
+        assert_eq!(
+            a.owner(&format!("vm-{k}"), 7).await.unwrap(),
+            Some(expected.clone())
+        );
+        assert_eq!(
+            a.test_and_set(&format!("vm-{k}"), 7, "after")
+                .await
+                .unwrap(),
+            Decision::Lost { owner: expected },
+            "decision changed after the kill"
+        );
+    }
+    // New decisions are still made, one winner each.
+    let answers: Answers = Default::default();
+    let mut tasks = Vec::new();
+    for c in 0..10 {
+        let urls = urls.clone();
+        let answers = answers.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut a = etcd_backend(&urls);
+            for k in 0..KEYS {
+                let d = a
+                    .test_and_set(&format!("new-{k}"), 1, &format!("c{c}"))
+                    .await
+                    .unwrap();
+                answers.lock().unwrap().push((k, format!("c{c}"), d));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    check_one_winner(&Arc::try_unwrap(answers).unwrap().into_inner().unwrap());
+}
