@@ -14,7 +14,7 @@ use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
 use crate::protocol::{constant_time_eq, frame_len, ErrorCode, Request, Response};
-use crate::store::{Store, StoreError};
+use crate::store::{Claim, Store, StoreError};
 use crate::Decision;
 
 /// Server settings.
@@ -66,6 +66,60 @@ pub struct Server {
     listener: TcpListener,
     store: Arc<Mutex<Store>>,
     cfg: Arc<ServerConfig>,
+    commits: CommitQueue,
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<Decision, String>>;
+type CommitQueue = std::sync::mpsc::Sender<(Claim, Reply)>;
+
+/// Group commit: one thread takes every claim queued so far, decides them,
+/// appends their records with one write and one fsync, publishes the new
+/// decisions, then answers. Decisions are never visible before they are
+/// durable; a crash loses only unanswered claims.
+fn start_committer(store: Arc<Mutex<Store>>) -> Result<CommitQueue, StoreError> {
+    let (path, mut file) = {
+        let st = store.lock().unwrap_or_else(|e| e.into_inner());
+        (st.log_path(), st.log_file()?)
+    };
+    let (tx, rx) = std::sync::mpsc::channel::<(Claim, Reply)>();
+    std::thread::Builder::new()
+        .name("arbiter-commit".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                while batch.len() < 4096 {
+                    match rx.try_recv() {
+                        Ok(x) => batch.push(x),
+                        Err(_) => break,
+                    }
+                }
+                let claims: Vec<Claim> = batch.iter().map(|(c, _)| c.clone()).collect();
+                let plan = store
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .plan(&claims);
+                let result = plan.write(&mut file, &path);
+                match result {
+                    Ok(()) => {
+                        store
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .apply(plan.new);
+                        for ((_, reply), d) in batch.into_iter().zip(plan.decisions) {
+                            let _ = reply.send(Ok(d));
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "could not make decisions durable");
+                        for (_, reply) in batch {
+                            let _ = reply.send(Err(e.to_string()));
+                        }
+                    }
+                }
+            }
+        })
+        .expect("spawn committer");
+    Ok(tx)
 }
 
 #[derive(Debug, Error)]
@@ -103,10 +157,13 @@ impl Server {
                 addr: addr.to_string(),
                 source,
             })?;
+        let store = Arc::new(Mutex::new(store));
+        let commits = start_committer(store.clone())?;
         Ok(Server {
             listener,
-            store: Arc::new(Mutex::new(store)),
+            store,
             cfg: Arc::new(cfg),
+            commits,
         })
     }
 
@@ -130,8 +187,9 @@ impl Server {
             let _ = stream.set_nodelay(true);
             let store = self.store.clone();
             let cfg = self.cfg.clone();
+            let commits = self.commits.clone();
             tokio::spawn(async move {
-                match handle(stream, store, cfg).await {
+                match handle(stream, store, cfg, commits).await {
                     Ok(()) | Err(ConnError::Closed) => debug!(%peer, "connection closed"),
                     Err(e) => debug!(%peer, error = %e, "connection ended"),
                 }
@@ -192,6 +250,7 @@ async fn handle(
     mut s: TcpStream,
     store: Arc<Mutex<Store>>,
     cfg: Arc<ServerConfig>,
+    commits: CommitQueue,
 ) -> Result<(), ConnError> {
     let peer = s.peer_addr().ok();
     // Handshake: the first frame must be Hello with the right token.
@@ -266,29 +325,36 @@ async fn handle(
                 generation,
                 claimant,
             } => {
-                let st = store.clone();
-                let r = tokio::task::spawn_blocking(move || {
-                    st.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .test_and_set(&vm, generation, &claimant)
-                })
-                .await;
-                match r {
-                    Ok(Ok(Decision::Won)) => Response::Won { id },
-                    Ok(Ok(Decision::Lost { owner })) => Response::Lost { id, owner },
-                    Ok(Err(e)) => {
-                        warn!(error = %e, "could not make a decision durable");
-                        Response::Error {
-                            id,
-                            code: ErrorCode::Storage,
-                            message: e.to_string(),
+                // Fast path: an existing (durable) decision needs no I/O.
+                let known = store
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .owner(&vm, generation)
+                    .map(str::to_string);
+                match known {
+                    Some(owner) if owner == claimant => Response::Won { id },
+                    Some(owner) => Response::Lost { id, owner },
+                    None => {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        let claim = Claim {
+                            vm,
+                            generation,
+                            claimant,
+                        };
+                        let r = match commits.send((claim, tx)) {
+                            Ok(()) => rx.await.unwrap_or_else(|_| Err("committer stopped".into())),
+                            Err(_) => Err("committer stopped".into()),
+                        };
+                        match r {
+                            Ok(Decision::Won) => Response::Won { id },
+                            Ok(Decision::Lost { owner }) => Response::Lost { id, owner },
+                            Err(message) => Response::Error {
+                                id,
+                                code: ErrorCode::Storage,
+                                message,
+                            },
                         }
                     }
-                    Err(e) => Response::Error {
-                        id,
-                        code: ErrorCode::Storage,
-                        message: format!("store task failed: {e}"),
-                    },
                 }
             }
         };

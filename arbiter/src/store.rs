@@ -50,6 +50,44 @@ pub enum StoreError {
     BadHeader(PathBuf),
 }
 
+/// One claim of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// VM id.
+    pub vm: String,
+    /// Generation.
+    pub generation: u64,
+    /// Who claims.
+    pub claimant: String,
+}
+
+/// Decisions for a batch of claims, and the log records that make the new
+/// ones durable.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// One decision per claim, in order.
+    pub decisions: Vec<Decision>,
+    /// Records to append.
+    pub records: Vec<u8>,
+    /// New decisions to apply once written.
+    pub new: Vec<((String, u64), String)>,
+}
+
+impl Plan {
+    /// Append the records and fsync (one sync for the whole batch).
+    pub fn write(&self, file: &mut File, path: &Path) -> Result<(), StoreError> {
+        if self.records.is_empty() {
+            return Ok(());
+        }
+        let io = |source| StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        file.write_all(&self.records).map_err(io)?;
+        file.sync_data().map_err(io)
+    }
+}
+
 /// What opening the store found.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Recovery {
@@ -206,7 +244,8 @@ impl Store {
         Ok((store, recovery))
     }
 
-    fn log_path(&self) -> PathBuf {
+    /// Path of the decision log.
+    pub fn log_path(&self) -> PathBuf {
         self.dir.join(LOG_NAME)
     }
 
@@ -248,28 +287,62 @@ impl Store {
         generation: u64,
         claimant: &str,
     ) -> Result<Decision, StoreError> {
-        if let Some(owner) = self.owner(vm, generation) {
-            return Ok(if owner == claimant {
-                Decision::Won
-            } else {
-                Decision::Lost {
-                    owner: owner.to_string(),
-                }
-            });
-        }
-        let path = self.log_path();
-        let io = |source| StoreError::Io {
-            path: path.clone(),
-            source,
+        let claim = Claim {
+            vm: vm.to_string(),
+            generation,
+            claimant: claimant.to_string(),
         };
-        self.file
-            .write_all(&encode_record(vm, generation, claimant))
-            .map_err(io)?;
-        self.file.sync_data().map_err(io)?;
-        let key = (vm.to_string(), generation);
-        self.decisions.insert(key.clone(), claimant.to_string());
-        self.order.push(key);
-        Ok(Decision::Won)
+        let plan = self.plan(std::slice::from_ref(&claim));
+        let mut file = self.log_file()?;
+        plan.write(&mut file, &self.log_path())?;
+        self.apply(plan.new);
+        Ok(plan.decisions.into_iter().next().expect("one claim"))
+    }
+
+    /// Decide a batch of claims against the durable decisions, in order
+    /// (a later claim in the batch loses to an earlier new winner). Nothing
+    /// is visible to readers until [`Plan::write`] and [`Store::apply`].
+    pub fn plan(&self, claims: &[Claim]) -> Plan {
+        let mut pending: HashMap<(String, u64), String> = HashMap::new();
+        let mut plan = Plan::default();
+        for c in claims {
+            let key = (c.vm.clone(), c.generation);
+            let owner = self.decisions.get(&key).or_else(|| pending.get(&key));
+            let d = match owner {
+                Some(o) if *o == c.claimant => Decision::Won,
+                Some(o) => Decision::Lost { owner: o.clone() },
+                None => {
+                    plan.records.extend_from_slice(&encode_record(
+                        &c.vm,
+                        c.generation,
+                        &c.claimant,
+                    ));
+                    pending.insert(key.clone(), c.claimant.clone());
+                    plan.new.push((key, c.claimant.clone()));
+                    Decision::Won
+                }
+            };
+            plan.decisions.push(d);
+        }
+        plan
+    }
+
+    /// Make decisions of a written plan visible.
+    pub fn apply(&mut self, new: Vec<((String, u64), String)>) {
+        for (key, owner) in new {
+            if self.decisions.insert(key.clone(), owner).is_none() {
+                self.order.push(key);
+            }
+        }
+    }
+
+    /// A second handle on the log for a committer that writes while
+    /// readers use the store (valid until the next [`Store::compact`]).
+    pub fn log_file(&self) -> Result<File, StoreError> {
+        self.file.try_clone().map_err(|source| StoreError::Io {
+            path: self.log_path(),
+            source,
+        })
     }
 
     /// Number of decisions.
@@ -362,6 +435,44 @@ mod tests {
             Store::open(dir.path()),
             Err(StoreError::BadHeader(_))
         ));
+    }
+
+    #[test]
+    fn batch_decides_in_order_and_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Store::open(dir.path()).unwrap();
+        s.test_and_set("vm", 1, "z").unwrap();
+        let c = |vm: &str, who: &str| Claim {
+            vm: vm.into(),
+            generation: 1,
+            claimant: who.into(),
+        };
+        let plan = s.plan(&[
+            c("a", "x"),
+            c("a", "y"),
+            c("vm", "x"),
+            c("a", "x"),
+            c("b", "y"),
+        ]);
+        assert_eq!(
+            plan.decisions,
+            vec![
+                Decision::Won,
+                Decision::Lost { owner: "x".into() },
+                Decision::Lost { owner: "z".into() },
+                Decision::Won,
+                Decision::Won
+            ]
+        );
+        assert_eq!(s.owner("a", 1), None, "not visible before it is written");
+        let mut f = s.log_file().unwrap();
+        plan.write(&mut f, &dir.path().join(LOG_NAME)).unwrap();
+        s.apply(plan.new);
+        assert_eq!(s.owner("a", 1), Some("x"));
+        drop(s);
+        let (s, r) = Store::open(dir.path()).unwrap();
+        assert_eq!(r.decisions, 3);
+        assert_eq!(s.owner("b", 1), Some("y"));
     }
 
     #[test]
