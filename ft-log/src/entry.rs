@@ -1,0 +1,205 @@
+//! The log's entry types: everything the backup needs to re-execute what
+//! the primary executed, and the fingerprints it checks along the way.
+//!
+//! Positions are exit numbers: the count of guest-caused exits (PIO, MMIO,
+//! HLT, interrupt window, emulation completion) before the event. An event
+//! "at `pos`" happened at the boundary after exit `pos` was handled and
+//! before the guest ran again.
+
+use serde::{Deserialize, Serialize};
+
+/// What kind of guest-caused exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitKind {
+    /// `in` from a port.
+    PioIn,
+    /// `out` to a port.
+    PioOut,
+    /// MMIO read.
+    MmioRead,
+    /// MMIO write.
+    MmioWrite,
+    /// HLT.
+    Hlt,
+    /// Interrupt window opened (requested at a logged point).
+    IrqWindow,
+    /// An instruction the monitor completed for KVM's emulator.
+    Emulated,
+}
+
+/// One guest-caused exit, as the primary saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    /// Kind.
+    pub kind: ExitKind,
+    /// Port or guest-physical address (0 when not applicable).
+    pub addr: u64,
+    /// Value written (OUT, MMIO write), access size for reads, else 0.
+    pub data: u64,
+}
+
+/// Where an input value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ValueSource {
+    /// Guest monotonic clock (PIT counter, port 0x61, PIT reload time).
+    Clock,
+    /// Wall clock (CMOS RTC).
+    WallClock,
+}
+
+/// A compact fingerprint of the vCPU state at a point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Fingerprint {
+    /// Instruction pointer.
+    pub rip: u64,
+    /// Hash of the general registers, RFLAGS and the control registers.
+    pub regs: u64,
+}
+
+/// A guest page written since the previous epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Page {
+    /// Guest frame number.
+    pub gfn: u64,
+    /// 4096 bytes.
+    #[serde(with = "serde_bytes_compat")]
+    pub data: Vec<u8>,
+}
+
+/// A cut in a long exit-free stretch: the primary's complete state at the
+/// point where it was kicked, after exit `pos`. The backup applies it
+/// instead of executing the stretch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Epoch {
+    /// Exit number the stretch started after.
+    pub pos: u64,
+    /// Epoch number (0, 1, ...).
+    pub index: u64,
+    /// The monitor's encoding of the full vCPU state (opaque here).
+    #[serde(with = "serde_bytes_compat")]
+    pub vcpu: Vec<u8>,
+    /// Pages written since the previous epoch.
+    pub pages: Vec<Page>,
+    /// Fingerprint of the state being installed.
+    pub fingerprint: Fingerprint,
+}
+
+/// One log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entry {
+    /// The exits starting at number `first` (1-based), in order.
+    Exits {
+        /// Number of the first exit in `exits`.
+        first: u64,
+        /// The exits.
+        exits: Vec<ExitRecord>,
+    },
+    /// A value from outside the VM handed to the guest at exit `pos`.
+    Value {
+        /// Exit number.
+        pos: u64,
+        /// Where it came from.
+        source: ValueSource,
+        /// The value.
+        value: u64,
+    },
+    /// The timer was found due at the boundary after exit `pos`, at guest time `now_ns`.
+    Timer {
+        /// Exit number.
+        pos: u64,
+        /// Guest clock when it was noticed.
+        now_ns: u64,
+    },
+    /// Console input handed to the UART at the boundary after exit `pos`.
+    ConsoleInput {
+        /// Exit number.
+        pos: u64,
+        /// Bytes received.
+        #[serde(with = "serde_bytes_compat")]
+        bytes: Vec<u8>,
+    },
+    /// Interrupt `vector` injected at the boundary after exit `pos`.
+    Interrupt {
+        /// Exit number.
+        pos: u64,
+        /// Vector.
+        vector: u8,
+        /// vCPU state just before the injection.
+        fingerprint: Fingerprint,
+    },
+    /// State delta cutting an exit-free stretch.
+    Epoch(Box<Epoch>),
+    /// Periodic check of the vCPU state (and sometimes memory) at exit `pos`.
+    Check {
+        /// Exit number.
+        pos: u64,
+        /// vCPU fingerprint.
+        fingerprint: Fingerprint,
+        /// CRC32C-based digest of all guest memory, when taken.
+        memory: Option<u64>,
+    },
+    /// The recording ended after exit `pos` with this final state digest.
+    End {
+        /// Exit number.
+        pos: u64,
+        /// How the run ended, as the monitor words it.
+        reason: String,
+        /// Final state digest (memory and registers).
+        digest: String,
+    },
+}
+
+impl Entry {
+    /// Short name of the entry kind, for statistics and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Entry::Exits { .. } => "exits",
+            Entry::Value { .. } => "value",
+            Entry::Timer { .. } => "timer",
+            Entry::ConsoleInput { .. } => "console-input",
+            Entry::Interrupt { .. } => "interrupt",
+            Entry::Epoch(_) => "epoch",
+            Entry::Check { .. } => "check",
+            Entry::End { .. } => "end",
+        }
+    }
+}
+
+/// Byte vectors as one length-prefixed blob (not a sequence of u8 values).
+mod serde_bytes_compat {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_borrowed_bytes<E: serde::de::Error>(self, v: &'de [u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(b) = a.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}

@@ -1,0 +1,402 @@
+//! The byte format of a log, written and read as a stream.
+//!
+//! ```text
+//! header: "VMFT-LOG" | version u16 | body length u32 | body | CRC32C u32
+//!         (body: postcard-encoded LogHeader; CRC over version, length, body)
+//! frame:  payload length u32 | sequence u64 | CRC32C u32 | payload
+//!         (payload: postcard-encoded Entry; CRC over sequence and payload)
+//! ```
+//!
+//! All integers are little-endian. Sequence numbers start at 0 and increase
+//! by one per frame: acknowledgements name them. The [`Decoder`] accepts
+//! bytes in chunks of any size (a socket, a file) and never panics on bad
+//! input; every error names the byte offset and, inside a frame, its
+//! sequence number.
+
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::entry::Entry;
+
+/// Magic bytes at the start of a log.
+pub const MAGIC: &[u8; 8] = b"VMFT-LOG";
+/// Format version written and read by this code.
+pub const VERSION: u16 = 1;
+/// Largest frame payload accepted (an epoch carries dirty pages).
+pub const MAX_FRAME: usize = 256 << 20;
+/// Largest header body accepted.
+pub const MAX_HEADER: usize = 64 << 10;
+const FRAME_HEAD: usize = 16;
+
+/// What the log was recorded for: enough to rebuild the VM and to refuse a
+/// log recorded for another one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogHeader {
+    /// Kernel path on the recording host.
+    pub kernel: String,
+    /// Initramfs path on the recording host.
+    pub initrd: Option<String>,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// Full kernel command line.
+    pub cmdline: String,
+    /// Hash of the configuration (kernel and initramfs contents, memory
+    /// size, command line), hex.
+    pub config_hash: String,
+    /// Free-form description of the recorder.
+    pub recorder: String,
+}
+
+/// Log format errors.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum LogError {
+    /// The stream does not start with the magic bytes.
+    #[error("not a vmft log (bad magic at offset 0)")]
+    BadMagic,
+    /// Another format version.
+    #[error("log format version {found}, this vmft reads version {supported}")]
+    Version {
+        /// Version in the log.
+        found: u16,
+        /// Version supported.
+        supported: u16,
+    },
+    /// The header is damaged.
+    #[error("log header corrupt: {0}")]
+    Header(String),
+    /// A frame's length field is out of range.
+    #[error("frame {seq} at offset {offset}: length {len} exceeds the maximum {MAX_FRAME}")]
+    FrameTooLarge {
+        /// Expected sequence number.
+        seq: u64,
+        /// Byte offset of the frame.
+        offset: u64,
+        /// Length field.
+        len: u64,
+    },
+    /// A frame's checksum does not match.
+    #[error("frame {seq} at offset {offset}: checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    Checksum {
+        /// Expected sequence number.
+        seq: u64,
+        /// Byte offset of the frame.
+        offset: u64,
+        /// CRC in the frame.
+        stored: u32,
+        /// CRC computed.
+        computed: u32,
+    },
+    /// A frame carries the wrong sequence number (lost or repeated frame).
+    #[error("frame at offset {offset}: sequence {found}, expected {expected}")]
+    Sequence {
+        /// Byte offset of the frame.
+        offset: u64,
+        /// Sequence expected.
+        expected: u64,
+        /// Sequence found.
+        found: u64,
+    },
+    /// The payload does not decode as an entry.
+    #[error("frame {seq} at offset {offset}: payload does not decode: {detail}")]
+    Payload {
+        /// Sequence number.
+        seq: u64,
+        /// Byte offset of the frame.
+        offset: u64,
+        /// Decoder message.
+        detail: String,
+    },
+    /// The stream ended in the middle of the header or a frame.
+    #[error("log truncated at offset {offset}: {what}")]
+    Truncated {
+        /// Where the data ends.
+        offset: u64,
+        /// What was being read.
+        what: String,
+    },
+}
+
+/// Encode one entry's payload.
+pub fn encode_entry(e: &Entry) -> Vec<u8> {
+    postcard::to_stdvec(e).expect("entries always serialise")
+}
+
+/// Decode one entry's payload.
+pub fn decode_entry(b: &[u8]) -> Result<Entry, String> {
+    postcard::from_bytes(b).map_err(|e| e.to_string())
+}
+
+/// Encode the header.
+pub fn encode_header(h: &LogHeader) -> Vec<u8> {
+    let body = postcard::to_stdvec(h).expect("header always serialises");
+    let mut out = MAGIC.to_vec();
+    let mut checked = VERSION.to_le_bytes().to_vec();
+    checked.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    checked.extend_from_slice(&body);
+    out.extend_from_slice(&checked);
+    out.extend_from_slice(&crc32c::crc32c(&checked).to_le_bytes());
+    out
+}
+
+/// Encode one frame with sequence number `seq`.
+pub fn encode_frame(seq: u64, entry: &Entry) -> Vec<u8> {
+    let payload = encode_entry(entry);
+    let mut crc = crc32c::crc32c(&seq.to_le_bytes());
+    crc = crc32c::crc32c_append(crc, &payload);
+    let mut out = Vec::with_capacity(FRAME_HEAD + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Writes a log to any byte sink.
+pub struct LogWriter<W: Write> {
+    out: W,
+    next_seq: u64,
+    bytes: u64,
+}
+
+impl<W: Write> LogWriter<W> {
+    /// Write the header and return a writer for the frames.
+    pub fn new(mut out: W, header: &LogHeader) -> std::io::Result<Self> {
+        let h = encode_header(header);
+        out.write_all(&h)?;
+        Ok(LogWriter {
+            out,
+            next_seq: 0,
+            bytes: h.len() as u64,
+        })
+    }
+
+    /// Append an entry; returns its sequence number and encoded size.
+    pub fn append(&mut self, e: &Entry) -> std::io::Result<(u64, usize)> {
+        let seq = self.next_seq;
+        let f = encode_frame(seq, e);
+        self.out.write_all(&f)?;
+        self.next_seq += 1;
+        self.bytes += f.len() as u64;
+        Ok((seq, f.len()))
+    }
+
+    /// Flush the sink.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+
+    /// Bytes written so far, header included.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Frames written so far.
+    pub fn frames(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The sink.
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Sequence number.
+    pub seq: u64,
+    /// Byte offset of the frame in the stream.
+    pub offset: u64,
+    /// The entry.
+    pub entry: Entry,
+}
+
+/// Incremental decoder: feed bytes with [`Decoder::push`], take the header
+/// and frames as they complete, call [`Decoder::finish`] at end of stream.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    /// Offset in the stream of `buf[0]`.
+    base: u64,
+    header: Option<LogHeader>,
+    next_seq: u64,
+    failed: Option<LogError>,
+}
+
+impl Decoder {
+    /// A decoder at the start of a stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add bytes received.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.buf.drain(..n);
+        self.base += n as u64;
+    }
+
+    fn fail<T>(&mut self, e: LogError) -> Result<T, LogError> {
+        self.failed = Some(e.clone());
+        Err(e)
+    }
+
+    /// The header, once enough bytes arrived (`Ok(None)` until then).
+    pub fn header(&mut self) -> Result<Option<&LogHeader>, LogError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        if self.header.is_none() {
+            let b = &self.buf;
+            let n = b.len().min(MAGIC.len());
+            if b[..n] != MAGIC[..n] {
+                return self.fail(LogError::BadMagic);
+            }
+            if b.len() < 14 {
+                return Ok(None);
+            }
+            let version = u16::from_le_bytes([b[8], b[9]]);
+            if version != VERSION {
+                return self.fail(LogError::Version {
+                    found: version,
+                    supported: VERSION,
+                });
+            }
+            let len = u32::from_le_bytes(b[10..14].try_into().unwrap()) as usize;
+            if len > MAX_HEADER {
+                return self.fail(LogError::Header(format!("header length {len}")));
+            }
+            if b.len() < 14 + len + 4 {
+                return Ok(None);
+            }
+            let stored = u32::from_le_bytes(b[14 + len..18 + len].try_into().unwrap());
+            let computed = crc32c::crc32c(&b[8..14 + len]);
+            if stored != computed {
+                return self.fail(LogError::Header(format!(
+                    "checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+                )));
+            }
+            let h: LogHeader = match postcard::from_bytes(&b[14..14 + len]) {
+                Ok(h) => h,
+                Err(e) => return self.fail(LogError::Header(e.to_string())),
+            };
+            self.header = Some(h);
+            self.consume(18 + len);
+        }
+        Ok(self.header.as_ref())
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, LogError> {
+        if self.header()?.is_none() {
+            return Ok(None);
+        }
+        let b = &self.buf;
+        if b.len() < FRAME_HEAD {
+            return Ok(None);
+        }
+        let offset = self.base;
+        let seq_expected = self.next_seq;
+        let len = u32::from_le_bytes(b[0..4].try_into().unwrap()) as usize;
+        if len > MAX_FRAME {
+            return self.fail(LogError::FrameTooLarge {
+                seq: seq_expected,
+                offset,
+                len: len as u64,
+            });
+        }
+        if b.len() < FRAME_HEAD + len {
+            return Ok(None);
+        }
+        let seq = u64::from_le_bytes(b[4..12].try_into().unwrap());
+        let stored = u32::from_le_bytes(b[12..16].try_into().unwrap());
+        let payload = &b[FRAME_HEAD..FRAME_HEAD + len];
+        let computed = crc32c::crc32c_append(crc32c::crc32c(&b[4..12]), payload);
+        if stored != computed {
+            return self.fail(LogError::Checksum {
+                seq: seq_expected,
+                offset,
+                stored,
+                computed,
+            });
+        }
+        if seq != seq_expected {
+            return self.fail(LogError::Sequence {
+                offset,
+                expected: seq_expected,
+                found: seq,
+            });
+        }
+        let entry = match decode_entry(payload) {
+            Ok(e) => e,
+            Err(detail) => {
+                return self.fail(LogError::Payload {
+                    seq,
+                    offset,
+                    detail,
+                })
+            }
+        };
+        self.consume(FRAME_HEAD + len);
+        self.next_seq += 1;
+        Ok(Some(Frame { seq, offset, entry }))
+    }
+
+    /// Check that the stream ended on a frame boundary.
+    pub fn finish(&mut self) -> Result<(), LogError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        if self.header.is_none() {
+            if self.buf.is_empty() {
+                return Err(LogError::Truncated {
+                    offset: 0,
+                    what: "the log is empty".into(),
+                });
+            }
+            self.header()?;
+            if self.header.is_none() {
+                return Err(LogError::Truncated {
+                    offset: self.base + self.buf.len() as u64,
+                    what: "inside the header".into(),
+                });
+            }
+        }
+        if !self.buf.is_empty() {
+            return Err(LogError::Truncated {
+                offset: self.base + self.buf.len() as u64,
+                what: format!(
+                    "inside frame {} (which starts at offset {}, {} bytes present)",
+                    self.next_seq,
+                    self.base,
+                    self.buf.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Sequence number of the next frame.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+}
+
+/// Decode a whole log held in memory.
+pub fn decode_all(bytes: &[u8]) -> Result<(LogHeader, Vec<Frame>), LogError> {
+    let mut d = Decoder::new();
+    d.push(bytes);
+    let mut frames = Vec::new();
+    while let Some(f) = d.next_frame()? {
+        frames.push(f);
+    }
+    d.finish()?;
+    let h = d.header()?.cloned().expect("finish checked the header");
+    Ok((h, frames))
+}
