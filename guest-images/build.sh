@@ -56,7 +56,7 @@ hash_files() { cat "$@" | sha256sum | cut -c1-16; }
 kernel_deb="$(fetch_deb linux-source-6.1)"
 busybox_deb="$(fetch_deb busybox-static)"
 
-kernel_key="$( { sha256sum "$kernel_deb" | cut -d' ' -f1; cat "$here/kernel/vmft.config" "$here/kernel/syscall-fault.patch" "$here/build.sh"; } | sha256sum | cut -c1-16)"
+kernel_key="$( { sha256sum "$kernel_deb" | cut -d' ' -f1; cat "$here/kernel/vmft.config" "$here"/kernel/*.patch "$here/build.sh"; } | sha256sum | cut -c1-16)"
 initrd_key="$( { sha256sum "$busybox_deb" | cut -d' ' -f1; cd "$here/initramfs" && find . -type f | LC_ALL=C sort | xargs cat; cat "$here/build.sh"; } | sha256sum | cut -c1-16)"
 
 kernel_out="$cache/kernel-$kernel_key"
@@ -80,9 +80,12 @@ build_kernel() {
     rm -rf "$work/usr"
     local src="$work/linux-source-6.1"
     [ -d "$src" ] || die "kernel source tree not found in $kernel_deb"
-    log "applying syscall-fault.patch"
-    patch -d "$src" -p1 --forward --quiet < "$here/kernel/syscall-fault.patch" \
-        || die "syscall-fault.patch does not apply to $(basename "$kernel_deb")"
+    local p
+    for p in "$here"/kernel/*.patch; do
+        log "applying $(basename "$p")"
+        patch -d "$src" -p1 --forward --quiet < "$p" \
+            || die "$(basename "$p") does not apply to $(basename "$kernel_deb")"
+    done
     log "configuring (tinyconfig + kernel/vmft.config)"
     make -C "$src" -s tinyconfig >&2
     (cd "$src" && ./scripts/kconfig/merge_config.sh -m .config "$here/kernel/vmft.config" >/dev/null)

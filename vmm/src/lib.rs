@@ -10,6 +10,8 @@ pub mod devices;
 pub mod emulate;
 pub mod image;
 pub mod nondet;
+pub mod record;
+pub mod replay;
 pub mod snapshot;
 pub mod stats;
 pub mod vcpu;

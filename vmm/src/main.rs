@@ -3,14 +3,17 @@
 use std::io::{self, IsTerminal};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use vmm::boot::BootConfig;
 use vmm::image::{self, DEFAULT_MEM_MIB, DEFAULT_WORKLOAD};
-use vmm::vm::{RunOptions, Vm};
+use vmm::record::{config_hash, log_header};
+use vmm::replay::ReplayDoor;
+use vmm::vm::{FtMode, RunOptions, Vm};
 
 /// vmft: a fault-tolerant Linux VM on KVM.
 #[derive(Parser)]
@@ -24,12 +27,99 @@ struct Cli {
 enum Command {
     /// Boot one VM (no fault tolerance). With no options, boots the default guest image.
     Run(RunArgs),
+    /// Run the VM as the primary and write every nondeterministic event to a log.
+    Record(RecordArgs),
+    /// Re-execute a recorded log, checking every exit against the primary's.
+    Replay(ReplayArgs),
+    /// Print the entries of a log (optionally only those around some exits).
+    Log(LogArgs),
     /// Build the default guest image if needed and print its paths.
     Image,
 }
 
 #[derive(Args)]
-struct RunArgs {
+struct LogArgs {
+    /// Log file.
+    #[arg(long)]
+    log: PathBuf,
+    /// First exit number to show.
+    #[arg(long, default_value_t = 0)]
+    from: u64,
+    /// Last exit number to show.
+    #[arg(long, default_value_t = u64::MAX)]
+    to: u64,
+}
+
+fn show_log(args: LogArgs) -> Result<()> {
+    use ft_log::Entry;
+    use std::io::Read;
+    let mut f = std::fs::File::open(&args.log)
+        .with_context(|| format!("cannot open {}", args.log.display()))?;
+    let mut d = ft_log::Decoder::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut header_shown = false;
+    loop {
+        let n = f.read(&mut buf)?;
+        d.push(&buf[..n]);
+        if !header_shown {
+            if let Some(h) = d
+                .header()
+                .with_context(|| format!("log {}", args.log.display()))?
+            {
+                println!("header: {h:?}");
+                header_shown = true;
+            }
+        }
+        while let Some(fr) = d
+            .next_frame()
+            .with_context(|| format!("log {}", args.log.display()))?
+        {
+            let (lo, hi) = match &fr.entry {
+                Entry::Exits { first, exits } => (*first, first + exits.len() as u64 - 1),
+                Entry::Value { pos, .. }
+                | Entry::Timer { pos, .. }
+                | Entry::ConsoleInput { pos, .. }
+                | Entry::Interrupt { pos, .. }
+                | Entry::Check { pos, .. }
+                | Entry::End { pos, .. } => (*pos, *pos),
+                Entry::Epoch(e) => (e.pos, e.pos),
+            };
+            if hi < args.from || lo > args.to {
+                continue;
+            }
+            match &fr.entry {
+                Entry::Exits { first, exits } => {
+                    for (i, x) in exits.iter().enumerate() {
+                        let n = first + i as u64;
+                        if n >= args.from && n <= args.to {
+                            println!(
+                                "#{} exit {n}: {:?} {:#x} {:#x}",
+                                fr.seq, x.kind, x.addr, x.data
+                            );
+                        }
+                    }
+                }
+                Entry::Epoch(e) => println!(
+                    "#{} epoch {} after exit {}: {} pages, {:x?}",
+                    fr.seq,
+                    e.index,
+                    e.pos,
+                    e.pages.len(),
+                    e.fingerprint
+                ),
+                other => println!("#{} {other:?}", fr.seq),
+            }
+        }
+        if n == 0 {
+            d.finish()
+                .with_context(|| format!("log {}", args.log.display()))?;
+            return Ok(());
+        }
+    }
+}
+
+#[derive(Args)]
+struct BootArgs {
     /// Kernel: uncompressed vmlinux ELF (default) or bzImage.
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -45,6 +135,12 @@ struct RunArgs {
     /// Workload the default guest runs (counter, echo, sleep, shell).
     #[arg(long, default_value = DEFAULT_WORKLOAD)]
     workload: String,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    boot: BootArgs,
     /// Print boot time and exit counts at the end.
     #[arg(long)]
     stats: bool,
@@ -59,43 +155,86 @@ struct RunArgs {
     no_stdin: bool,
 }
 
-fn run(args: RunArgs) -> Result<()> {
-    let console_in: Option<Box<dyn io::Read + Send>> = if args.no_stdin {
+#[derive(Args)]
+struct RecordArgs {
+    #[command(flatten)]
+    boot: BootArgs,
+    /// Log file to write.
+    #[arg(long)]
+    log: PathBuf,
+    /// Longest exit-free stretch, in ms, before an epoch delivers a waiting interrupt.
+    #[arg(long, default_value_t = 10)]
+    epoch_ms: u64,
+    /// Print boot, exit and log statistics at the end.
+    #[arg(long)]
+    stats: bool,
+    /// Do not read console input from stdin.
+    #[arg(long)]
+    no_stdin: bool,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// Log file to replay.
+    #[arg(long)]
+    log: PathBuf,
+    /// Write the guest's console output here (default: suppressed).
+    #[arg(long, value_name = "FILE")]
+    serial_out: Option<PathBuf>,
+    /// Use this kernel instead of the one named in the log (must match its hash).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Use this initramfs instead of the one named in the log (must match its hash).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Print exit statistics at the end.
+    #[arg(long)]
+    stats: bool,
+}
+
+fn boot_config(args: BootArgs) -> Result<BootConfig> {
+    let (kernel, initrd) = match args.kernel {
+        Some(k) => (k, args.initrd),
+        None => {
+            let img = image::default_image().context("cannot prepare the default guest image")?;
+            (img.kernel, Some(args.initrd.unwrap_or(img.initrd)))
+        }
+    };
+    let mut cmdline = format!("{} vmft.workload={}", image::base_cmdline(), args.workload);
+    if let Some(extra) = &args.append {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    Ok(BootConfig {
+        kernel,
+        initrd,
+        mem_mib: args.mem,
+        cmdline,
+    })
+}
+
+fn stdin_input(no_stdin: bool) -> Option<Box<dyn io::Read + Send>> {
+    if no_stdin {
         None
     } else {
         Some(Box::new(io::stdin()))
-    };
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
     let opts = RunOptions {
+        ft: FtMode::Live,
         snapshot_on_ready: args.snapshot_on_ready.clone(),
-        console_in,
+        console_in: stdin_input(args.no_stdin),
         console_out: Box::new(io::stdout()),
     };
-    if io::stdin().is_terminal() && args.workload == "shell" {
+    if io::stdin().is_terminal() && args.boot.workload == "shell" {
         eprintln!("vmft: console input is line-buffered by the terminal");
     }
     let mut vm = if let Some(snap) = &args.restore {
         Vm::restore(snap, opts).context("cannot restore")?
     } else {
-        let (kernel, initrd) = match args.kernel {
-            Some(k) => (k, args.initrd),
-            None => {
-                let img =
-                    image::default_image().context("cannot prepare the default guest image")?;
-                (img.kernel, Some(args.initrd.unwrap_or(img.initrd)))
-            }
-        };
-        let mut cmdline = format!("{} vmft.workload={}", image::base_cmdline(), args.workload);
-        if let Some(extra) = &args.append {
-            cmdline.push(' ');
-            cmdline.push_str(extra);
-        }
-        let cfg = BootConfig {
-            kernel,
-            initrd,
-            mem_mib: args.mem,
-            cmdline,
-        };
-        Vm::boot(&cfg, opts).context("cannot boot")?
+        Vm::boot(&boot_config(args.boot)?, opts).context("cannot boot")?
     };
     let result = vm.run();
     if args.stats {
@@ -103,6 +242,86 @@ fn run(args: RunArgs) -> Result<()> {
     }
     let exit = result?;
     eprintln!("vmft: {exit}");
+    Ok(())
+}
+
+fn record(args: RecordArgs) -> Result<()> {
+    let cfg = boot_config(args.boot)?;
+    // A missing or foreign kernel is reported by boot; hash only what exists.
+    vmm::boot::detect_format(&cfg.kernel).context("cannot boot")?;
+    let header = log_header(&cfg).context("cannot read the kernel or initramfs")?;
+    let opts = RunOptions {
+        ft: FtMode::Record {
+            log: args.log.clone(),
+            header,
+            epoch_bound: Duration::from_millis(args.epoch_ms),
+        },
+        snapshot_on_ready: None,
+        console_in: stdin_input(args.no_stdin),
+        console_out: Box::new(io::stdout()),
+    };
+    let mut vm = Vm::boot(&cfg, opts).context("cannot boot")?;
+    let result = vm.run();
+    let elapsed = vm.stats.started.elapsed().as_secs_f64();
+    if args.stats {
+        eprint!("{}", vm.stats.report(vm.unknown_ports()));
+        if let Some(rs) = vm.record_stats() {
+            eprint!("{}", rs.report(elapsed));
+        }
+    }
+    let exit = result.with_context(|| format!("recording to {} failed", args.log.display()))?;
+    eprintln!("vmft: {exit}");
+    eprintln!("vmft: exits {} epochs {}", vm.position().exit, vm.epochs());
+    eprintln!("vmft: final state digest {}", vm.state_digest());
+    Ok(())
+}
+
+fn replay(args: ReplayArgs) -> Result<()> {
+    let door = ReplayDoor::open(&args.log).context("cannot replay")?;
+    let h = door.header().clone();
+    let cfg = BootConfig {
+        kernel: args.kernel.unwrap_or_else(|| PathBuf::from(&h.kernel)),
+        initrd: args.initrd.or_else(|| h.initrd.as_ref().map(PathBuf::from)),
+        mem_mib: h.mem_mib,
+        cmdline: h.cmdline.clone(),
+    };
+    vmm::boot::detect_format(&cfg.kernel).context("cannot replay")?;
+    let hash = config_hash(&cfg).context("cannot read the kernel or initramfs")?;
+    if hash != h.config_hash {
+        bail!(
+            "log {} was recorded for another VM configuration (kernel {}, initramfs {}): \
+             its configuration hash is {}, this one's is {}",
+            args.log.display(),
+            cfg.kernel.display(),
+            cfg.initrd
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "none".into()),
+            &h.config_hash[..16],
+            &hash[..16]
+        );
+    }
+    let console_out: Box<dyn io::Write + Send> = match &args.serial_out {
+        Some(p) => Box::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        ),
+        None => Box::new(io::sink()),
+    };
+    let opts = RunOptions {
+        ft: FtMode::Replay(Box::new(door)),
+        snapshot_on_ready: None,
+        console_in: None,
+        console_out,
+    };
+    let mut vm = Vm::boot(&cfg, opts).context("cannot boot")?;
+    let result = vm.run();
+    if args.stats {
+        eprint!("{}", vm.stats.report(vm.unknown_ports()));
+    }
+    let exit = result.with_context(|| format!("replay of {} failed", args.log.display()))?;
+    eprintln!("vmft: {exit}");
+    eprintln!("vmft: exits {} epochs {}", vm.position().exit, vm.epochs());
+    eprintln!("vmft: final state digest {}", vm.state_digest());
     Ok(())
 }
 
@@ -116,6 +335,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Record(args) => record(args),
+        Command::Replay(args) => replay(args),
+        Command::Log(args) => show_log(args),
         Command::Image => image::default_image()
             .map(|img| {
                 println!("kernel={}", img.kernel.display());

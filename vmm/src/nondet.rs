@@ -2,20 +2,31 @@
 //!
 //! Every value the monitor hands the guest that does not follow from guest
 //! state (time read by the PIT, port 0x61 and the RTC, console input, later
-//! disk data and packets) and every interrupt injection passes through a
-//! [`Door`]. The live door reads the host; the recorder (issue 4) wraps it
-//! and logs each value with its position; the replayer returns the logged
-//! values instead. Nothing else in the monitor may read a host clock or an
-//! outside input on the guest's behalf.
+//! disk data and packets), every asynchronous event and every interrupt
+//! injection passes through a [`Door`]. Three doors exist:
+//!
+//! - [`LiveDoor`]: host clocks and the real console (`vmft run`);
+//! - [`crate::record::RecordDoor`]: the live door, with each value, event,
+//!   exit and injection written to the log with its position (`vmft record`);
+//! - [`crate::replay::ReplayDoor`]: values, events and injections taken from
+//!   the log, each exit checked against the primary's (`vmft replay`).
+//!
+//! Nothing else in the monitor may read a host clock or outside input on
+//! the guest's behalf.
 
 use std::io::Read;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ft_log::{Epoch, ExitRecord, Fingerprint, LogError};
+use thiserror::Error;
+
 use crate::vcpu::Kicker;
 
 /// Position of an event in the guest's execution: the number of
-/// guest-caused exits before it. Both sides count the same exits.
+/// guest-caused exits before it. Both sides count the same exits. (A
+/// retired-branch counter would refine it on hosts with a PMU; everything
+/// that positions events goes through this type.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Position {
     /// Guest-caused exits so far.
@@ -33,21 +44,121 @@ pub enum Wake {
     Never,
 }
 
+/// Which door.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// No fault tolerance.
+    Live,
+    /// Primary: executing for real and logging.
+    Record,
+    /// Backup: executing from the log.
+    Replay,
+}
+
+/// Outside events due at an exit boundary.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Due {
+    /// The timer is due; the guest clock at that moment.
+    pub timer_now: Option<u64>,
+    /// Console input bytes to hand to the UART.
+    pub input: Vec<u8>,
+}
+
+/// Errors from a door: the log, or a divergence between primary and backup.
+#[derive(Debug, Error)]
+pub enum DoorError {
+    /// The replay differs from the recording.
+    #[error("divergence at exit {exit}: the primary {primary}, the backup {backup}")]
+    Divergence {
+        /// Exit number where it was noticed.
+        exit: u64,
+        /// What the log says.
+        primary: String,
+        /// What the replaying guest did.
+        backup: String,
+    },
+    /// The log ended (cleanly, on a frame boundary) without an end entry:
+    /// the recording stopped there.
+    #[error("the log ends at exit {exit} without an end entry: the recording stopped there")]
+    LogEnded {
+        /// Exit the replay had reached.
+        exit: u64,
+    },
+    /// The log could not be decoded.
+    #[error("log {path}: {source}")]
+    Log {
+        /// Log path.
+        path: String,
+        /// Format error.
+        source: LogError,
+    },
+    /// Reading or writing the log failed.
+    #[error("log {path}: {source}")]
+    Io {
+        /// Log path.
+        path: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+}
+
 /// The interface through which every nondeterministic value enters the VM.
 pub trait Door {
-    /// The guest-caused exit the vCPU is at (called once per such exit).
-    fn at(&mut self, pos: Position);
-    /// Guest monotonic clock, nanoseconds since the VM was first booted.
-    fn clock_ns(&mut self) -> u64;
-    /// Wall clock for the RTC, seconds since the Unix epoch.
-    fn wall_clock_secs(&mut self) -> i64;
-    /// Console input available now, at most `room` bytes.
-    fn console_input(&mut self, room: usize) -> Vec<u8>;
-    /// An interrupt with `vector` is being injected now.
-    fn interrupt(&mut self, vector: u8);
+    /// Which door this is.
+    fn mode(&self) -> Mode;
+    /// Guest-caused exit number `pos` happened (record: trace it; replay: check it).
+    fn exit(&mut self, pos: u64, rec: ExitRecord) -> Result<(), DoorError>;
+    /// Guest monotonic clock handed to the guest during exit `pos`, in ns.
+    fn clock_ns(&mut self, pos: u64) -> Result<u64, DoorError>;
+    /// Wall clock (Unix seconds) handed to the guest during exit `pos`.
+    fn wall_clock_secs(&mut self, pos: u64) -> Result<i64, DoorError>;
+    /// Outside events due at the boundary after exit `pos`: the timer if
+    /// its deadline (guest clock) passed, up to `rx_room` input bytes.
+    fn due(
+        &mut self,
+        pos: u64,
+        timer_deadline: Option<u64>,
+        rx_room: usize,
+    ) -> Result<Due, DoorError>;
+    /// Record/live: whether something is due now (for a kick decision).
+    fn pending(&mut self, timer_deadline: Option<u64>) -> bool;
+    /// Record: the offered interrupt is injected at `pos` (logged). Replay:
+    /// the vector the primary injected at `pos`, checked against the offer.
+    /// `offer` is the vector the PIC would deliver now (live/record: only
+    /// when the vCPU can take it). Returns the vector to inject, if any.
+    fn interrupt(
+        &mut self,
+        pos: u64,
+        offer: Option<u8>,
+        fp: &mut dyn FnMut() -> Fingerprint,
+    ) -> Result<Option<u8>, DoorError>;
+    /// Record: log an epoch. Replay: the next epoch at `pos`, if the log has one.
+    fn epoch(&mut self, pos: u64, epoch: Option<Epoch>) -> Result<Option<Epoch>, DoorError>;
+    /// Record: log a check. Replay: compare with the primary's check at `pos`, if any.
+    /// `compute` gives the fingerprint and, when asked for, the memory digest.
+    fn check(
+        &mut self,
+        pos: u64,
+        compute: &mut dyn FnMut(bool) -> (Fingerprint, Option<u64>),
+    ) -> Result<(), DoorError>;
+    /// Record: log the end. Replay: whether the recording ended at `pos`
+    /// (returns its reason and digest).
+    fn end(
+        &mut self,
+        pos: u64,
+        end: Option<(String, String)>,
+    ) -> Result<Option<(String, String)>, DoorError>;
     /// The guest is idle (HLT): block until `deadline_ns` (guest clock) or
-    /// until input arrives.
+    /// until input arrives. Replay returns at once.
     fn wait(&mut self, deadline_ns: Option<u64>) -> Wake;
+    /// Flush buffered log output.
+    fn flush(&mut self) -> Result<(), DoorError> {
+        Ok(())
+    }
+    /// Recording statistics (record door only).
+    fn record_stats(&self) -> Option<crate::record::RecordStats> {
+        None
+    }
 }
 
 /// The live door: host clocks and the real console.
@@ -100,6 +211,11 @@ impl LiveDoor {
         }
     }
 
+    /// The guest clock now.
+    pub fn now_ns(&self) -> u64 {
+        self.base_ns + self.start.elapsed().as_nanos() as u64
+    }
+
     fn drain_input(&mut self) {
         if let Some(rx) = &self.input {
             loop {
@@ -119,30 +235,77 @@ impl LiveDoor {
 }
 
 impl Door for LiveDoor {
-    fn at(&mut self, _pos: Position) {}
-
-    fn clock_ns(&mut self) -> u64 {
-        self.base_ns + self.start.elapsed().as_nanos() as u64
+    fn mode(&self) -> Mode {
+        Mode::Live
     }
 
-    fn wall_clock_secs(&mut self) -> i64 {
-        self.wall_base + (self.clock_ns() / 1_000_000_000) as i64
+    fn exit(&mut self, _pos: u64, _rec: ExitRecord) -> Result<(), DoorError> {
+        Ok(())
     }
 
-    fn console_input(&mut self, room: usize) -> Vec<u8> {
+    fn clock_ns(&mut self, _pos: u64) -> Result<u64, DoorError> {
+        Ok(self.now_ns())
+    }
+
+    fn wall_clock_secs(&mut self, _pos: u64) -> Result<i64, DoorError> {
+        Ok(self.wall_base + (self.now_ns() / 1_000_000_000) as i64)
+    }
+
+    fn due(
+        &mut self,
+        _pos: u64,
+        timer_deadline: Option<u64>,
+        rx_room: usize,
+    ) -> Result<Due, DoorError> {
+        let now = self.now_ns();
         self.drain_input();
-        let n = room.min(self.pending.len());
-        self.pending.drain(..n).collect()
+        let n = rx_room.min(self.pending.len());
+        Ok(Due {
+            timer_now: timer_deadline.filter(|d| now >= *d).map(|_| now),
+            input: self.pending.drain(..n).collect(),
+        })
     }
 
-    fn interrupt(&mut self, _vector: u8) {}
+    fn pending(&mut self, timer_deadline: Option<u64>) -> bool {
+        self.drain_input();
+        !self.pending.is_empty() || timer_deadline.is_some_and(|d| self.now_ns() >= d)
+    }
+
+    fn interrupt(
+        &mut self,
+        _pos: u64,
+        offer: Option<u8>,
+        _fp: &mut dyn FnMut() -> Fingerprint,
+    ) -> Result<Option<u8>, DoorError> {
+        Ok(offer)
+    }
+
+    fn epoch(&mut self, _pos: u64, _epoch: Option<Epoch>) -> Result<Option<Epoch>, DoorError> {
+        Ok(None)
+    }
+
+    fn check(
+        &mut self,
+        _pos: u64,
+        _compute: &mut dyn FnMut(bool) -> (Fingerprint, Option<u64>),
+    ) -> Result<(), DoorError> {
+        Ok(())
+    }
+
+    fn end(
+        &mut self,
+        _pos: u64,
+        _end: Option<(String, String)>,
+    ) -> Result<Option<(String, String)>, DoorError> {
+        Ok(None)
+    }
 
     fn wait(&mut self, deadline_ns: Option<u64>) -> Wake {
         self.drain_input();
         if !self.pending.is_empty() {
             return Wake::Input;
         }
-        let timeout = deadline_ns.map(|d| Duration::from_nanos(d.saturating_sub(self.clock_ns())));
+        let timeout = deadline_ns.map(|d| Duration::from_nanos(d.saturating_sub(self.now_ns())));
         match (&self.input, timeout) {
             (Some(rx), Some(t)) if !self.input_closed => match rx.recv_timeout(t) {
                 Ok(bytes) => {
@@ -182,26 +345,57 @@ pub struct FixedDoor {
     pub now_ns: u64,
     /// Value returned by `wall_clock_secs`.
     pub wall_secs: i64,
-    /// Input handed out by `console_input`.
+    /// Input handed out by `due`.
     pub input: Vec<u8>,
-    /// Vectors injected.
-    pub injected: Vec<u8>,
 }
 
 impl Door for FixedDoor {
-    fn at(&mut self, _pos: Position) {}
-    fn clock_ns(&mut self) -> u64 {
-        self.now_ns
+    fn mode(&self) -> Mode {
+        Mode::Live
     }
-    fn wall_clock_secs(&mut self) -> i64 {
-        self.wall_secs
+    fn exit(&mut self, _pos: u64, _rec: ExitRecord) -> Result<(), DoorError> {
+        Ok(())
     }
-    fn console_input(&mut self, room: usize) -> Vec<u8> {
+    fn clock_ns(&mut self, _pos: u64) -> Result<u64, DoorError> {
+        Ok(self.now_ns)
+    }
+    fn wall_clock_secs(&mut self, _pos: u64) -> Result<i64, DoorError> {
+        Ok(self.wall_secs)
+    }
+    fn due(&mut self, _pos: u64, d: Option<u64>, room: usize) -> Result<Due, DoorError> {
         let n = room.min(self.input.len());
-        self.input.drain(..n).collect()
+        Ok(Due {
+            timer_now: d.filter(|d| self.now_ns >= *d).map(|_| self.now_ns),
+            input: self.input.drain(..n).collect(),
+        })
     }
-    fn interrupt(&mut self, vector: u8) {
-        self.injected.push(vector);
+    fn pending(&mut self, d: Option<u64>) -> bool {
+        !self.input.is_empty() || d.is_some_and(|d| self.now_ns >= d)
+    }
+    fn interrupt(
+        &mut self,
+        _pos: u64,
+        v: Option<u8>,
+        _fp: &mut dyn FnMut() -> Fingerprint,
+    ) -> Result<Option<u8>, DoorError> {
+        Ok(v)
+    }
+    fn epoch(&mut self, _pos: u64, _e: Option<Epoch>) -> Result<Option<Epoch>, DoorError> {
+        Ok(None)
+    }
+    fn check(
+        &mut self,
+        _pos: u64,
+        _c: &mut dyn FnMut(bool) -> (Fingerprint, Option<u64>),
+    ) -> Result<(), DoorError> {
+        Ok(())
+    }
+    fn end(
+        &mut self,
+        _pos: u64,
+        _e: Option<(String, String)>,
+    ) -> Result<Option<(String, String)>, DoorError> {
+        Ok(None)
     }
     fn wait(&mut self, deadline_ns: Option<u64>) -> Wake {
         match deadline_ns {

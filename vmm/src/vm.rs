@@ -15,8 +15,10 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_userspace_memory_region;
+use ft_log::{Epoch, ExitKind, ExitRecord, Fingerprint, LogHeader, Page};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VcpuExit, VmFd};
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -25,8 +27,11 @@ use crate::boot::{self, BootConfig, BootError};
 use crate::devices::serial::{ConsoleEvent, ConsoleOut};
 use crate::devices::Devices;
 use crate::emulate::{self, EmulationError};
-use crate::nondet::{Door, LiveDoor, Position, Wake};
-use crate::snapshot::{self, Decoder, Encoder, SnapshotError};
+use crate::nondet::{Door, DoorError, LiveDoor, Mode, Position, Wake};
+use crate::record::{RecordDoor, RecordStats};
+
+use crate::replay::ReplayDoor;
+use crate::snapshot::{self, pod_bytes, Decoder, Encoder, SnapshotError};
 use crate::stats::Stats;
 use crate::vcpu::{DeadlineKicker, Kicker, Vcpu, VcpuError, VcpuState};
 
@@ -89,6 +94,29 @@ pub enum VmError {
     /// Snapshot save or restore failed.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// Recording or replay failed (log error or divergence).
+    #[error(transparent)]
+    Door(#[from] DoorError),
+    /// The replay reached the recording's end in a different state.
+    #[error("divergence at the end (exit {exit}): the primary ended with {primary}, the backup with {backup}")]
+    FinalDivergence {
+        /// Exit number of the end.
+        exit: u64,
+        /// The primary's reason and digest.
+        primary: String,
+        /// The backup's.
+        backup: String,
+    },
+    /// An epoch from the log could not be applied.
+    #[error("epoch {index} after exit {exit} cannot be applied: {detail}")]
+    BadEpoch {
+        /// Epoch number.
+        index: u64,
+        /// Exit number.
+        exit: u64,
+        /// What is wrong.
+        detail: String,
+    },
 }
 
 /// How a run ended without error.
@@ -109,8 +137,28 @@ impl std::fmt::Display for VmExit {
     }
 }
 
+/// Fault-tolerance role of a run.
+pub enum FtMode {
+    /// No logging.
+    Live,
+    /// Record to a log file; cut an epoch after `epoch_bound` without an
+    /// exit while an interrupt waits.
+    Record {
+        /// Log path.
+        log: PathBuf,
+        /// The log's header (configuration and its hash).
+        header: LogHeader,
+        /// Longest exit-free stretch before an epoch.
+        epoch_bound: Duration,
+    },
+    /// Replay from an opened log.
+    Replay(Box<ReplayDoor>),
+}
+
 /// Options of a run beyond the boot configuration.
 pub struct RunOptions {
+    /// Fault-tolerance role.
+    pub ft: FtMode,
     /// Save a snapshot when the guest prints its ready marker.
     pub snapshot_on_ready: Option<PathBuf>,
     /// Console input (stdin), if any.
@@ -122,13 +170,18 @@ pub struct RunOptions {
 /// A virtual machine with one vCPU.
 pub struct Vm {
     _kvm: Kvm,
-    _vm: VmFd,
     vcpu: Vcpu,
     mem: GuestMemoryMmap,
     mem_mib: u64,
     cmdline: String,
     devices: Devices,
     door: Box<dyn Door>,
+    mode: Mode,
+    epoch_bound: Duration,
+    epochs: u64,
+    vmfd: VmFd,
+    clock_start: Instant,
+    clock_base_ns: u64,
     deadline: DeadlineKicker,
     _kicker: Kicker,
     pos: Position,
@@ -141,7 +194,7 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
-fn create_kvm(mem: &GuestMemoryMmap) -> Result<(Kvm, VmFd, Vcpu), VmError> {
+fn create_kvm(mem: &GuestMemoryMmap, dirty_log: bool) -> Result<(Kvm, VmFd, Vcpu), VmError> {
     let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
     let vm = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
     vm.set_tss_address(TSS_ADDR)
@@ -152,7 +205,11 @@ fn create_kvm(mem: &GuestMemoryMmap) -> Result<(Kvm, VmFd, Vcpu), VmError> {
             .expect("region start is mapped");
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags: if dirty_log {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region_start(region).0,
             memory_size: region_len(region),
             userspace_addr: host as u64,
@@ -186,13 +243,108 @@ fn mem_bytes(mem: &GuestMemoryMmap, len: usize) -> &[u8] {
     unsafe { std::slice::from_raw_parts(host, len) }
 }
 
+/// Fingerprint of the vCPU: RIP and a hash of the general registers,
+/// RFLAGS and the control registers.
+pub fn fingerprint(vcpu: &Vcpu) -> Fingerprint {
+    let regs = vcpu.fd.get_regs().unwrap_or_default();
+    let sregs = vcpu.fd.get_sregs().unwrap_or_default();
+    let lo = crc32c::crc32c(pod_bytes(&regs)) as u64;
+    let mut c = Vec::with_capacity(48);
+    for v in [
+        sregs.cr0,
+        sregs.cr3,
+        sregs.cr4,
+        sregs.efer,
+        sregs.cs.selector as u64,
+        sregs.ss.selector as u64,
+    ] {
+        c.extend_from_slice(&v.to_le_bytes());
+    }
+    let hi = crc32c::crc32c(&c) as u64;
+    Fingerprint {
+        rip: regs.rip,
+        regs: (hi << 32) | lo,
+    }
+}
+
+/// What a new [`Vm`] is built from (fresh boot or snapshot).
+struct Parts {
+    kvm: Kvm,
+    vmfd: VmFd,
+    vcpu: Vcpu,
+    mem: GuestMemoryMmap,
+    mem_mib: u64,
+    cmdline: String,
+    devices: Devices,
+    kicker: Kicker,
+    clock_ns: u64,
+    pos: Position,
+}
+
+fn exit_value(data: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = data.len().min(8);
+    b[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(b)
+}
+
 impl Vm {
+    fn assemble(parts: Parts, opts: RunOptions) -> Result<Vm, VmError> {
+        let Parts {
+            kvm,
+            vmfd,
+            vcpu,
+            mem,
+            mem_mib,
+            cmdline,
+            devices,
+            kicker,
+            clock_ns,
+            pos,
+        } = parts;
+        let live = LiveDoor::new(clock_ns, opts.console_in, kicker);
+        let (door, mode, epoch_bound): (Box<dyn Door>, Mode, Duration) = match opts.ft {
+            FtMode::Live => (Box::new(live), Mode::Live, Duration::MAX),
+            FtMode::Record {
+                log,
+                header,
+                epoch_bound,
+            } => (
+                Box::new(RecordDoor::create(&log, &header, live)?),
+                Mode::Record,
+                epoch_bound,
+            ),
+            FtMode::Replay(door) => (door, Mode::Replay, Duration::MAX),
+        };
+        Ok(Vm {
+            _kvm: kvm,
+            vcpu,
+            mem,
+            mem_mib,
+            cmdline,
+            devices,
+            door,
+            mode,
+            epoch_bound,
+            epochs: 0,
+            vmfd,
+            clock_start: Instant::now(),
+            clock_base_ns: clock_ns,
+            deadline: DeadlineKicker::start(kicker),
+            _kicker: kicker,
+            pos,
+            snapshot_on_ready: opts.snapshot_on_ready,
+            stats: Stats::default(),
+        })
+    }
+
     /// Create a VM and load the kernel for a fresh boot.
     pub fn boot(cfg: &BootConfig, opts: RunOptions) -> Result<Vm, VmError> {
         let mem = boot::create_memory(cfg.mem_mib)?;
         let info = boot::load(&mem, cfg)?;
         info!(entry = format!("{:#x}", info.entry), format = ?info.format, "kernel loaded");
-        let (kvm, vmfd, mut vcpu) = create_kvm(&mem)?;
+        let dirty_log = matches!(opts.ft, FtMode::Record { .. });
+        let (kvm, vmfd, mut vcpu) = create_kvm(&mem, dirty_log)?;
         let sregs = vcpu.fd.get_sregs().map_err(kvm_err("GET_SREGS"))?;
         vcpu.fd
             .set_sregs(&boot::boot_sregs(sregs))
@@ -205,22 +357,25 @@ impl Vm {
             .map_err(kvm_err("SET_FPU"))?;
         let kicker = vcpu.arm_kick()?;
         let devices = Devices::new(ConsoleOut::new(opts.console_out));
-        let door = Box::new(LiveDoor::new(0, opts.console_in, kicker));
-        Ok(Vm {
-            _kvm: kvm,
-            _vm: vmfd,
-            vcpu,
-            mem,
-            mem_mib: cfg.mem_mib,
-            cmdline: cfg.cmdline.clone(),
-            devices,
-            door,
-            deadline: DeadlineKicker::start(kicker),
-            _kicker: kicker,
-            pos: Position::default(),
-            snapshot_on_ready: opts.snapshot_on_ready,
-            stats: Stats::default(),
-        })
+        let opts = RunOptions {
+            console_out: Box::new(std::io::sink()),
+            ..opts
+        };
+        Self::assemble(
+            Parts {
+                kvm,
+                vmfd,
+                vcpu,
+                mem,
+                mem_mib: cfg.mem_mib,
+                cmdline: cfg.cmdline.clone(),
+                devices,
+                kicker,
+                clock_ns: 0,
+                pos: Position::default(),
+            },
+            opts,
+        )
     }
 
     /// Create a VM from a snapshot file.
@@ -233,40 +388,60 @@ impl Vm {
         let clock_ns = d.u64()?;
         let exits = d.u64()?;
         let vstate = VcpuState::decode(&mut d)?;
-        let devices = Devices::decode(&mut d, ConsoleOut::new(opts.console_out))?;
+        let console = opts.console_out;
+        let opts = RunOptions {
+            console_out: Box::new(std::io::sink()),
+            ..opts
+        };
+        let devices = Devices::decode(&mut d, ConsoleOut::new(console))?;
         let mem = boot::create_memory(mem_mib)?;
         decode_memory(&mut d, &mem, (mem_mib << 20) as usize)?;
         if d.remaining() != 0 {
             return Err(SnapshotError::Invalid(format!("{} trailing bytes", d.remaining())).into());
         }
-        let (kvm, vmfd, mut vcpu) = create_kvm(&mem)?;
+        let dirty_log = matches!(opts.ft, FtMode::Record { .. });
+        let (kvm, vmfd, mut vcpu) = create_kvm(&mem, dirty_log)?;
         vcpu.restore(&vstate)?;
         let kicker = vcpu.arm_kick()?;
-        let door = Box::new(LiveDoor::new(clock_ns, opts.console_in, kicker));
         info!(
             elapsed_ms = t0.elapsed().as_millis() as u64,
             "snapshot restored"
         );
-        Ok(Vm {
-            _kvm: kvm,
-            _vm: vmfd,
-            vcpu,
-            mem,
-            mem_mib,
-            cmdline,
-            devices,
-            door,
-            deadline: DeadlineKicker::start(kicker),
-            _kicker: kicker,
-            pos: Position { exit: exits },
-            snapshot_on_ready: opts.snapshot_on_ready,
-            stats: Stats::default(),
-        })
+        Self::assemble(
+            Parts {
+                kvm,
+                vmfd,
+                vcpu,
+                mem,
+                mem_mib,
+                cmdline,
+                devices,
+                kicker,
+                clock_ns,
+                pos: Position { exit: exits },
+            },
+            opts,
+        )
     }
 
     /// Unknown port accesses so far.
     pub fn unknown_ports(&self) -> &std::collections::BTreeMap<u16, (u64, u64)> {
         &self.devices.unknown_ports
+    }
+
+    /// Recording statistics, when recording.
+    pub fn record_stats(&self) -> Option<RecordStats> {
+        self.door.record_stats()
+    }
+
+    /// Guest-caused exits so far.
+    pub fn position(&self) -> Position {
+        self.pos
+    }
+
+    /// Epochs cut (record) or applied (replay).
+    pub fn epochs(&self) -> u64 {
+        self.epochs
     }
 
     /// Save the whole VM state to `path`. The vCPU must be outside KVM_RUN
@@ -276,7 +451,7 @@ impl Vm {
         let mut e = Encoder::new();
         e.u64(self.mem_mib);
         e.bytes(self.cmdline.as_bytes());
-        e.u64(self.door.clock_ns());
+        e.u64(self.door.clock_ns(self.pos.exit)?);
         e.u64(self.pos.exit);
         self.vcpu.save()?.encode(&mut e);
         self.devices.encode(&mut e);
@@ -340,97 +515,314 @@ impl Vm {
         Ok(())
     }
 
-    /// Give pending outside events to the devices and inject an interrupt
-    /// if the PIC asserts one and the vCPU can take it.
+    /// At an exit boundary: hand the devices what the outside world offers
+    /// (through the door) and inject an interrupt if the door says so.
     fn deliver(&mut self) -> Result<(), VmError> {
-        let now = self.door.clock_ns();
-        if self.devices.poll_timer(now) {
-            self.stats.timer_irqs += 1;
-        }
-        let room = self.devices.serial.rx_room();
-        if room > 0 {
-            let input = self.door.console_input(room);
-            if !input.is_empty() {
-                self.stats.input_bytes += input.len() as u64;
-                self.devices.serial.receive(&input);
-                self.devices.sync_irqs();
+        let pos = self.pos.exit;
+        let due = self.door.due(
+            pos,
+            self.devices.pit.next_irq0_ns(),
+            self.devices.serial.rx_room(),
+        )?;
+        if let Some(now) = due.timer_now {
+            if self.devices.poll_timer(now) {
+                self.stats.timer_irqs += 1;
             }
         }
-        if self.devices.pic.has_interrupt() {
+        if !due.input.is_empty() {
+            self.stats.input_bytes += due.input.len() as u64;
+            self.devices.serial.receive(&due.input);
+            self.devices.sync_irqs();
+        }
+        let offer = if self.devices.pic.has_interrupt() {
             let run = self.vcpu.fd.get_kvm_run();
-            if run.ready_for_interrupt_injection != 0 && run.if_flag != 0 {
-                if let Some(vector) = self.devices.pic.acknowledge() {
-                    self.door.interrupt(vector);
-                    self.vcpu.interrupt(vector)?;
-                    *self.stats.injected.entry(vector).or_default() += 1;
+            let ready = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
+            // The replayer injects where the log says; it offers what its PIC has.
+            if ready || self.mode == Mode::Replay {
+                self.devices.pic.clone().acknowledge()
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        let vcpu = &self.vcpu;
+        let inject = self.door.interrupt(pos, offer, &mut || fingerprint(vcpu))?;
+        if let Some(vector) = inject {
+            let acked = self.devices.pic.acknowledge();
+            debug_assert_eq!(acked, Some(vector));
+            self.vcpu.interrupt(vector)?;
+            *self.stats.injected.entry(vector).or_default() += 1;
+        }
+        // An interrupt window would be the lowest-latency way to deliver a
+        // waiting interrupt, but on nested KVM hosts whose guest kernel code
+        // is emulated, the window exit lands at timing-dependent
+        // instructions (measured: same exit number, different RIP on primary
+        // and backup). Under record/replay a waiting interrupt therefore
+        // goes in at the next deterministic exit, or by an epoch.
+        let more = self.devices.pic.has_interrupt() && self.mode == Mode::Live;
+        self.vcpu.fd.get_kvm_run().request_interrupt_window = more as u8;
+        Ok(())
+    }
+
+    /// The boundary after a guest-caused exit (or any stop, live).
+    fn boundary(&mut self) -> Result<(), VmError> {
+        self.deliver()?;
+        let pos = self.pos.exit;
+        let (vcpu, mem, len) = (&self.vcpu, &self.mem, (self.mem_mib << 20) as usize);
+        self.door.check(pos, &mut |with_mem| {
+            (fingerprint(vcpu), with_mem.then(|| memory_digest(mem, len)))
+        })?;
+        if self.mode == Mode::Replay {
+            // The primary cut epochs after this exit: install each one
+            // instead of executing the stretch, then its events.
+            while let Some(epoch) = self.door.epoch(pos, None)? {
+                self.apply_epoch(epoch)?;
+                self.deliver()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Record: a kick stopped the guest between exits. Cut an epoch if an
+    /// event waits and the guest has run `epoch_bound` without an exit.
+    fn kick_boundary(&mut self, last_exit_at: &mut Instant) -> Result<(), VmError> {
+        let deadline = self.devices.pit.next_irq0_ns();
+        if !self.door.pending(deadline) && !self.devices.pic.has_interrupt() {
+            return Ok(());
+        }
+        let since = last_exit_at.elapsed();
+        if since < self.epoch_bound {
+            self.deadline.set(Some(self.epoch_bound - since));
+            return Ok(());
+        }
+        let epoch = self.build_epoch()?;
+        self.door.epoch(self.pos.exit, Some(epoch))?;
+        self.epochs += 1;
+        self.deliver()?;
+        *last_exit_at = Instant::now();
+        Ok(())
+    }
+
+    fn build_epoch(&mut self) -> Result<Epoch, VmError> {
+        let mut e = Encoder::new();
+        self.vcpu.save()?.encode(&mut e);
+        let len = (self.mem_mib << 20) as usize;
+        let bitmap = self
+            .vmfd
+            .get_dirty_log(0, len)
+            .map_err(kvm_err("GET_DIRTY_LOG"))?;
+        let mem = mem_bytes(&self.mem, len);
+        let mut pages = Vec::new();
+        for (w, word) in bitmap.iter().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let gfn = w * 64 + b;
+                if (gfn + 1) * PAGE <= len {
+                    pages.push(Page {
+                        gfn: gfn as u64,
+                        data: mem[gfn * PAGE..(gfn + 1) * PAGE].to_vec(),
+                    });
                 }
             }
-            let more = self.devices.pic.has_interrupt();
-            self.vcpu.fd.get_kvm_run().request_interrupt_window = more as u8;
-        } else {
-            self.vcpu.fd.get_kvm_run().request_interrupt_window = 0;
         }
-        let next = self.devices.pit.next_irq0_ns();
-        self.deadline
-            .set(next.map(|t| Duration::from_nanos(t.saturating_sub(now))));
+        Ok(Epoch {
+            pos: self.pos.exit,
+            index: self.epochs,
+            vcpu: e.into_bytes(),
+            pages,
+            fingerprint: fingerprint(&self.vcpu),
+        })
+    }
+
+    fn apply_epoch(&mut self, epoch: Epoch) -> Result<(), VmError> {
+        let bad = |detail: String| VmError::BadEpoch {
+            index: epoch.index,
+            exit: epoch.pos,
+            detail,
+        };
+        // Finish the I/O of the last exit first, or KVM would complete it
+        // over the installed registers.
+        self.settle()?;
+        let state =
+            VcpuState::decode(&mut Decoder::new(&epoch.vcpu)).map_err(|e| bad(e.to_string()))?;
+        self.vcpu.restore(&state)?;
+        let len = self.mem_mib << 20;
+        for p in &epoch.pages {
+            if p.data.len() != PAGE || (p.gfn + 1) * PAGE as u64 > len {
+                return Err(bad(format!("page {:#x} out of range or not 4 KiB", p.gfn)));
+            }
+            self.mem
+                .write_slice(&p.data, GuestAddress(p.gfn * PAGE as u64))
+                .map_err(|e| bad(e.to_string()))?;
+        }
+        let fp = fingerprint(&self.vcpu);
+        if fp != epoch.fingerprint {
+            return Err(bad(format!(
+                "installed state {fp:x?} differs from the logged {:x?}",
+                epoch.fingerprint
+            )));
+        }
+        self.epochs += 1;
         Ok(())
+    }
+
+    fn exit(&mut self, rec: ExitRecord) -> Result<(), VmError> {
+        self.pos.exit += 1;
+        self.door.exit(self.pos.exit, rec)?;
+        Ok(())
+    }
+
+    /// A digest of the whole state: memory and registers.
+    pub fn state_digest(&self) -> String {
+        let len = (self.mem_mib << 20) as usize;
+        let mut h = Sha256::new();
+        h.update(mem_bytes(&self.mem, len));
+        let regs = self.vcpu.fd.get_regs().unwrap_or_default();
+        h.update(pod_bytes(&regs));
+        let d = h.finalize();
+        d.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn finish(&mut self, exit: VmExit) -> Result<VmExit, VmError> {
+        let reason = exit.to_string();
+        let digest = self.state_digest();
+        let pos = self.pos.exit;
+        match self.mode {
+            Mode::Live => {}
+            Mode::Record => {
+                self.door.end(pos, Some((reason, digest)))?;
+            }
+            Mode::Replay => match self.door.end(pos, None)? {
+                Some((r, d)) if r == reason && d == digest => {}
+                Some((r, d)) => {
+                    return Err(VmError::FinalDivergence {
+                        exit: pos,
+                        primary: format!("{r}, digest {d}"),
+                        backup: format!("{reason}, digest {digest}"),
+                    })
+                }
+                None => {
+                    return Err(VmError::FinalDivergence {
+                        exit: pos,
+                        primary: "no end here (the recording went on)".into(),
+                        backup: format!("{reason}, digest {digest}"),
+                    })
+                }
+            },
+        }
+        Ok(exit)
     }
 
     /// Run the guest until it resets, halts or fails.
     pub fn run(&mut self) -> Result<VmExit, VmError> {
+        let r = self.run_inner();
+        let _ = self.door.flush();
+        r
+    }
+
+    fn run_inner(&mut self) -> Result<VmExit, VmError> {
+        let mut counted = true;
+        let mut last_exit_at = Instant::now();
         loop {
-            self.deliver()?;
+            if counted || self.mode == Mode::Live {
+                self.boundary()?;
+            } else if self.mode == Mode::Record {
+                self.kick_boundary(&mut last_exit_at)?;
+            }
+            if self.mode != Mode::Replay {
+                let now = self.door_clock_hint();
+                let next = self.devices.pit.next_irq0_ns();
+                if counted {
+                    self.deadline
+                        .set(next.map(|t| Duration::from_nanos(t.saturating_sub(now))));
+                }
+            }
             let t0 = Instant::now();
             let exit = self.vcpu.fd.run();
             self.stats.in_guest += t0.elapsed();
+            counted = true;
             match exit {
                 Ok(VcpuExit::IoIn(port, data)) => {
+                    let rec = ExitRecord {
+                        kind: ExitKind::PioIn,
+                        addr: port as u64,
+                        data: data.len() as u64,
+                    };
                     self.pos.exit += 1;
                     self.stats.exit("pio_in");
-                    self.door.at(self.pos);
-                    self.devices.pio_in(port, data, self.door.as_mut());
+                    self.door.exit(self.pos.exit, rec)?;
+                    self.devices
+                        .pio_in(self.pos.exit, port, data, self.door.as_mut())?;
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
+                    let rec = ExitRecord {
+                        kind: ExitKind::PioOut,
+                        addr: port as u64,
+                        data: exit_value(data),
+                    };
                     self.pos.exit += 1;
                     self.stats.exit("pio_out");
-                    self.door.at(self.pos);
-                    self.devices.pio_out(port, data, self.door.as_mut());
+                    self.door.exit(self.pos.exit, rec)?;
+                    self.devices
+                        .pio_out(self.pos.exit, port, data, self.door.as_mut())?;
                     if self.devices.i8042.reset_requested() {
-                        return Ok(VmExit::Reset);
+                        return self.finish(VmExit::Reset);
                     }
                     self.handle_console_events()?;
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
-                    self.pos.exit += 1;
+                    let rec = ExitRecord {
+                        kind: ExitKind::MmioRead,
+                        addr,
+                        data: data.len() as u64,
+                    };
+                    data.fill(0xff);
                     self.stats.exit("mmio_read");
                     debug!(addr = format!("{addr:#x}"), "MMIO read with no device");
-                    data.fill(0xff);
+                    self.exit(rec)?;
                 }
-                Ok(VcpuExit::MmioWrite(addr, _)) => {
-                    self.pos.exit += 1;
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    let rec = ExitRecord {
+                        kind: ExitKind::MmioWrite,
+                        addr,
+                        data: exit_value(data),
+                    };
                     self.stats.exit("mmio_write");
                     debug!(addr = format!("{addr:#x}"), "MMIO write with no device");
+                    self.exit(rec)?;
                 }
                 Ok(VcpuExit::Hlt) => {
-                    self.pos.exit += 1;
                     self.stats.exit("hlt");
-                    self.door.at(self.pos);
+                    self.exit(ExitRecord {
+                        kind: ExitKind::Hlt,
+                        addr: 0,
+                        data: 0,
+                    })?;
                     if self.vcpu.fd.get_kvm_run().if_flag == 0 {
-                        return Ok(VmExit::Halted);
+                        return self.finish(VmExit::Halted);
                     }
                     if !self.devices.pic.has_interrupt() {
                         self.idle()?;
                     }
                 }
                 Ok(VcpuExit::IrqWindowOpen) => {
-                    self.pos.exit += 1;
                     self.stats.exit("irq_window");
-                    self.door.at(self.pos);
+                    self.exit(ExitRecord {
+                        kind: ExitKind::IrqWindow,
+                        addr: 0,
+                        data: 0,
+                    })?;
                 }
                 Ok(VcpuExit::InternalError) => {
-                    self.pos.exit += 1;
                     self.stats.exit("emulation_failure");
-                    self.door.at(self.pos);
+                    self.exit(ExitRecord {
+                        kind: ExitKind::Emulated,
+                        addr: 0,
+                        data: 0,
+                    })?;
                     let done = emulate::complete(&mut self.vcpu, &self.mem)?;
                     *self.stats.emulated.entry(done.name()).or_default() += 1;
                 }
@@ -446,6 +838,7 @@ impl Vm {
                 }
                 Ok(VcpuExit::FailEntry(reason, _)) => return Err(VmError::FailEntry(reason)),
                 Ok(VcpuExit::Intr) => {
+                    counted = false;
                     self.stats.exit("kick");
                     self.vcpu.fd.set_kvm_immediate_exit(0);
                 }
@@ -454,6 +847,7 @@ impl Vm {
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     // A kick (signal or immediate_exit): not a guest-caused exit.
+                    counted = false;
                     self.stats.exit("kick");
                     self.vcpu.fd.set_kvm_immediate_exit(0);
                 }
@@ -464,7 +858,16 @@ impl Vm {
                     })
                 }
             }
+            if counted {
+                last_exit_at = Instant::now();
+            }
         }
+    }
+
+    /// Host-side estimate of the guest clock for arming the deadline kicker
+    /// (never handed to the guest, so it needs no logging).
+    fn door_clock_hint(&self) -> u64 {
+        self.clock_base_ns + self.clock_start.elapsed().as_nanos() as u64
     }
 
     /// The guest executed HLT with interrupts enabled: wait for the next
@@ -484,6 +887,21 @@ impl Vm {
         self.vcpu.fd.set_kvm_immediate_exit(0);
         Ok(())
     }
+}
+
+/// CRC32C-based digest of guest memory (fast enough to take periodically).
+fn memory_digest(mem: &GuestMemoryMmap, len: usize) -> u64 {
+    let bytes = mem_bytes(mem, len);
+    let mut hi = 0u32;
+    let mut lo = 0u32;
+    for (i, chunk) in bytes.chunks(1 << 20).enumerate() {
+        if i % 2 == 0 {
+            lo = crc32c::crc32c_append(lo, chunk);
+        } else {
+            hi = crc32c::crc32c_append(hi, chunk);
+        }
+    }
+    ((hi as u64) << 32) | lo as u64
 }
 
 /// Memory as a bitmap of non-zero pages followed by those pages.

@@ -12,7 +12,7 @@ pub mod serial;
 
 use std::collections::BTreeMap;
 
-use crate::nondet::Door;
+use crate::nondet::{Door, DoorError};
 use crate::snapshot::{Decoder, Encoder, SnapshotError};
 
 use self::i8042::I8042;
@@ -56,49 +56,68 @@ impl Devices {
         }
     }
 
-    /// Handle an `in` from `port`; fills `data` (1, 2 or 4 bytes).
-    pub fn pio_in(&mut self, port: u16, data: &mut [u8], door: &mut dyn Door) {
+    /// Handle an `in` from `port` at exit `pos`; fills `data` (1, 2 or 4 bytes).
+    pub fn pio_in(
+        &mut self,
+        pos: u64,
+        port: u16,
+        data: &mut [u8],
+        door: &mut dyn Door,
+    ) -> Result<(), DoorError> {
         data.fill(0xff);
         let value = if SerialPort::handles(port) {
             self.serial.read(port)
         } else if Pit::handles(port) {
-            let now = door.clock_ns();
+            let now = door.clock_ns(pos)?;
             self.pit.read(port, now)
         } else if Pic::handles(port) {
             self.pic.read(port)
         } else if Rtc::handles(port) {
-            let wall = door.wall_clock_secs();
+            let wall = door.wall_clock_secs(pos)?;
             self.rtc.read(port, wall)
         } else if I8042::handles(port) {
             self.i8042.read(port)
         } else {
             self.unknown_ports.entry(port).or_default().0 += 1;
-            return;
+            return Ok(());
         };
         data[0] = value;
         self.sync_irqs();
+        Ok(())
     }
 
-    /// Handle an `out` to `port`.
-    pub fn pio_out(&mut self, port: u16, data: &[u8], door: &mut dyn Door) {
+    /// Handle an `out` to `port` at exit `pos`.
+    pub fn pio_out(
+        &mut self,
+        pos: u64,
+        port: u16,
+        data: &[u8],
+        door: &mut dyn Door,
+    ) -> Result<(), DoorError> {
         let value = data.first().copied().unwrap_or(0);
         if SerialPort::handles(port) {
             self.serial.write(port, value);
         } else if Pit::handles(port) {
-            let now = door.clock_ns();
+            let now = door.clock_ns(pos)?;
             self.pit.write(port, value, now);
         } else if Pic::handles(port) {
             self.pic.write(port, value);
         } else if Rtc::handles(port) {
-            let wall = door.wall_clock_secs();
+            // The index port needs no time; the data port may set the clock.
+            let wall = if port == rtc::DATA {
+                door.wall_clock_secs(pos)?
+            } else {
+                0
+            };
             self.rtc.write(port, value, wall);
         } else if I8042::handles(port) {
             self.i8042.write(port, value);
         } else if port != POST_PORT {
             self.unknown_ports.entry(port).or_default().1 += 1;
-            return;
+            return Ok(());
         }
         self.sync_irqs();
+        Ok(())
     }
 
     /// Forward interrupt lines raised by devices to the PIC.
@@ -149,10 +168,10 @@ mod tests {
         let mut dev = Devices::new(ConsoleOut::new(Box::new(std::io::sink())));
         let mut door = FixedDoor::default();
         let mut data = [0u8; 2];
-        dev.pio_in(0x1234, &mut data, &mut door);
+        dev.pio_in(1, 0x1234, &mut data, &mut door).unwrap();
         assert_eq!(data, [0xff, 0xff]);
-        dev.pio_out(0x1234, &[1], &mut door);
-        dev.pio_out(POST_PORT, &[1], &mut door);
+        dev.pio_out(2, 0x1234, &[1], &mut door).unwrap();
+        dev.pio_out(3, POST_PORT, &[1], &mut door).unwrap();
         assert_eq!(dev.unknown_ports.get(&0x1234), Some(&(1, 1)));
         assert!(!dev.unknown_ports.contains_key(&POST_PORT));
     }
@@ -168,9 +187,9 @@ mod tests {
             (0x21, 0x01),
             (0x21, 0x00),
         ] {
-            dev.pio_out(port, &[v], &mut door);
+            dev.pio_out(0, port, &[v], &mut door).unwrap();
         }
-        dev.pio_out(0x3f9, &[0x02], &mut door); // IER: THR empty
+        dev.pio_out(1, 0x3f9, &[0x02], &mut door).unwrap(); // IER: THR empty
         assert!(dev.pic.has_interrupt());
         assert_eq!(dev.pic.acknowledge(), Some(0x34));
     }

@@ -1,0 +1,330 @@
+//! The primary's door: the live door, with every exit, value, event,
+//! injection, epoch and check written to the log at its position.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::Path;
+use std::time::Duration;
+
+use ft_log::{Entry, Epoch, ExitRecord, Fingerprint, LogHeader, LogWriter, ValueSource};
+
+use crate::nondet::{Door, DoorError, Due, LiveDoor, Mode, Wake};
+
+/// Exits buffered before they are written as one `Exits` entry.
+const EXIT_BATCH: usize = 1024;
+/// A `Check` entry every this many exits; every 16th carries a memory digest.
+pub const CHECK_EVERY: u64 = 4096;
+
+/// What one epoch cost.
+#[derive(Debug, Clone, Copy)]
+pub struct EpochStat {
+    /// Pages carried.
+    pub pages: usize,
+    /// Encoded bytes.
+    pub bytes: usize,
+    /// Time the primary was paused to build and write it.
+    pub pause: Duration,
+}
+
+/// Recording statistics.
+#[derive(Debug, Default, Clone)]
+pub struct RecordStats {
+    /// Entries and bytes by kind.
+    pub entries: BTreeMap<&'static str, (u64, u64)>,
+    /// Interrupts injected at guest-caused exits.
+    pub irqs_at_exits: u64,
+    /// Interrupts injected right after an epoch.
+    pub irqs_after_epochs: u64,
+    /// Epochs.
+    pub epochs: Vec<EpochStat>,
+    /// Log bytes in all.
+    pub bytes: u64,
+}
+
+/// The recording door.
+pub struct RecordDoor {
+    live: LiveDoor,
+    writer: LogWriter<BufWriter<File>>,
+    path: String,
+    exits: Vec<ExitRecord>,
+    first_exit: u64,
+    last_check: u64,
+    after_epoch: bool,
+    /// Statistics of the recording.
+    pub stats: RecordStats,
+}
+
+impl RecordDoor {
+    /// Create the log at `path` and write its header.
+    pub fn create(path: &Path, header: &LogHeader, live: LiveDoor) -> Result<Self, DoorError> {
+        let p = path.display().to_string();
+        let io = |source| DoorError::Io {
+            path: p.clone(),
+            source,
+        };
+        let f = File::create(path).map_err(io)?;
+        let writer = LogWriter::new(BufWriter::with_capacity(1 << 20, f), header).map_err(io)?;
+        Ok(RecordDoor {
+            live,
+            writer,
+            path: p,
+            exits: Vec::new(),
+            first_exit: 0,
+            last_check: 0,
+            after_epoch: false,
+            stats: RecordStats::default(),
+        })
+    }
+
+    fn flush_exits(&mut self) -> Result<(), DoorError> {
+        if self.exits.is_empty() {
+            return Ok(());
+        }
+        let e = Entry::Exits {
+            first: self.first_exit,
+            exits: std::mem::take(&mut self.exits),
+        };
+        self.append(&e).map(|_| ())
+    }
+
+    fn append(&mut self, e: &Entry) -> Result<usize, DoorError> {
+        let (_, n) = self.writer.append(e).map_err(|source| DoorError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        let s = self.stats.entries.entry(e.kind()).or_default();
+        s.0 += 1;
+        s.1 += n as u64;
+        self.stats.bytes = self.writer.bytes();
+        Ok(n)
+    }
+
+    fn write(&mut self, e: &Entry) -> Result<usize, DoorError> {
+        self.flush_exits()?;
+        self.append(e)
+    }
+}
+
+impl Door for RecordDoor {
+    fn mode(&self) -> Mode {
+        Mode::Record
+    }
+
+    fn exit(&mut self, pos: u64, rec: ExitRecord) -> Result<(), DoorError> {
+        if self.exits.is_empty() {
+            self.first_exit = pos;
+        }
+        self.exits.push(rec);
+        if self.exits.len() >= EXIT_BATCH {
+            self.flush_exits()?;
+        }
+        Ok(())
+    }
+
+    fn clock_ns(&mut self, pos: u64) -> Result<u64, DoorError> {
+        let value = self.live.clock_ns(pos)?;
+        self.write(&Entry::Value {
+            pos,
+            source: ValueSource::Clock,
+            value,
+        })?;
+        Ok(value)
+    }
+
+    fn wall_clock_secs(&mut self, pos: u64) -> Result<i64, DoorError> {
+        let value = self.live.wall_clock_secs(pos)?;
+        self.write(&Entry::Value {
+            pos,
+            source: ValueSource::WallClock,
+            value: value as u64,
+        })?;
+        Ok(value)
+    }
+
+    fn due(
+        &mut self,
+        pos: u64,
+        timer_deadline: Option<u64>,
+        rx_room: usize,
+    ) -> Result<Due, DoorError> {
+        let due = self.live.due(pos, timer_deadline, rx_room)?;
+        if let Some(now_ns) = due.timer_now {
+            self.write(&Entry::Timer { pos, now_ns })?;
+        }
+        if !due.input.is_empty() {
+            self.write(&Entry::ConsoleInput {
+                pos,
+                bytes: due.input.clone(),
+            })?;
+        }
+        Ok(due)
+    }
+
+    fn pending(&mut self, timer_deadline: Option<u64>) -> bool {
+        self.live.pending(timer_deadline)
+    }
+
+    fn interrupt(
+        &mut self,
+        pos: u64,
+        offer: Option<u8>,
+        fp: &mut dyn FnMut() -> Fingerprint,
+    ) -> Result<Option<u8>, DoorError> {
+        if let Some(vector) = offer {
+            let fingerprint = fp();
+            self.write(&Entry::Interrupt {
+                pos,
+                vector,
+                fingerprint,
+            })?;
+            if self.after_epoch {
+                self.stats.irqs_after_epochs += 1;
+            } else {
+                self.stats.irqs_at_exits += 1;
+            }
+        }
+        self.after_epoch = false;
+        Ok(offer)
+    }
+
+    fn epoch(&mut self, _pos: u64, epoch: Option<Epoch>) -> Result<Option<Epoch>, DoorError> {
+        if let Some(e) = epoch {
+            let start = std::time::Instant::now();
+            let pages = e.pages.len();
+            let bytes = self.write(&Entry::Epoch(Box::new(e)))?;
+            self.stats.epochs.push(EpochStat {
+                pages,
+                bytes,
+                pause: start.elapsed(),
+            });
+            self.after_epoch = true;
+        }
+        Ok(None)
+    }
+
+    fn check(
+        &mut self,
+        pos: u64,
+        compute: &mut dyn FnMut(bool) -> (Fingerprint, Option<u64>),
+    ) -> Result<(), DoorError> {
+        if pos == 0 || !pos.is_multiple_of(CHECK_EVERY) || pos == self.last_check {
+            return Ok(());
+        }
+        self.last_check = pos;
+        let (fingerprint, memory) = compute(pos.is_multiple_of(CHECK_EVERY * 16));
+        self.write(&Entry::Check {
+            pos,
+            fingerprint,
+            memory,
+        })?;
+        Ok(())
+    }
+
+    fn end(
+        &mut self,
+        pos: u64,
+        end: Option<(String, String)>,
+    ) -> Result<Option<(String, String)>, DoorError> {
+        if let Some((reason, digest)) = end {
+            self.write(&Entry::End {
+                pos,
+                reason,
+                digest,
+            })?;
+            self.flush()?;
+        }
+        Ok(None)
+    }
+
+    fn wait(&mut self, deadline_ns: Option<u64>) -> Wake {
+        // Let the backup see everything up to the idle point.
+        let _ = self.writer.flush();
+        self.live.wait(deadline_ns)
+    }
+
+    fn record_stats(&self) -> Option<RecordStats> {
+        Some(self.stats.clone())
+    }
+
+    fn flush(&mut self) -> Result<(), DoorError> {
+        self.flush_exits()?;
+        self.writer.flush().map_err(|source| DoorError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for RecordDoor {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
+
+/// Hash of everything that defines the VM a log belongs to: kernel and
+/// initramfs contents, memory size, command line.
+pub fn config_hash(cfg: &crate::boot::BootConfig) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"vmft-config-v1\0");
+    h.update(std::fs::read(&cfg.kernel)?);
+    h.update([0u8]);
+    if let Some(i) = &cfg.initrd {
+        h.update(std::fs::read(i)?);
+    }
+    h.update([0u8]);
+    h.update(cfg.mem_mib.to_le_bytes());
+    h.update(cfg.cmdline.as_bytes());
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The log header for a recording of `cfg`.
+pub fn log_header(cfg: &crate::boot::BootConfig) -> std::io::Result<LogHeader> {
+    Ok(LogHeader {
+        kernel: cfg.kernel.display().to_string(),
+        initrd: cfg.initrd.as_ref().map(|p| p.display().to_string()),
+        mem_mib: cfg.mem_mib,
+        cmdline: cfg.cmdline.clone(),
+        config_hash: config_hash(cfg)?,
+        recorder: format!("vmft {}", env!("CARGO_PKG_VERSION")),
+    })
+}
+
+impl RecordStats {
+    /// Human-readable report.
+    pub fn report(&self, guest_secs: f64) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let _ = writeln!(s, "vmft record statistics");
+        let _ = writeln!(
+            s,
+            "  log bytes: {} ({:.0} bytes per second of guest time)",
+            self.bytes,
+            self.bytes as f64 / guest_secs.max(1e-9)
+        );
+        for (k, (n, b)) in &self.entries {
+            let _ = writeln!(s, "    {k:<14} {n:>8} entries {b:>12} bytes");
+        }
+        let _ = writeln!(
+            s,
+            "  interrupts injected at exits: {}, right after epochs: {}",
+            self.irqs_at_exits, self.irqs_after_epochs
+        );
+        let pages: usize = self.epochs.iter().map(|e| e.pages).sum();
+        let max_pause = self
+            .epochs
+            .iter()
+            .map(|e| e.pause)
+            .max()
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "  epochs: {} ({} pages in all, largest pause {:.2} ms)",
+            self.epochs.len(),
+            pages,
+            max_pause.as_secs_f64() * 1000.0
+        );
+        s
+    }
+}

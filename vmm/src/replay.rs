@@ -1,0 +1,353 @@
+//! The backup's door: every value, event and injection comes from the log,
+//! and every exit the replaying guest takes is checked against the exit the
+//! primary took at the same number. The replayer never runs past what the
+//! log covers: when it needs the next entry it reads (and, on a stream,
+//! waits) until it is there.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use ft_log::{Decoder, Entry, Epoch, ExitKind, ExitRecord, Fingerprint, LogHeader, ValueSource};
+
+use crate::nondet::{Door, DoorError, Due, Mode, Wake};
+
+#[derive(Debug)]
+enum Item {
+    Exit(u64, ExitRecord),
+    Entry(Entry),
+}
+
+fn entry_pos(e: &Entry) -> u64 {
+    match e {
+        Entry::Exits { first, .. } => *first,
+        Entry::Value { pos, .. }
+        | Entry::Timer { pos, .. }
+        | Entry::ConsoleInput { pos, .. }
+        | Entry::Interrupt { pos, .. }
+        | Entry::Check { pos, .. }
+        | Entry::End { pos, .. } => *pos,
+        Entry::Epoch(e) => e.pos,
+    }
+}
+
+/// Describe an exit for a divergence report.
+pub fn describe_exit(r: &ExitRecord) -> String {
+    match r.kind {
+        ExitKind::PioIn => format!("read port {:#x} ({} bytes)", r.addr, r.data),
+        ExitKind::PioOut => format!("wrote {:#x} to port {:#x}", r.data, r.addr),
+        ExitKind::MmioRead => format!("read MMIO {:#x} ({} bytes)", r.addr, r.data),
+        ExitKind::MmioWrite => format!("wrote {:#x} to MMIO {:#x}", r.data, r.addr),
+        ExitKind::Hlt => "executed HLT".into(),
+        ExitKind::IrqWindow => "opened an interrupt window".into(),
+        ExitKind::Emulated => format!("needed instruction completion ({})", r.data),
+    }
+}
+
+fn describe_item(i: &Item) -> String {
+    match i {
+        Item::Exit(n, r) => format!("{} as exit {n}", describe_exit(r)),
+        Item::Entry(e) => format!("logged a {} entry at exit {}", e.kind(), entry_pos(e)),
+    }
+}
+
+/// The replaying door.
+pub struct ReplayDoor {
+    source: Box<dyn Read + Send>,
+    decoder: Decoder,
+    path: String,
+    items: VecDeque<Item>,
+    eof: bool,
+    header: LogHeader,
+}
+
+impl ReplayDoor {
+    /// Open a log file and read its header.
+    pub fn open(path: &Path) -> Result<Self, DoorError> {
+        let p = path.display().to_string();
+        let f = File::open(path).map_err(|source| DoorError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        Self::from_reader(Box::new(f), p)
+    }
+
+    /// Replay from any byte stream (a file, later a socket).
+    pub fn from_reader(source: Box<dyn Read + Send>, name: String) -> Result<Self, DoorError> {
+        let mut d = ReplayDoor {
+            source,
+            decoder: Decoder::new(),
+            path: name,
+            items: VecDeque::new(),
+            eof: false,
+            header: LogHeader {
+                kernel: String::new(),
+                initrd: None,
+                mem_mib: 0,
+                cmdline: String::new(),
+                config_hash: String::new(),
+                recorder: String::new(),
+            },
+        };
+        loop {
+            let path = d.path.clone();
+            let err = |source| DoorError::Log { path, source };
+            if let Some(h) = d.decoder.header().map_err(err)? {
+                d.header = h.clone();
+                break;
+            }
+            if !d.read_more()? {
+                d.decoder.finish().map_err(|e| d.log_err(e))?;
+                unreachable!("finish fails without a header");
+            }
+        }
+        Ok(d)
+    }
+
+    /// The log's header.
+    pub fn header(&self) -> &LogHeader {
+        &self.header
+    }
+
+    fn log_err(&self, source: ft_log::LogError) -> DoorError {
+        DoorError::Log {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn read_more(&mut self) -> Result<bool, DoorError> {
+        if self.eof {
+            return Ok(false);
+        }
+        let mut buf = vec![0u8; 1 << 16];
+        let n = loop {
+            match self.source.read(&mut buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(DoorError::Io {
+                        path: self.path.clone(),
+                        source,
+                    })
+                }
+            }
+        };
+        if n == 0 {
+            self.eof = true;
+            return Ok(false);
+        }
+        self.decoder.push(&buf[..n]);
+        Ok(true)
+    }
+
+    /// The next item, reading (and waiting for) more of the log as needed;
+    /// `None` when the log ended cleanly.
+    fn peek(&mut self) -> Result<Option<&Item>, DoorError> {
+        while self.items.is_empty() {
+            match self.decoder.next_frame().map_err(|e| self.log_err(e))? {
+                Some(f) => match f.entry {
+                    Entry::Exits { first, exits } => {
+                        for (i, r) in exits.into_iter().enumerate() {
+                            self.items.push_back(Item::Exit(first + i as u64, r));
+                        }
+                    }
+                    other => self.items.push_back(Item::Entry(other)),
+                },
+                None => {
+                    if !self.read_more()? {
+                        self.decoder.finish().map_err(|e| self.log_err(e))?;
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+        Ok(self.items.front())
+    }
+
+    fn take(&mut self) -> Option<Item> {
+        self.items.pop_front()
+    }
+
+    fn diverge(exit: u64, primary: String, backup: String) -> DoorError {
+        DoorError::Divergence {
+            exit,
+            primary,
+            backup,
+        }
+    }
+
+    /// Peek for an entry at `pos` matching `want`; consume and return it.
+    fn take_if(
+        &mut self,
+        pos: u64,
+        want: impl Fn(&Entry) -> bool,
+    ) -> Result<Option<Entry>, DoorError> {
+        match self.peek()? {
+            Some(Item::Entry(e)) if entry_pos(e) == pos && want(e) => match self.take() {
+                Some(Item::Entry(e)) => Ok(Some(e)),
+                _ => unreachable!(),
+            },
+            _ => Ok(None),
+        }
+    }
+
+    fn value(&mut self, pos: u64, source: ValueSource) -> Result<u64, DoorError> {
+        let backup = format!("read the {source:?} clock during exit {pos}");
+        match self.peek()? {
+            Some(Item::Entry(Entry::Value {
+                pos: p,
+                source: s,
+                value,
+            })) if *p == pos && *s == source => {
+                let v = *value;
+                self.take();
+                Ok(v)
+            }
+            Some(other) => Err(Self::diverge(pos, describe_item(other), backup)),
+            None => Err(DoorError::LogEnded { exit: pos }),
+        }
+    }
+}
+
+impl Door for ReplayDoor {
+    fn mode(&self) -> Mode {
+        Mode::Replay
+    }
+
+    fn exit(&mut self, pos: u64, rec: ExitRecord) -> Result<(), DoorError> {
+        let backup = format!("{} as exit {pos}", describe_exit(&rec));
+        match self.peek()? {
+            Some(Item::Exit(n, r)) if *n == pos && *r == rec => {
+                self.take();
+                Ok(())
+            }
+            Some(other) => Err(Self::diverge(pos, describe_item(other), backup)),
+            None => Err(DoorError::LogEnded { exit: pos }),
+        }
+    }
+
+    fn clock_ns(&mut self, pos: u64) -> Result<u64, DoorError> {
+        self.value(pos, ValueSource::Clock)
+    }
+
+    fn wall_clock_secs(&mut self, pos: u64) -> Result<i64, DoorError> {
+        self.value(pos, ValueSource::WallClock).map(|v| v as i64)
+    }
+
+    fn due(&mut self, pos: u64, _deadline: Option<u64>, rx_room: usize) -> Result<Due, DoorError> {
+        let mut due = Due::default();
+        if let Some(Entry::Timer { now_ns, .. }) =
+            self.take_if(pos, |e| matches!(e, Entry::Timer { .. }))?
+        {
+            due.timer_now = Some(now_ns);
+        }
+        if let Some(Entry::ConsoleInput { bytes, .. }) =
+            self.take_if(pos, |e| matches!(e, Entry::ConsoleInput { .. }))?
+        {
+            if bytes.len() > rx_room {
+                return Err(Self::diverge(
+                    pos,
+                    format!("handed {} console bytes to the UART", bytes.len()),
+                    format!("has room for {rx_room}"),
+                ));
+            }
+            due.input = bytes;
+        }
+        Ok(due)
+    }
+
+    fn pending(&mut self, _timer_deadline: Option<u64>) -> bool {
+        false
+    }
+
+    fn interrupt(
+        &mut self,
+        pos: u64,
+        offer: Option<u8>,
+        fp: &mut dyn FnMut() -> Fingerprint,
+    ) -> Result<Option<u8>, DoorError> {
+        let Some(Entry::Interrupt {
+            vector,
+            fingerprint,
+            ..
+        }) = self.take_if(pos, |e| matches!(e, Entry::Interrupt { .. }))?
+        else {
+            return Ok(None);
+        };
+        if offer != Some(vector) {
+            return Err(Self::diverge(
+                pos,
+                format!("injected vector {vector:#x}"),
+                match offer {
+                    Some(v) => format!("has vector {v:#x} pending"),
+                    None => "has no interrupt pending".into(),
+                },
+            ));
+        }
+        let mine = fp();
+        if mine != fingerprint {
+            return Err(Self::diverge(
+                pos,
+                format!("had state {fingerprint:x?} before injecting {vector:#x}"),
+                format!("has {mine:x?}"),
+            ));
+        }
+        Ok(Some(vector))
+    }
+
+    fn epoch(&mut self, pos: u64, _epoch: Option<Epoch>) -> Result<Option<Epoch>, DoorError> {
+        Ok(match self.take_if(pos, |e| matches!(e, Entry::Epoch(_)))? {
+            Some(Entry::Epoch(e)) => Some(*e),
+            _ => None,
+        })
+    }
+
+    fn check(
+        &mut self,
+        pos: u64,
+        compute: &mut dyn FnMut(bool) -> (Fingerprint, Option<u64>),
+    ) -> Result<(), DoorError> {
+        if let Some(Entry::Check {
+            fingerprint,
+            memory,
+            ..
+        }) = self.take_if(pos, |e| matches!(e, Entry::Check { .. }))?
+        {
+            let (fp, mem) = compute(memory.is_some());
+            if fp != fingerprint {
+                return Err(Self::diverge(
+                    pos,
+                    format!("had state {fingerprint:x?}"),
+                    format!("has {fp:x?}"),
+                ));
+            }
+            if mem != memory {
+                return Err(Self::diverge(
+                    pos,
+                    format!("had memory digest {:x?}", memory),
+                    format!("has {:x?}", mem),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn end(
+        &mut self,
+        pos: u64,
+        _end: Option<(String, String)>,
+    ) -> Result<Option<(String, String)>, DoorError> {
+        Ok(
+            match self.take_if(pos, |e| matches!(e, Entry::End { .. }))? {
+                Some(Entry::End { reason, digest, .. }) => Some((reason, digest)),
+                _ => None,
+            },
+        )
+    }
+
+    fn wait(&mut self, _deadline_ns: Option<u64>) -> Wake {
+        Wake::Deadline
+    }
+}
