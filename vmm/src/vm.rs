@@ -658,6 +658,7 @@ impl Vm {
                 .write_slice(&p.data, GuestAddress(p.gfn * PAGE as u64))
                 .map_err(|e| bad(e.to_string()))?;
         }
+        self.refresh_memslots()?;
         let fp = fingerprint(&self.vcpu);
         if fp != epoch.fingerprint {
             return Err(bad(format!(
@@ -666,6 +667,39 @@ impl Vm {
             )));
         }
         self.epochs += 1;
+        Ok(())
+    }
+
+    /// Make KVM forget every translation it built from guest memory.
+    ///
+    /// The epoch wrote guest memory (page tables included) from the host
+    /// side, and skipped the guest's own `invlpg`/CR3 writes of the stretch
+    /// it replaces. Where KVM shadows guest page tables (nested hosts), such
+    /// writes bypass its write tracking, so shadow pages would stay stale;
+    /// on EPT hosts the guest TLB could. Deleting and re-adding the memory
+    /// slot zaps all of them; the guest then faults its mappings back in.
+    fn refresh_memslots(&mut self) -> Result<(), VmError> {
+        for (slot, region) in self.mem.iter().enumerate() {
+            let host = self
+                .mem
+                .get_host_address(region_start(region))
+                .expect("region start is mapped");
+            let mut r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region_start(region).0,
+                memory_size: 0,
+                userspace_addr: host as u64,
+            };
+            // SAFETY: deleting the slot (size 0) and re-adding the same host
+            // range owned by `self.mem`, which outlives the VM fd.
+            unsafe { self.vmfd.set_user_memory_region(r) }
+                .map_err(kvm_err("SET_USER_MEMORY_REGION (delete)"))?;
+            r.memory_size = region_len(region);
+            // SAFETY: as above; the range is the region's own mapping.
+            unsafe { self.vmfd.set_user_memory_region(r) }
+                .map_err(kvm_err("SET_USER_MEMORY_REGION (re-add)"))?;
+        }
         Ok(())
     }
 

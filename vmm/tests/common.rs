@@ -82,3 +82,55 @@ pub fn texts(out: &Output) -> (String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Build the test guest for `mode` (see tests/guests/testguest.S) with
+/// binutils; cached per test process.
+pub fn test_guest(mode: u32) -> PathBuf {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static BUILT: OnceLock<Mutex<HashMap<u32, PathBuf>>> = OnceLock::new();
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let dir = DIR.get_or_init(|| tempfile::tempdir().unwrap()).path();
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
+    if let Some(p) = built.get(&mode) {
+        return p.clone();
+    }
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/guests/testguest.S");
+    let obj = dir.join(format!("tg{mode}.o"));
+    let elf = dir.join(format!("tg{mode}.elf"));
+    let st = Command::new("as")
+        .args(["--64", "--defsym", &format!("MODE={mode}")])
+        .arg(&src)
+        .arg("-o")
+        .arg(&obj)
+        .status()
+        .expect("`as` (binutils) is needed to build the test guests");
+    assert!(st.success(), "assembling the test guest failed");
+    let st = Command::new("ld")
+        .args([
+            "-static",
+            "-nostdlib",
+            "-N",
+            "-Ttext",
+            "0x1000000",
+            "-e",
+            "_start",
+            "--no-warn-rwx-segments",
+            "-o",
+        ])
+        .arg(&elf)
+        .arg(&obj)
+        .status()
+        .expect("`ld` (binutils) is needed to build the test guests");
+    assert!(st.success(), "linking the test guest failed");
+    built.insert(mode, elf.clone());
+    elf
+}
+
+/// The `vmft: final state digest` line of a run's stderr.
+pub fn digest(stderr: &str) -> Option<String> {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("vmft: final state digest "))
+        .map(str::to_string)
+}
