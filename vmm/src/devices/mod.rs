@@ -120,11 +120,11 @@ impl Devices {
         Ok(())
     }
 
-    /// Forward interrupt lines raised by devices to the PIC.
+    /// Forward device interrupt lines to the PIC (levels; the PIC turns
+    /// rising edges into requests).
     pub fn sync_irqs(&mut self) {
-        if self.serial.take_irq() {
-            self.pic.pulse_irq(COM1_IRQ);
-        }
+        let level = self.serial.irq_level();
+        self.pic.set_irq(COM1_IRQ, level);
     }
 
     /// Raise the timer interrupt if it is due at `now_ns`.

@@ -304,6 +304,12 @@ impl Pic {
         self.master.set_level(CASCADE_IRQ, slave_out);
     }
 
+    /// Whether any unmasked request is waiting in either IRR (delivered or
+    /// not yet, whatever the in-service state).
+    pub fn has_request(&self) -> bool {
+        self.master.irr & !self.master.imr != 0 || self.slave.irr & !self.slave.imr != 0
+    }
+
     /// Whether the master is asserting INTR to the CPU.
     pub fn has_interrupt(&self) -> bool {
         self.master.pending(true).is_some()
@@ -556,6 +562,22 @@ mod tests {
         // Drive the cascade input directly without any slave request.
         pic.master.irr |= 1 << CASCADE_IRQ;
         assert_eq!(pic.acknowledge(), Some(0x3f));
+    }
+
+    #[test]
+    fn has_request_sees_unmasked_irr_on_both_chips() {
+        let mut pic = Pic::new();
+        linux_init(&mut pic, false);
+        assert!(!pic.has_request());
+        pic.write(MASTER_DATA, 0x10); // mask IRQ4
+        pic.pulse_irq(4);
+        assert!(!pic.has_request(), "masked");
+        pic.pulse_irq(12);
+        assert!(pic.has_request(), "slave request");
+        pic.acknowledge();
+        pic.acknowledge();
+        pic.write(MASTER_DATA, 0x00);
+        assert!(pic.has_request(), "IRQ4 unmasked");
     }
 
     #[test]

@@ -178,6 +178,26 @@ impl SerialPort {
         self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
     }
 
+    /// Level of the UART's INTR output: some interrupt is pending in IIR
+    /// and enabled in IER, as on a 16550.
+    ///
+    /// vm-superio signals only when an IIR bit goes from clear to set, so
+    /// when a driver disables and re-enables THRI while THRE is still
+    /// pending (the Linux 8250 driver does, in start_tx) no new edge would
+    /// reach an edge-triggered PIC and transmission would stall. The run
+    /// loop drives IRQ 4 with this level instead.
+    pub fn irq_level(&self) -> bool {
+        self.irq.take();
+        let s = self.uart.state();
+        let pending = s.interrupt_identification;
+        if pending & 0x01 != 0 {
+            return false; // IIR: no interrupt pending
+        }
+        let thre = pending & 0x02 != 0 && s.interrupt_enable & 0x02 != 0;
+        let rda = pending & 0x04 != 0 && s.interrupt_enable & 0x01 != 0;
+        thre || rda
+    }
+
     /// Whether the UART raised its interrupt since the last call.
     pub fn take_irq(&self) -> bool {
         self.irq.take()
@@ -305,6 +325,24 @@ mod tests {
             cap.0.lock().unwrap().is_empty(),
             "divisor write is not output"
         );
+    }
+
+    #[test]
+    fn re_enabling_thri_with_thre_pending_raises_the_line_again() {
+        let (mut p, _) = port();
+        p.write(IER, 0x02);
+        assert!(p.irq_level(), "THRE pending and enabled");
+        p.write(IER, 0x00);
+        assert!(!p.irq_level(), "disabled: the line drops");
+        p.write(IER, 0x02);
+        assert!(
+            p.irq_level(),
+            "re-enabled: the line rises again (a new edge)"
+        );
+        assert_eq!(p.read(IIR) & 0x0f, 0x02);
+        assert!(!p.irq_level(), "reading IIR acknowledges THRE");
+        p.write(THR, b'x');
+        assert!(p.irq_level(), "transmitting re-raises THRE");
     }
 
     #[test]
