@@ -194,30 +194,37 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
-fn create_kvm(mem: &GuestMemoryMmap, dirty_log: bool) -> Result<(Kvm, VmFd, Vcpu), VmError> {
-    let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
-    let vm = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
-    vm.set_tss_address(TSS_ADDR)
-        .map_err(kvm_err("SET_TSS_ADDR"))?;
+/// Register every region of `mem` with KVM, or delete the slots.
+fn set_memslots(vm: &VmFd, mem: &GuestMemoryMmap, flags: u32, delete: bool) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region_start(region))
             .expect("region start is mapped");
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: if dirty_log {
-                KVM_MEM_LOG_DIRTY_PAGES
-            } else {
-                0
-            },
+            flags,
             guest_phys_addr: region_start(region).0,
-            memory_size: region_len(region),
+            memory_size: if delete { 0 } else { region_len(region) },
             userspace_addr: host as u64,
         };
         // SAFETY: the host range belongs to `mem`, which the Vm owns and
-        // keeps mapped for as long as the VM fd exists.
+        // keeps mapped for as long as the VM fd exists (size 0 deletes).
         unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
     }
+    Ok(())
+}
+
+fn create_kvm(mem: &GuestMemoryMmap, dirty_log: bool) -> Result<(Kvm, VmFd, Vcpu), VmError> {
+    let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+    let vm = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
+    vm.set_tss_address(TSS_ADDR)
+        .map_err(kvm_err("SET_TSS_ADDR"))?;
+    let flags = if dirty_log {
+        KVM_MEM_LOG_DIRTY_PAGES
+    } else {
+        0
+    };
+    set_memslots(&vm, mem, flags, false)?;
     let fd = vm.create_vcpu(0).map_err(kvm_err("CREATE_VCPU"))?;
     let vcpu = Vcpu::new(&kvm, fd)?;
     Ok((kvm, vm, vcpu))
@@ -703,28 +710,8 @@ impl Vm {
     /// on EPT hosts the guest TLB could. Deleting and re-adding the memory
     /// slot zaps all of them; the guest then faults its mappings back in.
     fn refresh_memslots(&mut self) -> Result<(), VmError> {
-        for (slot, region) in self.mem.iter().enumerate() {
-            let host = self
-                .mem
-                .get_host_address(region_start(region))
-                .expect("region start is mapped");
-            let mut r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region_start(region).0,
-                memory_size: 0,
-                userspace_addr: host as u64,
-            };
-            // SAFETY: deleting the slot (size 0) and re-adding the same host
-            // range owned by `self.mem`, which outlives the VM fd.
-            unsafe { self.vmfd.set_user_memory_region(r) }
-                .map_err(kvm_err("SET_USER_MEMORY_REGION (delete)"))?;
-            r.memory_size = region_len(region);
-            // SAFETY: as above; the range is the region's own mapping.
-            unsafe { self.vmfd.set_user_memory_region(r) }
-                .map_err(kvm_err("SET_USER_MEMORY_REGION (re-add)"))?;
-        }
-        Ok(())
+        set_memslots(&self.vmfd, &self.mem, 0, true)?;
+        set_memslots(&self.vmfd, &self.mem, 0, false)
     }
 
     fn exit(&mut self, rec: ExitRecord) -> Result<(), VmError> {

@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::OnceLock;
 
 use common::*;
@@ -170,36 +168,10 @@ fn console_input_reaches_the_guest() {
         return;
     }
     image();
-    let mut child = vmft()
-        .args(["run", "--workload", "echo"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut reader = BufReader::new(child.stdout.take().unwrap());
-    let mut transcript = String::new();
-    // Type only once the guest is ready, as a person would.
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap() == 0 {
-            panic!("guest ended before ready:\n{transcript}");
-        }
-        transcript.push_str(&line);
-        if line.contains("VMFT-READY") {
-            break;
-        }
-    }
-    stdin.write_all(b"hello vmft\nsecond line\nend\n").unwrap();
-    stdin.flush().unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
-    let status = child.wait().unwrap();
-    assert!(
-        status.success(),
-        "vmft failed; transcript:\n{transcript}{rest}"
-    );
+    let mut cmd = vmft();
+    cmd.args(["run", "--workload", "echo"]);
+    let (rest, out) = spawn_and_type(cmd, "VMFT-READY", "hello vmft\nsecond line\nend\n");
+    assert!(out.status.success(), "vmft failed; transcript:\n{rest}");
     assert!(rest.contains("echo 1: hello vmft"), "{rest}");
     assert!(rest.contains("echo 2: second line"), "{rest}");
     assert!(rest.contains("echo done lines=2"), "{rest}");

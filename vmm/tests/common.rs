@@ -134,3 +134,36 @@ pub fn digest(stderr: &str) -> Option<String> {
         .find_map(|l| l.strip_prefix("vmft: final state digest "))
         .map(str::to_string)
 }
+
+/// Spawn `cmd` with piped stdio, read its stdout until a line contains
+/// `marker`, then type `text` (as a person would, once the guest is
+/// ready). Returns the whole stdout and the finished process's output
+/// (whose stdout part is empty).
+pub fn spawn_and_type(mut cmd: Command, marker: &str, text: &str) -> (String, Output) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut stdout = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        stdout.push_str(&line);
+        if line.contains(marker) {
+            stdin.write_all(text.as_bytes()).unwrap();
+            stdin.flush().unwrap();
+            break;
+        }
+    }
+    reader.read_to_string(&mut stdout).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    (stdout, out)
+}

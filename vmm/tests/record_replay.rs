@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -40,31 +38,7 @@ fn record(kernel: &Path, log: &Path, epoch_ms: u64, input: Option<&str>) -> Run 
             }
         }
         Some(text) => {
-            let mut child = cmd
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let mut stdin = child.stdin.take().unwrap();
-            let mut reader = BufReader::new(child.stdout.take().unwrap());
-            let mut stdout = String::new();
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap() == 0 {
-                    break;
-                }
-                stdout.push_str(&line);
-                if line.contains("READY") {
-                    stdin.write_all(text.as_bytes()).unwrap();
-                    stdin.flush().unwrap();
-                    break;
-                }
-            }
-            let mut rest = String::new();
-            std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
-            stdout.push_str(&rest);
-            let out = child.wait_with_output().unwrap();
+            let (stdout, out) = spawn_and_type(cmd, "READY", text);
             Run {
                 ok: out.status.success(),
                 stdout,

@@ -3,9 +3,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::Stdio;
-
 use common::*;
 
 #[test]
@@ -16,32 +13,10 @@ fn linux_guest_with_console_input_replays_byte_identically() {
     image();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("linux.log");
-    let mut child = vmft()
-        .args(["record", "--workload", "echo", "--stats", "--log"])
-        .arg(&log)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut reader = BufReader::new(child.stdout.take().unwrap());
-    let mut transcript = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(
-            reader.read_line(&mut line).unwrap() > 0,
-            "guest ended before ready:\n{transcript}"
-        );
-        transcript.push_str(&line);
-        if line.contains("VMFT-READY") {
-            break;
-        }
-    }
-    stdin.write_all(b"replay me\nsecond line\nend\n").unwrap();
-    stdin.flush().unwrap();
-    reader.read_to_string(&mut transcript).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut cmd = vmft();
+    cmd.args(["record", "--workload", "echo", "--stats", "--log"])
+        .arg(&log);
+    let (transcript, out) = spawn_and_type(cmd, "VMFT-READY", "replay me\nsecond line\nend\n");
     let rec_err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "record failed:\n{rec_err}");
     assert!(transcript.contains("echo 1: replay me"), "{transcript}");
