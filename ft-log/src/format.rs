@@ -3,8 +3,11 @@
 //! ```text
 //! header: "VMFT-LOG" | version u16 | body length u32 | body | CRC32C u32
 //!         (body: postcard-encoded LogHeader; CRC over version, length, body)
-//! frame:  payload length u32 | sequence u64 | CRC32C u32 | payload
-//!         (payload: postcard-encoded Entry; CRC over sequence and payload)
+//! frame:  stored length u32 | sequence u64 | CRC32C u32 | stored payload
+//!         (payload: postcard-encoded Entry; CRC over sequence and stored
+//!         payload; when bit 31 of the length is set the stored payload is
+//!         LZ4-compressed with its decompressed size prepended: large
+//!         entries, i.e. epochs full of guest pages)
 //! ```
 //!
 //! All integers are little-endian. Sequence numbers start at 0 and increase
@@ -29,6 +32,10 @@ pub const MAX_FRAME: usize = 256 << 20;
 /// Largest header body accepted.
 pub const MAX_HEADER: usize = 64 << 10;
 const FRAME_HEAD: usize = 16;
+/// Payloads at least this large are compressed when that makes them smaller.
+pub const COMPRESS_MIN: usize = 1024;
+/// Bit of the length field that marks a compressed payload.
+const COMPRESSED: u32 = 1 << 31;
 
 /// What the log was recorded for: enough to rebuild the VM and to refuse a
 /// log recorded for another one.
@@ -142,11 +149,19 @@ pub fn encode_header(h: &LogHeader) -> Vec<u8> {
 
 /// Encode one frame with sequence number `seq`.
 pub fn encode_frame(seq: u64, entry: &Entry) -> Vec<u8> {
-    let payload = encode_entry(entry);
+    let mut payload = encode_entry(entry);
+    let mut len_field = payload.len() as u32;
+    if payload.len() >= COMPRESS_MIN {
+        let packed = lz4_flex::compress_prepend_size(&payload);
+        if packed.len() < payload.len() {
+            len_field = packed.len() as u32 | COMPRESSED;
+            payload = packed;
+        }
+    }
     let mut crc = crc32c::crc32c(&seq.to_le_bytes());
     crc = crc32c::crc32c_append(crc, &payload);
     let mut out = Vec::with_capacity(FRAME_HEAD + payload.len());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&len_field.to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(&payload);
@@ -303,7 +318,9 @@ impl Decoder {
         }
         let offset = self.base;
         let seq_expected = self.next_seq;
-        let len = u32::from_le_bytes(b[0..4].try_into().unwrap()) as usize;
+        let len_field = u32::from_le_bytes(b[0..4].try_into().unwrap());
+        let compressed = len_field & COMPRESSED != 0;
+        let len = (len_field & !COMPRESSED) as usize;
         if len > MAX_FRAME {
             return self.fail(LogError::FrameTooLarge {
                 seq: seq_expected,
@@ -333,6 +350,36 @@ impl Decoder {
                 found: seq,
             });
         }
+        let unpacked;
+        let payload = if compressed {
+            let size = payload
+                .get(..4)
+                .map(|p| u32::from_le_bytes(p.try_into().unwrap()) as usize);
+            match size {
+                Some(n) if n <= MAX_FRAME => match lz4_flex::decompress_size_prepended(payload) {
+                    Ok(p) => {
+                        unpacked = p;
+                        &unpacked[..]
+                    }
+                    Err(e) => {
+                        return self.fail(LogError::Payload {
+                            seq,
+                            offset,
+                            detail: format!("LZ4: {e}"),
+                        })
+                    }
+                },
+                _ => {
+                    return self.fail(LogError::Payload {
+                        seq,
+                        offset,
+                        detail: "compressed payload declares an impossible size".into(),
+                    })
+                }
+            }
+        } else {
+            payload
+        };
         let entry = match decode_entry(payload) {
             Ok(e) => e,
             Err(detail) => {

@@ -102,6 +102,42 @@ fn round_trip() {
 }
 
 #[test]
+fn large_entries_are_compressed_and_round_trip() {
+    let mut page = vec![0u8; 4096];
+    page[..11].copy_from_slice(b"kernel text");
+    let e = Entry::Epoch(Box::new(Epoch {
+        pos: 9,
+        index: 1,
+        vcpu: vec![7; 3000],
+        pages: (0..16)
+            .map(|g| Page {
+                gfn: g,
+                data: page.clone(),
+            })
+            .collect(),
+        fingerprint: Fingerprint::default(),
+    }));
+    let frame = encode_frame(0, &e);
+    assert!(
+        frame.len() < 16 * 4096 / 4,
+        "compressed to {} bytes",
+        frame.len()
+    );
+    assert_ne!(
+        u32::from_le_bytes(frame[..4].try_into().unwrap()) & (1 << 31),
+        0
+    );
+    let mut bytes = encode_header(&header());
+    bytes.extend_from_slice(&frame);
+    let (_, frames) = decode_all(&bytes).unwrap();
+    assert_eq!(frames[0].entry, e);
+    // Damage inside the compressed payload is caught by the checksum.
+    let n = bytes.len();
+    bytes[n - 10] ^= 0x20;
+    assert!(matches!(decode_all(&bytes), Err(LogError::Checksum { .. })));
+}
+
+#[test]
 fn chunked_input_of_every_size_decodes_the_same() {
     let (bytes, _) = log_bytes();
     for chunk in [1, 2, 3, 7, 16, 17, 100, 4096] {
