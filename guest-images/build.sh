@@ -3,7 +3,8 @@
 # caches it outside the repository, keyed by a hash of every input.
 #
 # Usage: guest-images/build.sh [--print-key]
-# Prints, on stdout, two lines:  kernel=<path to vmlinux>  initrd=<path to cpio>
+# Prints, on stdout:  kernel=<path to vmlinux>  initrd=<path to cpio>
+# (the same kernel as a bzImage is beside the vmlinux, named bzImage)
 # Everything else goes to stderr. Environment:
 #   VMFT_CACHE_DIR   cache root (default: ${XDG_CACHE_HOME:-~/.cache}/vmft)
 #   VMFT_JOBS        make -j (default: nproc)
@@ -100,12 +101,13 @@ build_kernel() {
     for opt in CONFIG_SMP CONFIG_MODULES CONFIG_PARAVIRT CONFIG_IA32_EMULATION CONFIG_RELOCATABLE; do
         if grep -q "^$opt=y" "$src/.config"; then die "kernel config has $opt=y"; fi
     done
-    log "building vmlinux with make -j$jobs (a few minutes)"
+    log "building vmlinux and bzImage with make -j$jobs (a few minutes)"
     local start=$SECONDS
-    make -C "$src" -j"$jobs" -s vmlinux >&2 || die "kernel build failed (tree kept at $src)"
+    make -C "$src" -j"$jobs" -s vmlinux bzImage >&2 || die "kernel build failed (tree kept at $src)"
     log "kernel built in $((SECONDS - start)) s"
     mkdir -p "$kernel_out.tmp"
     cp "$src/vmlinux" "$kernel_out.tmp/vmlinux"
+    cp "$src/arch/x86/boot/bzImage" "$kernel_out.tmp/bzImage"
     strip --strip-debug "$kernel_out.tmp/vmlinux" 2>/dev/null || true
     cp "$src/.config" "$kernel_out.tmp/config"
     basename "$kernel_deb" > "$kernel_out.tmp/source-package"

@@ -176,3 +176,24 @@ fn console_input_reaches_the_guest() {
     assert!(rest.contains("echo 2: second line"), "{rest}");
     assert!(rest.contains("echo done lines=2"), "{rest}");
 }
+
+#[test]
+fn bzimage_of_the_same_kernel_boots_too() {
+    if !require_kvm() {
+        return;
+    }
+    let (vmlinux, initrd) = image();
+    let bz = vmlinux.with_file_name("bzImage");
+    assert!(bz.exists(), "guest-images/build.sh builds {}", bz.display());
+    let out = vmft()
+        .args(["run", "--no-stdin", "--kernel"])
+        .arg(&bz)
+        .arg("--initrd")
+        .arg(initrd)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "bzImage boot failed:\n{stderr}");
+    assert!(stdout.contains("VMFT-READY workload=counter"), "{stdout}");
+    assert_eq!(after_ready(&stdout)[..21], expected_counter(20)[..]);
+}
