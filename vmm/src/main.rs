@@ -175,7 +175,7 @@ struct RecordArgs {
 
 #[derive(Args)]
 struct ReplayArgs {
-    /// Log file to replay.
+    /// Log file to replay (`-` reads the log as a stream from stdin).
     #[arg(long)]
     log: PathBuf,
     /// Write the guest's console output here (default: suppressed).
@@ -277,7 +277,12 @@ fn record(args: RecordArgs) -> Result<()> {
 }
 
 fn replay(args: ReplayArgs) -> Result<()> {
-    let door = ReplayDoor::open(&args.log).context("cannot replay")?;
+    let door = if args.log.as_os_str() == "-" {
+        ReplayDoor::from_reader(Box::new(io::stdin()), "stdin".into())
+    } else {
+        ReplayDoor::open(&args.log)
+    }
+    .context("cannot replay")?;
     let h = door.header().clone();
     let cfg = BootConfig {
         kernel: args.kernel.unwrap_or_else(|| PathBuf::from(&h.kernel)),

@@ -325,3 +325,41 @@ fn bad_logs_are_refused_with_clear_errors() {
     let shown = vmft().args(["log", "--log"]).arg(&good).output().unwrap();
     assert!(shown.status.success());
 }
+
+#[test]
+fn replay_from_a_stream_fed_in_small_chunks_waits_for_the_log() {
+    use std::io::Write;
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stream.log");
+    let rec = record(&test_guest(1), &log, 5, None);
+    assert!(rec.ok, "{}", rec.stderr);
+    let bytes = std::fs::read(&log).unwrap();
+    let mut child = vmft()
+        .args(["replay", "--log", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // Irregular chunks with pauses: the backup must wait, never run ahead.
+    let mut at = 0;
+    let mut size = 1;
+    while at < bytes.len() {
+        let end = (at + size).min(bytes.len());
+        stdin.write_all(&bytes[at..end]).unwrap();
+        stdin.flush().unwrap();
+        at = end;
+        size = (size * 7 + 3) % 4099 + 1;
+        if at % 5 == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(digest(&stderr), digest(&rec.stderr));
+}
