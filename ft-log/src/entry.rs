@@ -61,6 +61,10 @@ pub struct Fingerprint {
 pub struct Page {
     /// Guest frame number.
     pub gfn: u64,
+    /// When true, `data` is the XOR of the page with its content in the
+    /// last epoch that carried this page (both sides keep that copy);
+    /// otherwise the page itself.
+    pub delta: bool,
     /// 4096 bytes.
     #[serde(with = "serde_bytes_compat")]
     pub data: Vec<u8>,

@@ -25,8 +25,9 @@ use crate::entry::Entry;
 
 /// Magic bytes at the start of a log.
 pub const MAGIC: &[u8; 8] = b"VMFT-LOG";
-/// Format version written and read by this code.
-pub const VERSION: u16 = 1;
+/// Format version written and read by this code (2: compressed frames,
+/// page deltas in epochs).
+pub const VERSION: u16 = 2;
 /// Largest frame payload accepted (an epoch carries dirty pages).
 pub const MAX_FRAME: usize = 256 << 20;
 /// Largest header body accepted.

@@ -64,6 +64,7 @@ fn sample_entries() -> Vec<Entry> {
             vcpu: vec![1, 2, 3],
             pages: vec![Page {
                 gfn: 0x1000,
+                delta: false,
                 data: vec![0xaa; 4096],
             }],
             fingerprint: Fingerprint { rip: 1, regs: 2 },
@@ -112,6 +113,7 @@ fn large_entries_are_compressed_and_round_trip() {
         pages: (0..16)
             .map(|g| Page {
                 gfn: g,
+                delta: g % 2 == 1,
                 data: page.clone(),
             })
             .collect(),

@@ -179,6 +179,7 @@ pub struct Vm {
     mode: Mode,
     epoch_bound: Duration,
     epochs: u64,
+    epoch_pages: EpochPages,
     vmfd: VmFd,
     clock_start: Instant,
     clock_base_ns: u64,
@@ -334,6 +335,7 @@ impl Vm {
             mode,
             epoch_bound,
             epochs: 0,
+            epoch_pages: EpochPages::default(),
             vmfd,
             clock_start: Instant::now(),
             clock_base_ns: clock_ns,
@@ -652,10 +654,8 @@ impl Vm {
                 bits &= bits - 1;
                 let gfn = w * 64 + b;
                 if (gfn + 1) * PAGE <= len {
-                    pages.push(Page {
-                        gfn: gfn as u64,
-                        data: mem[gfn * PAGE..(gfn + 1) * PAGE].to_vec(),
-                    });
+                    let now = &mem[gfn * PAGE..(gfn + 1) * PAGE];
+                    pages.push(self.epoch_pages.encode(gfn as u64, now));
                 }
             }
         }
@@ -685,8 +685,9 @@ impl Vm {
             if p.data.len() != PAGE || (p.gfn + 1) * PAGE as u64 > len {
                 return Err(bad(format!("page {:#x} out of range or not 4 KiB", p.gfn)));
             }
+            let page = self.epoch_pages.decode(p).map_err(bad)?;
             self.mem
-                .write_slice(&p.data, GuestAddress(p.gfn * PAGE as u64))
+                .write_slice(&page, GuestAddress(p.gfn * PAGE as u64))
                 .map_err(|e| bad(e.to_string()))?;
         }
         self.refresh_memslots()?;
@@ -934,6 +935,51 @@ impl Vm {
     }
 }
 
+/// The content of every page as the last epoch carried it, kept alike by
+/// primary and backup, so that a page carried again travels as an XOR
+/// delta (mostly zeros, which the log's compression removes).
+#[derive(Default)]
+struct EpochPages {
+    last: std::collections::HashMap<u64, Box<[u8]>>,
+}
+
+impl EpochPages {
+    /// Primary: the page to log for `gfn` whose content is now `now`.
+    fn encode(&mut self, gfn: u64, now: &[u8]) -> Page {
+        let page = match self.last.get(&gfn) {
+            Some(prev) => Page {
+                gfn,
+                delta: true,
+                data: now.iter().zip(prev.iter()).map(|(a, b)| a ^ b).collect(),
+            },
+            None => Page {
+                gfn,
+                delta: false,
+                data: now.to_vec(),
+            },
+        };
+        self.last.insert(gfn, now.into());
+        page
+    }
+
+    /// Backup: the page content a logged page stands for.
+    fn decode(&mut self, p: &Page) -> Result<Box<[u8]>, String> {
+        let page: Box<[u8]> = if p.delta {
+            let prev = self.last.get(&p.gfn).ok_or_else(|| {
+                format!(
+                    "delta for page {:#x}, which no earlier epoch carried",
+                    p.gfn
+                )
+            })?;
+            p.data.iter().zip(prev.iter()).map(|(a, b)| a ^ b).collect()
+        } else {
+            p.data.clone().into()
+        };
+        self.last.insert(p.gfn, page.clone());
+        Ok(page)
+    }
+}
+
 /// CRC32C-based digest of guest memory (fast enough to take periodically).
 fn memory_digest(mem: &GuestMemoryMmap, len: usize) -> u64 {
     let bytes = mem_bytes(mem, len);
@@ -991,6 +1037,32 @@ fn decode_memory(d: &mut Decoder, mem: &GuestMemoryMmap, len: usize) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epoch_page_deltas_round_trip() {
+        let mut primary = EpochPages::default();
+        let mut backup = EpochPages::default();
+        let mut page = vec![0u8; PAGE];
+        page[10] = 1;
+        let first = primary.encode(7, &page);
+        assert!(!first.delta);
+        assert_eq!(&*backup.decode(&first).unwrap(), &page[..]);
+        page[20] = 2;
+        let second = primary.encode(7, &page);
+        assert!(second.delta);
+        assert_eq!(
+            second.data.iter().filter(|&&b| b != 0).count(),
+            1,
+            "only the change"
+        );
+        assert_eq!(&*backup.decode(&second).unwrap(), &page[..]);
+        let orphan = Page {
+            gfn: 9,
+            delta: true,
+            data: vec![0; PAGE],
+        };
+        assert!(backup.decode(&orphan).is_err());
+    }
 
     #[test]
     fn sparse_memory_round_trip() {
