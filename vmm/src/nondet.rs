@@ -33,6 +33,42 @@ pub struct Position {
     pub exit: u64,
 }
 
+/// Where positions come from: the one interface every event position goes
+/// through. These hosts have no PMU, so positions are counts of
+/// guest-caused exits ([`ExitCounter`]); on hosts with one, a source built
+/// on a retired-branch counter would implement this trait (and could place
+/// interrupts anywhere, making epochs rare).
+pub trait PositionSource: Send {
+    /// A guest-caused exit happened: the position it defines.
+    fn exit(&mut self) -> Position;
+    /// The position now (at a boundary).
+    fn now(&self) -> Position;
+}
+
+/// Positions as guest-caused exit counts.
+#[derive(Debug, Default, Clone)]
+pub struct ExitCounter {
+    pos: Position,
+}
+
+impl ExitCounter {
+    /// Continue counting from `pos` (after a snapshot restore).
+    pub fn starting_at(pos: Position) -> Self {
+        ExitCounter { pos }
+    }
+}
+
+impl PositionSource for ExitCounter {
+    fn exit(&mut self) -> Position {
+        self.pos.exit += 1;
+        self.pos
+    }
+
+    fn now(&self) -> Position {
+        self.pos
+    }
+}
+
 /// Why the run loop stopped waiting in [`Door::wait`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wake {
@@ -406,5 +442,34 @@ impl Door for FixedDoor {
             None if !self.input.is_empty() => Wake::Input,
             None => Wake::Never,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_counter_numbers_exits_from_one_and_resumes() {
+        let mut c = ExitCounter::default();
+        assert_eq!(c.now().exit, 0);
+        assert_eq!(c.exit().exit, 1);
+        assert_eq!(c.exit().exit, 2);
+        assert_eq!(c.now().exit, 2);
+        let mut r = ExitCounter::starting_at(Position { exit: 41 });
+        assert_eq!(r.exit().exit, 42);
+    }
+
+    #[test]
+    fn fixed_door_reports_due_timer_and_input() {
+        let mut d = FixedDoor {
+            now_ns: 100,
+            input: b"abc".to_vec(),
+            ..Default::default()
+        };
+        let due = d.due(1, Some(50), 2).unwrap();
+        assert_eq!(due.timer_now, Some(100));
+        assert_eq!(due.input, b"ab");
+        assert_eq!(d.due(2, Some(200), 8).unwrap().timer_now, None);
     }
 }

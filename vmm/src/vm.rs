@@ -27,7 +27,7 @@ use crate::boot::{self, BootConfig, BootError};
 use crate::devices::serial::{ConsoleEvent, ConsoleOut};
 use crate::devices::Devices;
 use crate::emulate::{self, EmulationError};
-use crate::nondet::{Door, DoorError, LiveDoor, Mode, Position, Wake};
+use crate::nondet::{Door, DoorError, ExitCounter, LiveDoor, Mode, Position, PositionSource, Wake};
 use crate::record::{RecordDoor, RecordStats};
 
 use crate::replay::ReplayDoor;
@@ -185,7 +185,7 @@ pub struct Vm {
     clock_base_ns: u64,
     deadline: DeadlineKicker,
     _kicker: Kicker,
-    pos: Position,
+    positions: Box<dyn PositionSource>,
     snapshot_on_ready: Option<PathBuf>,
     /// Statistics of this run.
     pub stats: Stats,
@@ -341,7 +341,7 @@ impl Vm {
             clock_base_ns: clock_ns,
             deadline: DeadlineKicker::start(kicker),
             _kicker: kicker,
-            pos,
+            positions: Box::new(ExitCounter::starting_at(pos)),
             snapshot_on_ready: opts.snapshot_on_ready,
             stats: Stats::default(),
         })
@@ -445,7 +445,7 @@ impl Vm {
 
     /// Guest-caused exits so far.
     pub fn position(&self) -> Position {
-        self.pos
+        self.positions.now()
     }
 
     /// Epochs cut (record) or applied (replay).
@@ -460,8 +460,8 @@ impl Vm {
         let mut e = Encoder::new();
         e.u64(self.mem_mib);
         e.bytes(self.cmdline.as_bytes());
-        e.u64(self.door.clock_ns(self.pos.exit)?);
-        e.u64(self.pos.exit);
+        e.u64(self.door.clock_ns(self.positions.now().exit)?);
+        e.u64(self.positions.now().exit);
         self.vcpu.save()?.encode(&mut e);
         self.devices.encode(&mut e);
         encode_memory(&mut e, mem_bytes(&self.mem, (self.mem_mib << 20) as usize));
@@ -527,7 +527,7 @@ impl Vm {
     /// At an exit boundary: hand the devices what the outside world offers
     /// (through the door) and inject an interrupt if the door says so.
     fn deliver(&mut self) -> Result<(), VmError> {
-        let pos = self.pos.exit;
+        let pos = self.positions.now().exit;
         // Hold the next timer tick while the PIC still has a request to
         // deliver. Where injection points are scarce (record/replay on hosts
         // without interrupt windows), a tick due at every point would win
@@ -601,7 +601,7 @@ impl Vm {
     /// The boundary after a guest-caused exit (or any stop, live).
     fn boundary(&mut self) -> Result<(), VmError> {
         self.deliver()?;
-        let pos = self.pos.exit;
+        let pos = self.positions.now().exit;
         let (vcpu, mem, len) = (&self.vcpu, &self.mem, (self.mem_mib << 20) as usize);
         self.door.check(pos, &mut |with_mem| {
             (fingerprint(vcpu), with_mem.then(|| memory_digest(mem, len)))
@@ -630,7 +630,7 @@ impl Vm {
             return Ok(());
         }
         let epoch = self.build_epoch()?;
-        self.door.epoch(self.pos.exit, Some(epoch))?;
+        self.door.epoch(self.positions.now().exit, Some(epoch))?;
         self.epochs += 1;
         self.deliver()?;
         *last_exit_at = Instant::now();
@@ -660,7 +660,7 @@ impl Vm {
             }
         }
         Ok(Epoch {
-            pos: self.pos.exit,
+            pos: self.positions.now().exit,
             index: self.epochs,
             vcpu: e.into_bytes(),
             pages,
@@ -716,8 +716,8 @@ impl Vm {
     }
 
     fn exit(&mut self, rec: ExitRecord) -> Result<(), VmError> {
-        self.pos.exit += 1;
-        self.door.exit(self.pos.exit, rec)?;
+        let pos = self.positions.exit().exit;
+        self.door.exit(pos, rec)?;
         Ok(())
     }
 
@@ -735,7 +735,7 @@ impl Vm {
     fn finish(&mut self, exit: VmExit) -> Result<VmExit, VmError> {
         let reason = exit.to_string();
         let digest = self.state_digest();
-        let pos = self.pos.exit;
+        let pos = self.positions.now().exit;
         match self.mode {
             Mode::Live => {}
             Mode::Record => {
@@ -797,11 +797,10 @@ impl Vm {
                         addr: port as u64,
                         data: data.len() as u64,
                     };
-                    self.pos.exit += 1;
+                    let pos = self.positions.exit().exit;
                     self.stats.exit("pio_in");
-                    self.door.exit(self.pos.exit, rec)?;
-                    self.devices
-                        .pio_in(self.pos.exit, port, data, self.door.as_mut())?;
+                    self.door.exit(pos, rec)?;
+                    self.devices.pio_in(pos, port, data, self.door.as_mut())?;
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
                     let rec = ExitRecord {
@@ -809,11 +808,10 @@ impl Vm {
                         addr: port as u64,
                         data: exit_value(data),
                     };
-                    self.pos.exit += 1;
+                    let pos = self.positions.exit().exit;
                     self.stats.exit("pio_out");
-                    self.door.exit(self.pos.exit, rec)?;
-                    self.devices
-                        .pio_out(self.pos.exit, port, data, self.door.as_mut())?;
+                    self.door.exit(pos, rec)?;
+                    self.devices.pio_out(pos, port, data, self.door.as_mut())?;
                     if self.devices.i8042.reset_requested() {
                         return self.finish(VmExit::Reset);
                     }
@@ -879,7 +877,7 @@ impl Vm {
                         rip: regs.rip,
                         cr0: sregs.cr0,
                         cr3: sregs.cr3,
-                        exits: self.pos.exit,
+                        exits: self.positions.now().exit,
                     });
                 }
                 Ok(VcpuExit::FailEntry(reason, _)) => return Err(VmError::FailEntry(reason)),
@@ -889,7 +887,10 @@ impl Vm {
                     self.vcpu.fd.set_kvm_immediate_exit(0);
                 }
                 Ok(other) => {
-                    return Err(VmError::UnexpectedExit(format!("{other:?}"), self.pos.exit))
+                    return Err(VmError::UnexpectedExit(
+                        format!("{other:?}"),
+                        self.positions.now().exit,
+                    ))
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     // A kick (signal or immediate_exit): not a guest-caused exit.
