@@ -321,7 +321,13 @@ fn bad_logs_are_refused_with_clear_errors() {
         "{stderr}"
     );
 
-    // A log cut cleanly after some frame: the replay stops where the recording stopped.
+    // A log cut cleanly after a frame (the primary died there): the replay
+    // runs up to that point and says where the recording stopped.
+    let (_, frames) = ft_log::decode_all(&bytes).unwrap();
+    let cut_at = frames[frames.len() / 2].offset as usize;
+    let e = replay_error(&write("stopped.log", &bytes[..cut_at]));
+    assert!(e.contains("without an end entry"), "{e}");
+    assert!(e.contains("the recording stopped there"), "{e}");
     let shown = vmft().args(["log", "--log"]).arg(&good).output().unwrap();
     assert!(shown.status.success());
 }
