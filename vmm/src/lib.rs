@@ -8,7 +8,9 @@
 pub mod boot;
 pub mod devices;
 pub mod emulate;
+pub mod epoch;
 pub mod image;
+pub mod memory;
 pub mod nondet;
 pub mod record;
 pub mod replay;

@@ -359,3 +359,27 @@ impl Drop for Vcpu {
         );
     }
 }
+
+/// Fingerprint of the vCPU: RIP and a hash of the general registers,
+/// RFLAGS and the control registers.
+pub fn fingerprint(vcpu: &Vcpu) -> ft_log::Fingerprint {
+    let regs = vcpu.fd.get_regs().unwrap_or_default();
+    let sregs = vcpu.fd.get_sregs().unwrap_or_default();
+    let lo = crc32c::crc32c(crate::snapshot::pod_bytes(&regs)) as u64;
+    let mut c = Vec::with_capacity(48);
+    for v in [
+        sregs.cr0,
+        sregs.cr3,
+        sregs.cr4,
+        sregs.efer,
+        sregs.cs.selector as u64,
+        sregs.ss.selector as u64,
+    ] {
+        c.extend_from_slice(&v.to_le_bytes());
+    }
+    let hi = crc32c::crc32c(&c) as u64;
+    ft_log::Fingerprint {
+        rip: regs.rip,
+        regs: (hi << 32) | lo,
+    }
+}

@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ft_log::{Epoch, ExitKind, ExitRecord, Fingerprint, LogHeader, Page};
+use ft_log::{Epoch, ExitKind, ExitRecord, LogHeader};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VcpuExit, VmFd};
 use sha2::{Digest, Sha256};
@@ -30,12 +30,13 @@ use crate::emulate::{self, EmulationError};
 use crate::nondet::{Door, DoorError, ExitCounter, LiveDoor, Mode, Position, PositionSource, Wake};
 use crate::record::{RecordDoor, RecordStats};
 
+use crate::epoch::EpochPages;
+use crate::memory::{decode_memory, encode_memory, mem_bytes, memory_digest, PAGE};
 use crate::replay::ReplayDoor;
 use crate::snapshot::{self, pod_bytes, Decoder, Encoder, SnapshotError};
 use crate::stats::Stats;
-use crate::vcpu::{DeadlineKicker, Kicker, Vcpu, VcpuError, VcpuState};
+use crate::vcpu::{fingerprint, DeadlineKicker, Kicker, Vcpu, VcpuError, VcpuState};
 
-const PAGE: usize = 4096;
 /// KVM's TSS address for VMX hosts (three pages below 4 GiB).
 const TSS_ADDR: usize = 0xfffb_d000;
 
@@ -237,42 +238,6 @@ fn region_start<R: vm_memory::GuestMemoryRegion>(r: &R) -> GuestAddress {
 
 fn region_len<R: vm_memory::GuestMemoryRegion>(r: &R) -> u64 {
     r.len()
-}
-
-/// All guest memory as one byte slice (the VM has a single region at 0).
-fn mem_bytes(mem: &GuestMemoryMmap, len: usize) -> &[u8] {
-    let host = mem
-        .get_host_address(GuestAddress(0))
-        .expect("guest memory starts at 0");
-    // SAFETY: the single region starting at guest address 0 is `len` bytes
-    // of mapped memory owned by `mem`, which outlives the slice. It is read
-    // only while the vCPU is outside KVM_RUN (on the vCPU thread), so the
-    // guest does not write it meanwhile.
-    unsafe { std::slice::from_raw_parts(host, len) }
-}
-
-/// Fingerprint of the vCPU: RIP and a hash of the general registers,
-/// RFLAGS and the control registers.
-pub fn fingerprint(vcpu: &Vcpu) -> Fingerprint {
-    let regs = vcpu.fd.get_regs().unwrap_or_default();
-    let sregs = vcpu.fd.get_sregs().unwrap_or_default();
-    let lo = crc32c::crc32c(pod_bytes(&regs)) as u64;
-    let mut c = Vec::with_capacity(48);
-    for v in [
-        sregs.cr0,
-        sregs.cr3,
-        sregs.cr4,
-        sregs.efer,
-        sregs.cs.selector as u64,
-        sregs.ss.selector as u64,
-    ] {
-        c.extend_from_slice(&v.to_le_bytes());
-    }
-    let hi = crc32c::crc32c(&c) as u64;
-    Fingerprint {
-        rip: regs.rip,
-        regs: (hi << 32) | lo,
-    }
 }
 
 /// What a new [`Vm`] is built from (fresh boot or snapshot).
@@ -933,149 +898,5 @@ impl Vm {
         // A kick that raced with the wait leaves immediate_exit set; clear it.
         self.vcpu.fd.set_kvm_immediate_exit(0);
         Ok(())
-    }
-}
-
-/// The content of every page as the last epoch carried it, kept alike by
-/// primary and backup, so that a page carried again travels as an XOR
-/// delta (mostly zeros, which the log's compression removes).
-#[derive(Default)]
-struct EpochPages {
-    last: std::collections::HashMap<u64, Box<[u8]>>,
-}
-
-impl EpochPages {
-    /// Primary: the page to log for `gfn` whose content is now `now`.
-    fn encode(&mut self, gfn: u64, now: &[u8]) -> Page {
-        let page = match self.last.get(&gfn) {
-            Some(prev) => Page {
-                gfn,
-                delta: true,
-                data: now.iter().zip(prev.iter()).map(|(a, b)| a ^ b).collect(),
-            },
-            None => Page {
-                gfn,
-                delta: false,
-                data: now.to_vec(),
-            },
-        };
-        self.last.insert(gfn, now.into());
-        page
-    }
-
-    /// Backup: the page content a logged page stands for.
-    fn decode(&mut self, p: &Page) -> Result<Box<[u8]>, String> {
-        let page: Box<[u8]> = if p.delta {
-            let prev = self.last.get(&p.gfn).ok_or_else(|| {
-                format!(
-                    "delta for page {:#x}, which no earlier epoch carried",
-                    p.gfn
-                )
-            })?;
-            p.data.iter().zip(prev.iter()).map(|(a, b)| a ^ b).collect()
-        } else {
-            p.data.clone().into()
-        };
-        self.last.insert(p.gfn, page.clone());
-        Ok(page)
-    }
-}
-
-/// CRC32C-based digest of guest memory (fast enough to take periodically).
-fn memory_digest(mem: &GuestMemoryMmap, len: usize) -> u64 {
-    let bytes = mem_bytes(mem, len);
-    let mut hi = 0u32;
-    let mut lo = 0u32;
-    for (i, chunk) in bytes.chunks(1 << 20).enumerate() {
-        if i % 2 == 0 {
-            lo = crc32c::crc32c_append(lo, chunk);
-        } else {
-            hi = crc32c::crc32c_append(hi, chunk);
-        }
-    }
-    ((hi as u64) << 32) | lo as u64
-}
-
-/// Memory as a bitmap of non-zero pages followed by those pages.
-fn encode_memory(e: &mut Encoder, mem: &[u8]) {
-    let pages = mem.len() / PAGE;
-    let mut bitmap = vec![0u8; pages.div_ceil(8)];
-    let mut nonzero = Vec::new();
-    for (i, page) in mem.chunks(PAGE).enumerate() {
-        if page.iter().any(|&b| b != 0) {
-            bitmap[i / 8] |= 1 << (i % 8);
-            nonzero.push(i);
-        }
-    }
-    e.u64(pages as u64);
-    e.bytes(&bitmap);
-    for i in nonzero {
-        e.raw(&mem[i * PAGE..(i + 1) * PAGE]);
-    }
-}
-
-fn decode_memory(d: &mut Decoder, mem: &GuestMemoryMmap, len: usize) -> Result<(), SnapshotError> {
-    let pages = d.u64()? as usize;
-    if pages * PAGE != len {
-        return Err(SnapshotError::Invalid(format!(
-            "memory section has {pages} pages, the VM has {}",
-            len / PAGE
-        )));
-    }
-    let bitmap = d.bytes()?;
-    if bitmap.len() != pages.div_ceil(8) {
-        return Err(SnapshotError::Invalid("memory bitmap size".into()));
-    }
-    for i in 0..pages {
-        if bitmap[i / 8] & (1 << (i % 8)) != 0 {
-            mem.write_slice(d.bytes_exact(PAGE)?, GuestAddress((i * PAGE) as u64))
-                .map_err(|e| SnapshotError::Invalid(format!("memory page {i}: {e}")))?;
-        }
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn epoch_page_deltas_round_trip() {
-        let mut primary = EpochPages::default();
-        let mut backup = EpochPages::default();
-        let mut page = vec![0u8; PAGE];
-        page[10] = 1;
-        let first = primary.encode(7, &page);
-        assert!(!first.delta);
-        assert_eq!(&*backup.decode(&first).unwrap(), &page[..]);
-        page[20] = 2;
-        let second = primary.encode(7, &page);
-        assert!(second.delta);
-        assert_eq!(
-            second.data.iter().filter(|&&b| b != 0).count(),
-            1,
-            "only the change"
-        );
-        assert_eq!(&*backup.decode(&second).unwrap(), &page[..]);
-        let orphan = Page {
-            gfn: 9,
-            delta: true,
-            data: vec![0; PAGE],
-        };
-        assert!(backup.decode(&orphan).is_err());
-    }
-
-    #[test]
-    fn sparse_memory_round_trip() {
-        let mut mem = vec![0u8; 16 * PAGE];
-        mem[3 * PAGE + 7] = 1;
-        mem[15 * PAGE] = 0xaa;
-        let mut e = Encoder::new();
-        encode_memory(&mut e, &mem);
-        let bytes = e.into_bytes();
-        assert!(bytes.len() < 3 * PAGE + 64, "zero pages are not stored");
-        let guest = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * PAGE)]).unwrap();
-        decode_memory(&mut Decoder::new(&bytes), &guest, 16 * PAGE).unwrap();
-        assert_eq!(mem_bytes(&guest, 16 * PAGE), &mem[..]);
     }
 }
