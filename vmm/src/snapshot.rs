@@ -283,16 +283,40 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>, SnapshotError> {
     Ok(body)
 }
 
+/// Plain C structs whose bytes may be copied out and back in.
+///
+/// # Safety
+///
+/// Implement only for `repr(C)` structs of integers (and arrays of them)
+/// with no implicit padding, for which every bit pattern is a valid value.
+pub unsafe trait Pod: Default {}
+
+// SAFETY: kvm-bindings' bindgen structs are repr(C) integers and integer
+// arrays, with explicit padding fields; any bit pattern is a valid value.
+unsafe impl Pod for kvm_bindings::kvm_regs {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_bindings::kvm_sregs {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_bindings::kvm_fpu {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_bindings::kvm_xsave {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_bindings::kvm_xcrs {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_bindings::kvm_debugregs {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_bindings::kvm_vcpu_events {}
+
 /// View a plain-old-data value as bytes.
-pub fn pod_bytes<T>(v: &T) -> &[u8] {
-    // SAFETY: the values used here are the kvm-bindings C structs
-    // (integers and arrays of integers, zero-initialised by their Default),
-    // so every byte is initialised; the slice borrows `v` and cannot outlive it.
+pub fn pod_bytes<T: Pod>(v: &T) -> &[u8] {
+    // SAFETY: `T: Pod` is a repr(C) struct of integers without implicit
+    // padding, so every byte is initialised; the slice borrows `v` and
+    // cannot outlive it.
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
 }
 
 /// Rebuild a plain-old-data value from bytes written by [`pod_bytes`].
-pub fn pod_from_bytes<T: Default>(b: &[u8]) -> Result<T, SnapshotError> {
+pub fn pod_from_bytes<T: Pod>(b: &[u8]) -> Result<T, SnapshotError> {
     if b.len() != std::mem::size_of::<T>() {
         return Err(SnapshotError::Invalid(format!(
             "{} is {} bytes, expected {}",
@@ -303,8 +327,7 @@ pub fn pod_from_bytes<T: Default>(b: &[u8]) -> Result<T, SnapshotError> {
     }
     let mut v = T::default();
     // SAFETY: the destination is a valid, aligned `T` of exactly `b.len()`
-    // bytes, and every bit pattern is a valid value of the kvm-bindings
-    // integer structs this is used for.
+    // bytes, and every bit pattern is a valid `T` (the `Pod` contract).
     unsafe {
         std::ptr::copy_nonoverlapping(b.as_ptr(), &mut v as *mut T as *mut u8, b.len());
     }
