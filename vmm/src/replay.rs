@@ -45,9 +45,19 @@ pub fn describe_exit(r: &ExitRecord) -> String {
     }
 }
 
+fn source_name(s: ValueSource) -> &'static str {
+    match s {
+        ValueSource::Clock => "clock",
+        ValueSource::WallClock => "wall-clock",
+    }
+}
+
 fn describe_item(i: &Item) -> String {
     match i {
         Item::Exit(n, r) => format!("{} as exit {n}", describe_exit(r)),
+        Item::Entry(Entry::Value { pos, source, .. }) => {
+            format!("read the {} during exit {pos}", source_name(*source))
+        }
         Item::Entry(e) => format!("logged a {} entry at exit {}", e.kind(), entry_pos(e)),
     }
 }
@@ -194,7 +204,7 @@ impl ReplayDoor {
     }
 
     fn value(&mut self, pos: u64, source: ValueSource) -> Result<u64, DoorError> {
-        let backup = format!("read the {source:?} clock during exit {pos}");
+        let backup = format!("read the {} during exit {pos}", source_name(source));
         match self.peek()? {
             Some(Item::Entry(Entry::Value {
                 pos: p,
@@ -349,5 +359,129 @@ impl Door for ReplayDoor {
 
     fn wait(&mut self, _deadline_ns: Option<u64>) -> Wake {
         Wake::Deadline
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nondet::LiveDoor;
+    use crate::record::RecordDoor;
+    use crate::vcpu::Kicker;
+
+    fn header() -> LogHeader {
+        LogHeader {
+            kernel: "k".into(),
+            initrd: None,
+            mem_mib: 64,
+            cmdline: String::new(),
+            config_hash: "00".into(),
+            recorder: "test".into(),
+        }
+    }
+
+    fn out(port: u64, data: u64) -> ExitRecord {
+        ExitRecord {
+            kind: ExitKind::PioOut,
+            addr: port,
+            data,
+        }
+    }
+
+    fn fp(rip: u64) -> Fingerprint {
+        Fingerprint { rip, regs: 1 }
+    }
+
+    /// Record a short session through the record door, return the log path.
+    fn record(dir: &std::path::Path) -> (std::path::PathBuf, u64) {
+        let path = dir.join("t.log");
+        let live = LiveDoor::new(0, None, Kicker::for_current_thread());
+        let mut r = RecordDoor::create(&path, &header(), live).unwrap();
+        r.exit(1, out(0x43, 0x34)).unwrap();
+        let clock = r.clock_ns(1).unwrap();
+        r.exit(2, out(0x3f8, b'a' as u64)).unwrap();
+        let due = r.due(2, Some(0), 16).unwrap();
+        assert!(due.timer_now.is_some(), "deadline 0 is due");
+        r.interrupt(2, Some(0x30), &mut || fp(0x1000)).unwrap();
+        r.exit(3, out(0x64, 0xfe)).unwrap();
+        r.end(3, Some(("reset".into(), "d1g".into()))).unwrap();
+        drop(r);
+        (path, clock)
+    }
+
+    #[test]
+    fn replay_returns_what_was_recorded_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, clock) = record(dir.path());
+        let mut p = ReplayDoor::open(&path).unwrap();
+        assert_eq!(p.header().mem_mib, 64);
+        p.exit(1, out(0x43, 0x34)).unwrap();
+        assert_eq!(p.clock_ns(1).unwrap(), clock);
+        p.exit(2, out(0x3f8, b'a' as u64)).unwrap();
+        assert!(p.due(2, None, 16).unwrap().timer_now.is_some());
+        assert_eq!(
+            p.interrupt(2, Some(0x30), &mut || fp(0x1000)).unwrap(),
+            Some(0x30)
+        );
+        assert_eq!(
+            p.interrupt(2, Some(0x30), &mut || fp(0x1000)).unwrap(),
+            None,
+            "consumed"
+        );
+        p.exit(3, out(0x64, 0xfe)).unwrap();
+        assert_eq!(
+            p.end(3, None).unwrap(),
+            Some(("reset".into(), "d1g".into()))
+        );
+    }
+
+    #[test]
+    fn a_different_exit_is_a_divergence_naming_both_sides() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = record(dir.path());
+        let mut p = ReplayDoor::open(&path).unwrap();
+        p.exit(1, out(0x43, 0x34)).unwrap();
+        // The backup skips the clock read and writes elsewhere.
+        match p.exit(2, out(0x3f8, b'b' as u64)) {
+            Err(DoorError::Divergence {
+                exit,
+                primary,
+                backup,
+            }) => {
+                assert_eq!(exit, 2);
+                assert!(primary.contains("clock"), "{primary}");
+                assert!(backup.contains("0x62"), "{backup}");
+            }
+            other => panic!("expected a divergence, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn wrong_interrupt_state_is_a_divergence() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = record(dir.path());
+        let mut p = ReplayDoor::open(&path).unwrap();
+        p.exit(1, out(0x43, 0x34)).unwrap();
+        p.clock_ns(1).unwrap();
+        p.exit(2, out(0x3f8, b'a' as u64)).unwrap();
+        p.due(2, None, 16).unwrap();
+        let e = p.interrupt(2, Some(0x30), &mut || fp(0x2000)).unwrap_err();
+        assert!(matches!(e, DoorError::Divergence { exit: 2, .. }), "{e}");
+    }
+
+    #[test]
+    fn a_log_cut_at_a_frame_boundary_ends_the_replay_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = record(dir.path());
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, frames) = ft_log::decode_all(&bytes).unwrap();
+        let cut = dir.path().join("cut.log");
+        std::fs::write(&cut, &bytes[..frames[1].offset as usize]).unwrap();
+        let mut p = ReplayDoor::open(&cut).unwrap();
+        p.exit(1, out(0x43, 0x34)).unwrap();
+        assert!(matches!(
+            p.clock_ns(1),
+            Err(DoorError::LogEnded { exit: 1 })
+        ));
     }
 }
