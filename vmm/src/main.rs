@@ -213,6 +213,41 @@ fn boot_config(args: BootArgs) -> Result<BootConfig> {
     })
 }
 
+/// While alive, the terminal on stdin passes keys straight to the guest
+/// (no line editing, no local echo: the guest's tty echoes); Ctrl-C still
+/// stops vmft. The previous settings come back on drop, also on errors.
+struct RawTerminal {
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    fn enter() -> Option<RawTerminal> {
+        if !io::stdin().is_terminal() {
+            return None;
+        }
+        // SAFETY: termios is a plain C struct; tcgetattr fills it for fd 0.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd 0 is open (it is a terminal) and `saved` is valid for writes.
+        if unsafe { libc::tcgetattr(0, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        raw.c_lflag &= !(libc::ICANON | libc::ECHO);
+        raw.c_cc[libc::VMIN] = 1;
+        raw.c_cc[libc::VTIME] = 0;
+        // SAFETY: `raw` is a valid termios derived from the current one.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &raw) };
+        Some(RawTerminal { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read from fd 0 in `enter`.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.saved) };
+    }
+}
+
 fn stdin_input(no_stdin: bool) -> Option<Box<dyn io::Read + Send>> {
     if no_stdin {
         None
@@ -228,9 +263,11 @@ fn run(args: RunArgs) -> Result<()> {
         console_in: stdin_input(args.no_stdin),
         console_out: Box::new(io::stdout()),
     };
-    if io::stdin().is_terminal() && args.boot.workload == "shell" {
-        eprintln!("vmft: console input is line-buffered by the terminal");
-    }
+    let _raw = if args.no_stdin {
+        None
+    } else {
+        RawTerminal::enter()
+    };
     let mut vm = if let Some(snap) = &args.restore {
         Vm::restore(snap, opts).context("cannot restore")?
     } else {
@@ -259,6 +296,11 @@ fn record(args: RecordArgs) -> Result<()> {
         snapshot_on_ready: None,
         console_in: stdin_input(args.no_stdin),
         console_out: Box::new(io::stdout()),
+    };
+    let _raw = if args.no_stdin {
+        None
+    } else {
+        RawTerminal::enter()
     };
     let mut vm = Vm::boot(&cfg, opts).context("cannot boot")?;
     let result = vm.run();
