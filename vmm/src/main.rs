@@ -190,6 +190,10 @@ struct ReplayArgs {
     /// Print exit statistics at the end.
     #[arg(long)]
     stats: bool,
+    /// If the log ends without an end entry (the primary stopped), continue
+    /// the VM live from there: console on stdout and stdin.
+    #[arg(long)]
+    go_live: bool,
 }
 
 fn boot_config(args: BootArgs) -> Result<BootConfig> {
@@ -354,10 +358,26 @@ fn replay(args: ReplayArgs) -> Result<()> {
         ),
         None => Box::new(io::sink()),
     };
+    let live_out: Option<Box<dyn io::Write + Send>> = if args.go_live {
+        Some(Box::new(io::stdout()))
+    } else {
+        None
+    };
+    if args.go_live && args.log.as_os_str() == "-" {
+        bail!("--go-live needs stdin for the console; give the log as a file");
+    }
+    let console_in: Option<Box<dyn io::Read + Send>> = if args.go_live {
+        Some(Box::new(io::stdin()))
+    } else {
+        None
+    };
     let opts = RunOptions {
-        ft: FtMode::Replay(Box::new(door)),
+        ft: FtMode::Replay {
+            door: Box::new(door),
+            live_out,
+        },
         snapshot_on_ready: None,
-        console_in: None,
+        console_in,
         console_out,
     };
     let mut vm = Vm::boot(&cfg, opts).context("cannot boot")?;

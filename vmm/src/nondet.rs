@@ -247,6 +247,18 @@ impl LiveDoor {
         }
     }
 
+    /// Continue the guest clock from `base_ns` now (a backup going live
+    /// continues from the last time the guest saw).
+    pub fn rebase(&mut self, base_ns: u64) {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        self.start = Instant::now();
+        self.base_ns = base_ns;
+        self.wall_base = wall - (base_ns / 1_000_000_000) as i64;
+    }
+
     /// The guest clock now.
     pub fn now_ns(&self) -> u64 {
         self.base_ns + self.start.elapsed().as_nanos() as u64

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use ft_log::{Decoder, Entry, Epoch, ExitKind, ExitRecord, Fingerprint, LogHeader, ValueSource};
 
-use crate::nondet::{Door, DoorError, Due, Mode, Wake};
+use crate::nondet::{Door, DoorError, Due, LiveDoor, Mode, Wake};
 
 #[derive(Debug)]
 enum Item {
@@ -70,9 +70,47 @@ pub struct ReplayDoor {
     items: VecDeque<Item>,
     eof: bool,
     header: LogHeader,
+    /// Where to continue when the log ends without an end entry.
+    live: Option<LiveDoor>,
+    gone_live_at: Option<u64>,
+    last_clock_ns: u64,
 }
 
 impl ReplayDoor {
+    /// When the log ends without an end entry (the primary stopped), go on
+    /// with `live` instead of failing: the backup takes over.
+    pub fn go_live_on_end(&mut self, live: LiveDoor) {
+        self.live = Some(live);
+    }
+
+    /// The exit at which the backup went live, if it did.
+    pub fn gone_live_at(&self) -> Option<u64> {
+        self.gone_live_at
+    }
+
+    /// The log is exhausted at exit `pos`: go live if allowed.
+    fn log_ended(&mut self, pos: u64) -> Result<&mut LiveDoor, DoorError> {
+        match self.live.as_mut() {
+            Some(live) => {
+                if self.gone_live_at.is_none() {
+                    live.rebase(self.last_clock_ns);
+                    self.gone_live_at = Some(pos);
+                    tracing::info!(exit = pos, "log ended without an end entry: going live");
+                }
+                Ok(live)
+            }
+            None => Err(DoorError::LogEnded { exit: pos }),
+        }
+    }
+
+    fn live_now(&mut self) -> Option<&mut LiveDoor> {
+        if self.gone_live_at.is_some() {
+            self.live.as_mut()
+        } else {
+            None
+        }
+    }
+
     /// Open a log file and read its header.
     pub fn open(path: &Path) -> Result<Self, DoorError> {
         let p = path.display().to_string();
@@ -91,6 +129,9 @@ impl ReplayDoor {
             path: name,
             items: VecDeque::new(),
             eof: false,
+            live: None,
+            gone_live_at: None,
+            last_clock_ns: 0,
             header: LogHeader {
                 kernel: String::new(),
                 initrd: None,
@@ -213,20 +254,36 @@ impl ReplayDoor {
             })) if *p == pos && *s == source => {
                 let v = *value;
                 self.take();
+                if source == ValueSource::Clock {
+                    self.last_clock_ns = self.last_clock_ns.max(v);
+                }
                 Ok(v)
             }
             Some(other) => Err(Self::diverge(pos, describe_item(other), backup)),
-            None => Err(DoorError::LogEnded { exit: pos }),
+            None => {
+                let live = self.log_ended(pos)?;
+                match source {
+                    ValueSource::Clock => live.clock_ns(pos),
+                    ValueSource::WallClock => live.wall_clock_secs(pos).map(|v| v as u64),
+                }
+            }
         }
     }
 }
 
 impl Door for ReplayDoor {
     fn mode(&self) -> Mode {
-        Mode::Replay
+        if self.gone_live_at.is_some() {
+            Mode::Live
+        } else {
+            Mode::Replay
+        }
     }
 
     fn exit(&mut self, pos: u64, rec: ExitRecord) -> Result<(), DoorError> {
+        if let Some(live) = self.live_now() {
+            return live.exit(pos, rec);
+        }
         let backup = format!("{} as exit {pos}", describe_exit(&rec));
         match self.peek()? {
             Some(Item::Exit(n, r)) if *n == pos && *r == rec => {
@@ -234,7 +291,7 @@ impl Door for ReplayDoor {
                 Ok(())
             }
             Some(other) => Err(Self::diverge(pos, describe_item(other), backup)),
-            None => Err(DoorError::LogEnded { exit: pos }),
+            None => self.log_ended(pos)?.exit(pos, rec),
         }
     }
 
@@ -268,8 +325,11 @@ impl Door for ReplayDoor {
         Ok(due)
     }
 
-    fn pending(&mut self, _timer_deadline: Option<u64>) -> bool {
-        false
+    fn pending(&mut self, timer_deadline: Option<u64>) -> bool {
+        match self.live_now() {
+            Some(live) => live.pending(timer_deadline),
+            None => false,
+        }
     }
 
     fn interrupt(
@@ -278,6 +338,9 @@ impl Door for ReplayDoor {
         offer: Option<u8>,
         fp: &mut dyn FnMut() -> Fingerprint,
     ) -> Result<Option<u8>, DoorError> {
+        if let Some(live) = self.live_now() {
+            return live.interrupt(pos, offer, fp);
+        }
         let Some(Entry::Interrupt {
             vector,
             fingerprint,
@@ -357,8 +420,11 @@ impl Door for ReplayDoor {
         )
     }
 
-    fn wait(&mut self, _deadline_ns: Option<u64>) -> Wake {
-        Wake::Deadline
+    fn wait(&mut self, deadline_ns: Option<u64>) -> Wake {
+        match self.live_now() {
+            Some(live) => live.wait(deadline_ns),
+            None => Wake::Deadline,
+        }
     }
 }
 

@@ -153,7 +153,13 @@ pub enum FtMode {
         epoch_bound: Duration,
     },
     /// Replay from an opened log.
-    Replay(Box<ReplayDoor>),
+    Replay {
+        /// The log.
+        door: Box<ReplayDoor>,
+        /// Where console output goes if the backup goes live (the log
+        /// ended without an end entry and `door` was told to go on).
+        live_out: Option<Box<dyn Write + Send>>,
+    },
 }
 
 /// Options of a run beyond the boot configuration.
@@ -180,6 +186,8 @@ pub struct Vm {
     mode: Mode,
     epoch_bound: Duration,
     epochs: u64,
+    /// Console sink to switch to when a backup goes live.
+    live_console: Option<Box<dyn Write + Send>>,
     epoch_pages: EpochPages,
     vmfd: VmFd,
     clock_start: Instant,
@@ -276,6 +284,7 @@ impl Vm {
             pos,
         } = parts;
         let live = LiveDoor::new(clock_ns, opts.console_in, kicker);
+        let mut live_console = None;
         let (door, mode, epoch_bound): (Box<dyn Door>, Mode, Duration) = match opts.ft {
             FtMode::Live => (Box::new(live), Mode::Live, Duration::MAX),
             FtMode::Record {
@@ -287,7 +296,13 @@ impl Vm {
                 Mode::Record,
                 epoch_bound,
             ),
-            FtMode::Replay(door) => (door, Mode::Replay, Duration::MAX),
+            FtMode::Replay { mut door, live_out } => {
+                if live_out.is_some() {
+                    door.go_live_on_end(live);
+                }
+                live_console = live_out;
+                (door, Mode::Replay, Duration::MAX)
+            }
         };
         Ok(Vm {
             _kvm: kvm,
@@ -300,6 +315,7 @@ impl Vm {
             mode,
             epoch_bound,
             epochs: 0,
+            live_console,
             epoch_pages: EpochPages::default(),
             vmfd,
             clock_start: Instant::now(),
@@ -499,7 +515,7 @@ impl Vm {
         // each time on priority and starve the UART; a late tick is what
         // the guest would see from a slow PIT. Depends only on PIC state,
         // so primary and backup decide alike.
-        let timer_deadline = if self.mode != Mode::Live && self.devices.pic.has_request() {
+        let timer_deadline = if self.door.mode() != Mode::Live && self.devices.pic.has_request() {
             None
         } else {
             self.devices.pit.next_irq0_ns()
@@ -521,7 +537,7 @@ impl Vm {
             let run = self.vcpu.fd.get_kvm_run();
             let ready = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
             // The replayer injects where the log says; it offers what its PIC has.
-            if ready || self.mode == Mode::Replay {
+            if ready || self.door.mode() == Mode::Replay {
                 self.devices.pic.clone().acknowledge()
             } else {
                 None
@@ -556,7 +572,7 @@ impl Vm {
         // epoch. (Single-stepping guest-kernel code until it can take the
         // interrupt was measured too: exact, but it doubled the epochs of a
         // Linux boot and slowed it down, so it is not used.)
-        if self.mode == Mode::Live {
+        if self.door.mode() == Mode::Live {
             let more = self.devices.pic.has_interrupt();
             self.vcpu.fd.get_kvm_run().request_interrupt_window = more as u8;
         }
@@ -571,7 +587,7 @@ impl Vm {
         self.door.check(pos, &mut |with_mem| {
             (fingerprint(vcpu), with_mem.then(|| memory_digest(mem, len)))
         })?;
-        if self.mode == Mode::Replay {
+        if self.door.mode() == Mode::Replay {
             // The primary cut epochs after this exit: install each one
             // instead of executing the stretch, then its events.
             while let Some(epoch) = self.door.epoch(pos, None)? {
@@ -701,7 +717,7 @@ impl Vm {
         let reason = exit.to_string();
         let digest = self.state_digest();
         let pos = self.positions.now().exit;
-        match self.mode {
+        match self.door.mode() {
             Mode::Live => {}
             Mode::Record => {
                 self.door.end(pos, Some((reason, digest)))?;
@@ -738,12 +754,16 @@ impl Vm {
         let mut counted = true;
         let mut last_exit_at = Instant::now();
         loop {
-            if counted || self.mode == Mode::Live {
+            let mode = self.door.mode();
+            if mode != self.mode {
+                self.went_live()?;
+            }
+            if counted || mode == Mode::Live {
                 self.boundary()?;
-            } else if self.mode == Mode::Record {
+            } else if mode == Mode::Record {
                 self.kick_boundary(&mut last_exit_at)?;
             }
-            if self.mode != Mode::Replay {
+            if self.door.mode() != Mode::Replay {
                 let now = self.door_clock_hint();
                 let next = self.devices.pit.next_irq0_ns();
                 if counted {
@@ -874,6 +894,21 @@ impl Vm {
                 last_exit_at = Instant::now();
             }
         }
+    }
+
+    /// The replay door went live (its log ended without an end entry):
+    /// from here on this VM is the primary.
+    fn went_live(&mut self) -> Result<(), VmError> {
+        let exit = self.positions.now().exit;
+        eprintln!("vmft: the log ends at exit {exit} without an end entry: the backup goes live");
+        if let Some(out) = self.live_console.take() {
+            self.devices.serial.console().set_sink(out);
+        }
+        // Clocks continue from the last logged time; re-arm host-side hints.
+        self.clock_start = Instant::now();
+        self.clock_base_ns = self.door.clock_ns(exit)?;
+        self.mode = Mode::Live;
+        Ok(())
     }
 
     /// Host-side estimate of the guest clock for arming the deadline kicker

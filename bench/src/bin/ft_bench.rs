@@ -83,7 +83,13 @@ fn main() {
             },
         );
         let door = ReplayDoor::open(Path::new(&log)).expect("open log");
-        let rep = run(&cfg, FtMode::Replay(Box::new(door)));
+        let rep = run(
+            &cfg,
+            FtMode::Replay {
+                door: Box::new(door),
+                live_out: None,
+            },
+        );
         let rs = rec.record.clone().unwrap();
         let n = rs.epochs.len().max(1) as f64;
         let pages_mean = rs.epochs.iter().map(|e| e.pages).sum::<usize>() as f64 / n;

@@ -98,6 +98,12 @@ impl ConsoleOut {
         self.line.clear();
     }
 
+    /// Send further output to `sink` (a backup that goes live).
+    pub fn set_sink(&mut self, sink: Box<dyn Write + Send>) {
+        let _ = self.sink.flush();
+        self.sink = sink;
+    }
+
     /// Take the events recognised since the last call.
     pub fn take_events(&mut self) -> Vec<ConsoleEvent> {
         std::mem::take(&mut self.events)
