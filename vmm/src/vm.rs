@@ -183,7 +183,10 @@ pub struct Vm {
     cmdline: String,
     devices: Devices,
     door: Box<dyn Door>,
+    /// The role the VM has been running in; `door.mode()` says the role
+    /// now, and a difference means a backup just went live.
     mode: Mode,
+    /// Longest exit-free stretch before the recorder cuts an epoch.
     epoch_bound: Duration,
     epochs: u64,
     /// Console sink to switch to when a backup goes live.
