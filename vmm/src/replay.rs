@@ -303,11 +303,15 @@ impl Door for ReplayDoor {
         self.value(pos, ValueSource::WallClock).map(|v| v as i64)
     }
 
-    fn due(&mut self, pos: u64, _deadline: Option<u64>, rx_room: usize) -> Result<Due, DoorError> {
+    fn due(&mut self, pos: u64, deadline: Option<u64>, rx_room: usize) -> Result<Due, DoorError> {
+        if let Some(live) = self.live_now() {
+            return live.due(pos, deadline, rx_room);
+        }
         let mut due = Due::default();
         if let Some(Entry::Timer { now_ns, .. }) =
             self.take_if(pos, |e| matches!(e, Entry::Timer { .. }))?
         {
+            self.last_clock_ns = self.last_clock_ns.max(now_ns);
             due.timer_now = Some(now_ns);
         }
         if let Some(Entry::ConsoleInput { bytes, .. }) =
@@ -533,6 +537,40 @@ mod tests {
         p.due(2, None, 16).unwrap();
         let e = p.interrupt(2, Some(0x30), &mut || fp(0x2000)).unwrap_err();
         assert!(matches!(e, DoorError::Divergence { exit: 2, .. }), "{e}");
+    }
+
+    #[test]
+    fn going_live_hands_every_later_call_to_the_live_door() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, clock) = record(dir.path());
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, frames) = ft_log::decode_all(&bytes).unwrap();
+        // Keep everything up to (not including) the end entry.
+        let cut = dir.path().join("no-end.log");
+        std::fs::write(&cut, &bytes[..frames.last().unwrap().offset as usize]).unwrap();
+        let mut p = ReplayDoor::open(&cut).unwrap();
+        p.go_live_on_end(LiveDoor::new(0, None, Kicker::for_current_thread()));
+        p.exit(1, out(0x43, 0x34)).unwrap();
+        p.clock_ns(1).unwrap();
+        p.exit(2, out(0x3f8, b'a' as u64)).unwrap();
+        p.due(2, None, 16).unwrap();
+        p.interrupt(2, Some(0x30), &mut || fp(0x1000)).unwrap();
+        p.exit(3, out(0x64, 0xfe)).unwrap();
+        assert_eq!(p.mode(), Mode::Replay, "still replaying: exit 3 is logged");
+        // Exit 4 is past the log: the backup goes live.
+        p.exit(4, out(0x3f8, b'z' as u64)).unwrap();
+        assert_eq!(p.mode(), Mode::Live);
+        assert_eq!(p.gone_live_at(), Some(4));
+        assert!(
+            p.clock_ns(4).unwrap() >= clock,
+            "the clock does not go back"
+        );
+        let due = p.due(4, Some(0), 16).unwrap();
+        assert!(due.timer_now.is_some(), "timers are due again when live");
+        assert_eq!(
+            p.interrupt(4, Some(0x30), &mut || fp(0)).unwrap(),
+            Some(0x30)
+        );
     }
 
     #[test]

@@ -882,6 +882,10 @@ impl Vm {
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     // A kick (signal or immediate_exit): not a guest-caused exit.
+                    if tracing::enabled!(tracing::Level::TRACE) {
+                        let rip = self.vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                        tracing::trace!(rip = format!("{rip:#x}"), "kick");
+                    }
                     counted = false;
                     self.stats.exit("kick");
                     self.vcpu.fd.set_kvm_immediate_exit(0);
@@ -911,6 +915,11 @@ impl Vm {
         self.clock_start = Instant::now();
         self.clock_base_ns = self.door.clock_ns(exit)?;
         self.mode = Mode::Live;
+        tracing::debug!(
+            clock_ns = self.clock_base_ns,
+            next_tick_ns = ?self.devices.pit.next_irq0_ns(),
+            "live"
+        );
         Ok(())
     }
 

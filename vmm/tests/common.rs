@@ -167,3 +167,28 @@ pub fn spawn_and_type(mut cmd: Command, marker: &str, text: &str) -> (String, Ou
     let out = child.wait_with_output().unwrap();
     (stdout, out)
 }
+
+/// Run `cmd` to completion, killing it and failing the test if it takes
+/// longer than `secs` (a hung VM must fail the test, not stall CI).
+pub fn output_within(mut cmd: Command, secs: u64) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed().as_secs() > secs {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "command did not finish within {secs} s; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
