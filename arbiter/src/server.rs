@@ -213,18 +213,7 @@ async fn read_frame(
     };
     let len = match frame_len(prefix) {
         Ok(n) => n,
-        Err(e) => {
-            let _ = send(
-                s,
-                &Response::Error {
-                    id: 0,
-                    code: ErrorCode::BadRequest,
-                    message: e.to_string(),
-                },
-            )
-            .await;
-            return Err(ConnError::Refused(e.to_string()));
-        }
+        Err(e) => return Err(refuse(s, ErrorCode::BadRequest, e.to_string()).await),
     };
     let mut body = vec![0u8; len];
     match timeout(frame, s.read_exact(&mut body)).await {
@@ -237,6 +226,17 @@ async fn read_frame(
             Ok(body)
         }
     }
+}
+
+/// Tell the peer why (best effort) and end the connection.
+async fn refuse(s: &mut TcpStream, code: ErrorCode, message: String) -> ConnError {
+    let r = Response::Error {
+        id: 0,
+        code,
+        message: message.clone(),
+    };
+    let _ = send(s, &r).await;
+    ConnError::Refused(message)
 }
 
 async fn send(s: &mut TcpStream, r: &Response) -> Result<(), ConnError> {
@@ -261,16 +261,8 @@ async fn handle(
         }
         Ok(Request::Hello { .. }) | Ok(_) => {
             warn!(?peer, "refused a client with a wrong or missing token");
-            let _ = send(
-                &mut s,
-                &Response::Error {
-                    id: 0,
-                    code: ErrorCode::Unauthenticated,
-                    message: "wrong or missing token".into(),
-                },
-            )
-            .await;
-            return Err(ConnError::Refused("unauthenticated".into()));
+            let message = "wrong or missing token".to_string();
+            return Err(refuse(&mut s, ErrorCode::Unauthenticated, message).await);
         }
         Err(e) => {
             warn!(?peer, error = %e, "refused a malformed handshake");
@@ -279,16 +271,7 @@ async fn handle(
             } else {
                 ErrorCode::BadRequest
             };
-            let _ = send(
-                &mut s,
-                &Response::Error {
-                    id: 0,
-                    code,
-                    message: e.to_string(),
-                },
-            )
-            .await;
-            return Err(ConnError::Refused(e.to_string()));
+            return Err(refuse(&mut s, code, e.to_string()).await);
         }
     }
     loop {
@@ -297,16 +280,7 @@ async fn handle(
             Ok(r) => r,
             Err(e) => {
                 warn!(?peer, error = %e, "malformed request; closing");
-                let _ = send(
-                    &mut s,
-                    &Response::Error {
-                        id: 0,
-                        code: ErrorCode::BadRequest,
-                        message: e.to_string(),
-                    },
-                )
-                .await;
-                return Err(ConnError::Refused(e.to_string()));
+                return Err(refuse(&mut s, ErrorCode::BadRequest, e.to_string()).await);
             }
         };
         let resp = match req {

@@ -132,6 +132,34 @@ fn decode_payload(p: &[u8]) -> Option<(String, u64, String)> {
     (end == p.len()).then_some((vm, generation, owner))
 }
 
+/// Write exactly `decisions` (in `order`) as the log in `dir`, atomically
+/// (temporary file, fsync, rename, fsync of the directory), and return the
+/// new log opened for appending.
+fn write_log(
+    dir: &Path,
+    order: &[(String, u64)],
+    decisions: &HashMap<(String, u64), String>,
+) -> Result<File, StoreError> {
+    let path = dir.join(LOG_NAME);
+    let tmp = dir.join(format!("{LOG_NAME}.tmp"));
+    let io = |source| StoreError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut buf = HEADER.to_vec();
+    for key in order {
+        buf.extend_from_slice(&encode_record(&key.0, key.1, &decisions[key]));
+    }
+    {
+        let mut f = File::create(&tmp).map_err(io)?;
+        f.write_all(&buf).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    sync_dir(dir).map_err(io)?;
+    OpenOptions::new().append(true).open(&path).map_err(io)
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -228,18 +256,17 @@ impl Store {
             }
         }
         recovery.decisions = decisions.len();
-        let mut store = Store {
+        let file = if rewrite {
+            write_log(dir, &order, &decisions)?
+        } else {
+            OpenOptions::new().append(true).open(&path).map_err(io)?
+        };
+        let store = Store {
             dir: dir.to_path_buf(),
-            // Replaced below; opening read-only first keeps the type simple.
-            file: File::open(dir).map_err(io)?,
+            file,
             decisions,
             order,
         };
-        if rewrite {
-            store.compact()?;
-        } else {
-            store.file = OpenOptions::new().append(true).open(&path).map_err(io)?;
-        }
         info!(decisions = recovery.decisions, "arbiter store open");
         Ok((store, recovery))
     }
@@ -251,24 +278,7 @@ impl Store {
 
     /// Rewrite the log with exactly the current decisions, atomically.
     pub fn compact(&mut self) -> Result<(), StoreError> {
-        let path = self.log_path();
-        let tmp = self.dir.join(format!("{LOG_NAME}.tmp"));
-        let io = |source| StoreError::Io {
-            path: path.clone(),
-            source,
-        };
-        let mut buf = HEADER.to_vec();
-        for key in &self.order {
-            buf.extend_from_slice(&encode_record(&key.0, key.1, &self.decisions[key]));
-        }
-        {
-            let mut f = File::create(&tmp).map_err(io)?;
-            f.write_all(&buf).map_err(io)?;
-            f.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        sync_dir(&self.dir).map_err(io)?;
-        self.file = OpenOptions::new().append(true).open(&path).map_err(io)?;
+        self.file = write_log(&self.dir, &self.order, &self.decisions)?;
         Ok(())
     }
 

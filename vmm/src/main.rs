@@ -75,7 +75,10 @@ fn show_log(args: LogArgs) -> Result<()> {
             .with_context(|| format!("log {}", args.log.display()))?
         {
             let (lo, hi) = match &fr.entry {
-                Entry::Exits { first, exits } => (*first, first + exits.len() as u64 - 1),
+                Entry::Exits { first, exits } => (
+                    *first,
+                    first.saturating_add((exits.len() as u64).saturating_sub(1)),
+                ),
                 Entry::Value { pos, .. }
                 | Entry::Timer { pos, .. }
                 | Entry::ConsoleInput { pos, .. }
@@ -90,7 +93,7 @@ fn show_log(args: LogArgs) -> Result<()> {
             match &fr.entry {
                 Entry::Exits { first, exits } => {
                     for (i, x) in exits.iter().enumerate() {
-                        let n = first + i as u64;
+                        let n = first.saturating_add(i as u64);
                         if n >= args.from && n <= args.to {
                             println!(
                                 "#{} exit {n}: {:?} {:#x} {:#x}",
@@ -318,8 +321,14 @@ fn record(args: RecordArgs) -> Result<()> {
     let exit = result.with_context(|| format!("recording to {} failed", args.log.display()))?;
     eprintln!("vmft: {exit}");
     eprintln!("vmft: exits {} epochs {}", vm.position().exit, vm.epochs());
-    eprintln!("vmft: final state digest {}", vm.state_digest());
+    eprintln!("vmft: final state digest {}", vm.final_digest());
     Ok(())
+}
+
+/// The first 16 characters of a hash (all of it if shorter: it may come
+/// from a damaged log header).
+fn short(hash: &str) -> &str {
+    hash.get(..16).unwrap_or(hash)
 }
 
 fn replay(args: ReplayArgs) -> Result<()> {
@@ -348,8 +357,8 @@ fn replay(args: ReplayArgs) -> Result<()> {
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| "none".into()),
-            &h.config_hash[..16],
-            &hash[..16]
+            short(&h.config_hash),
+            short(&hash)
         );
     }
     let console_out: Box<dyn io::Write + Send> = match &args.serial_out {
@@ -388,7 +397,7 @@ fn replay(args: ReplayArgs) -> Result<()> {
     let exit = result.with_context(|| format!("replay of {} failed", args.log.display()))?;
     eprintln!("vmft: {exit}");
     eprintln!("vmft: exits {} epochs {}", vm.position().exit, vm.epochs());
-    eprintln!("vmft: final state digest {}", vm.state_digest());
+    eprintln!("vmft: final state digest {}", vm.final_digest());
     Ok(())
 }
 

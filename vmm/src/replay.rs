@@ -69,6 +69,8 @@ pub struct ReplayDoor {
     path: String,
     items: VecDeque<Item>,
     eof: bool,
+    /// Read buffer, reused.
+    buf: Vec<u8>,
     header: LogHeader,
     /// Where to continue when the log ends without an end entry.
     live: Option<LiveDoor>,
@@ -129,6 +131,7 @@ impl ReplayDoor {
             path: name,
             items: VecDeque::new(),
             eof: false,
+            buf: vec![0u8; 1 << 16],
             live: None,
             gone_live_at: None,
             last_clock_ns: 0,
@@ -172,9 +175,8 @@ impl ReplayDoor {
         if self.eof {
             return Ok(false);
         }
-        let mut buf = vec![0u8; 1 << 16];
         let n = loop {
-            match self.source.read(&mut buf) {
+            match self.source.read(&mut self.buf) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(source) => {
@@ -189,7 +191,7 @@ impl ReplayDoor {
             self.eof = true;
             return Ok(false);
         }
-        self.decoder.push(&buf[..n]);
+        self.decoder.push(&self.buf[..n]);
         Ok(true)
     }
 
@@ -201,7 +203,8 @@ impl ReplayDoor {
                 Some(f) => match f.entry {
                     Entry::Exits { first, exits } => {
                         for (i, r) in exits.into_iter().enumerate() {
-                            self.items.push_back(Item::Exit(first + i as u64, r));
+                            self.items
+                                .push_back(Item::Exit(first.saturating_add(i as u64), r));
                         }
                     }
                     other => self.items.push_back(Item::Entry(other)),
@@ -296,10 +299,16 @@ impl Door for ReplayDoor {
     }
 
     fn clock_ns(&mut self, pos: u64) -> Result<u64, DoorError> {
+        if let Some(live) = self.live_now() {
+            return live.clock_ns(pos);
+        }
         self.value(pos, ValueSource::Clock)
     }
 
     fn wall_clock_secs(&mut self, pos: u64) -> Result<i64, DoorError> {
+        if let Some(live) = self.live_now() {
+            return live.wall_clock_secs(pos);
+        }
         self.value(pos, ValueSource::WallClock).map(|v| v as i64)
     }
 

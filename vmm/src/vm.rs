@@ -188,6 +188,8 @@ pub struct Vm {
     mode: Mode,
     /// Longest exit-free stretch before the recorder cuts an epoch.
     epoch_bound: Duration,
+    /// Digest of the state the run ended in, once taken.
+    final_digest: Option<String>,
     epochs: u64,
     /// Console sink to switch to when a backup goes live.
     live_console: Option<Box<dyn Write + Send>>,
@@ -317,6 +319,7 @@ impl Vm {
             door,
             mode,
             epoch_bound,
+            final_digest: None,
             epochs: 0,
             live_console,
             epoch_pages: EpochPages::default(),
@@ -608,10 +611,8 @@ impl Vm {
         if !self.door.pending(deadline) && !self.devices.pic.has_interrupt() {
             return Ok(());
         }
-        let since = last_exit_at.elapsed();
-        if since < self.epoch_bound {
-            self.deadline.set(Some(self.epoch_bound - since));
-            return Ok(());
+        if last_exit_at.elapsed() < self.epoch_bound {
+            return Ok(()); // the deadline is re-armed for the bound
         }
         let epoch = self.build_epoch()?;
         self.door.epoch(self.positions.now().exit, Some(epoch))?;
@@ -705,7 +706,16 @@ impl Vm {
         Ok(())
     }
 
-    /// A digest of the whole state: memory and registers.
+    /// The digest of the state the run ended in (computed once; record and
+    /// replay already needed it to write or check the end entry).
+    pub fn final_digest(&mut self) -> String {
+        if self.final_digest.is_none() {
+            self.final_digest = Some(self.state_digest());
+        }
+        self.final_digest.clone().unwrap_or_default()
+    }
+
+    /// A digest of the whole state now: memory and registers.
     pub fn state_digest(&self) -> String {
         let len = (self.mem_mib << 20) as usize;
         let mut h = Sha256::new();
@@ -717,10 +727,14 @@ impl Vm {
     }
 
     fn finish(&mut self, exit: VmExit) -> Result<VmExit, VmError> {
+        let mode = self.door.mode();
+        if mode == Mode::Live {
+            return Ok(exit);
+        }
         let reason = exit.to_string();
-        let digest = self.state_digest();
+        let digest = self.final_digest();
         let pos = self.positions.now().exit;
-        match self.door.mode() {
+        match mode {
             Mode::Live => {}
             Mode::Record => {
                 self.door.end(pos, Some((reason, digest)))?;
@@ -767,12 +781,7 @@ impl Vm {
                 self.kick_boundary(&mut last_exit_at)?;
             }
             if self.door.mode() != Mode::Replay {
-                let now = self.door_clock_hint();
-                let next = self.devices.pit.next_irq0_ns();
-                if counted {
-                    self.deadline
-                        .set(next.map(|t| Duration::from_nanos(t.saturating_sub(now))));
-                }
+                self.arm_deadline(last_exit_at);
             }
             let t0 = Instant::now();
             let exit = self.vcpu.fd.run();
@@ -921,6 +930,26 @@ impl Vm {
             "live"
         );
         Ok(())
+    }
+
+    /// Kick the guest when the next timer tick is due or, while recording
+    /// with an interrupt waiting, when the exit-free stretch reaches the
+    /// epoch bound, whichever comes first. Called after every boundary,
+    /// counted or not, so a guest that runs without exits is always kicked.
+    fn arm_deadline(&self, last_exit_at: Instant) {
+        let now = self.door_clock_hint();
+        let tick = self
+            .devices
+            .pit
+            .next_irq0_ns()
+            .map(|t| Duration::from_nanos(t.saturating_sub(now)));
+        let epoch = (self.door.mode() == Mode::Record && self.devices.pic.has_interrupt())
+            .then(|| self.epoch_bound.saturating_sub(last_exit_at.elapsed()));
+        let first = match (tick, epoch) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.deadline.set(first);
     }
 
     /// Host-side estimate of the guest clock for arming the deadline kicker

@@ -48,7 +48,7 @@ fn run(cfg: &BootConfig, ft: FtMode) -> Outcome {
     vm.run().expect("run");
     Outcome {
         wall: t0.elapsed(),
-        digest: vm.state_digest(),
+        digest: vm.final_digest(),
         exits: vm.position().exit,
         record: vm.record_stats(),
     }

@@ -66,14 +66,21 @@ impl Devices {
     ) -> Result<(), DoorError> {
         data.fill(0xff);
         let value = if SerialPort::handles(port) {
-            self.serial.read(port)
+            let v = self.serial.read(port);
+            self.sync_irqs();
+            v
         } else if Pit::handles(port) {
             let now = door.clock_ns(pos)?;
             self.pit.read(port, now)
         } else if Pic::handles(port) {
             self.pic.read(port)
         } else if Rtc::handles(port) {
-            let wall = door.wall_clock_secs(pos)?;
+            // Only the clock registers read the (logged) wall clock.
+            let wall = if self.rtc.reads_clock(port) {
+                door.wall_clock_secs(pos)?
+            } else {
+                0
+            };
             self.rtc.read(port, wall)
         } else if I8042::handles(port) {
             self.i8042.read(port)
@@ -82,7 +89,6 @@ impl Devices {
             return Ok(());
         };
         data[0] = value;
-        self.sync_irqs();
         Ok(())
     }
 
@@ -97,6 +103,7 @@ impl Devices {
         let value = data.first().copied().unwrap_or(0);
         if SerialPort::handles(port) {
             self.serial.write(port, value);
+            self.sync_irqs();
         } else if Pit::handles(port) {
             let now = door.clock_ns(pos)?;
             self.pit.write(port, value, now);
@@ -114,14 +121,13 @@ impl Devices {
             self.i8042.write(port, value);
         } else if port != POST_PORT {
             self.unknown_ports.entry(port).or_default().1 += 1;
-            return Ok(());
         }
-        self.sync_irqs();
         Ok(())
     }
 
-    /// Forward device interrupt lines to the PIC (levels; the PIC turns
-    /// rising edges into requests).
+    /// Forward the UART's interrupt line to the PIC (a level; the PIC turns
+    /// rising edges into requests). Only serial accesses and received input
+    /// change it, so only those call this.
     pub fn sync_irqs(&mut self) {
         let level = self.serial.irq_level();
         self.pic.set_irq(COM1_IRQ, level);

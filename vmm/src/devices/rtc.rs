@@ -177,6 +177,23 @@ impl Rtc {
         }
     }
 
+    /// Whether a read of `port` now returns clock time (and so needs the
+    /// wall clock from the door).
+    pub fn reads_clock(&self, port: u16) -> bool {
+        port == DATA
+            && matches!(
+                self.index,
+                REG_SECONDS
+                    | REG_MINUTES
+                    | REG_HOURS
+                    | REG_WEEKDAY
+                    | REG_DAY
+                    | REG_MONTH
+                    | REG_YEAR
+                    | REG_CENTURY
+            )
+    }
+
     /// Port read; `wall_secs` is the host wall clock (Unix seconds) from the door.
     pub fn read(&mut self, port: u16, wall_secs: i64) -> u8 {
         if port == INDEX {
@@ -309,6 +326,18 @@ mod tests {
         assert_eq!(rd(&mut rtc, REG_HOURS, pm), 0x80 | 6, "6 PM");
         let midnight = T - 6 * 3600 - 43 * 60 - 27;
         assert_eq!(rd(&mut rtc, REG_HOURS, midnight), 12, "12 AM");
+    }
+
+    #[test]
+    fn only_clock_registers_need_the_wall_clock() {
+        let mut rtc = Rtc::new();
+        rtc.write(INDEX, REG_SECONDS, T);
+        assert!(rtc.reads_clock(DATA));
+        assert!(!rtc.reads_clock(INDEX));
+        rtc.write(INDEX, REG_B, T);
+        assert!(!rtc.reads_clock(DATA));
+        rtc.write(INDEX, 0x40, T);
+        assert!(!rtc.reads_clock(DATA), "CMOS RAM");
     }
 
     #[test]

@@ -3,8 +3,6 @@
 //! markers) and an interrupt flag the run loop turns into an IRQ 4 edge.
 
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
@@ -16,21 +14,15 @@ pub const COM1_BASE: u16 = 0x3f8;
 /// ISA IRQ of COM1.
 pub const COM1_IRQ: u8 = 4;
 
-/// Interrupt trigger: records that the UART raised its interrupt line.
-#[derive(Debug, Clone, Default)]
-pub struct IrqFlag(Arc<AtomicBool>);
+/// vm-superio wants a trigger to call when it raises its interrupt; the
+/// monitor instead reads the line level ([`SerialPort::irq_level`]) after
+/// each access, so the trigger does nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LevelOnly;
 
-impl IrqFlag {
-    /// Take the flag (true if an interrupt was raised since the last take).
-    pub fn take(&self) -> bool {
-        self.0.swap(false, Ordering::AcqRel)
-    }
-}
-
-impl Trigger for IrqFlag {
+impl Trigger for LevelOnly {
     type E = io::Error;
     fn trigger(&self) -> io::Result<()> {
-        self.0.store(true, Ordering::Release);
         Ok(())
     }
 }
@@ -55,13 +47,12 @@ pub struct ConsoleOut {
     line: Vec<u8>,
     events: Vec<ConsoleEvent>,
     panicking: Option<String>,
-    bytes: u64,
 }
 
 impl std::fmt::Debug for ConsoleOut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConsoleOut")
-            .field("bytes", &self.bytes)
+            .field("line", &String::from_utf8_lossy(&self.line))
             .finish()
     }
 }
@@ -74,7 +65,6 @@ impl ConsoleOut {
             line: Vec::new(),
             events: Vec::new(),
             panicking: None,
-            bytes: 0,
         }
     }
 
@@ -108,16 +98,6 @@ impl ConsoleOut {
     pub fn take_events(&mut self) -> Vec<ConsoleEvent> {
         std::mem::take(&mut self.events)
     }
-
-    /// A panic whose end marker has not been printed (yet).
-    pub fn pending_panic(&self) -> Option<&str> {
-        self.panicking.as_deref()
-    }
-
-    /// Bytes the guest wrote.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
 }
 
 impl Write for ConsoleOut {
@@ -129,7 +109,6 @@ impl Write for ConsoleOut {
                 self.line.push(b);
             }
         }
-        self.bytes += buf.len() as u64;
         // A console that went away (closed pipe) must not stop the guest.
         let _ = self.sink.write_all(buf);
         Ok(buf.len())
@@ -144,17 +123,14 @@ impl Write for ConsoleOut {
 /// The COM1 UART.
 #[derive(Debug)]
 pub struct SerialPort {
-    uart: Serial<IrqFlag, NoEvents, ConsoleOut>,
-    irq: IrqFlag,
+    uart: Serial<LevelOnly, NoEvents, ConsoleOut>,
 }
 
 impl SerialPort {
     /// A UART in its reset state writing to `out`.
     pub fn new(out: ConsoleOut) -> Self {
-        let irq = IrqFlag::default();
         SerialPort {
-            uart: Serial::new(irq.clone(), out),
-            irq,
+            uart: Serial::new(LevelOnly, out),
         }
     }
 
@@ -193,7 +169,6 @@ impl SerialPort {
     /// reach an edge-triggered PIC and transmission would stall. The run
     /// loop drives IRQ 4 with this level instead.
     pub fn irq_level(&self) -> bool {
-        self.irq.take();
         let s = self.uart.state();
         let pending = s.interrupt_identification;
         if pending & 0x01 != 0 {
@@ -202,11 +177,6 @@ impl SerialPort {
         let thre = pending & 0x02 != 0 && s.interrupt_enable & 0x02 != 0;
         let rda = pending & 0x04 != 0 && s.interrupt_enable & 0x01 != 0;
         thre || rda
-    }
-
-    /// Whether the UART raised its interrupt since the last call.
-    pub fn take_irq(&self) -> bool {
-        self.irq.take()
     }
 
     /// The console output path.
@@ -247,17 +217,16 @@ impl SerialPort {
             scratch: d.u8()?,
             in_buffer: d.bytes()?.to_vec(),
         };
-        let irq = IrqFlag::default();
-        let uart = Serial::from_state(&state, irq.clone(), NoEvents, out)
+        let uart = Serial::from_state(&state, LevelOnly, NoEvents, out)
             .map_err(|e| SnapshotError::Invalid(format!("serial state: {e}")))?;
-        Ok(SerialPort { uart, irq })
+        Ok(SerialPort { uart })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     const THR: u16 = COM1_BASE;
     const IER: u16 = COM1_BASE + 1;
@@ -297,21 +266,21 @@ mod tests {
     fn thr_empty_interrupt_when_enabled() {
         let (mut p, _) = port();
         p.write(THR, b'a');
-        assert!(!p.take_irq(), "no interrupt while IER is clear");
+        assert!(!p.irq_level(), "no interrupt while IER is clear");
         p.write(IER, 0x02); // enable THRE interrupt
-        assert!(p.take_irq(), "enabling THRE with an empty THR interrupts");
+        assert!(p.irq_level(), "enabling THRE with an empty THR interrupts");
         assert_eq!(p.read(IIR) & 0x0f, 0x02, "IIR: THR empty");
         p.write(THR, b'b');
-        assert!(p.take_irq(), "each transmitted byte re-raises THRE");
+        assert!(p.irq_level(), "each transmitted byte re-raises THRE");
     }
 
     #[test]
     fn received_data_sets_lsr_and_interrupt() {
         let (mut p, _) = port();
         p.write(IER, 0x01);
-        let _ = p.take_irq();
+        assert!(!p.irq_level(), "nothing received yet");
         assert_eq!(p.receive(b"xy"), 2);
-        assert!(p.take_irq());
+        assert!(p.irq_level());
         assert_eq!(p.read(LSR) & 1, 1, "data ready");
         assert_eq!(p.read(IIR) & 0x0f, 0x04, "IIR: received data");
         assert_eq!(p.read(THR), b'x');
