@@ -13,9 +13,8 @@ if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
 fi
 
 step "test dependencies (Debian packages)"
-# protoc builds etcd-client; etcd-server runs the arbiter's etcd tests.
+# etcd-server runs the arbiter's etcd tests.
 missing=()
-command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
