@@ -66,7 +66,7 @@ pub struct Page {
     /// otherwise the page itself.
     pub delta: bool,
     /// 4096 bytes.
-    #[serde(with = "serde_bytes_compat")]
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -80,7 +80,7 @@ pub struct Epoch {
     /// Epoch number (0, 1, ...).
     pub index: u64,
     /// The monitor's encoding of the full vCPU state (opaque here).
-    #[serde(with = "serde_bytes_compat")]
+    #[serde(with = "serde_bytes")]
     pub vcpu: Vec<u8>,
     /// Pages written since the previous epoch.
     pub pages: Vec<Page>,
@@ -119,7 +119,7 @@ pub enum Entry {
         /// Exit number.
         pos: u64,
         /// Bytes received.
-        #[serde(with = "serde_bytes_compat")]
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     /// Interrupt `vector` injected at the boundary after exit `pos`.
@@ -166,44 +166,5 @@ impl Entry {
             Entry::Check { .. } => "check",
             Entry::End { .. } => "end",
         }
-    }
-}
-
-/// Byte vectors as one length-prefixed blob (not a sequence of u8 values).
-mod serde_bytes_compat {
-    use serde::{Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-            fn visit_borrowed_bytes<E: serde::de::Error>(self, v: &'de [u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut a: A,
-            ) -> Result<Vec<u8>, A::Error> {
-                let mut out = Vec::new();
-                while let Some(b) = a.next_element()? {
-                    out.push(b);
-                }
-                Ok(out)
-            }
-        }
-        d.deserialize_bytes(V)
     }
 }
