@@ -5,6 +5,60 @@
 //! the nondeterminism door), never from the host directly, so the model
 //! replays exactly. Channel 0 drives IRQ0; channel 2 exists for the
 //! kernel's calibration reads through port 0x61.
+//!
+//! # Power-on state: as the firmware leaves it
+//!
+//! No firmware runs before the kernel here, yet a kernel may assume the
+//! counters a PC BIOS programs at POST. Linux's KASLR entropy read
+//! (`i8254()` in `arch/x86/lib/kaslr.c`, used when the CPU offers neither
+//! RDRAND nor a TSC) repeats a read-back of counter 0 for as long as the
+//! status byte reports NULL COUNT, so a counter 0 that was never loaded
+//! hangs it forever (issue 12). What firmware leaves behind:
+//!
+//! - An IBM PC/XT-compatible POST (for instance Sergey Kiselev's
+//!   `8088_bios`, `bios.asm`, "Initialize PIT") writes control word 0x36 to
+//!   counter 0 (LSB then MSB, mode 3, binary) with count 0, i.e. 65536: the
+//!   18.2 Hz system tick; and control word 0x54 to counter 1 (LSB only,
+//!   mode 2, binary) with count 18, the DRAM refresh request every 15.1 µs.
+//!   Counter 2 drives the speaker: the POST beep programs it with 0xB6
+//!   (LSB then MSB, mode 3, binary) and turns the speaker off again through
+//!   port 0x61, which leaves its gate low.
+//! - SeaBIOS (`src/clock.c`, `pit_setup`) loads counter 0 with count 0,
+//!   LSB/MSB access, binary, in mode 2 (also 18.2 Hz).
+//! - QEMU's reset (`hw/timer/i8254_common.c`, `pit_reset_common`) puts every
+//!   counter in mode 3 with count 0x10000, gates high for counters 0 and 1,
+//!   low for counter 2. (Its status byte never reports NULL COUNT at all.)
+//!
+//! So at power-on counter 0 is in mode 3, LSB/MSB access, binary, count
+//! 65536; counter 1 in mode 2, LSB-only access, binary, count 18; counter 2
+//! in mode 3, LSB/MSB access, binary, count 65536 with its gate low and the
+//! speaker off. Every count counts as loaded at guest time 0, so NULL COUNT
+//! is clear for all three.
+//!
+//! # No IRQ0 before the guest loads counter 0
+//!
+//! On a PC, counter 0 raises IRQ0 at 18.2 Hz from POST on. This model lets
+//! counter 0 count and its OUT toggle from power-on (reads, latches and
+//! read-back see that), but schedules IRQ0 edges (`next_irq0_ns`) only once
+//! the guest loads a count into counter 0. Delivering the firmware's tick
+//! would help no guest and would change what this one sees:
+//!
+//! - there is no firmware here to have initialised the 8259 first: the PIC
+//!   model powers on with its mask clear and vector base 0, so a power-on
+//!   tick would become a pending request and, as soon as a guest sets IF
+//!   before programming the PIC, vector 0 (#DE);
+//! - a pending request changes the run loop: under record/replay it holds
+//!   off the timer and arms epoch-bound kicks, so early boot would cut
+//!   epochs and log timer events it does not cut today;
+//! - Linux runs with interrupts disabled, reinitialises the PIC (ICW1
+//!   clears its IRR in this model) and reprograms counter 0 before it
+//!   unmasks IRQ0, so an early tick is nothing it can observe anyway.
+//!
+//! After the guest's first count write to counter 0 the device behaves
+//! exactly as before this power-on state existed. The power-on state is the
+//! same on primary and backup, and it is made of fields the snapshot
+//! encoding already carries (a loaded count with no IRQ0 deadline), so the
+//! encoding is unchanged.
 
 use crate::snapshot::{Decoder, Encoder, SnapshotError};
 
@@ -56,23 +110,33 @@ struct Channel {
 }
 
 impl Channel {
-    fn new(gate: bool) -> Self {
+    /// A counter as firmware leaves it: control word written (mode,
+    /// access, binary), then `count` (0x10000 for a written 0) loaded at
+    /// guest time 0.
+    fn programmed(mode: u8, rw_mode: u8, count: u32, gate: bool) -> Self {
         Channel {
-            count: 0x10000,
+            count,
             load_ns: 0,
-            armed: false,
+            armed: true,
             latched_count: 0,
             count_latched: 0,
             status_latched: false,
             status: 0,
-            read_state: RW_WORD0,
-            write_state: RW_WORD0,
+            read_state: rw_mode,
+            write_state: rw_mode,
             write_latch: 0,
-            rw_mode: RW_WORD0,
-            mode: 0,
+            rw_mode,
+            mode,
             bcd: false,
             gate,
         }
+    }
+
+    /// Whether a low gate suspends this counter right now. Only modes 2
+    /// and 3 are modelled (counter 2 is the only one with a gate input; the
+    /// others are wired high): counting stops and OUT is forced high.
+    fn gated_off(&self) -> bool {
+        !self.gate && matches!(self.mode, 2 | 3)
     }
 
     fn elapsed_ticks(&self, now_ns: u64) -> u64 {
@@ -82,6 +146,14 @@ impl Channel {
     /// Current counter value.
     fn counter(&self, now_ns: u64) -> u16 {
         if !self.armed {
+            return self.count as u16;
+        }
+        if self.gated_off() {
+            // Counting is suspended. Exact while the gate has stayed low
+            // since the count was loaded (counter 2 at power-on: the
+            // initial count); after a falling edge mid-count the chip holds
+            // the value it had, which this model does not keep. A rising
+            // edge reloads either way (`set_gate`).
             return self.count as u16;
         }
         let d = self.elapsed_ticks(now_ns);
@@ -99,6 +171,9 @@ impl Channel {
         if !self.armed {
             // After a mode write OUT is low in mode 0 and high otherwise.
             return self.mode != 0;
+        }
+        if self.gated_off() {
+            return true;
         }
         let d = self.elapsed_ticks(now_ns);
         let count = self.count as u64;
@@ -283,10 +358,18 @@ impl Default for Pit {
 }
 
 impl Pit {
-    /// Power-on state: channels unprogrammed, channel 0 and 1 gates high.
+    /// Power-on state, as firmware leaves the 8254 (see the module
+    /// documentation): counter 0 in mode 3 with count 65536, counter 1 in
+    /// mode 2 with count 18, counter 2 in mode 3 with count 65536 and its
+    /// gate low, speaker off; all counting from guest time 0, NULL COUNT
+    /// clear. No IRQ0 is scheduled until the guest loads counter 0.
     pub fn new() -> Self {
         Pit {
-            channels: [Channel::new(true), Channel::new(true), Channel::new(false)],
+            channels: [
+                Channel::programmed(3, RW_WORD0, 0x10000, true),
+                Channel::programmed(2, RW_LSB, 18, true),
+                Channel::programmed(3, RW_WORD0, 0x10000, false),
+            ],
             speaker_data: false,
             next_irq0_ns: None,
         }
@@ -527,6 +610,144 @@ mod tests {
         pit.write(CHANNEL0, 200, 0);
         assert_eq!(pit.read(CHANNEL0, 0), 200);
         assert_eq!(pit.read(CHANNEL0, ticks_to_ns(50)), 150);
+    }
+
+    /// Read-back command (datasheet: D7 D6 = 11, D5 = !COUNT, D4 =
+    /// !STATUS, D3-D1 select counters 2-0) latching both count and status of
+    /// `channel`, then the status byte and the latched count as the guest
+    /// reads them.
+    fn read_back(pit: &mut Pit, channel: u8, now: u64) -> (u8, u16) {
+        pit.write(COMMAND, 0xc0 | (2 << channel), now);
+        let port = CHANNEL0 + channel as u16;
+        let status = pit.read(port, now);
+        let lo = pit.read(port, now) as u16;
+        // LSB-only access latches one byte; the next read is live again.
+        let hi = if status & 0x30 == 0x30 {
+            pit.read(port, now) as u16
+        } else {
+            0
+        };
+        (status, lo | (hi << 8))
+    }
+
+    // Status byte (8254 datasheet, read-back command): D7 OUT, D6 NULL
+    // COUNT, D5-D4 RW (01 LSB, 10 MSB, 11 LSB then MSB), D3-D1 mode, D0 BCD.
+    const OUT: u8 = 0x80;
+    const NULL_COUNT: u8 = 0x40;
+
+    #[test]
+    fn power_on_counter0_is_mode3_lsb_msb_binary_65536_with_null_count_clear() {
+        let mut pit = Pit::new();
+        let (status, count) = read_back(&mut pit, 0, 0);
+        assert_eq!(status & NULL_COUNT, 0, "count loaded by firmware");
+        assert_eq!(status & 0x30, 0x30, "LSB then MSB");
+        assert_eq!(status & 0x0e, 3 << 1, "mode 3");
+        assert_eq!(status & 0x01, 0, "binary");
+        assert_eq!(status & OUT, OUT, "mode 3 OUT starts high");
+        assert_eq!(status, 0xb6);
+        assert_eq!(count, 0, "65536 reads as 0");
+        // Mode 3 counts down by two; OUT is high for the first half of the
+        // 65536-tick period and low for the second (18.2 Hz).
+        let t = ticks_to_ns(1000);
+        assert_eq!(
+            read_back(&mut pit, 0, t),
+            (0xb6, 0x10000u32.wrapping_sub(2000) as u16)
+        );
+        let t = ticks_to_ns(40_000);
+        let (status, count) = read_back(&mut pit, 0, t);
+        assert_eq!(status, 0x36, "second half: OUT low, NULL COUNT still clear");
+        assert_eq!(count, (0x10000u32 - (2 * 40_000) % 0x10000) as u16);
+        assert_eq!(read_back(&mut pit, 0, ticks_to_ns(0x10000 + 5)).0, 0xb6);
+    }
+
+    #[test]
+    fn power_on_counter1_is_mode2_lsb_only_binary_18() {
+        let mut pit = Pit::new();
+        let (status, count) = read_back(&mut pit, 1, 0);
+        assert_eq!(status & NULL_COUNT, 0);
+        assert_eq!(status & 0x30, 0x10, "LSB only");
+        assert_eq!(status & 0x0e, 2 << 1, "mode 2");
+        assert_eq!(status & 0x01, 0, "binary");
+        assert_eq!(status, 0x94, "OUT high between refresh pulses");
+        assert_eq!(count, 18);
+        // Rate generator: counts 18..1, OUT low for the one tick at 1.
+        assert_eq!(read_back(&mut pit, 1, ticks_to_ns(5)), (0x94, 13));
+        assert_eq!(read_back(&mut pit, 1, ticks_to_ns(17)), (0x14, 1));
+        assert_eq!(read_back(&mut pit, 1, ticks_to_ns(18)), (0x94, 18));
+        // Plain reads use the LSB-only access the firmware set.
+        assert_eq!(pit.read(CHANNEL0 + 1, ticks_to_ns(18 + 3)), 15);
+    }
+
+    #[test]
+    fn power_on_counter2_is_mode3_gated_off_speaker_off() {
+        let mut pit = Pit::new();
+        let (status, count) = read_back(&mut pit, 2, 0);
+        assert_eq!(status & NULL_COUNT, 0);
+        assert_eq!(status, 0xb6, "mode 3, LSB then MSB, binary, OUT high");
+        assert_eq!(count, 0);
+        // Gate low: counting suspended, OUT held high (datasheet, mode 3).
+        let t = ticks_to_ns(40_000);
+        assert_eq!(read_back(&mut pit, 2, t), (0xb6, 0));
+        assert_eq!(
+            pit.read(PORT_61, t) & 0x23,
+            0x20,
+            "gate low, speaker off, OUT high"
+        );
+        // A rising gate edge starts the count from there.
+        pit.write(PORT_61, 0x01, t);
+        let t2 = t + ticks_to_ns(100);
+        assert_eq!(read_back(&mut pit, 2, t2).1, (0x10000u32 - 200) as u16);
+    }
+
+    #[test]
+    fn power_on_schedules_no_irq0_until_the_guest_loads_counter0() {
+        let mut pit = Pit::new();
+        assert_eq!(pit.next_irq0_ns(), None);
+        assert!(!pit.poll_irq0(10_000 * MS));
+        // A control word alone re-arms nothing: NULL COUNT is set until
+        // the count is written (datasheet), and still no IRQ0.
+        pit.write(COMMAND, 0x34, 20 * MS);
+        assert_eq!(read_back(&mut pit, 0, 20 * MS).0 & 0x7f, 0x74);
+        assert_eq!(pit.next_irq0_ns(), None);
+        pit.write(CHANNEL0, 0x9c, 20 * MS);
+        pit.write(CHANNEL0, 0x2e, 20 * MS);
+        assert_eq!(read_back(&mut pit, 0, 20 * MS).0 & NULL_COUNT, 0);
+        assert_eq!(pit.next_irq0_ns(), Some(20 * MS + ticks_to_ns(11932)));
+    }
+
+    #[test]
+    fn linux_kaslr_i8254_read_terminates_at_power_on() {
+        // arch/x86/lib/kaslr.c, i8254(): read-back of counter 0 (0xc2),
+        // status, then LSB and MSB of the count, repeated while the status
+        // reports NULL COUNT. Issue 12: it used to spin here forever.
+        let mut pit = Pit::new();
+        let now = 123 * MS;
+        let mut rounds = 0;
+        let timer = loop {
+            rounds += 1;
+            assert!(rounds < 10, "NULL COUNT never clears");
+            pit.write(COMMAND, 0xc2, now);
+            let status = pit.read(CHANNEL0, now);
+            let lo = pit.read(CHANNEL0, now) as u16;
+            let hi = pit.read(CHANNEL0, now) as u16;
+            if status & NULL_COUNT == 0 {
+                break lo | (hi << 8);
+            }
+        };
+        assert_eq!(rounds, 1);
+        let d = ns_to_ticks(now);
+        assert_eq!(timer, (0x10000 - (2 * d) % 0x10000) as u16);
+    }
+
+    #[test]
+    fn power_on_state_round_trips() {
+        let pit = Pit::new();
+        let mut e = Encoder::new();
+        pit.encode(&mut e);
+        let bytes = e.into_bytes();
+        let back = Pit::decode(&mut Decoder::new(&bytes)).unwrap();
+        assert_eq!(back, pit);
+        assert_eq!(back.next_irq0_ns(), None);
     }
 
     #[test]
