@@ -18,3 +18,4 @@ pub mod snapshot;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;
+pub mod watchdog;
