@@ -3,11 +3,12 @@
 //! ```text
 //! header: "VMFT-LOG" | version u16 | body length u32 | body | CRC32C u32
 //!         (body: postcard-encoded LogHeader; CRC over version, length, body)
-//! frame:  stored length u32 | sequence u64 | CRC32C u32 | stored payload
-//!         (payload: postcard-encoded Entry; CRC over sequence and stored
-//!         payload; when bit 31 of the length is set the stored payload is
-//!         LZ4-compressed with its decompressed size prepended: large
-//!         entries, i.e. epochs full of guest pages)
+//! frame:  length u32 | sequence u64 | CRC32C u32 | stored payload
+//!         (length: bits 0-30 the stored payload's size, bit 31 set when
+//!         the stored payload is LZ4-compressed with its decompressed size
+//!         (u32) prepended, as large entries such as epochs are;
+//!         payload: a postcard-encoded Entry;
+//!         CRC over the length field, the sequence and the stored payload)
 //! ```
 //!
 //! All integers are little-endian. Sequence numbers start at 0 and increase
@@ -26,8 +27,9 @@ use crate::entry::Entry;
 /// Magic bytes at the start of a log.
 pub const MAGIC: &[u8; 8] = b"VMFT-LOG";
 /// Format version written and read by this code (2: compressed frames,
-/// page deltas in epochs).
-pub const VERSION: u16 = 2;
+/// page deltas in epochs; 3: the frame CRC covers the length field and
+/// its compressed bit too).
+pub const VERSION: u16 = 3;
 /// Largest frame payload accepted (an epoch carries dirty pages).
 pub const MAX_FRAME: usize = 256 << 20;
 /// Largest header body accepted.
@@ -159,11 +161,10 @@ pub fn encode_frame(seq: u64, entry: &Entry) -> Vec<u8> {
             payload = packed;
         }
     }
-    let mut crc = crc32c::crc32c(&seq.to_le_bytes());
-    crc = crc32c::crc32c_append(crc, &payload);
     let mut out = Vec::with_capacity(FRAME_HEAD + payload.len());
     out.extend_from_slice(&len_field.to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&out), &payload);
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(&payload);
     out
@@ -335,7 +336,7 @@ impl Decoder {
         let seq = u64::from_le_bytes(b[4..12].try_into().unwrap());
         let stored = u32::from_le_bytes(b[12..16].try_into().unwrap());
         let payload = &b[FRAME_HEAD..FRAME_HEAD + len];
-        let computed = crc32c::crc32c_append(crc32c::crc32c(&b[4..12]), payload);
+        let computed = crc32c::crc32c_append(crc32c::crc32c(&b[..12]), payload);
         if stored != computed {
             return self.fail(LogError::Checksum {
                 seq: seq_expected,
@@ -353,28 +354,16 @@ impl Decoder {
         }
         let unpacked;
         let payload = if compressed {
-            let size = payload
-                .get(..4)
-                .map(|p| u32::from_le_bytes(p.try_into().unwrap()) as usize);
-            match size {
-                Some(n) if n <= MAX_FRAME => match lz4_flex::decompress_size_prepended(payload) {
-                    Ok(p) => {
-                        unpacked = p;
-                        &unpacked[..]
-                    }
-                    Err(e) => {
-                        return self.fail(LogError::Payload {
-                            seq,
-                            offset,
-                            detail: format!("LZ4: {e}"),
-                        })
-                    }
-                },
-                _ => {
+            match unpack(payload) {
+                Ok(p) => {
+                    unpacked = p;
+                    &unpacked[..]
+                }
+                Err(detail) => {
                     return self.fail(LogError::Payload {
                         seq,
                         offset,
-                        detail: "compressed payload declares an impossible size".into(),
+                        detail,
                     })
                 }
             }
@@ -434,6 +423,21 @@ impl Decoder {
     pub fn next_seq(&self) -> u64 {
         self.next_seq
     }
+}
+
+/// Decompress a stored payload: the size prefix is checked against
+/// [`MAX_FRAME`] before LZ4 allocates that much.
+fn unpack(stored: &[u8]) -> Result<Vec<u8>, String> {
+    let Some(&[a, b, c, d]) = stored.get(..4) else {
+        return Err("compressed payload shorter than its size prefix".into());
+    };
+    let n = u32::from_le_bytes([a, b, c, d]) as u64;
+    if n > MAX_FRAME as u64 {
+        return Err(format!(
+            "compressed payload declares {n} bytes decompressed, over the maximum {MAX_FRAME}"
+        ));
+    }
+    lz4_flex::decompress_size_prepended(stored).map_err(|e| format!("LZ4: {e}"))
 }
 
 /// Decode a whole log held in memory.

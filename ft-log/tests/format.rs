@@ -330,3 +330,89 @@ proptest! {
         let _ = decode_all(&bytes);
     }
 }
+
+/// A log with one uncompressed and one compressed frame, and their offsets.
+fn plain_and_compressed() -> (Vec<u8>, u64, u64) {
+    let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
+    let plain = w.bytes();
+    w.append(&Entry::Timer { pos: 1, now_ns: 2 }).unwrap();
+    let packed = w.bytes();
+    w.append(&Entry::ConsoleInput {
+        pos: 2,
+        bytes: vec![b'x'; 4000],
+    })
+    .unwrap();
+    (w.into_inner(), plain, packed)
+}
+
+#[test]
+fn the_compressed_bit_is_covered_by_the_checksum() {
+    let (bytes, plain, packed) = plain_and_compressed();
+    let len = |b: &[u8], at: u64| u32::from_le_bytes(b[at as usize..][..4].try_into().unwrap());
+    assert_eq!(len(&bytes, plain) >> 31, 0, "frame 0 is stored as is");
+    assert_eq!(len(&bytes, packed) >> 31, 1, "frame 1 is compressed");
+    for (seq, at) in [(0, plain), (1, packed)] {
+        let mut b = bytes.clone();
+        b[at as usize + 3] ^= 0x80;
+        match decode_all(&b) {
+            Err(LogError::Checksum { seq: s, offset, .. }) => {
+                assert_eq!((s, offset), (seq, at))
+            }
+            other => panic!("frame {seq}: compressed bit flipped: {other:?}"),
+        }
+    }
+}
+
+/// A frame built by hand as the module doc draws it.
+fn raw_frame(len_field: u32, seq: u64, stored: &[u8]) -> Vec<u8> {
+    let mut f = len_field.to_le_bytes().to_vec();
+    f.extend_from_slice(&seq.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&f), stored);
+    f.extend_from_slice(&crc.to_le_bytes());
+    f.extend_from_slice(stored);
+    f
+}
+
+#[test]
+fn frames_built_from_the_format_picture_decode() {
+    let timer = Entry::Timer { pos: 7, now_ns: 9 };
+    let console = Entry::ConsoleInput {
+        pos: 8,
+        bytes: vec![b'y'; 3000],
+    };
+    let mut bytes = encode_header(&header());
+    let p = encode_entry(&timer);
+    bytes.extend(raw_frame(p.len() as u32, 0, &p));
+    let p = lz4_flex::compress_prepend_size(&encode_entry(&console));
+    bytes.extend(raw_frame(p.len() as u32 | 1 << 31, 1, &p));
+    // The writer produces exactly these bytes.
+    let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
+    w.append(&timer).unwrap();
+    w.append(&console).unwrap();
+    assert_eq!(w.into_inner(), bytes);
+    let (_, frames) = decode_all(&bytes).unwrap();
+    assert_eq!(frames[0].entry, timer);
+    assert_eq!(frames[1].entry, console);
+}
+
+#[test]
+fn a_compressed_payload_declaring_more_than_max_frame_is_refused() {
+    let start = encode_header(&header()).len() as u64;
+    for declared in [MAX_FRAME as u32 + 1, u32::MAX] {
+        let mut stored = declared.to_le_bytes().to_vec();
+        stored.extend_from_slice(&[0x1f, 0, 0, 0, 0]);
+        let mut bytes = encode_header(&header());
+        bytes.extend(raw_frame(stored.len() as u32 | 1 << 31, 0, &stored));
+        match decode_all(&bytes) {
+            Err(LogError::Payload {
+                seq: 0,
+                offset,
+                detail,
+            }) => {
+                assert_eq!(offset, start);
+                assert!(detail.contains(&declared.to_string()), "{detail}");
+            }
+            other => panic!("declared {declared}: {other:?}"),
+        }
+    }
+}
