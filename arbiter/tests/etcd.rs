@@ -9,7 +9,7 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn etcd_race_200_claimants_on_50_keys_has_one_winner_each() {
-    if !require_etcd() {
+    if !require_etcd("etcd_race_200_claimants_on_50_keys_has_one_winner_each") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -37,7 +37,7 @@ async fn etcd_race_200_claimants_on_50_keys_has_one_winner_each() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_member_cluster_keeps_answering_with_one_member_killed() {
-    if !require_etcd() {
+    if !require_etcd("three_member_cluster_keeps_answering_with_one_member_killed") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -91,4 +91,20 @@ async fn three_member_cluster_keeps_answering_with_one_member_killed() {
         t.await.unwrap();
     }
     check_one_winner(&Arc::try_unwrap(answers).unwrap().into_inner().unwrap());
+}
+
+#[test]
+fn missing_etcd_fails_the_test_unless_skipping_was_asked_for() {
+    let why = etcd_gate(None, "/nonexistent/etcd", "some_test").unwrap_err();
+    assert!(why.contains("some_test needs etcd"), "{why}");
+    assert!(why.contains("VMFT_SKIP_ETCD=1"), "{why}");
+    assert!(
+        etcd_gate(Some("0"), "/nonexistent/etcd", "t").is_err(),
+        "only VMFT_SKIP_ETCD=1 skips"
+    );
+    assert!(etcd_gate(Some(""), "/nonexistent/etcd", "t").is_err());
+    let why = etcd_gate(None, "false", "t").unwrap_err();
+    assert!(why.contains("--version` failed"), "{why}");
+    assert_eq!(etcd_gate(Some("1"), "/nonexistent/etcd", "t"), Ok(false));
+    assert_eq!(etcd_gate(None, "true", "t"), Ok(true));
 }
