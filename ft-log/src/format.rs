@@ -118,13 +118,26 @@ pub enum LogError {
         /// Decoder message.
         detail: String,
     },
-    /// The stream ended in the middle of the header or a frame.
+    /// The stream ended before the header was complete.
     #[error("log truncated at offset {offset}: {what}")]
     Truncated {
         /// Where the data ends.
         offset: u64,
         /// What was being read.
         what: String,
+    },
+    /// The stream ended inside a frame (or a damaged length field made a
+    /// frame longer than the rest of the stream).
+    #[error(
+        "log truncated inside frame {seq} at offset {offset}: only {present} bytes of it present"
+    )]
+    FrameTruncated {
+        /// Sequence number the frame should have.
+        seq: u64,
+        /// Byte offset of the frame.
+        offset: u64,
+        /// Bytes of the frame present.
+        present: u64,
     },
 }
 
@@ -406,14 +419,10 @@ impl Decoder {
             }
         }
         if !self.buf.is_empty() {
-            return Err(LogError::Truncated {
-                offset: self.base + self.buf.len() as u64,
-                what: format!(
-                    "inside frame {} (which starts at offset {}, {} bytes present)",
-                    self.next_seq,
-                    self.base,
-                    self.buf.len()
-                ),
+            return Err(LogError::FrameTruncated {
+                seq: self.next_seq,
+                offset: self.base,
+                present: self.buf.len() as u64,
             });
         }
         Ok(())

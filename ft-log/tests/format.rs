@@ -174,11 +174,22 @@ fn truncation_at_every_boundary_and_inside_every_frame() {
         if bounds.contains(&cut) {
             assert!(r.is_ok(), "cut at frame boundary {cut}: {r:?}");
             assert_eq!(n, bounds.iter().position(|&b| b == cut).unwrap());
-        } else {
+        } else if cut < bounds[0] {
             match r {
-                Err(LogError::Truncated { .. }) => {}
+                Err(LogError::Truncated { offset, .. }) => assert_eq!(offset, cut as u64),
                 other => panic!("cut {cut}: expected truncation, got {other:?}"),
             }
+        } else {
+            let start = bounds[n];
+            assert_eq!(
+                r,
+                Err(LogError::FrameTruncated {
+                    seq: n as u64,
+                    offset: start as u64,
+                    present: (cut - start) as u64,
+                }),
+                "cut {cut}"
+            );
         }
     }
 }
@@ -187,53 +198,119 @@ fn decode_err(bytes: &[u8]) -> LogError {
     decode_all(bytes).expect_err("damage must be detected")
 }
 
+/// Decode `bytes` in chunks of `chunk` bytes: the frames yielded before
+/// the first error, and how decoding ended.
+fn decode_chunked(bytes: &[u8], chunk: usize) -> (Vec<Frame>, Result<(), LogError>) {
+    let mut d = Decoder::new();
+    let mut got = Vec::new();
+    for c in bytes.chunks(chunk.max(1)) {
+        d.push(c);
+        loop {
+            match d.next_frame() {
+                Ok(Some(f)) => got.push(f),
+                Ok(None) => break,
+                Err(e) => return (got, Err(e)),
+            }
+        }
+    }
+    let end = d.finish();
+    (got, end)
+}
+
+/// The sequence number and offset an error names, if it is about a frame.
+fn frame_named(e: &LogError) -> Option<(u64, u64)> {
+    match *e {
+        LogError::FrameTooLarge { seq, offset, .. }
+        | LogError::Checksum { seq, offset, .. }
+        | LogError::Payload { seq, offset, .. }
+        | LogError::FrameTruncated { seq, offset, .. } => Some((seq, offset)),
+        LogError::Sequence {
+            expected, offset, ..
+        } => Some((expected, offset)),
+        _ => None,
+    }
+}
+
 #[test]
-fn one_bit_flips_are_detected() {
+fn every_single_bit_flip_in_every_frame_is_detected_and_named() {
     let (bytes, bounds) = log_bytes();
-    let first = bounds[0];
-    // Header: magic, version, length, body, checksum.
-    for (at, what) in [
-        (0, "magic"),
-        (8, "version"),
-        (10, "length"),
-        (20, "body"),
-        (first - 1, "crc"),
-    ] {
+    let (_, frames) = decode_all(&bytes).unwrap();
+    let mut kinds = std::collections::BTreeMap::new();
+    for k in 0..frames.len() {
+        let (start, end) = (bounds[k], bounds[k + 1]);
+        for at in start..end {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[at] ^= 1 << bit;
+                let (got, end) = decode_chunked(&b, 7);
+                let e = end.expect_err("a flipped bit must be detected");
+                assert_eq!(
+                    frame_named(&e),
+                    Some((k as u64, start as u64)),
+                    "frame {k}, byte {} bit {bit}: {e:?}",
+                    at - start
+                );
+                assert!(
+                    matches!(
+                        e,
+                        LogError::Checksum { .. }
+                            | LogError::FrameTooLarge { .. }
+                            | LogError::FrameTruncated { .. }
+                    ),
+                    "frame {k}, byte {} bit {bit}: {e:?}",
+                    at - start
+                );
+                assert_eq!(got, frames[..k], "frames before the damage are intact");
+                *kinds
+                    .entry(format!("{e:?}").split(' ').next().unwrap().to_string())
+                    .or_insert(0) += 1;
+            }
+        }
+    }
+    // Length flips of the last frame run past the end of the log, high
+    // length bits past the maximum frame size; all else is the checksum.
+    assert!(kinds.contains_key("FrameTruncated"), "{kinds:?}");
+    assert!(kinds.contains_key("FrameTooLarge"), "{kinds:?}");
+    assert!(kinds["Checksum"] > 1000, "{kinds:?}");
+}
+
+#[test]
+fn every_single_bit_flip_in_the_header_is_detected() {
+    let (bytes, bounds) = log_bytes();
+    for at in 0..bounds[0] {
+        for bit in 0..8 {
+            let mut b = bytes.clone();
+            b[at] ^= 1 << bit;
+            let (got, end) = decode_chunked(&b, 5);
+            assert!(got.is_empty());
+            let e = end.expect_err("a flipped bit must be detected");
+            let expected = match at {
+                0..=7 => matches!(e, LogError::BadMagic),
+                8..=9 => matches!(e, LogError::Version { .. }),
+                _ => matches!(e, LogError::Header(_) | LogError::Truncated { .. }),
+            };
+            assert!(expected, "header byte {at} bit {bit}: {e:?}");
+        }
+    }
+}
+
+/// Bit 31 of the length field of an uncompressed and of a compressed frame.
+#[test]
+fn flipping_the_compressed_bit_is_detected() {
+    let (bytes, bounds) = log_bytes();
+    let (_, frames) = decode_all(&bytes).unwrap();
+    let mut seen = [false; 2];
+    for (k, f) in frames.iter().enumerate() {
+        let at = bounds[k] + 3;
+        seen[(bytes[at] >> 7) as usize] = true;
         let mut b = bytes.clone();
-        b[at] ^= 0x04;
-        let e = decode_err(&b);
+        b[at] ^= 0x80;
         assert!(
-            matches!(
-                e,
-                LogError::BadMagic
-                    | LogError::Version { .. }
-                    | LogError::Header(_)
-                    | LogError::Truncated { .. }
-            ),
-            "{what}: {e:?}"
+            matches!(decode_all(&b), Err(LogError::Checksum { seq, offset, .. }) if seq == f.seq && offset == f.offset),
+            "frame {k}"
         );
     }
-    // A frame: length, sequence, checksum, payload.
-    let f = bounds[3];
-    for (at, what) in [
-        (f, "length"),
-        (f + 5, "sequence"),
-        (f + 13, "checksum"),
-        (f + 17, "payload"),
-    ] {
-        let mut b = bytes.clone();
-        b[at] ^= 0x01;
-        let e = decode_err(&b);
-        assert!(
-            matches!(
-                e,
-                LogError::Checksum { seq: 3, .. }
-                    | LogError::FrameTooLarge { .. }
-                    | LogError::Truncated { .. }
-            ),
-            "{what}: {e:?}"
-        );
-    }
+    assert_eq!(seen, [true, true], "the log has both kinds of frames");
 }
 
 #[test]
@@ -295,39 +372,235 @@ fn oversized_length_is_refused() {
     ));
 }
 
+fn arb_fingerprint() -> impl Strategy<Value = Fingerprint> {
+    (any::<u64>(), any::<u64>()).prop_map(|(rip, regs)| Fingerprint { rip, regs })
+}
+
+/// A buffer of `len` bytes of `fill` with a few bytes changed: compressible.
+fn arb_blob(len: std::ops::Range<usize>) -> impl Strategy<Value = Vec<u8>> {
+    (
+        len,
+        any::<u8>(),
+        proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+    )
+        .prop_map(|(n, fill, pokes)| {
+            let mut v = vec![fill; n];
+            if n > 0 {
+                for (i, b) in pokes {
+                    v[i.index(n)] = b;
+                }
+            }
+            v
+        })
+}
+
+fn arb_entry() -> impl Strategy<Value = Entry> {
+    let exit = (0u8..7, any::<u64>(), any::<u64>()).prop_map(|(k, addr, data)| ExitRecord {
+        kind: [
+            ExitKind::PioIn,
+            ExitKind::PioOut,
+            ExitKind::MmioRead,
+            ExitKind::MmioWrite,
+            ExitKind::Hlt,
+            ExitKind::IrqWindow,
+            ExitKind::Emulated,
+        ][k as usize],
+        addr,
+        data,
+    });
+    let page = (any::<u64>(), any::<bool>(), arb_blob(4096..4097))
+        .prop_map(|(gfn, delta, data)| Page { gfn, delta, data });
+    prop_oneof![
+        (any::<u64>(), proptest::collection::vec(exit, 0..40))
+            .prop_map(|(first, exits)| Entry::Exits { first, exits }),
+        (any::<u64>(), any::<bool>(), any::<u64>()).prop_map(|(pos, wall, value)| {
+            Entry::Value {
+                pos,
+                source: if wall {
+                    ValueSource::WallClock
+                } else {
+                    ValueSource::Clock
+                },
+                value,
+            }
+        }),
+        (any::<u64>(), any::<u64>()).prop_map(|(pos, now_ns)| Entry::Timer { pos, now_ns }),
+        (any::<u64>(), arb_blob(0..3000))
+            .prop_map(|(pos, bytes)| Entry::ConsoleInput { pos, bytes }),
+        (any::<u64>(), any::<u8>(), arb_fingerprint()).prop_map(|(pos, vector, fingerprint)| {
+            Entry::Interrupt {
+                pos,
+                vector,
+                fingerprint,
+            }
+        }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            arb_blob(0..2000),
+            proptest::collection::vec(page, 0..4),
+            arb_fingerprint()
+        )
+            .prop_map(|(pos, index, vcpu, pages, fingerprint)| {
+                Entry::Epoch(Box::new(Epoch {
+                    pos,
+                    index,
+                    vcpu,
+                    pages,
+                    fingerprint,
+                }))
+            }),
+        (any::<u64>(), arb_fingerprint(), any::<Option<u64>>()).prop_map(
+            |(pos, fingerprint, memory)| Entry::Check {
+                pos,
+                fingerprint,
+                memory,
+            }
+        ),
+        (any::<u64>(), ".{0,20}", "[0-9a-f]{0,64}").prop_map(|(pos, reason, digest)| Entry::End {
+            pos,
+            reason,
+            digest
+        }),
+    ]
+}
+
+/// How a valid log is damaged.
+#[derive(Debug, Clone)]
+enum Mutation {
+    /// Flip one bit.
+    Flip(prop::sample::Index, u8),
+    /// Cut the log.
+    Truncate(prop::sample::Index),
+    /// Insert bytes.
+    Insert(prop::sample::Index, Vec<u8>),
+    /// Delete bytes.
+    Delete(prop::sample::Index, usize),
+    /// Overwrite bytes.
+    Overwrite(prop::sample::Index, Vec<u8>),
+    /// Set a frame's length field.
+    SetLength(prop::sample::Index, u32),
+    /// Add to a frame's length field.
+    AddLength(prop::sample::Index, i32),
+}
+
+fn arb_mutation() -> impl Strategy<Value = Mutation> {
+    use prop::sample::Index;
+    let bytes = || proptest::collection::vec(any::<u8>(), 1..24);
+    prop_oneof![
+        (any::<Index>(), 0u8..8).prop_map(|(i, b)| Mutation::Flip(i, b)),
+        any::<Index>().prop_map(Mutation::Truncate),
+        (any::<Index>(), bytes()).prop_map(|(i, b)| Mutation::Insert(i, b)),
+        (any::<Index>(), 1usize..24).prop_map(|(i, n)| Mutation::Delete(i, n)),
+        (any::<Index>(), bytes()).prop_map(|(i, b)| Mutation::Overwrite(i, b)),
+        (any::<Index>(), any::<u32>()).prop_map(|(i, n)| Mutation::SetLength(i, n)),
+        (any::<Index>(), -40i32..40).prop_map(|(i, n)| Mutation::AddLength(i, n)),
+    ]
+}
+
+/// Apply `m` to `b`; `frames` are the frame offsets of the valid log.
+fn mutate(b: &mut Vec<u8>, frames: &[u64], m: &Mutation) {
+    let at = |i: &prop::sample::Index, n: usize| if n == 0 { 0 } else { i.index(n) };
+    match m {
+        Mutation::Flip(i, bit) => {
+            if !b.is_empty() {
+                let p = at(i, b.len());
+                b[p] ^= 1 << bit;
+            }
+        }
+        Mutation::Truncate(i) => b.truncate(at(i, b.len())),
+        Mutation::Insert(i, v) => {
+            let p = at(i, b.len() + 1);
+            b.splice(p..p, v.iter().copied());
+        }
+        Mutation::Delete(i, n) => {
+            let p = at(i, b.len());
+            let e = (p + n).min(b.len());
+            b.drain(p..e);
+        }
+        Mutation::Overwrite(i, v) => {
+            let p = at(i, b.len());
+            for (k, x) in v.iter().enumerate() {
+                if let Some(y) = b.get_mut(p + k) {
+                    *y = *x;
+                }
+            }
+        }
+        Mutation::SetLength(i, _) | Mutation::AddLength(i, _) => {
+            let p = frames[at(i, frames.len())] as usize;
+            if let Some(field) = b.get_mut(p..p + 4) {
+                let old = u32::from_le_bytes(field.try_into().unwrap());
+                let new = match m {
+                    Mutation::SetLength(_, n) => *n,
+                    Mutation::AddLength(_, d) => old.wrapping_add(*d as u32),
+                    _ => unreachable!(),
+                };
+                field.copy_from_slice(&new.to_le_bytes());
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
-    /// Random bytes never panic the decoder.
+    /// Random bytes never panic the decoder (and never make a log).
     #[test]
     fn random_input_never_panics(data in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let mut d = Decoder::new();
-        d.push(&data);
-        while let Ok(Some(_)) = d.next_frame() {}
-        let _ = d.finish();
+        let (got, end) = decode_chunked(&data, 64);
+        prop_assert!(got.is_empty());
+        prop_assert!(end.is_err());
     }
 
-    /// A valid header followed by random bytes never panics either.
+    /// A valid header followed by random bytes never panics and never
+    /// yields a frame.
     #[test]
     fn random_frames_never_panic(data in proptest::collection::vec(any::<u8>(), 0..1024), chunk in 1usize..64) {
         let mut bytes = encode_header(&header());
         bytes.extend_from_slice(&data);
-        let mut d = Decoder::new();
-        for c in bytes.chunks(chunk) {
-            d.push(c);
-            while let Ok(Some(_)) = d.next_frame() {}
-        }
-        let _ = d.finish();
+        let (got, end) = decode_chunked(&bytes, chunk);
+        prop_assert!(got.is_empty(), "{got:?}");
+        prop_assert_eq!(end.is_ok(), data.is_empty());
     }
 
-    /// A valid log with random bit flips is rejected or decodes to
-    /// something, but never panics.
+    /// Damage to a valid log never panics the decoder and never yields a
+    /// frame that differs from the one written: the frames before the
+    /// damage come out intact, then an error names the damaged frame (or
+    /// the header); a log accepted whole is a prefix of the valid one,
+    /// cut at a frame boundary.
     #[test]
-    fn bit_flips_never_panic(pos in 0usize..2000, bit in 0u8..8) {
-        let (mut bytes, _) = log_bytes();
-        let pos = pos % bytes.len();
-        bytes[pos] ^= 1 << bit;
-        let _ = decode_all(&bytes);
+    fn damaged_logs_yield_only_frames_as_written(
+        entries in proptest::collection::vec(arb_entry(), 1..8),
+        mutations in proptest::collection::vec(arb_mutation(), 1..4),
+        chunk in prop_oneof![1usize..32, Just(1 << 20)],
+    ) {
+        let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
+        let mut bounds = vec![w.bytes() as usize];
+        for e in &entries {
+            w.append(e).unwrap();
+            bounds.push(w.bytes() as usize);
+        }
+        let valid = w.into_inner();
+        let (_, frames) = decode_all(&valid).unwrap();
+        let offsets: Vec<u64> = frames.iter().map(|f| f.offset).collect();
+        let mut b = valid.clone();
+        for m in &mutations {
+            mutate(&mut b, &offsets, m);
+        }
+        let (got, end) = decode_chunked(&b, chunk);
+        prop_assert!(got.len() <= frames.len());
+        prop_assert_eq!(&got[..], &frames[..got.len()]);
+        match end {
+            Ok(()) => prop_assert_eq!(&b[..], &valid[..bounds[got.len()]]),
+            Err(e) => match frame_named(&e) {
+                Some(named) => prop_assert_eq!(
+                    named,
+                    (got.len() as u64, bounds[got.len()] as u64),
+                    "{:?}", e
+                ),
+                None => prop_assert!(got.is_empty(), "{:?}", e),
+            },
+        }
     }
 }
 
