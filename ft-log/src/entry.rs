@@ -6,7 +6,12 @@
 //! "at `pos`" happened at the boundary after exit `pos` was handled and
 //! before the guest ran again.
 
+use std::ops::Range;
+
 use serde::{Deserialize, Serialize};
+
+/// Bytes in a guest page.
+pub const PAGE_SIZE: u64 = 4096;
 
 /// What kind of guest-caused exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +73,18 @@ pub struct Page {
     /// 4096 bytes.
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
+}
+
+impl Page {
+    /// The guest-physical bytes this page covers, `gfn * 4096` up to
+    /// `(gfn + 1) * 4096`, if they lie inside guest memory of `mem_len`
+    /// bytes; `None` when they do not, including when the arithmetic would
+    /// overflow (a gfn from a damaged or hostile log).
+    pub fn byte_range(&self, mem_len: u64) -> Option<Range<u64>> {
+        let start = self.gfn.checked_mul(PAGE_SIZE)?;
+        let end = start.checked_add(PAGE_SIZE)?;
+        (end <= mem_len).then_some(start..end)
+    }
 }
 
 /// A cut in a long exit-free stretch: the primary's complete state at the

@@ -11,5 +11,5 @@
 pub mod entry;
 pub mod format;
 
-pub use entry::{Entry, Epoch, ExitKind, ExitRecord, Fingerprint, Page, ValueSource};
+pub use entry::{Entry, Epoch, ExitKind, ExitRecord, Fingerprint, Page, ValueSource, PAGE_SIZE};
 pub use format::{decode_all, Decoder, Frame, LogError, LogHeader, LogWriter};

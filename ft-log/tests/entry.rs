@@ -38,3 +38,39 @@ fn byte_blobs_are_length_prefixed_not_sequences() {
     assert_eq!(b, [3, 9, 3, b'l', b's', b'\n']);
     assert_eq!(decode_entry(&b).unwrap(), c);
 }
+
+fn page(gfn: u64) -> Page {
+    Page {
+        gfn,
+        delta: false,
+        data: vec![0; 4096],
+    }
+}
+
+#[test]
+fn page_byte_range_inside_memory() {
+    assert_eq!(PAGE_SIZE, 4096);
+    assert_eq!(page(0).byte_range(4096), Some(0..4096));
+    assert_eq!(page(1).byte_range(8192), Some(4096..8192));
+    assert_eq!(page(1).byte_range(8191), None, "one byte short");
+    assert_eq!(page(2).byte_range(8192), None, "just past the end");
+    assert_eq!(page(0).byte_range(0), None, "no memory");
+}
+
+#[test]
+fn page_byte_range_at_the_u64_edge() {
+    // The last whole page below 2^64 ends at 2^64 - 4096.
+    let last = u64::MAX / 4096 - 1;
+    assert_eq!(
+        page(last).byte_range(u64::MAX),
+        Some(u64::MAX - 8191..u64::MAX - 4095)
+    );
+    // Its end is 2^64, which does not fit.
+    assert_eq!(page(u64::MAX / 4096).byte_range(u64::MAX), None);
+    // gfn * 4096 itself overflows.
+    assert_eq!(page(u64::MAX / 4096 + 1).byte_range(u64::MAX), None);
+    assert_eq!(page(1 << 52).byte_range(u64::MAX), None);
+    assert_eq!(page(u64::MAX).byte_range(u64::MAX), None);
+    // Wrapping arithmetic would have made this 0..4096 inside 8 KiB.
+    assert_eq!(page(1 << 52).byte_range(8192), None);
+}
