@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::boot::{self, BootConfig, BootError};
+use crate::deadline::{kick_after, KickInputs};
 use crate::devices::serial::{ConsoleEvent, ConsoleOut};
 use crate::devices::Devices;
 use crate::emulate::{self, EmulationError};
@@ -932,24 +933,24 @@ impl Vm {
         Ok(())
     }
 
-    /// Kick the guest when the next timer tick is due or, while recording
-    /// with an interrupt waiting, when the exit-free stretch reaches the
-    /// epoch bound, whichever comes first. Called after every boundary,
-    /// counted or not, so a guest that runs without exits is always kicked.
-    fn arm_deadline(&self, last_exit_at: Instant) {
-        let now = self.door_clock_hint();
-        let tick = self
-            .devices
-            .pit
-            .next_irq0_ns()
-            .map(|t| Duration::from_nanos(t.saturating_sub(now)));
-        let epoch = (self.door.mode() == Mode::Record && self.devices.pic.has_interrupt())
-            .then(|| self.epoch_bound.saturating_sub(last_exit_at.elapsed()));
-        let first = match (tick, epoch) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        self.deadline.set(first);
+    /// Arm the deadline kicker after a stop, by the policy in
+    /// [`crate::deadline`]: live, at the next timer tick; recording, once an
+    /// event waits and the exit-free stretch has reached the epoch bound.
+    /// Called after every stop, counted or not, so a guest that runs
+    /// without exits is always kicked when a kick can deliver something.
+    fn arm_deadline(&mut self, last_exit_at: Instant) {
+        let recording = self.door.mode() == Mode::Record;
+        let waiting = self.devices.pic.has_interrupt() || (recording && self.door.pending(None));
+        let after = kick_after(KickInputs {
+            recording,
+            now_ns: self.door_clock_hint(),
+            next_tick_ns: self.devices.pit.next_irq0_ns(),
+            waiting,
+            since_exit: last_exit_at.elapsed(),
+            epoch_bound: self.epoch_bound,
+        });
+        tracing::trace!(?after, waiting, "deadline armed");
+        self.deadline.set(after);
     }
 
     /// Host-side estimate of the guest clock for arming the deadline kicker

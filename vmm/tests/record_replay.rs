@@ -369,3 +369,54 @@ fn replay_from_a_stream_fed_in_small_chunks_waits_for_the_log() {
     assert!(out.status.success(), "{stderr}");
     assert_eq!(digest(&stderr), digest(&rec.stderr));
 }
+
+/// The kick count in a `--stats` report (0 when no kick happened).
+fn kicks(stderr: &str) -> u64 {
+    stderr
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("kick "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn recording_does_not_kick_while_a_waiting_tick_cannot_be_delivered() {
+    if !require_kvm() {
+        return;
+    }
+    // Test guest 8 runs at CPL0 with IF=0 for about 0.6 s, exiting every
+    // few ms, while timer ticks fall due. A kick cannot deliver them before
+    // the next exit, so the primary must not kick at all with a 50 ms epoch
+    // bound (commit a74457e kicked at every stop once a tick was overdue:
+    // 2.2 million kicks in one Linux boot).
+    let kernel = test_guest(8);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("m8.log");
+    let out = vmft()
+        .args([
+            "record",
+            "--mem",
+            MEM,
+            "--epoch-ms",
+            "50",
+            "--no-stdin",
+            "--stats",
+        ])
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--log")
+        .arg(&log)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "record failed:\n{stderr}");
+    assert!(stdout.contains("TICKS 0000000000000005"), "{stdout}");
+    let n = kicks(&stderr);
+    assert!(
+        n <= 5,
+        "{n} kicks while no kick could deliver anything:\n{stderr}"
+    );
+    let rep = replay(&log, &dir.path().join("m8.serial"));
+    assert!(rep.ok, "replay failed:\n{}", rep.stderr);
+    assert_eq!(digest(&stderr), digest(&rep.stderr));
+}

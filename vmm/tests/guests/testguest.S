@@ -17,6 +17,8 @@
 #   MODE 5  reads the PIT counter and the CMOS clock
 #   MODE 6  console input: echoes bytes until it has seen 3 newlines
 #   MODE 7  deliberately nondeterministic: branches on RDTSC into different exits
+#   MODE 8  CPL0 with IF=0, an exit every ~6 ms while a timer tick waits
+#           (the primary must not kick the vCPU out continuously)
 
         .intel_syntax noprefix
         .code64
@@ -138,6 +140,9 @@ _start:
 .if MODE == 4
         jmp kernel_idle
 .endif
+.if MODE == 8
+        jmp kernel_busy_if0
+.endif
         # Drop to CPL3 with IF=1 and IOPL=3.
         push UDATA
         lea rax, [ustack_top]
@@ -232,6 +237,34 @@ kputs:
         out dx, al
         jmp 6b
 7:      ret
+
+.if MODE == 8
+# 100 rounds of an exit-free stretch (emulated here: about 6 ms) ending in
+# an `out` to port 0x80, all with interrupts disabled, so timer ticks fall
+# due and wait; then enable interrupts and count the ticks delivered.
+kernel_busy_if0:
+        mov r8, 100
+40:     mov ecx, 5000
+41:     dec ecx
+        jnz 41b
+        out 0x80, al
+        dec r8
+        jnz 40b
+        sti
+42:     hlt
+        cmp qword ptr [ticks], 5
+        jb 42b
+        cli
+        lea rsi, [msg_ticks]
+        call kputs
+        mov rdi, [ticks]
+        call kprint_hex
+        mov dx, 0x64
+        mov al, 0xfe
+        out dx, al
+43:     hlt
+        jmp 43b
+.endif
 
 .if MODE == 4
 kernel_idle:
