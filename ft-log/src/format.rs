@@ -30,7 +30,10 @@ pub const MAGIC: &[u8; 8] = b"VMFT-LOG";
 /// page deltas in epochs; 3: the frame CRC covers the length field and
 /// its compressed bit too).
 pub const VERSION: u16 = 3;
-/// Largest frame payload accepted (an epoch carries dirty pages).
+/// Largest frame payload accepted, stored and decompressed (an epoch
+/// carries dirty pages). A writer or decoder may use a smaller limit
+/// ([`LogWriter::with_max_frame`], [`Decoder::with_max_frame`]), never a
+/// larger one; it stays below bit 31 of the length field.
 pub const MAX_FRAME: usize = 256 << 20;
 /// Largest header body accepted.
 pub const MAX_HEADER: usize = 64 << 10;
@@ -77,14 +80,32 @@ pub enum LogError {
     #[error("log header corrupt: {0}")]
     Header(String),
     /// A frame's length field is out of range.
-    #[error("frame {seq} at offset {offset}: length {len} exceeds the maximum {MAX_FRAME}")]
+    #[error("frame {seq} at offset {offset}: length {len} exceeds the maximum {max}")]
     FrameTooLarge {
         /// Expected sequence number.
         seq: u64,
         /// Byte offset of the frame.
         offset: u64,
-        /// Length field.
+        /// Length field (without the compressed bit).
         len: u64,
+        /// The decoder's limit.
+        max: u64,
+    },
+    /// The writer refuses an entry whose payload exceeds its frame limit;
+    /// nothing of it was written and the log stays valid.
+    #[error(
+        "{kind} entry for frame {seq}: payload of {size} bytes exceeds the frame limit of {max} bytes"
+    )]
+    EntryTooLarge {
+        /// Sequence number the frame would have had.
+        seq: u64,
+        /// Entry kind ([`Entry::kind`]).
+        kind: &'static str,
+        /// Encoded (decompressed) payload size; the stored size is never
+        /// larger, as compression is used only when it makes it smaller.
+        size: u64,
+        /// The writer's limit.
+        max: u64,
     },
     /// A frame's checksum does not match.
     #[error("frame {seq} at offset {offset}: checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
@@ -163,9 +184,39 @@ pub fn encode_header(h: &LogHeader) -> Vec<u8> {
     out
 }
 
-/// Encode one frame with sequence number `seq`.
-pub fn encode_frame(seq: u64, entry: &Entry) -> Vec<u8> {
+/// Errors writing a log.
+#[derive(Debug, Error)]
+pub enum WriteError {
+    /// The sink failed.
+    #[error("writing the log: {0}")]
+    Io(#[from] std::io::Error),
+    /// The entry cannot be framed ([`LogError::EntryTooLarge`]); nothing of
+    /// it was written.
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// Encode one frame with sequence number `seq`, refusing a payload over
+/// [`MAX_FRAME`].
+pub fn encode_frame(seq: u64, entry: &Entry) -> Result<Vec<u8>, LogError> {
+    encode_frame_within(seq, entry, MAX_FRAME)
+}
+
+/// Encode one frame whose payload, stored and decompressed, is at most
+/// `max` bytes (`max` at most [`MAX_FRAME`]).
+fn encode_frame_within(seq: u64, entry: &Entry, max: usize) -> Result<Vec<u8>, LogError> {
+    debug_assert!(max <= MAX_FRAME);
     let mut payload = encode_entry(entry);
+    // The stored payload is the encoded one or, when that is smaller, its
+    // compressed form: bounding the encoded size bounds both.
+    if payload.len() > max {
+        return Err(LogError::EntryTooLarge {
+            seq,
+            kind: entry.kind(),
+            size: payload.len() as u64,
+            max: max as u64,
+        });
+    }
     let mut len_field = payload.len() as u32;
     if payload.len() >= COMPRESS_MIN {
         let packed = lz4_flex::compress_prepend_size(&payload);
@@ -180,7 +231,7 @@ pub fn encode_frame(seq: u64, entry: &Entry) -> Vec<u8> {
     let crc = crc32c::crc32c_append(crc32c::crc32c(&out), &payload);
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(&payload);
-    out
+    Ok(out)
 }
 
 /// Writes a log to any byte sink.
@@ -188,24 +239,54 @@ pub struct LogWriter<W: Write> {
     out: W,
     next_seq: u64,
     bytes: u64,
+    max_frame: usize,
 }
 
 impl<W: Write> LogWriter<W> {
-    /// Write the header and return a writer for the frames.
+    /// Write the header and return a writer for the frames, with the frame
+    /// limit [`MAX_FRAME`]. A header the decoder would refuse (body over
+    /// [`MAX_HEADER`]) is refused with an `InvalidInput` error wrapping
+    /// [`LogError::Header`], before anything is written.
     pub fn new(mut out: W, header: &LogHeader) -> std::io::Result<Self> {
         let h = encode_header(header);
+        let body = h.len() - (MAGIC.len() + 2 + 4 + 4);
+        if body > MAX_HEADER {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                LogError::Header(format!(
+                    "header body of {body} bytes exceeds the maximum {MAX_HEADER}"
+                )),
+            ));
+        }
         out.write_all(&h)?;
         Ok(LogWriter {
             out,
             next_seq: 0,
             bytes: h.len() as u64,
+            max_frame: MAX_FRAME,
         })
     }
 
-    /// Append an entry; returns its sequence number and encoded size.
-    pub fn append(&mut self, e: &Entry) -> std::io::Result<(u64, usize)> {
+    /// Limit every frame's payload, stored and decompressed, to `max`
+    /// bytes (a channel with smaller buffers); a limit above [`MAX_FRAME`]
+    /// is lowered to it.
+    pub fn with_max_frame(mut self, max: usize) -> Self {
+        self.max_frame = max.min(MAX_FRAME);
+        self
+    }
+
+    /// The frame payload limit.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
+    /// Append an entry; returns its sequence number and encoded size. An
+    /// entry whose payload exceeds the frame limit is refused with
+    /// [`LogError::EntryTooLarge`] and nothing is written (epochs can be
+    /// split: [`LogWriter::write_epoch`]).
+    pub fn append(&mut self, e: &Entry) -> Result<(u64, usize), WriteError> {
         let seq = self.next_seq;
-        let f = encode_frame(seq, e);
+        let f = encode_frame_within(seq, e, self.max_frame)?;
         self.out.write_all(&f)?;
         self.next_seq += 1;
         self.bytes += f.len() as u64;
@@ -246,7 +327,7 @@ pub struct Frame {
 
 /// Incremental decoder: feed bytes with [`Decoder::push`], take the header
 /// and frames as they complete, call [`Decoder::finish`] at end of stream.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Decoder {
     buf: Vec<u8>,
     /// Offset in the stream of `buf[0]`.
@@ -254,12 +335,34 @@ pub struct Decoder {
     header: Option<LogHeader>,
     next_seq: u64,
     failed: Option<LogError>,
+    max_frame: usize,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Decoder {
+            buf: Vec::new(),
+            base: 0,
+            header: None,
+            next_seq: 0,
+            failed: None,
+            max_frame: MAX_FRAME,
+        }
+    }
 }
 
 impl Decoder {
-    /// A decoder at the start of a stream.
+    /// A decoder at the start of a stream, with the frame limit
+    /// [`MAX_FRAME`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Refuse frames whose payload, stored or decompressed, exceeds `max`
+    /// bytes; a limit above [`MAX_FRAME`] is lowered to it.
+    pub fn with_max_frame(mut self, max: usize) -> Self {
+        self.max_frame = max.min(MAX_FRAME);
+        self
     }
 
     /// Add bytes received.
@@ -336,11 +439,12 @@ impl Decoder {
         let len_field = u32::from_le_bytes(b[0..4].try_into().unwrap());
         let compressed = len_field & COMPRESSED != 0;
         let len = (len_field & !COMPRESSED) as usize;
-        if len > MAX_FRAME {
+        if len > self.max_frame {
             return self.fail(LogError::FrameTooLarge {
                 seq: seq_expected,
                 offset,
                 len: len as u64,
+                max: self.max_frame as u64,
             });
         }
         if b.len() < FRAME_HEAD + len {
@@ -367,7 +471,7 @@ impl Decoder {
         }
         let unpacked;
         let payload = if compressed {
-            match unpack(payload) {
+            match unpack(payload, self.max_frame) {
                 Ok(p) => {
                     unpacked = p;
                     &unpacked[..]
@@ -434,16 +538,16 @@ impl Decoder {
     }
 }
 
-/// Decompress a stored payload: the size prefix is checked against
-/// [`MAX_FRAME`] before LZ4 allocates that much.
-fn unpack(stored: &[u8]) -> Result<Vec<u8>, String> {
+/// Decompress a stored payload: the size prefix is checked against the
+/// limit `max` before LZ4 allocates that much.
+fn unpack(stored: &[u8], max: usize) -> Result<Vec<u8>, String> {
     let Some(&[a, b, c, d]) = stored.get(..4) else {
         return Err("compressed payload shorter than its size prefix".into());
     };
     let n = u32::from_le_bytes([a, b, c, d]) as u64;
-    if n > MAX_FRAME as u64 {
+    if n > max as u64 {
         return Err(format!(
-            "compressed payload declares {n} bytes decompressed, over the maximum {MAX_FRAME}"
+            "compressed payload declares {n} bytes decompressed, over the maximum {max}"
         ));
     }
     lz4_flex::decompress_size_prepended(stored).map_err(|e| format!("LZ4: {e}"))

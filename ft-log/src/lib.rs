@@ -12,4 +12,4 @@ pub mod entry;
 pub mod format;
 
 pub use entry::{Entry, Epoch, ExitKind, ExitRecord, Fingerprint, Page, ValueSource, PAGE_SIZE};
-pub use format::{decode_all, Decoder, Frame, LogError, LogHeader, LogWriter};
+pub use format::{decode_all, Decoder, Frame, LogError, LogHeader, LogWriter, WriteError};

@@ -119,7 +119,7 @@ fn large_entries_are_compressed_and_round_trip() {
             .collect(),
         fingerprint: Fingerprint::default(),
     }));
-    let frame = encode_frame(0, &e);
+    let frame = encode_frame(0, &e).unwrap();
     assert!(
         frame.len() < 16 * 4096 / 4,
         "compressed to {} bytes",
@@ -688,4 +688,140 @@ fn a_compressed_payload_declaring_more_than_max_frame_is_refused() {
             other => panic!("declared {declared}: {other:?}"),
         }
     }
+}
+
+#[test]
+fn the_writer_refuses_an_entry_over_max_frame() {
+    let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
+    assert_eq!(w.max_frame(), MAX_FRAME);
+    let head = w.bytes();
+    // Zeros compress to almost nothing: the decompressed size is what is over.
+    let big = Entry::ConsoleInput {
+        pos: 1,
+        bytes: vec![0; MAX_FRAME],
+    };
+    match w.append(&big) {
+        Err(WriteError::Log(LogError::EntryTooLarge {
+            seq: 0,
+            kind: "console-input",
+            size,
+            max,
+        })) => {
+            assert_eq!(size, MAX_FRAME as u64 + 1 + 1 + 5);
+            assert_eq!(max, MAX_FRAME as u64);
+        }
+        other => panic!("wrote {other:?}"),
+    }
+    drop(big);
+    // Nothing was written: the log goes on with frame 0 and stays valid.
+    assert_eq!((w.bytes(), w.frames()), (head, 0));
+    let small = Entry::Timer { pos: 1, now_ns: 2 };
+    assert_eq!(w.append(&small).unwrap().0, 0);
+    let (_, frames) = decode_all(&w.into_inner()).unwrap();
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].entry, small);
+}
+
+/// A console entry whose payload is exactly `size` bytes (size >= 131).
+fn console_of(size: usize, compressible: bool) -> Entry {
+    let n = size - 1 - 1 - 2; // variant, pos, two-byte length
+    let bytes = if compressible {
+        vec![b'z'; n]
+    } else {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect()
+    };
+    let e = Entry::ConsoleInput { pos: 1, bytes };
+    assert_eq!(encode_entry(&e).len(), size);
+    e
+}
+
+#[test]
+fn a_smaller_frame_limit_bounds_stored_and_decompressed_sizes() {
+    let limit = 4096;
+    for compressible in [false, true] {
+        let mut w = LogWriter::new(Vec::new(), &header())
+            .unwrap()
+            .with_max_frame(limit);
+        let head = w.bytes();
+        for size in [limit + 1, 3 * limit] {
+            match w.append(&console_of(size, compressible)) {
+                Err(WriteError::Log(LogError::EntryTooLarge {
+                    seq: 0,
+                    size: s,
+                    max,
+                    ..
+                })) => {
+                    assert_eq!((s, max), (size as u64, limit as u64))
+                }
+                other => panic!("size {size} compressible {compressible}: {other:?}"),
+            }
+            assert_eq!(w.bytes(), head, "nothing written");
+        }
+        let fits = console_of(limit, compressible);
+        let (_, n) = w.append(&fits).unwrap();
+        let stored = n - 16;
+        if compressible {
+            assert!(stored < limit / 4, "stored {stored}");
+        } else {
+            assert_eq!(stored, limit);
+        }
+        let bytes = w.into_inner();
+        // A decoder with the same limit takes it, one with less refuses it.
+        let mut d = Decoder::new().with_max_frame(limit);
+        d.push(&bytes);
+        assert_eq!(d.next_frame().unwrap().unwrap().entry, fits);
+        d.finish().unwrap();
+        let mut d = Decoder::new().with_max_frame(limit - 1);
+        d.push(&bytes);
+        let e = d.next_frame().unwrap_err();
+        if compressible {
+            assert!(
+                matches!(&e, LogError::Payload { seq: 0, detail, .. } if detail.contains("4096 bytes decompressed")),
+                "{e:?}"
+            );
+        } else {
+            assert_eq!(
+                e,
+                LogError::FrameTooLarge {
+                    seq: 0,
+                    offset: head,
+                    len: limit as u64,
+                    max: limit as u64 - 1
+                }
+            );
+        }
+    }
+}
+
+#[test]
+fn frame_limits_never_exceed_max_frame() {
+    let w = LogWriter::new(Vec::new(), &header()).unwrap();
+    assert_eq!(w.with_max_frame(usize::MAX).max_frame(), MAX_FRAME);
+    // MAX_FRAME leaves bit 31 of the length field to the compressed flag.
+    const { assert!(MAX_FRAME < 1 << 31) };
+}
+
+#[test]
+fn the_writer_refuses_a_header_the_decoder_would_refuse() {
+    let mut h = header();
+    h.cmdline = "x".repeat(MAX_HEADER);
+    let mut out = Vec::new();
+    let e = LogWriter::new(&mut out, &h).err().expect("refused");
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+    let inner = e.get_ref().and_then(|i| i.downcast_ref::<LogError>());
+    assert!(matches!(inner, Some(LogError::Header(_))), "{e:?}");
+    assert!(out.is_empty());
+    // Just under the limit is written and read back.
+    let over = encode_header(&h).len() - 18 - MAX_HEADER;
+    h.cmdline.truncate(MAX_HEADER - over);
+    let bytes = LogWriter::new(Vec::new(), &h).unwrap().into_inner();
+    assert_eq!(decode_all(&bytes).unwrap().0, h);
 }
