@@ -99,7 +99,7 @@ async fn run(cli: Cli) -> Result<()> {
             let server = Server::bind(&listen, &data, ServerConfig::new(token.token()?)).await?;
             // Tests and scripts read the bound port from this line.
             println!("listening {}", server.local_addr());
-            server.run().await;
+            server.run().await?;
             Ok(())
         }
         Command::Claim {

@@ -10,11 +10,12 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::time::timeout;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::protocol::{constant_time_eq, frame_len, ErrorCode, Request, Response};
-use crate::store::{Claim, Store, StoreError};
+use crate::store::{lock, Claim, Store, StoreError};
 use crate::Decision;
 
 /// Server settings.
@@ -59,6 +60,9 @@ pub enum ServerError {
     /// The token is empty.
     #[error("the shared token must not be empty")]
     EmptyToken,
+    /// The store failed in a way it could not undo; the server stopped.
+    #[error("arbiter server stopped: {0}")]
+    Stopped(String),
 }
 
 /// A bound, ready server.
@@ -67,6 +71,8 @@ pub struct Server {
     store: Arc<Mutex<Store>>,
     cfg: Arc<ServerConfig>,
     commits: CommitQueue,
+    /// Set (once) by the committer when the store stopped.
+    stopped: watch::Receiver<Option<String>>,
 }
 
 type Reply = tokio::sync::oneshot::Sender<Result<Decision, String>>;
@@ -75,12 +81,16 @@ type CommitQueue = std::sync::mpsc::Sender<(Claim, Reply)>;
 /// Group commit: one thread takes every claim queued so far, decides them,
 /// appends their records with one write and one fsync, publishes the new
 /// decisions, then answers. Decisions are never visible before they are
-/// durable; a crash loses only unanswered claims.
-fn start_committer(store: Arc<Mutex<Store>>) -> Result<CommitQueue, StoreError> {
-    let (path, mut file) = {
-        let st = store.lock().unwrap_or_else(|e| e.into_inner());
-        (st.log_path(), st.log_file()?)
-    };
+/// durable; a crash loses only unanswered claims. A batch whose append
+/// failed was rolled back by the store: its claims are answered with a
+/// storage error (clients retry) and nothing of it is published. If the
+/// rollback failed as well, the committer answers every claim with an error
+/// from then on, and reports the stop through `stopped`.
+fn start_committer(
+    store: Arc<Mutex<Store>>,
+    stopped: watch::Sender<Option<String>>,
+) -> CommitQueue {
+    let appender = lock(&store).appender();
     let (tx, rx) = std::sync::mpsc::channel::<(Claim, Reply)>();
     std::thread::Builder::new()
         .name("arbiter-commit".into())
@@ -94,32 +104,32 @@ fn start_committer(store: Arc<Mutex<Store>>) -> Result<CommitQueue, StoreError> 
                     }
                 }
                 let claims: Vec<Claim> = batch.iter().map(|(c, _)| c.clone()).collect();
-                let plan = store
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .plan(&claims);
-                let result = plan.write(&mut file, &path);
+                let plan = lock(&store).plan(&claims);
+                let result = lock(&appender).append(&plan.records);
                 match result {
                     Ok(()) => {
-                        store
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .apply(plan.new);
+                        lock(&store).apply(plan.new);
                         for ((_, reply), d) in batch.into_iter().zip(plan.decisions) {
                             let _ = reply.send(Ok(d));
                         }
                     }
                     Err(e) => {
-                        warn!(error = %e, "could not make decisions durable");
+                        let message = format!("decision not made: {e}");
                         for (_, reply) in batch {
-                            let _ = reply.send(Err(e.to_string()));
+                            let _ = reply.send(Err(message.clone()));
+                        }
+                        if let StoreError::Stopped { .. } = e {
+                            error!(error = %e, "arbiter store stopped; the server stops");
+                            let _ = stopped.send(Some(e.to_string()));
+                        } else {
+                            warn!(error = %e, "could not make a batch of decisions durable; answered with an error");
                         }
                     }
                 }
             }
         })
         .expect("spawn committer");
-    Ok(tx)
+    tx
 }
 
 #[derive(Debug, Error)]
@@ -158,12 +168,14 @@ impl Server {
                 source,
             })?;
         let store = Arc::new(Mutex::new(store));
-        let commits = start_committer(store.clone())?;
+        let (stop_tx, stopped) = watch::channel(None);
+        let commits = start_committer(store.clone(), stop_tx);
         Ok(Server {
             listener,
             store,
             cfg: Arc::new(cfg),
             commits,
+            stopped,
         })
     }
 
@@ -172,11 +184,23 @@ impl Server {
         self.listener.local_addr().expect("bound socket")
     }
 
-    /// Serve forever.
-    pub async fn run(self) {
+    /// Serve until the store stops ([`ServerError::Stopped`]); then every
+    /// connection is closed too.
+    pub async fn run(self) -> Result<(), ServerError> {
         info!(addr = %self.local_addr(), "arbiter serving");
+        let mut stopped = self.stopped.clone();
         loop {
-            let (stream, peer) = match self.listener.accept().await {
+            let accepted = tokio::select! {
+                r = self.listener.accept() => r,
+                r = stopped.wait_for(Option::is_some) => {
+                    let reason = match r {
+                        Ok(v) => v.clone().unwrap_or_default(),
+                        Err(_) => "committer gone".to_string(),
+                    };
+                    return Err(ServerError::Stopped(reason));
+                }
+            };
+            let (stream, peer) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     warn!(error = %e, "accept failed");
@@ -188,8 +212,9 @@ impl Server {
             let store = self.store.clone();
             let cfg = self.cfg.clone();
             let commits = self.commits.clone();
+            let stopped = self.stopped.clone();
             tokio::spawn(async move {
-                match handle(stream, store, cfg, commits).await {
+                match handle(stream, store, cfg, commits, stopped).await {
                     Ok(()) | Err(ConnError::Closed) => debug!(%peer, "connection closed"),
                     Err(e) => debug!(%peer, error = %e, "connection ended"),
                 }
@@ -251,6 +276,7 @@ async fn handle(
     store: Arc<Mutex<Store>>,
     cfg: Arc<ServerConfig>,
     commits: CommitQueue,
+    mut stopped: watch::Receiver<Option<String>>,
 ) -> Result<(), ConnError> {
     let peer = s.peer_addr().ok();
     // Handshake: the first frame must be Hello with the right token.
@@ -275,7 +301,15 @@ async fn handle(
         }
     }
     loop {
-        let payload = read_frame(&mut s, cfg.idle_timeout, cfg.frame_timeout).await?;
+        // Between requests, a stopped server closes the connection (a
+        // request in progress still gets its answer).
+        let payload = tokio::select! {
+            r = read_frame(&mut s, cfg.idle_timeout, cfg.frame_timeout) => r?,
+            _ = stopped.wait_for(Option::is_some) => {
+                debug!(?peer, "closing: the server stopped");
+                return Ok(());
+            }
+        };
         let req = match Request::decode(&payload) {
             Ok(r) => r,
             Err(e) => {
@@ -286,11 +320,7 @@ async fn handle(
         let resp = match req {
             Request::Hello { .. } => Response::HelloOk,
             Request::Owner { id, vm, generation } => {
-                let owner = store
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .owner(&vm, generation)
-                    .map(str::to_string);
+                let owner = lock(&store).owner(&vm, generation).map(str::to_string);
                 Response::OwnerIs { id, owner }
             }
             Request::TestAndSet {
@@ -300,11 +330,7 @@ async fn handle(
                 claimant,
             } => {
                 // Fast path: an existing (durable) decision needs no I/O.
-                let known = store
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .owner(&vm, generation)
-                    .map(str::to_string);
+                let known = lock(&store).owner(&vm, generation).map(str::to_string);
                 match known {
                     Some(owner) if owner == claimant => Response::Won { id },
                     Some(owner) => Response::Lost { id, owner },
@@ -333,5 +359,169 @@ async fn handle(
             }
         };
         send(&mut s, &resp).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{Client, ClientConfig};
+    use crate::Arbiter;
+
+    const TOKEN: &[u8] = b"server-unit-test-token";
+
+    /// A raw protocol connection, authenticated.
+    async fn connect(addr: &str) -> TcpStream {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let hello = Request::Hello {
+            token: TOKEN.to_vec(),
+        };
+        assert_eq!(exchange(&mut s, &hello).await, Some(Response::HelloOk));
+        s
+    }
+
+    /// Send `req`, read one answer (`None`: the server closed).
+    async fn exchange(s: &mut TcpStream, req: &Request) -> Option<Response> {
+        s.write_all(&req.encode()).await.ok()?;
+        let mut prefix = [0u8; 4];
+        timeout(Duration::from_secs(5), s.read_exact(&mut prefix))
+            .await
+            .expect("an answer or a close within 5 s")
+            .ok()?;
+        let mut body = vec![0u8; frame_len(prefix).unwrap()];
+        s.read_exact(&mut body).await.ok()?;
+        Some(Response::decode(&body).unwrap())
+    }
+
+    fn claim(id: u64, vm: &str, claimant: &str) -> Request {
+        Request::TestAndSet {
+            id,
+            vm: vm.into(),
+            generation: 1,
+            claimant: claimant.into(),
+        }
+    }
+
+    fn owner(id: u64, vm: &str) -> Request {
+        Request::Owner {
+            id,
+            vm: vm.into(),
+            generation: 1,
+        }
+    }
+
+    fn storage_error(r: Option<Response>) -> String {
+        match r {
+            Some(Response::Error {
+                code: ErrorCode::Storage,
+                message,
+                ..
+            }) => message,
+            other => panic!("expected a storage error, got {other:?}"),
+        }
+    }
+
+    async fn bind(dir: &Path) -> Server {
+        Server::bind("127.0.0.1:0", dir, ServerConfig::new(TOKEN))
+            .await
+            .unwrap()
+    }
+
+    fn faults(server: &Server, f: impl FnOnce(&mut crate::store::Faults)) {
+        let app = lock(&server.store).appender();
+        f(&mut lock(&app).faults);
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_fsync_or_write_failed_is_answered_with_an_error_and_not_decided() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = bind(dir.path()).await;
+        let addr = server.local_addr().to_string();
+        faults(&server, |f| f.sync_fails = true);
+        let store = server.store.clone();
+        let appender = lock(&store).appender();
+        let run = tokio::spawn(server.run());
+
+        let mut s = connect(&addr).await;
+        let msg = storage_error(exchange(&mut s, &claim(1, "vm", "a")).await);
+        assert!(msg.contains("injected fsync failure"), "{msg}");
+        assert_eq!(
+            exchange(&mut s, &owner(2, "vm")).await,
+            Some(Response::OwnerIs { id: 2, owner: None }),
+            "the failed claim decided nothing"
+        );
+        // A later claimant wins the register the failed claim wanted.
+        assert_eq!(
+            exchange(&mut s, &claim(3, "vm", "b")).await,
+            Some(Response::Won { id: 3 })
+        );
+
+        // A write that stops mid-record: error, and the log stays clean.
+        lock(&appender).faults.write_fails_after = Some(7);
+        storage_error(exchange(&mut s, &claim(4, "vm2", "a")).await);
+        assert_eq!(
+            exchange(&mut s, &claim(5, "vm3", "c")).await,
+            Some(Response::Won { id: 5 })
+        );
+        assert_eq!(
+            exchange(&mut s, &claim(6, "vm2", "c")).await,
+            Some(Response::Won { id: 6 })
+        );
+
+        // What is on disk is exactly what was answered.
+        let (reopened, r) = Store::open(dir.path()).unwrap();
+        assert_eq!(r.torn_bytes, 0);
+        assert_eq!(reopened.len(), 3);
+        assert_eq!(reopened.owner("vm", 1), Some("b"));
+        assert_eq!(reopened.owner("vm2", 1), Some("c"));
+        assert_eq!(reopened.owner("vm3", 1), Some("c"));
+        assert!(
+            !run.is_finished(),
+            "a rolled-back failure does not stop the server"
+        );
+        run.abort();
+    }
+
+    #[tokio::test]
+    async fn the_client_retries_a_claim_whose_batch_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = bind(dir.path()).await;
+        let addr = server.local_addr().to_string();
+        faults(&server, |f| f.sync_fails = true);
+        let run = tokio::spawn(server.run());
+        let mut c = Client::new(ClientConfig::new(addr, TOKEN));
+        assert_eq!(c.test_and_set("vm", 1, "a").await.unwrap(), Decision::Won);
+        assert_eq!(c.owner("vm", 1).await.unwrap(), Some("a".to_string()));
+        run.abort();
+    }
+
+    #[tokio::test]
+    async fn a_failed_rollback_stops_the_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = bind(dir.path()).await;
+        let addr = server.local_addr().to_string();
+        faults(&server, |f| {
+            f.write_fails_after = Some(3);
+            f.rollback_fails = true;
+        });
+        let run = tokio::spawn(server.run());
+        let mut s = connect(&addr).await;
+        let mut other = connect(&addr).await;
+        let msg = storage_error(exchange(&mut s, &claim(1, "vm", "a")).await);
+        assert!(msg.contains("stopped"), "{msg}");
+        let ended = timeout(Duration::from_secs(5), run)
+            .await
+            .expect("server stops")
+            .unwrap();
+        assert!(
+            matches!(ended, Err(ServerError::Stopped(ref m)) if m.contains("rollback")),
+            "{ended:?}"
+        );
+        // Open connections are closed, new ones refused.
+        assert_eq!(exchange(&mut other, &owner(2, "vm")).await, None);
+        assert!(TcpStream::connect(&addr).await.is_err());
+        // The bytes the failed append left are a torn tail, dropped on open.
+        let (reopened, r) = Store::open(dir.path()).unwrap();
+        assert_eq!((reopened.len(), r.torn_bytes), (0, 3));
     }
 }
