@@ -10,6 +10,8 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
+use crate::format::LogError;
+
 /// Bytes in a guest page.
 pub const PAGE_SIZE: u64 = 4096;
 
@@ -168,6 +170,20 @@ pub enum Entry {
         /// Final state digest (memory and registers).
         digest: String,
     },
+    /// Part of the pages of a large epoch, split off so that no frame
+    /// exceeds the writer's limit ([`crate::LogWriter::write_epoch`]):
+    /// pages of the epoch with this `index` after exit `pos`, to be applied
+    /// together with it. The parts come in page order right before their
+    /// [`Entry::Epoch`], which carries the remaining pages;
+    /// [`EpochAssembler`] puts them back together.
+    EpochPages {
+        /// Exit number the epoch's stretch started after.
+        pos: u64,
+        /// The epoch's number.
+        index: u64,
+        /// Some of its pages, in order.
+        pages: Vec<Page>,
+    },
 }
 
 impl Entry {
@@ -182,6 +198,113 @@ impl Entry {
             Entry::Epoch(_) => "epoch",
             Entry::Check { .. } => "check",
             Entry::End { .. } => "end",
+            Entry::EpochPages { .. } => "epoch-pages",
+        }
+    }
+}
+
+/// Puts split epochs back together on the reading side: feed it every
+/// entry in log order; it keeps [`Entry::EpochPages`] parts and hands back
+/// the final [`Entry::Epoch`] with all the parts' pages before its own, so
+/// the replayer sees whole epochs. Other entries pass through unchanged.
+#[derive(Debug, Default)]
+pub struct EpochAssembler {
+    pending: Option<PendingEpoch>,
+}
+
+#[derive(Debug)]
+struct PendingEpoch {
+    pos: u64,
+    index: u64,
+    parts: u64,
+    pages: Vec<Page>,
+}
+
+impl EpochAssembler {
+    /// An assembler with nothing pending.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Take the next entry of the log: `Ok(None)` for a part (kept until
+    /// its epoch arrives), `Ok(Some(entry))` for anything else, an epoch
+    /// then carrying its parts' pages first. Errors: a part or epoch for
+    /// another epoch than the parts pending ([`LogError::EpochMismatch`]),
+    /// another entry while parts are pending ([`LogError::EpochIncomplete`]).
+    /// After an error nothing is pending.
+    pub fn push(&mut self, entry: Entry) -> Result<Option<Entry>, LogError> {
+        match entry {
+            Entry::EpochPages { pos, index, pages } => {
+                let p = self.pending.get_or_insert_with(|| PendingEpoch {
+                    pos,
+                    index,
+                    parts: 0,
+                    pages: Vec::new(),
+                });
+                if (p.pos, p.index) != (pos, index) {
+                    return Err(self.mismatch(pos, index));
+                }
+                p.parts += 1;
+                if p.pages.is_empty() {
+                    p.pages = pages;
+                } else {
+                    p.pages.extend(pages);
+                }
+                Ok(None)
+            }
+            Entry::Epoch(mut e) => match self.pending.take() {
+                None => Ok(Some(Entry::Epoch(e))),
+                Some(p) if (p.pos, p.index) == (e.pos, e.index) => {
+                    let mut pages = p.pages;
+                    pages.append(&mut e.pages);
+                    e.pages = pages;
+                    Ok(Some(Entry::Epoch(e)))
+                }
+                Some(p) => {
+                    self.pending = Some(p);
+                    Err(self.mismatch(e.pos, e.index))
+                }
+            },
+            other => match &self.pending {
+                None => Ok(Some(other)),
+                Some(_) => Err(self.incomplete(format!("a {} entry", other.kind()))),
+            },
+        }
+    }
+
+    /// Whether parts are waiting for their epoch.
+    pub fn is_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// At the end of the log: an error if parts wait for an epoch that
+    /// never came ([`LogError::EpochIncomplete`]). A backup taking over
+    /// from a primary that stopped mid-epoch may instead ignore them: the
+    /// epoch was never complete in the log. Nothing is pending afterwards.
+    pub fn finish(&mut self) -> Result<(), LogError> {
+        match self.pending {
+            None => Ok(()),
+            Some(_) => Err(self.incomplete("the end of the log".into())),
+        }
+    }
+
+    fn mismatch(&mut self, found_pos: u64, found_index: u64) -> LogError {
+        let p = self.pending.take().expect("parts are pending");
+        LogError::EpochMismatch {
+            pos: p.pos,
+            index: p.index,
+            found_pos,
+            found_index,
+        }
+    }
+
+    fn incomplete(&mut self, found: String) -> LogError {
+        let p = self.pending.take().expect("parts are pending");
+        LogError::EpochIncomplete {
+            pos: p.pos,
+            index: p.index,
+            parts: p.parts,
+            found,
         }
     }
 }

@@ -1,28 +1,36 @@
-//! The byte format of a log, written and read as a stream.
+//! The byte format of a log (version 3), written and read as a stream.
 //!
 //! ```text
 //! header: "VMFT-LOG" | version u16 | body length u32 | body | CRC32C u32
-//!         (body: postcard-encoded LogHeader; CRC over version, length, body)
+//!         (body: postcard-encoded LogHeader, at most MAX_HEADER bytes;
+//!         CRC over version, length, body)
 //! frame:  length u32 | sequence u64 | CRC32C u32 | stored payload
 //!         (length: bits 0-30 the stored payload's size, bit 31 set when
 //!         the stored payload is LZ4-compressed with its decompressed size
 //!         (u32) prepended, as large entries such as epochs are;
-//!         payload: a postcard-encoded Entry;
+//!         payload: a postcard-encoded Entry, at most MAX_FRAME bytes
+//!         both stored and decompressed;
 //!         CRC over the length field, the sequence and the stored payload)
 //! ```
 //!
 //! All integers are little-endian. Sequence numbers start at 0 and increase
-//! by one per frame: acknowledgements name them. The [`Decoder`] accepts
-//! bytes in chunks of any size (a socket, a file) and never panics on bad
-//! input; every error names the byte offset and, inside a frame, its
-//! sequence number.
+//! by one per frame, so a lost or repeated frame is noticed. The
+//! [`LogWriter`] refuses an entry over its frame limit ([`MAX_FRAME`], or
+//! less with [`LogWriter::with_max_frame`]) before writing any of it, and
+//! [`LogWriter::write_epoch`] splits an epoch too large for one frame into
+//! [`Entry::EpochPages`] frames followed by the [`Entry::Epoch`] frame
+//! ([`crate::EpochAssembler`] joins them again). The [`Decoder`] accepts
+//! bytes in chunks of any size (a socket, a file), bounds what it buffers
+//! and allocates by its frame limit, and never panics on bad input; every
+//! error names the byte offset and, inside a frame, its sequence number.
 
 use std::io::Write;
+use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::entry::Entry;
+use crate::entry::{Entry, Epoch, Page};
 
 /// Magic bytes at the start of a log.
 pub const MAGIC: &[u8; 8] = b"VMFT-LOG";
@@ -139,6 +147,31 @@ pub enum LogError {
         /// Decoder message.
         detail: String,
     },
+    /// Epoch pages for another epoch than the parts before them
+    /// ([`crate::EpochAssembler`]).
+    #[error("pages of epoch {found_index} after exit {found_pos} while epoch {index} after exit {pos} is being assembled")]
+    EpochMismatch {
+        /// Exit number of the epoch being assembled.
+        pos: u64,
+        /// Its index.
+        index: u64,
+        /// Exit number named by the part or epoch that arrived.
+        found_pos: u64,
+        /// Index named by the part or epoch that arrived.
+        found_index: u64,
+    },
+    /// Epoch pages not followed by their epoch ([`crate::EpochAssembler`]).
+    #[error("{parts} part(s) of epoch {index} after exit {pos} followed by {found} instead of the epoch")]
+    EpochIncomplete {
+        /// Exit number of the epoch being assembled.
+        pos: u64,
+        /// Its index.
+        index: u64,
+        /// Parts received.
+        parts: u64,
+        /// What came instead of the epoch.
+        found: String,
+    },
     /// The stream ended before the header was complete.
     #[error("log truncated at offset {offset}: {what}")]
     Truncated {
@@ -234,6 +267,91 @@ fn encode_frame_within(seq: u64, entry: &Entry, max: usize) -> Result<Vec<u8>, L
     Ok(out)
 }
 
+/// Postcard size of a value.
+fn encoded_size<T: Serialize + ?Sized>(v: &T) -> usize {
+    postcard::experimental::serialized_size(v).expect("entries always serialise")
+}
+
+/// Split `epoch` into entries whose payloads are at most `max` bytes each:
+/// [`Entry::EpochPages`] parts with the first pages, then the
+/// [`Entry::Epoch`] with as many of the last pages as fit. One entry when
+/// the whole epoch fits. `seq` is the first frame's, for errors.
+fn split_epoch(mut epoch: Epoch, max: usize, seq: u64) -> Result<Vec<Entry>, LogError> {
+    let too_large = |kind, size: usize| LogError::EntryTooLarge {
+        seq,
+        kind,
+        size: size as u64,
+        max: max as u64,
+    };
+    let pages = std::mem::take(&mut epoch.pages);
+    let (pos, index) = (epoch.pos, epoch.index);
+    // Size of a page vector's length prefix.
+    let count = |n: usize| encoded_size(&n);
+    let page_sizes: Vec<usize> = pages.iter().map(encoded_size).collect();
+    let entry = Entry::Epoch(Box::new(epoch));
+    // Everything in the final entry but its pages and their count.
+    let epoch_head = encoded_size(&entry) - count(0);
+    let Entry::Epoch(mut epoch) = entry else {
+        unreachable!("built as an epoch")
+    };
+    // The final entry takes the longest run of last pages that fits.
+    let mut size = epoch_head + count(0);
+    if size > max {
+        return Err(too_large("epoch", size));
+    }
+    let mut tail = pages.len();
+    while tail > 0 {
+        let k = pages.len() - tail + 1;
+        let next = size - count(k - 1) + count(k) + page_sizes[tail - 1];
+        if next > max {
+            break;
+        }
+        size = next;
+        tail -= 1;
+    }
+    // The pages before go into parts, filled in order.
+    let part_head = encoded_size(&Entry::EpochPages {
+        pos,
+        index,
+        pages: Vec::new(),
+    }) - count(0);
+    let mut part_lens = Vec::new();
+    let mut start = 0;
+    while start < tail {
+        let mut end = start;
+        let mut size = part_head + count(0);
+        while end < tail {
+            let k = end - start + 1;
+            let next = size - count(k - 1) + count(k) + page_sizes[end];
+            if next > max {
+                break;
+            }
+            size = next;
+            end += 1;
+        }
+        if end == start {
+            return Err(too_large(
+                "epoch-pages",
+                part_head + count(1) + page_sizes[start],
+            ));
+        }
+        part_lens.push(end - start);
+        start = end;
+    }
+    let mut pages = pages.into_iter();
+    let mut out: Vec<Entry> = part_lens
+        .into_iter()
+        .map(|n| Entry::EpochPages {
+            pos,
+            index,
+            pages: pages.by_ref().take(n).collect::<Vec<Page>>(),
+        })
+        .collect();
+    epoch.pages = pages.collect();
+    out.push(Entry::Epoch(epoch));
+    Ok(out)
+}
+
 /// Writes a log to any byte sink.
 pub struct LogWriter<W: Write> {
     out: W,
@@ -291,6 +409,34 @@ impl<W: Write> LogWriter<W> {
         self.next_seq += 1;
         self.bytes += f.len() as u64;
         Ok((seq, f.len()))
+    }
+
+    /// Append an epoch as one [`Entry::Epoch`] frame or, when that frame
+    /// would exceed the frame limit, as [`Entry::EpochPages`] parts (pages
+    /// in order, from the first) followed by the [`Entry::Epoch`] with the
+    /// remaining pages, each frame within the limit; the reader puts them
+    /// back together with [`crate::EpochAssembler`]. Returns the frames'
+    /// sequence numbers and their total size. When the epoch cannot be
+    /// split within the limit (its vCPU state, or one page, does not fit a
+    /// frame) it is refused with [`LogError::EntryTooLarge`] and nothing is
+    /// written.
+    pub fn write_epoch(&mut self, epoch: Epoch) -> Result<(Range<u64>, usize), WriteError> {
+        let first = self.next_seq;
+        let mut frames = Vec::new();
+        for (i, e) in split_epoch(epoch, self.max_frame, first)?
+            .iter()
+            .enumerate()
+        {
+            frames.push(encode_frame_within(first + i as u64, e, self.max_frame)?);
+        }
+        let mut total = 0;
+        for f in &frames {
+            self.out.write_all(f)?;
+            self.next_seq += 1;
+            self.bytes += f.len() as u64;
+            total += f.len();
+        }
+        Ok((first..self.next_seq, total))
     }
 
     /// Flush the sink.

@@ -1,9 +1,11 @@
 //! `ft-log`: the log that the primary streams to the backup.
 //!
-//! - [`entry`]: what is logged (exits, input values, timer and console
-//!   events, interrupt injections with positions, epochs, fingerprints).
-//! - [`format`]: header and frames (length, sequence number, CRC32C), the
-//!   writer and an incremental decoder that takes bytes in any chunks.
+//! - [`entry`](mod@entry): what is logged (exits, input values, timer and console
+//!   events, interrupt injections with positions, epochs, fingerprints),
+//!   and [`EpochAssembler`], which joins an epoch split over frames.
+//! - [`format`](mod@format): header and frames (length, sequence number, CRC32C), the
+//!   writer (frame size limit, epoch splitting) and an incremental decoder
+//!   that takes bytes in any chunks.
 //!
 //! Payloads are encoded with postcard: see `bench/README.md` for the
 //! measurement against bincode 2.0.1 that chose it.
@@ -11,5 +13,7 @@
 pub mod entry;
 pub mod format;
 
-pub use entry::{Entry, Epoch, ExitKind, ExitRecord, Fingerprint, Page, ValueSource, PAGE_SIZE};
+pub use entry::{
+    Entry, Epoch, EpochAssembler, ExitKind, ExitRecord, Fingerprint, Page, ValueSource, PAGE_SIZE,
+};
 pub use format::{decode_all, Decoder, Frame, LogError, LogHeader, LogWriter, WriteError};

@@ -58,6 +58,15 @@ fn sample_entries() -> Vec<Entry> {
                 regs: 42,
             },
         },
+        Entry::EpochPages {
+            pos: 3,
+            index: 0,
+            pages: vec![Page {
+                gfn: 0xfff,
+                delta: true,
+                data: vec![0x55; 4096],
+            }],
+        },
         Entry::Epoch(Box::new(Epoch {
             pos: 3,
             index: 0,
@@ -408,8 +417,11 @@ fn arb_entry() -> impl Strategy<Value = Entry> {
         addr,
         data,
     });
-    let page = (any::<u64>(), any::<bool>(), arb_blob(4096..4097))
-        .prop_map(|(gfn, delta, data)| Page { gfn, delta, data });
+    let page =
+        || {
+            (any::<u64>(), any::<bool>(), arb_blob(4096..4097))
+                .prop_map(|(gfn, delta, data)| Page { gfn, delta, data })
+        };
     prop_oneof![
         (any::<u64>(), proptest::collection::vec(exit, 0..40))
             .prop_map(|(first, exits)| Entry::Exits { first, exits }),
@@ -438,7 +450,7 @@ fn arb_entry() -> impl Strategy<Value = Entry> {
             any::<u64>(),
             any::<u64>(),
             arb_blob(0..2000),
-            proptest::collection::vec(page, 0..4),
+            proptest::collection::vec(page(), 0..4),
             arb_fingerprint()
         )
             .prop_map(|(pos, index, vcpu, pages, fingerprint)| {
@@ -457,6 +469,12 @@ fn arb_entry() -> impl Strategy<Value = Entry> {
                 memory,
             }
         ),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec(page(), 0..3)
+        )
+            .prop_map(|(pos, index, pages)| Entry::EpochPages { pos, index, pages }),
         (any::<u64>(), ".{0,20}", "[0-9a-f]{0,64}").prop_map(|(pos, reason, digest)| Entry::End {
             pos,
             reason,
