@@ -10,7 +10,7 @@ use tokio::time::timeout;
 use tracing::debug;
 
 use crate::protocol::{frame_len, validate_name, ErrorCode, Request, Response};
-use crate::{Arbiter, ArbiterError, Decision};
+use crate::{claimant_identity, Arbiter, ArbiterError, Decision, Incarnation};
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -46,9 +46,11 @@ impl ClientConfig {
     }
 }
 
-/// A connection to the built-in arbiter, re-established as needed.
+/// A connection to the built-in arbiter, re-established as needed. Each
+/// client is one [`Incarnation`]: its claims are made as `name:pid:nonce`.
 pub struct Client {
     cfg: ClientConfig,
+    incarnation: Incarnation,
     conn: Option<TcpStream>,
     next_id: u64,
     jitter: u64,
@@ -73,6 +75,7 @@ impl Client {
             ^ std::process::id() as u64;
         Client {
             cfg,
+            incarnation: Incarnation::new(),
             conn: None,
             next_id: 1,
             jitter: seed | 1,
@@ -218,30 +221,29 @@ async fn exchange(s: &mut TcpStream, frame: &[u8]) -> Result<Response, String> {
     Response::decode(&body).map_err(|e| e.to_string())
 }
 
-fn check(vm: &str, claimant: Option<&str>) -> Result<(), ArbiterError> {
-    validate_name(vm.as_bytes())
-        .map_err(|e| ArbiterError::Invalid(format!("vm id {vm:?}: {e}")))?;
-    if let Some(c) = claimant {
-        validate_name(c.as_bytes())
-            .map_err(|e| ArbiterError::Invalid(format!("claimant {c:?}: {e}")))?;
-    }
-    Ok(())
+fn check(vm: &str) -> Result<(), ArbiterError> {
+    validate_name(vm.as_bytes()).map_err(|e| ArbiterError::Invalid(format!("vm id {vm:?}: {e}")))
 }
 
 impl Arbiter for Client {
+    fn identity(&self, name: &str) -> String {
+        self.incarnation.identity(name)
+    }
+
     async fn test_and_set(
         &mut self,
         vm: &str,
         generation: u64,
-        claimant: &str,
+        name: &str,
     ) -> Result<Decision, ArbiterError> {
-        check(vm, Some(claimant))?;
+        check(vm)?;
+        let claimant = claimant_identity(&self.incarnation, name)?;
         let resp = self
             .call(|id| Request::TestAndSet {
                 id,
                 vm: vm.to_string(),
                 generation,
-                claimant: claimant.to_string(),
+                claimant: claimant.clone(),
             })
             .await?;
         match resp {
@@ -255,7 +257,7 @@ impl Arbiter for Client {
     }
 
     async fn owner(&mut self, vm: &str, generation: u64) -> Result<Option<String>, ArbiterError> {
-        check(vm, None)?;
+        check(vm)?;
         match self
             .call(|id| Request::Owner {
                 id,

@@ -20,7 +20,7 @@ use tonic_prost::ProstCodec;
 use tracing::debug;
 
 use crate::protocol::validate_name;
-use crate::{Arbiter, ArbiterError, Decision};
+use crate::{claimant_identity, Arbiter, ArbiterError, Decision, Incarnation};
 
 /// Settings of the etcd backend.
 #[derive(Debug, Clone)]
@@ -47,9 +47,11 @@ impl EtcdConfig {
     }
 }
 
-/// Test-and-set registers in etcd.
+/// Test-and-set registers in etcd. Like [`crate::client::Client`], each
+/// backend object is one [`Incarnation`]: it claims as `name:pid:nonce`.
 pub struct EtcdArbiter {
     cfg: EtcdConfig,
+    incarnation: Incarnation,
     /// Index into `cfg.endpoints` of the member in use.
     current: usize,
     /// Connection to that member, made on first use.
@@ -61,6 +63,7 @@ impl EtcdArbiter {
     pub fn new(cfg: EtcdConfig) -> Self {
         EtcdArbiter {
             cfg,
+            incarnation: Incarnation::new(),
             current: 0,
             channel: None,
         }
@@ -166,16 +169,21 @@ fn check(what: &str, name: &str) -> Result<(), ArbiterError> {
 }
 
 impl Arbiter for EtcdArbiter {
+    fn identity(&self, name: &str) -> String {
+        self.incarnation.identity(name)
+    }
+
     async fn test_and_set(
         &mut self,
         vm: &str,
         generation: u64,
-        claimant: &str,
+        name: &str,
     ) -> Result<Decision, ArbiterError> {
         check("vm id", vm)?;
-        check("claimant", claimant)?;
+        check("claimant", name)?;
+        let claimant = claimant_identity(&self.incarnation, name)?;
         let key = self.key(vm, generation).into_bytes();
-        let txn = claim_txn(&key, claimant);
+        let txn = claim_txn(&key, &claimant);
         let resp: pb::TxnResponse = self.call(pb::KV_TXN, txn).await?;
         if resp.succeeded {
             return Ok(Decision::Won);

@@ -1,5 +1,6 @@
 //! The `arbiter` command: run the built-in server, or claim/read a register.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -56,7 +57,9 @@ enum Command {
         #[command(flatten)]
         token: TokenArgs,
     },
-    /// Claim a register; prints "won" or "lost <owner>".
+    /// Claim a register as NAME:PID:NONCE (this process's id and a random
+    /// nonce, so two processes started with the same name never both win);
+    /// prints "claimant <identity>", then "won" or "lost <owner>".
     Claim {
         /// Server address.
         #[arg(long, default_value = "127.0.0.1:7420")]
@@ -67,7 +70,7 @@ enum Command {
         /// Generation.
         #[arg(long, default_value_t = 0)]
         generation: u64,
-        /// Claimant name.
+        /// Claimant name (the identity claimed under adds ":PID:NONCE").
         #[arg(long)]
         claimant: String,
         #[command(flatten)]
@@ -110,6 +113,10 @@ async fn run(cli: Cli) -> Result<()> {
             token,
         } => {
             let mut c = Client::new(ClientConfig::new(server, token.token()?));
+            // Printed first: if the answer is lost, the identity tells
+            // whether this process is the owner.
+            println!("claimant {}", c.identity(&claimant));
+            std::io::stdout().flush()?;
             match c.test_and_set(&vm, generation, &claimant).await? {
                 Decision::Won => println!("won"),
                 Decision::Lost { owner } => println!("lost {owner}"),

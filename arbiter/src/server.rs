@@ -491,7 +491,7 @@ mod tests {
         let run = tokio::spawn(server.run());
         let mut c = Client::new(ClientConfig::new(addr, TOKEN));
         assert_eq!(c.test_and_set("vm", 1, "a").await.unwrap(), Decision::Won);
-        assert_eq!(c.owner("vm", 1).await.unwrap(), Some("a".to_string()));
+        assert_eq!(c.owner("vm", 1).await.unwrap(), Some(c.identity("a")));
         run.abort();
     }
 

@@ -276,3 +276,65 @@ async fn invalid_names_are_rejected_before_sending() {
         Err(ArbiterError::Invalid(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_clients_with_the_same_name_never_both_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start_in_process(dir.path()).await;
+    same_name_race(|| tcp_backend(&addr, Duration::from_secs(10))).await;
+}
+
+/// Run `arbiter claim` as its own process; its stdout lines.
+fn cli_claim(addr: &str, vm: &str, name: &str) -> Vec<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_arbiter"))
+        .args(["claim", "--server", addr, "--vm", vm, "--generation", "1"])
+        .args(["--claimant", name])
+        .env("ARBITER_TOKEN", std::str::from_utf8(TOKEN).unwrap())
+        .env("ARBITER_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn two_claim_processes_with_the_same_name_never_both_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_server(dir.path(), "127.0.0.1:0");
+    let first = cli_claim(&addr, "cli-vm", "backup");
+    let second = cli_claim(&addr, "cli-vm", "backup");
+    let id = |lines: &[String]| {
+        lines[0]
+            .strip_prefix("claimant backup:")
+            .unwrap_or_else(|| panic!("first line names the identity: {lines:?}"))
+            .to_string()
+    };
+    let (id1, id2) = (id(&first), id(&second));
+    assert_ne!(id1, id2);
+    assert_eq!(first[1], "won", "{first:?}");
+    assert_eq!(second[1], format!("lost backup:{id1}"), "{second:?}");
+    assert_eq!(first.len(), 2);
+    let mut c = Client::new(ClientConfig::new(&addr, TOKEN));
+    assert_eq!(
+        c.owner("cli-vm", 1).await.unwrap(),
+        Some(format!("backup:{id1}"))
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn claimant_names_too_long_for_an_identity_are_rejected() {
+    let mut c = Client::new(ClientConfig::new("127.0.0.1:1", TOKEN));
+    let long = "n".repeat(arbiter::MAX_CLAIMANT_NAME + 1);
+    assert!(matches!(
+        c.test_and_set("vm", 1, &long).await,
+        Err(ArbiterError::Invalid(_))
+    ));
+    let longest = "n".repeat(arbiter::MAX_CLAIMANT_NAME);
+    assert!(c.identity(&longest).len() <= arbiter::protocol::MAX_NAME);
+}

@@ -44,11 +44,14 @@ async fn three_member_cluster_keeps_answering_with_one_member_killed() {
     let mut members = start_etcd(3, dir.path());
     let urls: Vec<String> = members.iter().map(|m| m.client_url.clone()).collect();
     wait_ready(&urls).await;
-    let mut a = etcd_backend(&urls);
+    let mut first = etcd_backend(&urls);
     for k in 0..20 {
         let who = format!("before-{}", k % 3);
         assert_eq!(
-            a.test_and_set(&format!("vm-{k}"), 7, &who).await.unwrap(),
+            first
+                .test_and_set(&format!("vm-{k}"), 7, &who)
+                .await
+                .unwrap(),
             Decision::Won
         );
     }
@@ -57,7 +60,7 @@ async fn three_member_cluster_keeps_answering_with_one_member_killed() {
     members[0].child.wait().unwrap();
     let mut a = etcd_backend(&urls);
     for k in 0..20 {
-        let expected = format!("before-{}", k % 3);
+        let expected = first.identity(&format!("before-{}", k % 3));
         assert_eq!(
             a.owner(&format!("vm-{k}"), 7).await.unwrap(),
             Some(expected.clone())
@@ -78,12 +81,13 @@ async fn three_member_cluster_keeps_answering_with_one_member_killed() {
         let answers = answers.clone();
         tasks.push(tokio::spawn(async move {
             let mut a = etcd_backend(&urls);
+            let id = a.identity(&format!("c{c}"));
             for k in 0..KEYS {
                 let d = a
                     .test_and_set(&format!("new-{k}"), 1, &format!("c{c}"))
                     .await
                     .unwrap();
-                answers.lock().unwrap().push((k, format!("c{c}"), d));
+                answers.lock().unwrap().push((k, id.clone(), d));
             }
         }));
     }
@@ -107,4 +111,16 @@ fn missing_etcd_fails_the_test_unless_skipping_was_asked_for() {
     assert!(why.contains("--version` failed"), "{why}");
     assert_eq!(etcd_gate(Some("1"), "/nonexistent/etcd", "t"), Ok(false));
     assert_eq!(etcd_gate(None, "true", "t"), Ok(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_two_backends_with_the_same_name_never_both_win() {
+    if !require_etcd("etcd_two_backends_with_the_same_name_never_both_win") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let members = start_etcd(1, dir.path());
+    let urls: Vec<String> = members.iter().map(|m| m.client_url.clone()).collect();
+    wait_ready(&urls).await;
+    same_name_race(|| etcd_backend(&urls)).await;
 }

@@ -14,6 +14,7 @@ use arbiter::{Arbiter, Decision};
 pub const KEYS: usize = 50;
 pub const CLAIMANTS: usize = 200;
 
+/// (key, claimant identity, decision) of every answered claim.
 pub type Answers = Arc<Mutex<Vec<(usize, String, Decision)>>>;
 
 /// `CLAIMANTS` claimants, each claiming all `KEYS` keys starting at a
@@ -30,6 +31,7 @@ where
         let won = won.clone();
         tasks.push(tokio::spawn(async move {
             let me = format!("claimant-{c}");
+            let id = backend.identity(&me);
             for k in 0..KEYS {
                 let key = (k + c) % KEYS;
                 let d = backend
@@ -39,13 +41,80 @@ where
                 if d == Decision::Won {
                     won.fetch_add(1, Ordering::SeqCst);
                 }
-                answers.lock().unwrap().push((key, me.clone(), d));
+                answers.lock().unwrap().push((key, id.clone(), d));
             }
         }));
     }
     for t in tasks {
         t.await.unwrap();
     }
+}
+
+/// Two backends made one after the other, both claiming as "backup",
+/// race for the same registers: exactly one of them wins each, the other
+/// is told the winner's identity, and a retry by either gives it the same
+/// answer again (the winner wins again).
+pub async fn same_name_race<A, F>(make: F)
+where
+    A: Arbiter + Send + 'static,
+    F: Fn() -> A,
+{
+    const REGISTERS: usize = 20;
+    let (a, b) = (make(), make());
+    let (ia, ib) = (a.identity("backup"), b.identity("backup"));
+    assert_ne!(ia, ib, "same name, different identities");
+    for id in [&ia, &ib] {
+        let parts: Vec<&str> = id.rsplitn(3, ':').collect();
+        assert_eq!(parts.len(), 3, "{id}");
+        assert_eq!(parts[2], "backup", "{id}");
+        assert_eq!(parts[1], std::process::id().to_string(), "{id}");
+        assert!(
+            parts[0].len() == 16 && parts[0].chars().all(|c| c.is_ascii_hexdigit()),
+            "{id}"
+        );
+    }
+    assert_eq!(a.identity("backup"), ia, "an identity is fixed per client");
+    let claim_all = |mut x: A| {
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for r in 0..REGISTERS {
+                let d = x
+                    .test_and_set(&format!("same-name-{r}"), 1, "backup")
+                    .await
+                    .unwrap();
+                answers.push(d);
+            }
+            (x, answers)
+        })
+    };
+    let (ta, tb) = (claim_all(a), claim_all(b));
+    let ((mut a, da), (mut b, db)) = (ta.await.unwrap(), tb.await.unwrap());
+    let mut wins = [0, 0];
+    for r in 0..REGISTERS {
+        match (&da[r], &db[r]) {
+            (Decision::Won, Decision::Lost { owner }) => {
+                assert_eq!(owner, &ia);
+                wins[0] += 1;
+            }
+            (Decision::Lost { owner }, Decision::Won) => {
+                assert_eq!(owner, &ib);
+                wins[1] += 1;
+            }
+            other => panic!("same-name-{r}: not exactly one winner: {other:?}"),
+        }
+        let vm = format!("same-name-{r}");
+        assert_eq!(
+            a.test_and_set(&vm, 1, "backup").await.unwrap(),
+            da[r],
+            "retry"
+        );
+        assert_eq!(
+            b.test_and_set(&vm, 1, "backup").await.unwrap(),
+            db[r],
+            "retry"
+        );
+    }
+    assert_eq!(wins[0] + wins[1], REGISTERS);
 }
 
 /// Exactly one winner per key; every loser was told that winner.
