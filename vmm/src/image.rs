@@ -11,6 +11,22 @@ use thiserror::Error;
 pub const DEFAULT_MEM_MIB: u64 = 128;
 /// Default workload run by the guest's init.
 pub const DEFAULT_WORKLOAD: &str = "counter";
+/// The workloads of the default initramfs (`guest-images/initramfs/workloads/`;
+/// a unit test keeps the two in step).
+pub const WORKLOADS: &[&str] = &["compute", "counter", "echo", "shell", "sleep"];
+
+/// Refuse a workload the default initramfs does not have, before anything
+/// boots (a guest takes tens of seconds to find out by itself).
+pub fn check_workload(name: &str) -> Result<(), ImageError> {
+    if WORKLOADS.contains(&name) {
+        Ok(())
+    } else {
+        Err(ImageError::UnknownWorkload {
+            name: name.to_string(),
+            known: WORKLOADS.join(", "),
+        })
+    }
+}
 
 /// CPU features the guest kernel must not use: instructions the monitor
 /// cannot intercept (tsc, rdrand, rdseed) and ones the KVM emulator here
@@ -67,6 +83,14 @@ pub enum ImageError {
         path: PathBuf,
         /// Exit status.
         status: std::process::ExitStatus,
+    },
+    /// The default initramfs has no such workload.
+    #[error("unknown workload {name:?}: the default guest has {known}")]
+    UnknownWorkload {
+        /// What was asked for.
+        name: String,
+        /// What exists.
+        known: String,
     },
     /// The script did not print both paths.
     #[error("guest image build printed no {0}= line")]
@@ -153,5 +177,19 @@ mod tests {
             "{}",
             CLEARED_CPU_FEATURES.len()
         );
+    }
+
+    #[test]
+    fn workload_list_matches_the_initramfs() {
+        let dir = guest_images_dir().join("initramfs/workloads");
+        let mut found: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        found.sort();
+        assert_eq!(found, WORKLOADS, "update image::WORKLOADS");
+        assert!(check_workload("compute").is_ok());
+        let e = check_workload("nope").unwrap_err().to_string();
+        assert!(e.contains("nope") && e.contains("compute"), "{e}");
     }
 }

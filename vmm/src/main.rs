@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 
 use vmm::boot::BootConfig;
 use vmm::image::{self, DEFAULT_MEM_MIB, DEFAULT_WORKLOAD};
-use vmm::record::{config_hash, log_header};
+use vmm::record::{config_hash, log_header, recorder_id};
 use vmm::replay::ReplayDoor;
 use vmm::vm::{FtMode, RunOptions, Vm};
 
@@ -27,7 +27,7 @@ struct Cli {
 enum Command {
     /// Boot one VM (no fault tolerance). With no options, boots the default guest image.
     Run(RunArgs),
-    /// Run the VM as the primary and write every nondeterministic event to a log.
+    /// Run the VM as the primary and log every nondeterministic input it is handed.
     Record(RecordArgs),
     /// Re-execute a recorded log, checking every exit against the primary's.
     Replay(ReplayArgs),
@@ -86,6 +86,7 @@ fn show_log(args: LogArgs) -> Result<()> {
                 | Entry::Check { pos, .. }
                 | Entry::End { pos, .. } => (*pos, *pos),
                 Entry::Epoch(e) => (e.pos, e.pos),
+                Entry::EpochPages { pos, .. } => (*pos, *pos),
             };
             if hi < args.from || lo > args.to {
                 continue;
@@ -109,6 +110,11 @@ fn show_log(args: LogArgs) -> Result<()> {
                     e.pos,
                     e.pages.len(),
                     e.fingerprint
+                ),
+                Entry::EpochPages { pos, index, pages } => println!(
+                    "#{} part of epoch {index} after exit {pos}: {} pages",
+                    fr.seq,
+                    pages.len()
                 ),
                 other => println!("#{} {other:?}", fr.seq),
             }
@@ -135,7 +141,8 @@ struct BootArgs {
     /// Extra kernel command line, appended to the defaults.
     #[arg(long)]
     append: Option<String>,
-    /// Workload the default guest runs (counter, echo, sleep, shell).
+    /// Workload the default guest runs: compute, counter, echo, shell or sleep
+    /// (the default initramfs's; any name with --initrd).
     #[arg(long, default_value = DEFAULT_WORKLOAD)]
     workload: String,
 }
@@ -200,6 +207,9 @@ struct ReplayArgs {
 }
 
 fn boot_config(args: BootArgs) -> Result<BootConfig> {
+    if args.initrd.is_none() {
+        image::check_workload(&args.workload)?;
+    }
     let (kernel, initrd) = match args.kernel {
         Some(k) => (k, args.initrd),
         None => {
@@ -339,6 +349,14 @@ fn replay(args: ReplayArgs) -> Result<()> {
     }
     .context("cannot replay")?;
     let h = door.header().clone();
+    if h.recorder != recorder_id() {
+        bail!(
+            "cannot replay: log {} was recorded by {:?}, this is {}; replay it with the vmft that recorded it",
+            args.log.display(),
+            h.recorder,
+            recorder_id()
+        );
+    }
     let cfg = BootConfig {
         kernel: args.kernel.unwrap_or_else(|| PathBuf::from(&h.kernel)),
         initrd: args.initrd.or_else(|| h.initrd.as_ref().map(PathBuf::from)),
@@ -401,6 +419,24 @@ fn replay(args: ReplayArgs) -> Result<()> {
     Ok(())
 }
 
+/// An error and its causes on one line, each cause once: an error whose
+/// message already includes its source's text (`... : {source}`) does not
+/// repeat it.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -424,13 +460,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the context chain joined.
-            let msg = e
-                .chain()
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>()
-                .join(": ");
-            eprintln!("vmft: error: {msg}");
+            eprintln!("vmft: error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -13,6 +13,16 @@
 //!
 //! Nothing else in the monitor may read a host clock or outside input on
 //! the guest's behalf.
+//!
+//! What the door does **not** see: instructions the guest executes without
+//! an exit. On these hosts `RDTSC`, `RDRAND`, `RDSEED` and `CPUID` are not
+//! intercepted (KVM returns live host values). The guest is configured not
+//! to use them (`clearcpuid=tsc,rdrand,rdseed`, `tsc=unstable`,
+//! `clocksource=jiffies`, a kernel patch for the entropy pool; see
+//! `guest-images/README.md`); CPUID is the same on both sides of a pair
+//! running on the same CPU model. Anything that still uses them shows up as
+//! a divergence, which the replay detects (every exit and fingerprint is
+//! checked) and reports; it does not trust the configuration.
 
 use std::io::Read;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -138,7 +148,9 @@ pub enum DoorError {
     },
 }
 
-/// The interface through which every nondeterministic value enters the VM.
+/// The interface through which every nondeterministic value that the
+/// monitor hands the guest enters the VM (see the module documentation for
+/// what the guest could still read without the monitor).
 pub trait Door {
     /// Which door this is.
     fn mode(&self) -> Mode;

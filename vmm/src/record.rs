@@ -7,7 +7,9 @@ use std::io::BufWriter;
 use std::path::Path;
 use std::time::Duration;
 
-use ft_log::{Entry, Epoch, ExitRecord, Fingerprint, LogHeader, LogWriter, ValueSource};
+use ft_log::{
+    Entry, Epoch, ExitRecord, Fingerprint, LogHeader, LogWriter, ValueSource, WriteError,
+};
 
 use crate::nondet::{Door, DoorError, Due, LiveDoor, Mode, Wake};
 
@@ -89,10 +91,10 @@ impl RecordDoor {
     }
 
     fn append(&mut self, e: &Entry) -> Result<usize, DoorError> {
-        let (_, n) = self.writer.append(e).map_err(|source| DoorError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
+        let (_, n) = self
+            .writer
+            .append(e)
+            .map_err(|err| write_error(&self.path, err))?;
         let s = self.stats.entries.entry(e.kind()).or_default();
         s.0 += 1;
         s.1 += n as u64;
@@ -103,6 +105,33 @@ impl RecordDoor {
     fn write(&mut self, e: &Entry) -> Result<usize, DoorError> {
         self.flush_exits()?;
         self.append(e)
+    }
+
+    /// Write an epoch, split into frames under the writer's limit.
+    fn write_epoch(&mut self, e: Epoch) -> Result<usize, DoorError> {
+        self.flush_exits()?;
+        let (_, n) = self
+            .writer
+            .write_epoch(e)
+            .map_err(|err| write_error(&self.path, err))?;
+        let s = self.stats.entries.entry("epoch").or_default();
+        s.0 += 1;
+        s.1 += n as u64;
+        self.stats.bytes = self.writer.bytes();
+        Ok(n)
+    }
+}
+
+fn write_error(path: &str, err: WriteError) -> DoorError {
+    match err {
+        WriteError::Io(source) => DoorError::Io {
+            path: path.to_string(),
+            source,
+        },
+        WriteError::Log(source) => DoorError::Log {
+            path: path.to_string(),
+            source,
+        },
     }
 }
 
@@ -192,7 +221,7 @@ impl Door for RecordDoor {
         if let Some(e) = epoch {
             let start = std::time::Instant::now();
             let pages = e.pages.len();
-            let bytes = self.write(&Entry::Epoch(Box::new(e)))?;
+            let bytes = self.write_epoch(e)?;
             self.stats.epochs.push(EpochStat {
                 pages,
                 bytes,
@@ -287,8 +316,15 @@ pub fn log_header(cfg: &crate::boot::BootConfig) -> std::io::Result<LogHeader> {
         mem_mib: cfg.mem_mib,
         cmdline: cfg.cmdline.clone(),
         config_hash: config_hash(cfg)?,
-        recorder: format!("vmft {}", env!("CARGO_PKG_VERSION")),
+        recorder: recorder_id(),
     })
+}
+
+/// The recorder named in log headers: this vmft and its version. Replay
+/// refuses a log from another version, whose entries or vCPU states may
+/// mean something else.
+pub fn recorder_id() -> String {
+    format!("vmft {}", env!("CARGO_PKG_VERSION"))
 }
 
 impl RecordStats {

@@ -9,7 +9,10 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use ft_log::{Decoder, Entry, Epoch, ExitKind, ExitRecord, Fingerprint, LogHeader, ValueSource};
+use ft_log::{
+    Decoder, Entry, Epoch, EpochAssembler, ExitKind, ExitRecord, Fingerprint, LogHeader,
+    ValueSource,
+};
 
 use crate::nondet::{Door, DoorError, Due, LiveDoor, Mode, Wake};
 
@@ -29,6 +32,7 @@ fn entry_pos(e: &Entry) -> u64 {
         | Entry::Check { pos, .. }
         | Entry::End { pos, .. } => *pos,
         Entry::Epoch(e) => e.pos,
+        Entry::EpochPages { pos, .. } => *pos,
     }
 }
 
@@ -66,6 +70,8 @@ fn describe_item(i: &Item) -> String {
 pub struct ReplayDoor {
     source: Box<dyn Read + Send>,
     decoder: Decoder,
+    /// Puts epochs split over several frames back together.
+    epochs: EpochAssembler,
     path: String,
     items: VecDeque<Item>,
     eof: bool,
@@ -128,6 +134,7 @@ impl ReplayDoor {
         let mut d = ReplayDoor {
             source,
             decoder: Decoder::new(),
+            epochs: EpochAssembler::new(),
             path: name,
             items: VecDeque::new(),
             eof: false,
@@ -200,14 +207,16 @@ impl ReplayDoor {
     fn peek(&mut self) -> Result<Option<&Item>, DoorError> {
         while self.items.is_empty() {
             match self.decoder.next_frame().map_err(|e| self.log_err(e))? {
-                Some(f) => match f.entry {
-                    Entry::Exits { first, exits } => {
+                Some(f) => match self.epochs.push(f.entry).map_err(|e| self.log_err(e))? {
+                    // A part of an epoch: kept until the epoch is whole.
+                    None => {}
+                    Some(Entry::Exits { first, exits }) => {
                         for (i, r) in exits.into_iter().enumerate() {
                             self.items
                                 .push_back(Item::Exit(first.saturating_add(i as u64), r));
                         }
                     }
-                    other => self.items.push_back(Item::Entry(other)),
+                    Some(other) => self.items.push_back(Item::Entry(other)),
                 },
                 None => {
                     if !self.read_more()? {

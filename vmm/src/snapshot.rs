@@ -23,7 +23,7 @@ use thiserror::Error;
 /// Magic bytes at the start of every snapshot.
 pub const MAGIC: &[u8; 8] = b"VMFTSNAP";
 /// Current snapshot format version.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Snapshot errors.
 #[derive(Debug, Error)]

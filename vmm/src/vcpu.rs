@@ -4,7 +4,7 @@
 //! another thread (`immediate_exit` set by a signal handler, so a kick that
 //! lands just before `KVM_RUN` is not lost).
 
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,20 +22,12 @@ use crate::snapshot::{pod_bytes, pod_from_bytes, Decoder, Encoder, SnapshotError
 const KVMIO: u32 = 0xae;
 vmm_sys_util::ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
 
-/// MSRs carried across a snapshot (the rest are in `kvm_sregs`).
-const SAVED_MSRS: &[u32] = &[
-    0x10,        // IA32_TSC
-    0x174,       // IA32_SYSENTER_CS
-    0x175,       // IA32_SYSENTER_ESP
-    0x176,       // IA32_SYSENTER_EIP
-    0x1a0,       // IA32_MISC_ENABLE
-    0x277,       // IA32_PAT
-    0xc000_0081, // STAR
-    0xc000_0082, // LSTAR
-    0xc000_0083, // CSTAR
-    0xc000_0084, // SFMASK
-    0xc000_0102, // KERNEL_GS_BASE
-];
+/// Bumped whenever the encoding of [`VcpuState`] changes (it is the vCPU
+/// blob of snapshots and of epochs in the log).
+pub const VCPU_STATE_VERSION: u8 = 2;
+
+/// Most MSRs a state may carry (the most one `KVM_GET_MSRS` call takes).
+const MAX_MSRS: usize = kvm_bindings::KVM_MAX_MSR_ENTRIES;
 
 /// vCPU errors: which KVM call failed.
 #[derive(Debug, Error)]
@@ -48,6 +40,22 @@ pub enum VcpuError {
         /// errno from KVM.
         source: kvm_ioctls::Error,
     },
+    /// KVM read or wrote fewer MSRs than asked.
+    #[error("KVM MSR {what}: {done} of {asked} MSRs")]
+    MsrCount {
+        /// Read, write or list.
+        what: &'static str,
+        /// How many KVM handled.
+        done: usize,
+        /// How many were asked for.
+        asked: usize,
+    },
+    /// KVM refused to load an MSR of a saved state.
+    #[error("KVM refused to load MSR {index:#x} of the saved vCPU state")]
+    MsrRefused {
+        /// The MSR.
+        index: u32,
+    },
     /// Installing the kick signal handler failed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(errno::Error),
@@ -57,16 +65,27 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
     move |source| VcpuError::Kvm { what, source }
 }
 
-/// The `kvm_run` of the vCPU the kick handler writes `immediate_exit` in.
-static KICK_TARGET: AtomicPtr<kvm_run> = AtomicPtr::new(std::ptr::null_mut());
+thread_local! {
+    /// The `kvm_run` of the vCPU that runs on this thread, which the kick
+    /// handler writes `immediate_exit` in. Per thread, because a kick is a
+    /// signal sent to one vCPU thread and runs its handler on that thread:
+    /// several VMs (or vCPUs) in one process each get their own target.
+    static KICK_TARGET: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
 
 extern "C" fn handle_kick(_num: libc::c_int, _info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let run = KICK_TARGET.load(Ordering::Acquire);
+    // `try_with`: during thread teardown the slot may be gone; then there
+    // is no vCPU to kick.
+    let run = KICK_TARGET
+        .try_with(Cell::get)
+        .unwrap_or(std::ptr::null_mut());
     if !run.is_null() {
         // SAFETY: KICK_TARGET points into the live kvm_run mapping of the
-        // vCPU (set by `Vcpu::arm_kick`, cleared before the vCPU is dropped).
-        // A volatile byte store is what KVM expects for immediate_exit.
-        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+        // vCPU of this thread (set by `Vcpu::arm_kick`, cleared when that
+        // vCPU is dropped). The vCPU thread may hold a `&mut kvm_run` of its
+        // own, so no reference is created here: a raw volatile byte store
+        // through `addr_of_mut!`, which is what KVM expects for immediate_exit.
+        unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1) };
     }
 }
 
@@ -203,6 +222,7 @@ pub struct VcpuState {
 impl VcpuState {
     /// Serialise.
     pub fn encode(&self, e: &mut Encoder) {
+        e.u8(VCPU_STATE_VERSION);
         e.bytes(pod_bytes(&self.regs));
         e.bytes(pod_bytes(&self.sregs));
         e.bytes(pod_bytes(&self.fpu));
@@ -219,6 +239,12 @@ impl VcpuState {
 
     /// Deserialise.
     pub fn decode(d: &mut Decoder) -> Result<Self, SnapshotError> {
+        let version = d.u8()?;
+        if version != VCPU_STATE_VERSION {
+            return Err(SnapshotError::Invalid(format!(
+                "vCPU state version {version}, this vmft reads version {VCPU_STATE_VERSION}"
+            )));
+        }
         let regs = pod_from_bytes(d.bytes()?)?;
         let sregs = pod_from_bytes(d.bytes()?)?;
         let fpu = pod_from_bytes(d.bytes()?)?;
@@ -227,7 +253,7 @@ impl VcpuState {
         let debugregs = pod_from_bytes(d.bytes()?)?;
         let events = pod_from_bytes(d.bytes()?)?;
         let n = d.u32()?;
-        if n as usize > 256 {
+        if n as usize > MAX_MSRS {
             return Err(SnapshotError::Invalid(format!("{n} MSRs")));
         }
         let mut msrs = Vec::with_capacity(n as usize);
@@ -251,6 +277,11 @@ impl VcpuState {
 pub struct Vcpu {
     /// The KVM vCPU.
     pub fd: VcpuFd,
+    /// The MSRs saved and restored with the state: every MSR KVM lists
+    /// (`KVM_GET_MSR_INDEX_LIST`) that this vCPU can read and write back.
+    /// An epoch replaces a stretch of execution, so an MSR the guest wrote
+    /// in it and the state left out would be lost on the backup.
+    msrs: Vec<u32>,
 }
 
 impl Vcpu {
@@ -261,14 +292,28 @@ impl Vcpu {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
         fd.set_cpuid2(&cpuid).map_err(kvm_err("SET_CPUID2"))?;
-        Ok(Vcpu { fd })
+        let listed = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("GET_MSR_INDEX_LIST"))?;
+        let msrs = transferable_msrs(&fd, listed.as_slice());
+        tracing::debug!(
+            listed = listed.as_slice().len(),
+            saved = msrs.len(),
+            "MSRs carried in vCPU state"
+        );
+        Ok(Vcpu { fd, msrs })
+    }
+
+    /// The MSRs carried in this vCPU's state.
+    pub fn msr_list(&self) -> &[u32] {
+        &self.msrs
     }
 
     /// Install the kick handler and point it at this vCPU. Call on the vCPU thread.
     pub fn arm_kick(&mut self) -> Result<Kicker, VcpuError> {
         register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::Signal)?;
         let run: *mut kvm_run = self.fd.get_kvm_run();
-        KICK_TARGET.store(run, Ordering::Release);
+        KICK_TARGET.with(|t| t.set(run));
         Ok(Kicker::for_current_thread())
     }
 
@@ -289,17 +334,15 @@ impl Vcpu {
 
     /// Capture the full vCPU state.
     pub fn save(&self) -> Result<VcpuState, VcpuError> {
-        let mut msrs = Msrs::from_entries(
-            &SAVED_MSRS
-                .iter()
-                .map(|&index| kvm_msr_entry {
-                    index,
-                    ..Default::default()
-                })
-                .collect::<Vec<_>>(),
-        )
-        .expect("MSR list fits");
+        let mut msrs = msr_entries(self.msrs.iter().map(|&index| (index, 0)))?;
         let n = self.fd.get_msrs(&mut msrs).map_err(kvm_err("GET_MSRS"))?;
+        if n != self.msrs.len() {
+            return Err(VcpuError::MsrCount {
+                what: "read",
+                done: n,
+                asked: self.msrs.len(),
+            });
+        }
         Ok(VcpuState {
             regs: self.fd.get_regs().map_err(kvm_err("GET_REGS"))?,
             sregs: self.fd.get_sregs().map_err(kvm_err("GET_SREGS"))?,
@@ -327,17 +370,12 @@ impl Vcpu {
         // filled in, so KVM reads only within it.
         unsafe { self.fd.set_xsave(&s.xsave) }.map_err(kvm_err("SET_XSAVE"))?;
         self.fd.set_fpu(&s.fpu).map_err(kvm_err("SET_FPU"))?;
-        let entries: Vec<kvm_msr_entry> = s
-            .msrs
-            .iter()
-            .map(|&(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
-        let msrs = Msrs::from_entries(&entries).expect("MSR list fits");
-        self.fd.set_msrs(&msrs).map_err(kvm_err("SET_MSRS"))?;
+        let msrs = msr_entries(s.msrs.iter().copied())?;
+        let n = self.fd.set_msrs(&msrs).map_err(kvm_err("SET_MSRS"))?;
+        if n != s.msrs.len() {
+            let failed = s.msrs.get(n).map(|m| m.0).unwrap_or_default();
+            return Err(VcpuError::MsrRefused { index: failed });
+        }
         self.fd
             .set_debug_regs(&s.debugregs)
             .map_err(kvm_err("SET_DEBUGREGS"))?;
@@ -351,13 +389,44 @@ impl Vcpu {
 impl Drop for Vcpu {
     fn drop(&mut self) {
         let run: *mut kvm_run = self.fd.get_kvm_run();
-        let _ = KICK_TARGET.compare_exchange(
-            run,
-            std::ptr::null_mut(),
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+        let _ = KICK_TARGET.try_with(|t| {
+            if t.get() == run {
+                t.set(std::ptr::null_mut());
+            }
+        });
     }
+}
+
+/// A `Msrs` list of (index, value) pairs.
+fn msr_entries(it: impl Iterator<Item = (u32, u64)>) -> Result<Msrs, VcpuError> {
+    let entries: Vec<kvm_msr_entry> = it
+        .map(|(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    Msrs::from_entries(&entries).map_err(|_| VcpuError::MsrCount {
+        what: "list",
+        done: entries.len(),
+        asked: kvm_bindings::KVM_MAX_MSR_ENTRIES,
+    })
+}
+
+/// The MSRs of `listed` that `fd` can read and write back unchanged (some
+/// listed ones are read-only or belong to features this vCPU lacks).
+fn transferable_msrs(fd: &VcpuFd, listed: &[u32]) -> Vec<u32> {
+    listed
+        .iter()
+        .copied()
+        .filter(|&index| {
+            let Ok(mut one) = msr_entries(std::iter::once((index, 0))) else {
+                return false;
+            };
+            matches!(fd.get_msrs(&mut one), Ok(1)) && matches!(fd.set_msrs(&one), Ok(1))
+        })
+        .take(MAX_MSRS)
+        .collect()
 }
 
 /// Fingerprint of the vCPU: RIP and a hash of the general registers,

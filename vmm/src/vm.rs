@@ -176,12 +176,18 @@ pub struct RunOptions {
 }
 
 /// A virtual machine with one vCPU.
+///
+/// Field order is drop order, and it matters: the vCPU and the VM fd go
+/// first, guest memory after them, so memory KVM maps through the memory
+/// slots stays mapped for as long as the VM fd exists (the `SAFETY` claim
+/// of [`set_memslots`]).
 pub struct Vm {
-    _kvm: Kvm,
     vcpu: Vcpu,
-    mem: GuestMemoryMmap,
-    mem_mib: u64,
-    cmdline: String,
+    vmfd: VmFd,
+    _kvm: Kvm,
+    /// Kicks the vCPU from a helper thread; stopped (joined) on drop.
+    deadline: DeadlineKicker,
+    _kicker: Kicker,
     devices: Devices,
     door: Box<dyn Door>,
     /// The role the VM has been running in; `door.mode()` says the role
@@ -195,13 +201,14 @@ pub struct Vm {
     /// Console sink to switch to when a backup goes live.
     live_console: Option<Box<dyn Write + Send>>,
     epoch_pages: EpochPages,
-    vmfd: VmFd,
     clock_start: Instant,
     clock_base_ns: u64,
-    deadline: DeadlineKicker,
-    _kicker: Kicker,
     positions: Box<dyn PositionSource>,
     snapshot_on_ready: Option<PathBuf>,
+    mem_mib: u64,
+    cmdline: String,
+    /// Guest memory: dropped after the VM fd (see above).
+    mem: GuestMemoryMmap,
     /// Statistics of this run.
     pub stats: Stats,
 }
@@ -452,7 +459,7 @@ impl Vm {
         e.u64(self.positions.now().exit);
         self.vcpu.save()?.encode(&mut e);
         self.devices.encode(&mut e);
-        encode_memory(&mut e, mem_bytes(&self.mem, (self.mem_mib << 20) as usize));
+        encode_memory(&mut e, mem_bytes(&self.mem));
         let body = e.into_bytes();
         snapshot::write_file(path, &body)?;
         info!(
@@ -590,9 +597,9 @@ impl Vm {
     fn boundary(&mut self) -> Result<(), VmError> {
         self.deliver()?;
         let pos = self.positions.now().exit;
-        let (vcpu, mem, len) = (&self.vcpu, &self.mem, (self.mem_mib << 20) as usize);
+        let (vcpu, mem) = (&self.vcpu, &self.mem);
         self.door.check(pos, &mut |with_mem| {
-            (fingerprint(vcpu), with_mem.then(|| memory_digest(mem, len)))
+            (fingerprint(vcpu), with_mem.then(|| memory_digest(mem)))
         })?;
         if self.door.mode() == Mode::Replay {
             // The primary cut epochs after this exit: install each one
@@ -626,12 +633,11 @@ impl Vm {
     fn build_epoch(&mut self) -> Result<Epoch, VmError> {
         let mut e = Encoder::new();
         self.vcpu.save()?.encode(&mut e);
-        let len = (self.mem_mib << 20) as usize;
+        let mem = mem_bytes(&self.mem);
         let bitmap = self
             .vmfd
-            .get_dirty_log(0, len)
+            .get_dirty_log(0, mem.len())
             .map_err(kvm_err("GET_DIRTY_LOG"))?;
-        let mem = mem_bytes(&self.mem, len);
         let mut pages = Vec::new();
         for (w, word) in bitmap.iter().enumerate() {
             let mut bits = *word;
@@ -639,8 +645,7 @@ impl Vm {
                 let b = bits.trailing_zeros() as usize;
                 bits &= bits - 1;
                 let gfn = w * 64 + b;
-                if (gfn + 1) * PAGE <= len {
-                    let now = &mem[gfn * PAGE..(gfn + 1) * PAGE];
+                if let Some(now) = mem.get(gfn * PAGE..(gfn + 1) * PAGE) {
                     pages.push(self.epoch_pages.encode(gfn as u64, now));
                 }
             }
@@ -668,12 +673,13 @@ impl Vm {
         self.vcpu.restore(&state)?;
         let len = self.mem_mib << 20;
         for p in &epoch.pages {
-            if p.data.len() != PAGE || (p.gfn + 1) * PAGE as u64 > len {
-                return Err(bad(format!("page {:#x} out of range or not 4 KiB", p.gfn)));
-            }
+            let range = match p.byte_range(len) {
+                Some(r) if p.data.len() == PAGE => r,
+                _ => return Err(bad(format!("page {:#x} out of range or not 4 KiB", p.gfn))),
+            };
             let page = self.epoch_pages.decode(p).map_err(bad)?;
             self.mem
-                .write_slice(&page, GuestAddress(p.gfn * PAGE as u64))
+                .write_slice(&page, GuestAddress(range.start))
                 .map_err(|e| bad(e.to_string()))?;
         }
         self.refresh_memslots()?;
@@ -718,9 +724,8 @@ impl Vm {
 
     /// A digest of the whole state now: memory and registers.
     pub fn state_digest(&self) -> String {
-        let len = (self.mem_mib << 20) as usize;
         let mut h = Sha256::new();
-        h.update(mem_bytes(&self.mem, len));
+        h.update(mem_bytes(&self.mem));
         let regs = self.vcpu.fd.get_regs().unwrap_or_default();
         h.update(pod_bytes(&regs));
         let d = h.finalize();

@@ -98,3 +98,75 @@ fn triple_fault_is_a_clear_error() {
     assert!(line.contains("triple fault"), "{line}");
     assert!(line.contains("RIP 0x1000000"), "{line}");
 }
+
+/// Each cause appears once in the line (an error that prints its source
+/// must not have it appended again).
+fn assert_once(line: &str, needle: &str) {
+    assert_eq!(
+        line.matches(needle).count(),
+        1,
+        "{needle:?} not exactly once in: {line}"
+    );
+}
+
+#[test]
+fn a_directory_as_kernel_names_the_cause_once() {
+    let line = one_line_error(&["run", "--kernel", "/tmp"]);
+    assert!(line.contains("kernel /tmp"), "{line}");
+    assert_once(&line, "Is a directory");
+}
+
+#[test]
+fn an_empty_log_names_the_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("empty.log");
+    std::fs::write(&p, b"").unwrap();
+    let line = one_line_error(&["replay", "--log", p.to_str().unwrap()]);
+    assert!(line.contains("empty.log"), "{line}");
+    assert_once(&line, "the log is empty");
+}
+
+#[test]
+fn a_log_from_another_vmft_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("old.log");
+    let header = ft_log::LogHeader {
+        kernel: "/nonexistent/vmlinux".into(),
+        initrd: None,
+        mem_mib: 64,
+        cmdline: String::new(),
+        config_hash: "0".repeat(64),
+        recorder: "vmft 0.0.1".into(),
+    };
+    let w = ft_log::LogWriter::new(std::fs::File::create(&p).unwrap(), &header).unwrap();
+    drop(w);
+    let line = one_line_error(&["replay", "--log", p.to_str().unwrap()]);
+    assert!(line.contains("vmft 0.0.1"), "{line}");
+    assert!(
+        line.contains(&format!("vmft {}", env!("CARGO_PKG_VERSION"))),
+        "{line}"
+    );
+}
+
+#[test]
+fn an_unknown_workload_is_refused_before_booting() {
+    let out = vmft().args(["run", "--workload", "nope"]).output().unwrap();
+    let (stdout, stderr) = texts(&out);
+    assert!(!out.status.success());
+    assert!(stdout.is_empty(), "the guest booted:\n{stdout}");
+    assert!(stderr.contains("unknown workload \"nope\""), "{stderr}");
+    assert!(stderr.contains("compute"), "{stderr}");
+    let help = vmft().args(["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("compute"), "{help}");
+}
+
+#[test]
+fn kvm_tests_fail_unless_skipped_by_name() {
+    assert_eq!(kvm_gate(true, None), Ok(true));
+    assert_eq!(kvm_gate(true, Some("1")), Ok(true));
+    assert_eq!(kvm_gate(false, Some("1")), Ok(false));
+    assert!(kvm_gate(false, None).is_err());
+    assert!(kvm_gate(false, Some("0")).is_err());
+    assert!(kvm_gate(false, Some("")).is_err());
+}

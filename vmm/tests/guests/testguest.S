@@ -19,6 +19,9 @@
 #   MODE 7  deliberately nondeterministic: branches on RDTSC into different exits
 #   MODE 8  CPL0 with IF=0, an exit every ~6 ms while a timer tick waits
 #           (the primary must not kick the vCPU out continuously)
+#   MODE 9  CPL0: writes an MSR outside the classic save list (0x140,
+#           MISC_FEATURES_ENABLES) inside an exit-free stretch that an epoch
+#           replaces, reads it back
 
         .intel_syntax noprefix
         .code64
@@ -143,6 +146,9 @@ _start:
 .if MODE == 8
         jmp kernel_busy_if0
 .endif
+.if MODE == 9
+        jmp kernel_msr
+.endif
         # Drop to CPL3 with IF=1 and IOPL=3.
         push UDATA
         lea rax, [ustack_top]
@@ -264,6 +270,37 @@ kernel_busy_if0:
         out dx, al
 43:     hlt
         jmp 43b
+.endif
+
+.if MODE == 9
+# With the timer running, write MSR 0x140 (bit 0, CPUID faulting: unused
+# here) and then run about 60 ms
+# without an exit (CPL0 is emulated here): the primary cuts an epoch in the
+# stretch, so the backup never executes the wrmsr and has the value only if
+# the epoch carries the MSR. Then read it back and print it.
+kernel_msr:
+        sti
+        mov ecx, 0x140
+        mov eax, 1
+        xor edx, edx
+        wrmsr
+        mov ecx, 30000
+44:     dec ecx
+        jnz 44b
+        cli
+        mov ecx, 0x140
+        rdmsr
+        shl rdx, 32
+        or rax, rdx
+        mov rdi, rax
+        lea rsi, [msg_result]
+        call kputs
+        call kprint_hex
+        mov dx, 0x64
+        mov al, 0xfe
+        out dx, al
+45:     hlt
+        jmp 45b
 .endif
 
 .if MODE == 4
