@@ -20,9 +20,11 @@
 //! [`LogWriter::write_epoch`] splits an epoch too large for one frame into
 //! [`Entry::EpochPages`] frames followed by the [`Entry::Epoch`] frame
 //! ([`crate::EpochAssembler`] joins them again). The [`Decoder`] accepts
-//! bytes in chunks of any size (a socket, a file), bounds what it buffers
-//! and allocates by its frame limit, and never panics on bad input; every
-//! error names the byte offset and, inside a frame, its sequence number.
+//! bytes in chunks of any size (a socket, a file), refuses a frame over
+//! its frame limit as soon as the frame's head arrives, checks a
+//! compressed payload's size prefix against the limit before
+//! decompressing, and never panics on bad input; every error names the
+//! byte offset and, inside a frame, its sequence number.
 
 use std::io::Write;
 use std::ops::Range;
@@ -105,7 +107,8 @@ pub enum LogError {
         "{kind} entry for frame {seq}: payload of {size} bytes exceeds the frame limit of {max} bytes"
     )]
     EntryTooLarge {
-        /// Sequence number the frame would have had.
+        /// Sequence number the frame would have had (for an epoch that
+        /// cannot be split, its first frame's).
         seq: u64,
         /// Entry kind ([`Entry::kind`]).
         kind: &'static str,
