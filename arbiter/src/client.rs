@@ -122,6 +122,11 @@ impl Client {
                 message,
                 ..
             })) => Err(ConnectFail::Auth(message)),
+            Ok(Ok(Response::Error {
+                code: ErrorCode::Busy,
+                message,
+                ..
+            })) => Err(ConnectFail::Other(format!("server busy: {message}"))),
             Ok(Ok(other)) => Err(ConnectFail::Other(format!(
                 "unexpected handshake answer {other:?}"
             ))),

@@ -54,6 +54,9 @@ enum Command {
         /// Directory for the durable decision log.
         #[arg(long)]
         data: PathBuf,
+        /// Most client connections at once; more are refused ("busy").
+        #[arg(long, default_value_t = arbiter::server::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
         #[command(flatten)]
         token: TokenArgs,
     },
@@ -97,9 +100,12 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Serve {
             listen,
             data,
+            max_connections,
             token,
         } => {
-            let server = Server::bind(&listen, &data, ServerConfig::new(token.token()?)).await?;
+            let mut cfg = ServerConfig::new(token.token()?);
+            cfg.max_connections = max_connections;
+            let server = Server::bind(&listen, &data, cfg).await?;
             // Tests and scripts read the bound port from this line.
             println!("listening {}", server.local_addr());
             server.run().await?;

@@ -27,6 +27,8 @@ pub enum ErrorCode {
     Storage = 3,
     /// The protocol version is not supported.
     Version = 4,
+    /// The server has as many connections as it allows; try again later.
+    Busy = 5,
 }
 
 impl ErrorCode {
@@ -36,6 +38,7 @@ impl ErrorCode {
             2 => ErrorCode::Unauthenticated,
             3 => ErrorCode::Storage,
             4 => ErrorCode::Version,
+            5 => ErrorCode::Busy,
             _ => return Err(ProtocolError::Malformed("unknown error code")),
         })
     }
@@ -379,6 +382,11 @@ mod tests {
                 id: 5,
                 code: ErrorCode::Storage,
                 message: "disk full".into(),
+            },
+            Response::Error {
+                id: 0,
+                code: ErrorCode::Busy,
+                message: "too many connections".into(),
             },
         ];
         for r in resps {

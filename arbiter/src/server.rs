@@ -10,7 +10,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::time::timeout;
 use tracing::{debug, error, info, warn};
 
@@ -29,7 +29,17 @@ pub struct ServerConfig {
     pub frame_timeout: Duration,
     /// Idle time after which a connection is closed.
     pub idle_timeout: Duration,
+    /// Most connections served at once; one more is answered with a
+    /// [`ErrorCode::Busy`] error and closed.
+    pub max_connections: usize,
 }
+
+/// Default of [`ServerConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+/// Refused connections being told why at once; past that, a refused
+/// connection is just closed.
+const MAX_REFUSALS_IN_FLIGHT: usize = 64;
 
 impl ServerConfig {
     /// Defaults with the given token.
@@ -39,6 +49,7 @@ impl ServerConfig {
             handshake_timeout: Duration::from_secs(5),
             frame_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(300),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -60,6 +71,9 @@ pub enum ServerError {
     /// The token is empty.
     #[error("the shared token must not be empty")]
     EmptyToken,
+    /// The connection cap is zero.
+    #[error("the connection cap must be at least 1")]
+    NoConnections,
     /// The store failed in a way it could not undo; the server stopped.
     #[error("arbiter server stopped: {0}")]
     Stopped(String),
@@ -154,6 +168,9 @@ impl Server {
         if cfg.token.is_empty() {
             return Err(ServerError::EmptyToken);
         }
+        if cfg.max_connections == 0 {
+            return Err(ServerError::NoConnections);
+        }
         let (store, rec) = Store::open(data_dir)?;
         if rec.torn_bytes > 0 {
             warn!(
@@ -187,7 +204,14 @@ impl Server {
     /// Serve until the store stops ([`ServerError::Stopped`]); then every
     /// connection is closed too.
     pub async fn run(self) -> Result<(), ServerError> {
-        info!(addr = %self.local_addr(), "arbiter serving");
+        info!(
+            addr = %self.local_addr(),
+            max_connections = self.cfg.max_connections,
+            "arbiter serving"
+        );
+        let slots = Arc::new(Semaphore::new(self.cfg.max_connections));
+        let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
+        let mut refused = RefusalLog::default();
         let mut stopped = self.stopped.clone();
         loop {
             let accepted = tokio::select! {
@@ -208,6 +232,17 @@ impl Server {
                     continue;
                 }
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                refused.note(peer, self.cfg.max_connections);
+                if let Ok(permit) = refusals.clone().try_acquire_owned() {
+                    let limit = self.cfg.max_connections;
+                    tokio::spawn(async move {
+                        refuse_busy(stream, limit).await;
+                        drop(permit);
+                    });
+                }
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let store = self.store.clone();
             let cfg = self.cfg.clone();
@@ -218,9 +253,60 @@ impl Server {
                     Ok(()) | Err(ConnError::Closed) => debug!(%peer, "connection closed"),
                     Err(e) => debug!(%peer, error = %e, "connection ended"),
                 }
+                drop(slot);
             });
         }
     }
+}
+
+/// Logs refused connections: the first at once, then at most one line a
+/// second with the count since the last line (a flood does not flood the log).
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<std::time::Instant>,
+    since_last: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self, peer: SocketAddr, limit: usize) {
+        self.since_last += 1;
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        warn!(
+            %peer,
+            refused = self.since_last,
+            max_connections = limit,
+            "connection cap reached; refusing connections"
+        );
+        self.last = Some(std::time::Instant::now());
+        self.since_last = 0;
+    }
+}
+
+/// Tell a connection over the cap why it is refused, then close it after
+/// the peer has had a moment to read that (closing with its unread hello
+/// still queued would reset the connection and lose the answer).
+async fn refuse_busy(mut s: TcpStream, limit: usize) {
+    let r = Response::Error {
+        id: 0,
+        code: ErrorCode::Busy,
+        message: format!("too many connections (the server's cap is {limit}); try again later"),
+    };
+    let _ = timeout(Duration::from_secs(1), s.write_all(&r.encode())).await;
+    let _ = s.shutdown().await;
+    let mut sink = [0u8; 512];
+    let _ = timeout(Duration::from_secs(1), async {
+        while let Ok(n) = s.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 async fn read_frame(

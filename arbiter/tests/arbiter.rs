@@ -62,9 +62,14 @@ async fn race_200_claimants_on_50_keys_has_one_winner_each() {
 }
 
 fn spawn_server(dir: &std::path::Path, addr: &str) -> (Child, String) {
+    spawn_server_with(dir, addr, &[])
+}
+
+fn spawn_server_with(dir: &std::path::Path, addr: &str, extra: &[&str]) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_arbiter"))
         .args(["serve", "--listen", addr, "--data"])
         .arg(dir)
+        .args(extra)
         .env("ARBITER_TOKEN", std::str::from_utf8(TOKEN).unwrap())
         .env("ARBITER_LOG", "warn")
         .stdout(Stdio::piped())
@@ -337,4 +342,109 @@ async fn claimant_names_too_long_for_an_identity_are_rejected() {
     ));
     let longest = "n".repeat(arbiter::MAX_CLAIMANT_NAME);
     assert!(c.identity(&longest).len() <= arbiter::protocol::MAX_NAME);
+}
+
+/// A raw connection that completed the handshake.
+async fn authenticated(addr: &str) -> TcpStream {
+    let mut s = raw_connect(addr).await;
+    let hello = Request::Hello {
+        token: TOKEN.to_vec(),
+    };
+    s.write_all(&hello.encode()).await.unwrap();
+    assert_eq!(read_response(&mut s).await, Some(Response::HelloOk));
+    s
+}
+
+/// A connection over the cap: told "busy", then closed.
+async fn assert_refused_busy(addr: &str, cap: usize) {
+    let mut s = raw_connect(addr).await;
+    let hello = Request::Hello {
+        token: TOKEN.to_vec(),
+    };
+    s.write_all(&hello.encode()).await.unwrap();
+    match read_response(&mut s).await {
+        Some(Response::Error { code, message, .. }) => {
+            assert_eq!(code, ErrorCode::Busy);
+            assert!(message.contains("too many connections"), "{message}");
+            assert!(message.contains(&format!("cap is {cap}")), "{message}");
+        }
+        other => panic!("expected a busy refusal, got {other:?}"),
+    }
+    assert!(closed(&mut s).await);
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_refused_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ServerConfig::new(TOKEN);
+    cfg.max_connections = 2;
+    let server = Server::bind("127.0.0.1:0", dir.path(), cfg).await.unwrap();
+    let addr = server.local_addr().to_string();
+    tokio::spawn(server.run());
+
+    let mut a = authenticated(&addr).await;
+    let b = authenticated(&addr).await;
+    assert_refused_busy(&addr, 2).await;
+    assert_refused_busy(&addr, 2).await;
+
+    // A client meets "busy" as a retryable failure, never as a decision.
+    let mut cfg = ClientConfig::new(&addr, TOKEN);
+    cfg.retry_budget = Duration::from_millis(300);
+    match Client::new(cfg).test_and_set("capped", 1, "x").await {
+        Err(ArbiterError::Unreachable { last, .. }) => {
+            assert!(last.contains("busy"), "{last}")
+        }
+        other => panic!("expected Unreachable (busy), got {other:?}"),
+    }
+
+    // The connections inside the cap are served.
+    let owner = Request::Owner {
+        id: 9,
+        vm: "capped".into(),
+        generation: 1,
+    };
+    a.write_all(&owner.encode()).await.unwrap();
+    assert_eq!(
+        read_response(&mut a).await,
+        Some(Response::OwnerIs { id: 9, owner: None })
+    );
+
+    // A closed connection frees its slot (once the server has seen the close).
+    drop(b);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut probe = loop {
+        let mut probe = raw_connect(&addr).await;
+        let hello = Request::Hello {
+            token: TOKEN.to_vec(),
+        };
+        probe.write_all(&hello.encode()).await.unwrap();
+        if read_response(&mut probe).await == Some(Response::HelloOk) {
+            break probe;
+        }
+        assert!(std::time::Instant::now() < deadline, "slot never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let claim = Request::TestAndSet {
+        id: 10,
+        vm: "capped".into(),
+        generation: 1,
+        claimant: "y".into(),
+    };
+    probe.write_all(&claim.encode()).await.unwrap();
+    assert_eq!(
+        read_response(&mut probe).await,
+        Some(Response::Won { id: 10 })
+    );
+}
+
+#[tokio::test]
+async fn serve_max_connections_flag_sets_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) =
+        spawn_server_with(dir.path(), "127.0.0.1:0", &["--max-connections", "1"]);
+    let a = authenticated(&addr).await;
+    assert_refused_busy(&addr, 1).await;
+    drop(a);
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
