@@ -1,6 +1,14 @@
 //! The built-in arbiter server: tokio TCP, the framed protocol of
 //! [`crate::protocol`], decisions made durable by [`crate::store`] before
 //! they are answered.
+//!
+//! Claims that need a new decision are group-committed (one write and one
+//! fsync per batch). A batch whose write or fsync failed is rolled back by
+//! the store and answered with [`ErrorCode::Storage`] (the client retries);
+//! if the rollback fails too, the server stops ([`ServerError::Stopped`])
+//! rather than answer from a state that is not on disk. At most
+//! [`ServerConfig::max_connections`] connections are served at once; one
+//! more is answered with [`ErrorCode::Busy`] and closed.
 
 use std::net::SocketAddr;
 use std::path::Path;
