@@ -17,6 +17,8 @@ pub mod record;
 pub mod replay;
 pub mod snapshot;
 pub mod stats;
+pub mod stop;
+pub mod terminal;
 pub mod vcpu;
 pub mod vm;
 pub mod watchdog;

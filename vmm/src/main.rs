@@ -1,6 +1,6 @@
 //! The `vmft` command.
 
-use std::io::{self, IsTerminal};
+use std::io;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,11 +13,21 @@ use vmm::boot::BootConfig;
 use vmm::image::{self, DEFAULT_MEM_MIB, DEFAULT_WORKLOAD};
 use vmm::record::{config_hash, log_header, recorder_id};
 use vmm::replay::ReplayDoor;
-use vmm::vm::{FtMode, RunOptions, Vm};
+use vmm::stop::{self, StopHandle, StopReason};
+use vmm::terminal::{EscapeReader, RawTerminal, ESCAPE_HELP};
+use vmm::vm::{FtMode, RunOptions, Vm, VmExit};
 
 /// vmft: a fault-tolerant Linux VM on KVM.
 #[derive(Parser)]
-#[command(name = "vmft", version, about)]
+#[command(
+    name = "vmft",
+    version,
+    about,
+    after_help = "Console: while a VM runs with its console on a terminal, every key goes to the \
+guest (Ctrl-C, Ctrl-Z and Ctrl-\\ included). Ctrl-A x leaves: the VM stops cleanly and a \
+recording is closed with its end entry. Ctrl-A Ctrl-A sends Ctrl-A. SIGTERM, SIGINT and SIGHUP \
+stop the VM the same way."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -230,80 +240,73 @@ fn boot_config(args: BootArgs) -> Result<BootConfig> {
     })
 }
 
-/// While alive, the terminal on stdin passes keys straight to the guest
-/// (no line editing, no local echo: the guest's tty echoes); Ctrl-C still
-/// stops vmft. The previous settings come back on drop, also on errors.
-struct RawTerminal {
-    saved: libc::termios,
-}
-
-impl RawTerminal {
-    fn enter() -> Option<RawTerminal> {
-        if !io::stdin().is_terminal() {
-            return None;
-        }
-        // SAFETY: termios is a plain C struct; tcgetattr fills it for fd 0.
-        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: fd 0 is open (it is a terminal) and `saved` is valid for writes.
-        if unsafe { libc::tcgetattr(0, &mut saved) } != 0 {
-            return None;
-        }
-        let mut raw = saved;
-        raw.c_lflag &= !(libc::ICANON | libc::ECHO);
-        raw.c_cc[libc::VMIN] = 1;
-        raw.c_cc[libc::VTIME] = 0;
-        // SAFETY: `raw` is a valid termios derived from the current one.
-        unsafe { libc::tcsetattr(0, libc::TCSANOW, &raw) };
-        Some(RawTerminal { saved })
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        // SAFETY: restores the settings read from fd 0 in `enter`.
-        unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.saved) };
-    }
-}
-
-fn stdin_input(no_stdin: bool) -> Option<Box<dyn io::Read + Send>> {
+/// The console on stdin and stdout: when stdin is a terminal, raw mode
+/// (every key to the guest) and the escape (Ctrl-A x stops the VM cleanly
+/// through `stop`); otherwise stdin as it is. Enter it right before the VM
+/// starts: until then Ctrl-C still interrupts vmft itself.
+fn console_input(
+    no_stdin: bool,
+    stop: &StopHandle,
+) -> (Option<Box<dyn io::Read + Send>>, Option<RawTerminal>) {
     if no_stdin {
-        None
-    } else {
-        Some(Box::new(io::stdin()))
+        return (None, None);
+    }
+    match RawTerminal::enter() {
+        Some(raw) => {
+            eprintln!("vmft: {ESCAPE_HELP}");
+            let stop = stop.clone();
+            let on_leave = Box::new(move || {
+                stop.request(StopReason::Escape);
+            });
+            (
+                Some(Box::new(EscapeReader::new(io::stdin(), on_leave))),
+                Some(raw),
+            )
+        }
+        None => (Some(Box::new(io::stdin())), None),
     }
 }
 
-fn run(args: RunArgs) -> Result<()> {
+/// How a run ended, for the user.
+fn report_exit(exit: VmExit, stop: &StopHandle) {
+    match (exit, stop.requested()) {
+        (VmExit::Stopped, Some(reason)) => eprintln!("vmft: {exit} ({reason})"),
+        _ => eprintln!("vmft: {exit}"),
+    }
+}
+
+fn run(args: RunArgs, stop: StopHandle) -> Result<()> {
+    let cfg = match &args.restore {
+        Some(_) => None,
+        None => Some(boot_config(args.boot)?),
+    };
+    let (console_in, _raw) = console_input(args.no_stdin, &stop);
     let opts = RunOptions {
         ft: FtMode::Live,
         snapshot_on_ready: args.snapshot_on_ready.clone(),
-        console_in: stdin_input(args.no_stdin),
+        console_in,
         console_out: Box::new(io::stdout()),
+        stop: stop.clone(),
     };
-    let _raw = if args.no_stdin {
-        None
-    } else {
-        RawTerminal::enter()
-    };
-    let mut vm = if let Some(snap) = &args.restore {
-        Vm::restore(snap, opts).context("cannot restore")?
-    } else {
-        Vm::boot(&boot_config(args.boot)?, opts).context("cannot boot")?
+    let mut vm = match (&args.restore, &cfg) {
+        (Some(snap), _) => Vm::restore(snap, opts).context("cannot restore")?,
+        (None, Some(cfg)) => Vm::boot(cfg, opts).context("cannot boot")?,
+        (None, None) => unreachable!("a boot configuration when not restoring"),
     };
     let result = vm.run();
     if args.stats {
         eprint!("{}", vm.stats.report(vm.unknown_ports()));
     }
-    let exit = result?;
-    eprintln!("vmft: {exit}");
+    report_exit(result?, &stop);
     Ok(())
 }
 
-fn record(args: RecordArgs) -> Result<()> {
+fn record(args: RecordArgs, stop: StopHandle) -> Result<()> {
     let cfg = boot_config(args.boot)?;
     // A missing or foreign kernel is reported by boot; hash only what exists.
     vmm::boot::detect_format(&cfg.kernel).context("cannot boot")?;
     let header = log_header(&cfg).context("cannot read the kernel or initramfs")?;
+    let (console_in, _raw) = console_input(args.no_stdin, &stop);
     let opts = RunOptions {
         ft: FtMode::Record {
             log: args.log.clone(),
@@ -311,13 +314,9 @@ fn record(args: RecordArgs) -> Result<()> {
             epoch_bound: Duration::from_millis(args.epoch_ms),
         },
         snapshot_on_ready: None,
-        console_in: stdin_input(args.no_stdin),
+        console_in,
         console_out: Box::new(io::stdout()),
-    };
-    let _raw = if args.no_stdin {
-        None
-    } else {
-        RawTerminal::enter()
+        stop: stop.clone(),
     };
     let mut vm = Vm::boot(&cfg, opts).context("cannot boot")?;
     let result = vm.run();
@@ -329,7 +328,7 @@ fn record(args: RecordArgs) -> Result<()> {
         }
     }
     let exit = result.with_context(|| format!("recording to {} failed", args.log.display()))?;
-    eprintln!("vmft: {exit}");
+    report_exit(exit, &stop);
     eprintln!("vmft: exits {} epochs {}", vm.position().exit, vm.epochs());
     eprintln!("vmft: final state digest {}", vm.final_digest());
     Ok(())
@@ -341,7 +340,7 @@ fn short(hash: &str) -> &str {
     hash.get(..16).unwrap_or(hash)
 }
 
-fn replay(args: ReplayArgs) -> Result<()> {
+fn replay(args: ReplayArgs, stop: StopHandle) -> Result<()> {
     let door = if args.log.as_os_str() == "-" {
         ReplayDoor::from_reader(Box::new(io::stdin()), "stdin".into())
     } else {
@@ -393,11 +392,7 @@ fn replay(args: ReplayArgs) -> Result<()> {
     if args.go_live && args.log.as_os_str() == "-" {
         bail!("--go-live needs stdin for the console; give the log as a file");
     }
-    let console_in: Option<Box<dyn io::Read + Send>> = if args.go_live {
-        Some(Box::new(io::stdin()))
-    } else {
-        None
-    };
+    let (console_in, _raw) = console_input(!args.go_live, &stop);
     let opts = RunOptions {
         ft: FtMode::Replay {
             door: Box::new(door),
@@ -406,6 +401,7 @@ fn replay(args: ReplayArgs) -> Result<()> {
         snapshot_on_ready: None,
         console_in,
         console_out,
+        stop: stop.clone(),
     };
     let mut vm = Vm::boot(&cfg, opts).context("cannot boot")?;
     let result = vm.run();
@@ -413,7 +409,7 @@ fn replay(args: ReplayArgs) -> Result<()> {
         eprint!("{}", vm.stats.report(vm.unknown_ports()));
     }
     let exit = result.with_context(|| format!("replay of {} failed", args.log.display()))?;
-    eprintln!("vmft: {exit}");
+    report_exit(exit, &stop);
     eprintln!("vmft: exits {} epochs {}", vm.position().exit, vm.epochs());
     eprintln!("vmft: final state digest {}", vm.final_digest());
     Ok(())
@@ -444,11 +440,18 @@ fn main() -> ExitCode {
         )
         .with_writer(io::stderr)
         .init();
+    // Before any thread starts: stop signals go to one watcher thread.
+    stop::block_stop_signals();
     let cli = Cli::parse();
+    let stop = StopHandle::new();
+    stop::watch_signals(stop.clone(), |reason| {
+        eprintln!("vmft: stopped by {reason} before the VM started");
+        std::process::exit(1);
+    });
     let result = match cli.command {
-        Command::Run(args) => run(args),
-        Command::Record(args) => record(args),
-        Command::Replay(args) => replay(args),
+        Command::Run(args) => run(args, stop),
+        Command::Record(args) => record(args, stop),
+        Command::Replay(args) => replay(args, stop),
         Command::Log(args) => show_log(args),
         Command::Image => image::default_image()
             .map(|img| {

@@ -196,6 +196,11 @@ pub trait Door {
         pos: u64,
         end: Option<(String, String)>,
     ) -> Result<Option<(String, String)>, DoorError>;
+    /// Replay: whether the recording was stopped on request at `pos` (its
+    /// end entry is next, with `reason`). Other doors: never.
+    fn stopped_at(&mut self, _pos: u64, _reason: &str) -> Result<bool, DoorError> {
+        Ok(false)
+    }
     /// The guest is idle (HLT): block until `deadline_ns` (guest clock) or
     /// until input arrives. Replay returns at once.
     fn wait(&mut self, deadline_ns: Option<u64>) -> Wake;

@@ -442,6 +442,16 @@ impl Door for ReplayDoor {
         )
     }
 
+    fn stopped_at(&mut self, pos: u64, reason: &str) -> Result<bool, DoorError> {
+        if self.live_now().is_some() {
+            return Ok(false);
+        }
+        Ok(matches!(
+            self.peek()?,
+            Some(Item::Entry(Entry::End { pos: p, reason: r, .. })) if *p == pos && r == reason
+        ))
+    }
+
     fn wait(&mut self, deadline_ns: Option<u64>) -> Wake {
         match self.live_now() {
             Some(live) => live.wait(deadline_ns),

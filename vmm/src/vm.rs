@@ -36,6 +36,7 @@ use crate::memory::{decode_memory, encode_memory, mem_bytes, memory_digest, PAGE
 use crate::replay::ReplayDoor;
 use crate::snapshot::{self, pod_bytes, Decoder, Encoder, SnapshotError};
 use crate::stats::Stats;
+use crate::stop::StopHandle;
 use crate::vcpu::{fingerprint, DeadlineKicker, Kicker, Vcpu, VcpuError, VcpuState};
 
 /// KVM's TSS address for VMX hosts (three pages below 4 GiB).
@@ -128,6 +129,9 @@ pub enum VmExit {
     Reset,
     /// The guest halted with interrupts disabled (power-off / halt).
     Halted,
+    /// Stopped on request (the console escape or a signal) at a boundary;
+    /// a recording ends there with a complete log.
+    Stopped,
 }
 
 impl std::fmt::Display for VmExit {
@@ -135,6 +139,7 @@ impl std::fmt::Display for VmExit {
         match self {
             VmExit::Reset => write!(f, "guest reset the machine (reboot)"),
             VmExit::Halted => write!(f, "guest halted (powered off)"),
+            VmExit::Stopped => write!(f, "guest stopped on request"),
         }
     }
 }
@@ -173,6 +178,8 @@ pub struct RunOptions {
     pub console_in: Option<Box<dyn Read + Send>>,
     /// Console output.
     pub console_out: Box<dyn Write + Send>,
+    /// Stop requests (console escape, signals) for this run.
+    pub stop: StopHandle,
 }
 
 /// A virtual machine with one vCPU.
@@ -205,6 +212,7 @@ pub struct Vm {
     clock_base_ns: u64,
     positions: Box<dyn PositionSource>,
     snapshot_on_ready: Option<PathBuf>,
+    stop: StopHandle,
     mem_mib: u64,
     cmdline: String,
     /// Guest memory: dropped after the VM fd (see above).
@@ -296,6 +304,7 @@ impl Vm {
             clock_ns,
             pos,
         } = parts;
+        opts.stop.attach(kicker);
         let live = LiveDoor::new(clock_ns, opts.console_in, kicker);
         let mut live_console = None;
         let (door, mode, epoch_bound): (Box<dyn Door>, Mode, Duration) = match opts.ft {
@@ -338,6 +347,7 @@ impl Vm {
             _kicker: kicker,
             positions: Box::new(ExitCounter::starting_at(pos)),
             snapshot_on_ready: opts.snapshot_on_ready,
+            stop: opts.stop,
             stats: Stats::default(),
         })
     }
@@ -770,6 +780,7 @@ impl Vm {
     pub fn run(&mut self) -> Result<VmExit, VmError> {
         let r = self.run_inner();
         let _ = self.door.flush();
+        self.stop.detach();
         r
     }
 
@@ -785,6 +796,9 @@ impl Vm {
                 self.boundary()?;
             } else if mode == Mode::Record {
                 self.kick_boundary(&mut last_exit_at)?;
+            }
+            if let Some(end) = self.stop_point(counted)? {
+                return Ok(end);
             }
             if self.door.mode() != Mode::Replay {
                 self.arm_deadline(last_exit_at);
@@ -916,6 +930,35 @@ impl Vm {
                 last_exit_at = Instant::now();
             }
         }
+    }
+
+    /// At a boundary: end the run here if a stop was requested (live or
+    /// recording) or, replaying, if the recording was stopped here.
+    fn stop_point(&mut self, counted: bool) -> Result<Option<VmExit>, VmError> {
+        let mode = self.door.mode();
+        let pos = self.positions.now().exit;
+        if mode == Mode::Replay {
+            if counted && self.door.stopped_at(pos, &VmExit::Stopped.to_string())? {
+                return self.finish(VmExit::Stopped).map(Some);
+            }
+            if let Some(reason) = self.stop.requested() {
+                eprintln!("vmft: replay stopped by {reason} at exit {pos}");
+                return Ok(Some(VmExit::Stopped));
+            }
+            return Ok(None);
+        }
+        let Some(reason) = self.stop.requested() else {
+            return Ok(None);
+        };
+        info!(%reason, pos, "stopping");
+        if mode == Mode::Record && !counted {
+            // Stopped between exits: an epoch takes the backup to exactly
+            // this state, so the end entry's digest is the backup's too.
+            let epoch = self.build_epoch()?;
+            self.door.epoch(pos, Some(epoch))?;
+            self.epochs += 1;
+        }
+        self.finish(VmExit::Stopped).map(Some)
     }
 
     /// The replay door went live (its log ended without an end entry):

@@ -2,6 +2,10 @@
 //! as a recording primary, and replayed, in one run.
 //!
 //! `cargo run --release -p bench --bin ft_bench [-- sleep-seconds compute-count]`
+//! `cargo run --release -p bench --bin ft_bench -- quick`: the quick check
+//! after a change to the run loop or the devices: the default guest booted
+//! bare and recorded, one after the other, with record/bare and kicks per
+//! second of each (a change that kicks the vCPU needlessly shows at once).
 
 use std::io;
 use std::path::Path;
@@ -17,7 +21,14 @@ struct Outcome {
     wall: Duration,
     digest: String,
     exits: u64,
+    kicks: u64,
     record: Option<RecordStats>,
+}
+
+impl Outcome {
+    fn kicks_per_s(&self) -> f64 {
+        self.kicks as f64 / self.wall.as_secs_f64()
+    }
 }
 
 fn config(workload: &str, count: u64) -> BootConfig {
@@ -42,6 +53,7 @@ fn run(cfg: &BootConfig, ft: FtMode) -> Outcome {
             snapshot_on_ready: None,
             console_in: None,
             console_out: Box::new(io::sink()),
+            stop: Default::default(),
         },
     )
     .expect("boot");
@@ -50,17 +62,55 @@ fn run(cfg: &BootConfig, ft: FtMode) -> Outcome {
         wall: t0.elapsed(),
         digest: vm.final_digest(),
         exits: vm.position().exit,
+        kicks: vm.stats.exits.get("kick").copied().unwrap_or(0),
         record: vm.record_stats(),
     }
 }
 
+fn record_mode(cfg: &BootConfig, log: &Path) -> FtMode {
+    FtMode::Record {
+        log: log.to_path_buf(),
+        header: log_header(cfg).unwrap(),
+        epoch_bound: Duration::from_millis(10),
+    }
+}
+
+/// Bare against recorded, boot included, with kicks per second.
+fn quick() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config("counter", 20);
+    let bare = run(&cfg, FtMode::Live);
+    let rec = run(&cfg, record_mode(&cfg, &dir.path().join("counter.log")));
+    let rs = rec.record.clone().unwrap();
+    println!("| run | wall s | record/bare | kicks | kicks/s | epochs | log Mbit/s |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| bare | {:.1} | 1.00 | {} | {:.0} | | |",
+        bare.wall.as_secs_f64(),
+        bare.kicks,
+        bare.kicks_per_s()
+    );
+    println!(
+        "| record | {:.1} | {:.2} | {} | {:.0} | {} | {:.2} |",
+        rec.wall.as_secs_f64(),
+        rec.wall.as_secs_f64() / bare.wall.as_secs_f64(),
+        rec.kicks,
+        rec.kicks_per_s(),
+        rs.epochs.len(),
+        rs.bytes as f64 * 8.0 / rec.wall.as_secs_f64() / 1e6,
+    );
+}
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("quick") {
+        return quick();
+    }
     let mut args = std::env::args().skip(1);
     let sleep_s: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
     let compute_n: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(400);
     let dir = tempfile::tempdir().unwrap();
-    println!("| workload | bare s | record s | record/bare | replay s | replay/record | exits | log bytes | log bytes/s | irqs at exits | irqs by epochs | epochs | pages/epoch (mean, max) | KiB/epoch (mean) | pause ms (mean, max) | digests equal |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| workload | bare s | record s | record/bare | kicks/s bare | kicks/s record | replay s | replay/record | exits | log bytes | log bytes/s | irqs at exits | irqs by epochs | epochs | pages/epoch (mean, max) | KiB/epoch (mean) | pause ms (mean, max) | digests equal |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut kinds = Vec::new();
     for (name, workload, count) in [
         (format!("idle (sleep {sleep_s} s)"), "sleep", sleep_s),
@@ -73,15 +123,7 @@ fn main() {
         let cfg = config(workload, count);
         let bare = run(&cfg, FtMode::Live);
         let log = dir.path().join(format!("{workload}.log"));
-        let header = log_header(&cfg).unwrap();
-        let rec = run(
-            &cfg,
-            FtMode::Record {
-                log: log.clone(),
-                header,
-                epoch_bound: Duration::from_millis(10),
-            },
-        );
+        let rec = run(&cfg, record_mode(&cfg, &log));
         let door = ReplayDoor::open(Path::new(&log)).expect("open log");
         let rep = run(
             &cfg,
@@ -106,10 +148,12 @@ fn main() {
             * 1e3;
         let secs = |d: Duration| d.as_secs_f64();
         println!(
-            "| {name} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {} | {} | {:.0} | {} | {} | {} | {:.0}, {} | {:.0} | {:.2}, {:.2} | {} |",
+            "| {name} | {:.1} | {:.1} | {:.2} | {:.0} | {:.0} | {:.1} | {:.2} | {} | {} | {:.0} | {} | {} | {} | {:.0}, {} | {:.0} | {:.2}, {:.2} | {} |",
             secs(bare.wall),
             secs(rec.wall),
             secs(rec.wall) / secs(bare.wall),
+            bare.kicks_per_s(),
+            rec.kicks_per_s(),
             secs(rep.wall),
             secs(rep.wall) / secs(rec.wall),
             rec.exits,
