@@ -184,6 +184,14 @@ pub enum Entry {
         /// Some of its pages, in order.
         pages: Vec<Page>,
     },
+    /// The primary has released the guest's console output up to (not
+    /// including) byte `offset` of the output stream (the output rule). Not
+    /// tied to an exit: a backup that goes live re-sends its output from
+    /// the last such offset, so the console sees no gap.
+    Released {
+        /// End of the released output.
+        offset: u64,
+    },
 }
 
 impl Entry {
@@ -199,6 +207,7 @@ impl Entry {
             Entry::Check { .. } => "check",
             Entry::End { .. } => "end",
             Entry::EpochPages { .. } => "epoch-pages",
+            Entry::Released { .. } => "released",
         }
     }
 }

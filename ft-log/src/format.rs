@@ -70,6 +70,9 @@ pub struct LogHeader {
     pub config_hash: String,
     /// Free-form description of the recorder.
     pub recorder: String,
+    /// The snapshot the recording started from (path on the recording
+    /// host), when it did not boot; its contents are in `config_hash`.
+    pub snapshot: Option<String>,
 }
 
 /// Log format errors.

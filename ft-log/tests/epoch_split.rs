@@ -13,6 +13,7 @@ fn header() -> LogHeader {
         cmdline: "console=ttyS0".into(),
         config_hash: "cd".repeat(32),
         recorder: "test".into(),
+        snapshot: None,
     }
 }
 

@@ -12,6 +12,7 @@ fn header() -> LogHeader {
         cmdline: "console=ttyS0".into(),
         config_hash: "ab".repeat(32),
         recorder: "test".into(),
+        snapshot: None,
     }
 }
 

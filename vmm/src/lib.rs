@@ -10,6 +10,7 @@ pub mod deadline;
 pub mod devices;
 pub mod emulate;
 pub mod epoch;
+pub mod ft;
 pub mod image;
 pub mod memory;
 pub mod nondet;

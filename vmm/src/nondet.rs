@@ -130,6 +130,19 @@ pub enum DoorError {
         /// Exit the replay had reached.
         exit: u64,
     },
+    /// The backup did not go live: another side won the claim.
+    #[error("another side is live: {owner} won the claim for {vm} generation {generation}")]
+    LostClaim {
+        /// The VM.
+        vm: String,
+        /// The generation claimed.
+        generation: u64,
+        /// The winner.
+        owner: String,
+    },
+    /// The side cannot go on (the arbiter refused, the channel failed).
+    #[error("{0}")]
+    Ft(String),
     /// The log could not be decoded.
     #[error("log {path}: {source}")]
     Log {
@@ -206,6 +219,15 @@ pub trait Door {
     fn wait(&mut self, deadline_ns: Option<u64>) -> Wake;
     /// Flush buffered log output.
     fn flush(&mut self) -> Result<(), DoorError> {
+        Ok(())
+    }
+    /// Record: flush the log through the last exit and return its length
+    /// (the barrier output written so far waits for). Others: `None`.
+    fn barrier(&mut self) -> Result<Option<u64>, DoorError> {
+        Ok(None)
+    }
+    /// Record: log that console output was released up to `offset`.
+    fn released(&mut self, _offset: u64) -> Result<(), DoorError> {
         Ok(())
     }
     /// Recording statistics (record door only).

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::BufWriter;
+use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -47,7 +47,7 @@ pub struct RecordStats {
 /// The recording door.
 pub struct RecordDoor {
     live: LiveDoor,
-    writer: LogWriter<BufWriter<File>>,
+    writer: LogWriter<Box<dyn Write + Send>>,
     path: String,
     exits: Vec<ExitRecord>,
     first_exit: u64,
@@ -66,11 +66,25 @@ impl RecordDoor {
             source,
         };
         let f = File::create(path).map_err(io)?;
-        let writer = LogWriter::new(BufWriter::with_capacity(1 << 20, f), header).map_err(io)?;
+        Self::to_writer(Box::new(BufWriter::with_capacity(1 << 20, f)), p, header, live)
+    }
+
+    /// Record to any byte sink (the logging channel); `name` names it in
+    /// errors.
+    pub fn to_writer(
+        sink: Box<dyn Write + Send>,
+        name: String,
+        header: &LogHeader,
+        live: LiveDoor,
+    ) -> Result<Self, DoorError> {
+        let writer = LogWriter::new(sink, header).map_err(|source| DoorError::Io {
+            path: name.clone(),
+            source,
+        })?;
         Ok(RecordDoor {
             live,
             writer,
-            path: p,
+            path: name,
             exits: Vec::new(),
             first_exit: 0,
             last_check: 0,
@@ -283,6 +297,15 @@ impl Door for RecordDoor {
             source,
         })
     }
+
+    fn barrier(&mut self) -> Result<Option<u64>, DoorError> {
+        self.flush()?;
+        Ok(Some(self.writer.bytes()))
+    }
+
+    fn released(&mut self, offset: u64) -> Result<(), DoorError> {
+        self.write(&Entry::Released { offset }).map(|_| ())
+    }
 }
 
 impl Drop for RecordDoor {
@@ -291,32 +314,95 @@ impl Drop for RecordDoor {
     }
 }
 
+/// What a VM starts from: a fresh boot, or a snapshot.
+#[derive(Debug, Clone)]
+pub enum VmSource {
+    /// Boot a kernel.
+    Boot(crate::boot::BootConfig),
+    /// Restore a snapshot file.
+    Restore(std::path::PathBuf),
+}
+
+/// Errors describing a VM's configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A kernel, initramfs or snapshot file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The snapshot is not usable.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// KVM could not report the CPUID table.
+    #[error("cannot read the CPUID table from KVM: {0}")]
+    Cpuid(String),
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
 /// Hash of everything that defines the VM a log belongs to: kernel and
-/// initramfs contents, memory size, command line.
-pub fn config_hash(cfg: &crate::boot::BootConfig) -> std::io::Result<String> {
+/// initramfs contents, memory size and command line (or the snapshot's
+/// contents), and the CPUID table the guest sees on this host (see
+/// [`crate::vcpu::cpuid_digest`]). Primary and backup must agree on it.
+pub fn config_hash(src: &VmSource) -> Result<String, ConfigError> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    h.update(b"vmft-config-v1\0");
-    h.update(std::fs::read(&cfg.kernel)?);
-    h.update([0u8]);
-    if let Some(i) = &cfg.initrd {
-        h.update(std::fs::read(i)?);
+    match src {
+        VmSource::Boot(cfg) => {
+            h.update(b"vmft-config-v2\0boot\0");
+            h.update(read(&cfg.kernel)?);
+            h.update([0u8]);
+            if let Some(i) = &cfg.initrd {
+                h.update(read(i)?);
+            }
+            h.update([0u8]);
+            h.update(cfg.mem_mib.to_le_bytes());
+            h.update(cfg.cmdline.as_bytes());
+        }
+        VmSource::Restore(path) => {
+            h.update(b"vmft-config-v2\0snapshot\0");
+            h.update(read(path)?);
+        }
     }
     h.update([0u8]);
-    h.update(cfg.mem_mib.to_le_bytes());
-    h.update(cfg.cmdline.as_bytes());
+    h.update(crate::vcpu::cpuid_digest().map_err(ConfigError::Cpuid)?.as_bytes());
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// The log header for a recording of `cfg`.
-pub fn log_header(cfg: &crate::boot::BootConfig) -> std::io::Result<LogHeader> {
-    Ok(LogHeader {
-        kernel: cfg.kernel.display().to_string(),
-        initrd: cfg.initrd.as_ref().map(|p| p.display().to_string()),
-        mem_mib: cfg.mem_mib,
-        cmdline: cfg.cmdline.clone(),
-        config_hash: config_hash(cfg)?,
-        recorder: recorder_id(),
+/// The log header for a recording of `src`.
+pub fn log_header(src: &VmSource) -> Result<LogHeader, ConfigError> {
+    let config_hash = config_hash(src)?;
+    Ok(match src {
+        VmSource::Boot(cfg) => LogHeader {
+            kernel: cfg.kernel.display().to_string(),
+            initrd: cfg.initrd.as_ref().map(|p| p.display().to_string()),
+            mem_mib: cfg.mem_mib,
+            cmdline: cfg.cmdline.clone(),
+            config_hash,
+            recorder: recorder_id(),
+            snapshot: None,
+        },
+        VmSource::Restore(path) => {
+            let (mem_mib, cmdline) = crate::vm::snapshot_summary(path)?;
+            LogHeader {
+                kernel: String::new(),
+                initrd: None,
+                mem_mib,
+                cmdline,
+                config_hash,
+                recorder: recorder_id(),
+                snapshot: Some(path.display().to_string()),
+            }
+        }
     })
 }
 

@@ -33,6 +33,7 @@ fn entry_pos(e: &Entry) -> u64 {
         | Entry::End { pos, .. } => *pos,
         Entry::Epoch(e) => e.pos,
         Entry::EpochPages { pos, .. } => *pos,
+        Entry::Released { .. } => 0,
     }
 }
 
@@ -80,15 +81,34 @@ pub struct ReplayDoor {
     header: LogHeader,
     /// Where to continue when the log ends without an end entry.
     live: Option<LiveDoor>,
+    /// Asked before going live (the claim at the arbiter); an error stops
+    /// the backup instead.
+    gate: Option<GoLiveGate>,
+    /// Told each released-output offset the log carries.
+    on_released: Option<Box<dyn FnMut(u64) + Send>>,
     gone_live_at: Option<u64>,
     last_clock_ns: u64,
 }
+
+/// Decides whether a backup whose log ended may go live at exit `pos`.
+pub type GoLiveGate = Box<dyn FnMut(u64) -> Result<(), DoorError> + Send>;
 
 impl ReplayDoor {
     /// When the log ends without an end entry (the primary stopped), go on
     /// with `live` instead of failing: the backup takes over.
     pub fn go_live_on_end(&mut self, live: LiveDoor) {
         self.live = Some(live);
+    }
+
+    /// Ask `gate` before going live; its error ends the replay instead.
+    pub fn gate_go_live(&mut self, gate: GoLiveGate) {
+        self.gate = Some(gate);
+    }
+
+    /// Tell `f` every released-output offset the log carries
+    /// ([`Entry::Released`]), as soon as it is read.
+    pub fn on_released(&mut self, f: Box<dyn FnMut(u64) + Send>) {
+        self.on_released = Some(f);
     }
 
     /// The exit at which the backup went live, if it did.
@@ -98,6 +118,11 @@ impl ReplayDoor {
 
     /// The log is exhausted at exit `pos`: go live if allowed.
     fn log_ended(&mut self, pos: u64) -> Result<&mut LiveDoor, DoorError> {
+        if self.live.is_some() && self.gone_live_at.is_none() {
+            if let Some(gate) = self.gate.as_mut() {
+                gate(pos)?;
+            }
+        }
         match self.live.as_mut() {
             Some(live) => {
                 if self.gone_live_at.is_none() {
@@ -140,6 +165,8 @@ impl ReplayDoor {
             eof: false,
             buf: vec![0u8; 1 << 16],
             live: None,
+            gate: None,
+            on_released: None,
             gone_live_at: None,
             last_clock_ns: 0,
             header: LogHeader {
@@ -149,6 +176,7 @@ impl ReplayDoor {
                 cmdline: String::new(),
                 config_hash: String::new(),
                 recorder: String::new(),
+                snapshot: None,
             },
         };
         loop {
@@ -210,6 +238,11 @@ impl ReplayDoor {
                 Some(f) => match self.epochs.push(f.entry).map_err(|e| self.log_err(e))? {
                     // A part of an epoch: kept until the epoch is whole.
                     None => {}
+                    Some(Entry::Released { offset }) => {
+                        if let Some(f) = self.on_released.as_mut() {
+                            f(offset);
+                        }
+                    }
                     Some(Entry::Exits { first, exits }) => {
                         for (i, r) in exits.into_iter().enumerate() {
                             self.items
@@ -475,6 +508,7 @@ mod tests {
             cmdline: String::new(),
             config_hash: "00".into(),
             recorder: "test".into(),
+            snapshot: None,
         }
     }
 

@@ -273,6 +273,34 @@ impl VcpuState {
     }
 }
 
+/// A digest of the CPUID table the guest sees on this host: KVM's
+/// supported table (what vmft passes to `KVM_SET_CPUID2`) and, because this
+/// KVM shows the guest the host's own feature bits of leaves 1 and 7
+/// whatever the table says, the host's raw leaves 0, 1, 7 and 0x80000001.
+/// Two hosts whose guests would see different CPUs get different digests.
+pub fn cpuid_digest() -> Result<String, String> {
+    let kvm = Kvm::new().map_err(|e| format!("open /dev/kvm: {e}"))?;
+    let table = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| format!("GET_SUPPORTED_CPUID: {e}"))?;
+    let mut bytes = Vec::new();
+    for e in table.as_slice() {
+        for v in [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    for (leaf, sub) in [(0u32, 0u32), (1, 0), (7, 0), (0x8000_0001, 0)] {
+        let r = std::arch::x86_64::__cpuid_count(leaf, sub);
+        // Leaf 1 EBX bits 31..24 are the APIC ID of the CPU this runs on.
+        let ebx = if leaf == 1 { r.ebx & 0x00ff_ffff } else { r.ebx };
+        for v in [leaf, sub, r.eax, ebx, r.ecx, r.edx] {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    let d = crc32c::crc32c(&bytes);
+    Ok(format!("{d:08x}-{}", bytes.len()))
+}
+
 /// The one vCPU of the VM.
 pub struct Vcpu {
     /// The KVM vCPU.

@@ -168,6 +168,15 @@ pub enum FtMode {
     },
 }
 
+/// Memory size (MiB) and command line of a snapshot file.
+pub fn snapshot_summary(path: &Path) -> Result<(u64, String), SnapshotError> {
+    let body = snapshot::read_file(path)?;
+    let mut d = Decoder::new(&body);
+    let mem_mib = d.u64()?;
+    let cmdline = String::from_utf8_lossy(d.bytes()?).into_owned();
+    Ok((mem_mib, cmdline))
+}
+
 /// Options of a run beyond the boot configuration.
 pub struct RunOptions {
     /// Fault-tolerance role.
@@ -390,6 +399,14 @@ impl Vm {
             },
             opts,
         )
+    }
+
+    /// Create a VM from `source`: boot it or restore a snapshot.
+    pub fn start(source: &crate::record::VmSource, opts: RunOptions) -> Result<Vm, VmError> {
+        match source {
+            crate::record::VmSource::Boot(cfg) => Vm::boot(cfg, opts),
+            crate::record::VmSource::Restore(path) => Vm::restore(path, opts),
+        }
     }
 
     /// Create a VM from a snapshot file.

@@ -137,6 +137,7 @@ fn a_log_from_another_vmft_version_is_refused() {
         cmdline: String::new(),
         config_hash: "0".repeat(64),
         recorder: "vmft 0.0.1".into(),
+        snapshot: None,
     };
     let w = ft_log::LogWriter::new(std::fs::File::create(&p).unwrap(), &header).unwrap();
     drop(w);

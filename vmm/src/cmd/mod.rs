@@ -1,0 +1,99 @@
+//! The `vmft` subcommands, one module each, and what they share: the boot
+//! options, the console on the terminal, how a run's end is reported.
+
+pub mod log;
+pub mod record;
+pub mod replay;
+pub mod run;
+
+use std::io;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use vmm::boot::BootConfig;
+use vmm::image::{self, DEFAULT_MEM_MIB, DEFAULT_WORKLOAD};
+use vmm::stop::{StopHandle, StopReason};
+use vmm::terminal::{EscapeReader, RawTerminal, ESCAPE_HELP};
+use vmm::vm::VmExit;
+
+#[derive(Args)]
+pub struct BootArgs {
+    /// Kernel: uncompressed vmlinux ELF (default) or bzImage.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs (cpio). Defaults to the default image's when --kernel is not given.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = DEFAULT_MEM_MIB)]
+    pub mem: u64,
+    /// Extra kernel command line, appended to the defaults.
+    #[arg(long)]
+    pub append: Option<String>,
+    /// Workload the default guest runs: compute, counter, echo, shell or sleep
+    /// (the default initramfs's; any name with --initrd).
+    #[arg(long, default_value = DEFAULT_WORKLOAD)]
+    pub workload: String,
+}
+
+pub fn boot_config(args: BootArgs) -> Result<BootConfig> {
+    if args.initrd.is_none() {
+        image::check_workload(&args.workload)?;
+    }
+    let (kernel, initrd) = match args.kernel {
+        Some(k) => (k, args.initrd),
+        None => {
+            let img = image::default_image().context("cannot prepare the default guest image")?;
+            (img.kernel, Some(args.initrd.unwrap_or(img.initrd)))
+        }
+    };
+    let mut cmdline = format!("{} vmft.workload={}", image::base_cmdline(), args.workload);
+    if let Some(extra) = &args.append {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    Ok(BootConfig {
+        kernel,
+        initrd,
+        mem_mib: args.mem,
+        cmdline,
+    })
+}
+
+/// The console on stdin and stdout: when stdin is a terminal, raw mode
+/// (every key to the guest) and the escape (Ctrl-A x stops the VM cleanly
+/// through `stop`); otherwise stdin as it is. Enter it right before the VM
+/// starts: until then Ctrl-C still interrupts vmft itself.
+pub fn console_input(
+    no_stdin: bool,
+    stop: &StopHandle,
+) -> (Option<Box<dyn io::Read + Send>>, Option<RawTerminal>) {
+    if no_stdin {
+        return (None, None);
+    }
+    match RawTerminal::enter() {
+        Some(raw) => {
+            eprintln!("vmft: {ESCAPE_HELP}");
+            let stop = stop.clone();
+            let on_leave = Box::new(move || {
+                stop.request(StopReason::Escape);
+            });
+            (
+                Some(Box::new(EscapeReader::new(io::stdin(), on_leave))),
+                Some(raw),
+            )
+        }
+        None => (Some(Box::new(io::stdin())), None),
+    }
+}
+
+/// How a run ended, for the user.
+pub fn report_exit(exit: VmExit, stop: &StopHandle) {
+    match (exit, stop.requested()) {
+        (VmExit::Stopped, Some(reason)) => eprintln!("vmft: {exit} ({reason})"),
+        _ => eprintln!("vmft: {exit}"),
+    }
+}
+

@@ -1,0 +1,140 @@
+//! `vmft replay`: re-execute a log as a backup would.
+
+use std::io;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use vmm::boot::BootConfig;
+use vmm::record::{config_hash, recorder_id, VmSource};
+use vmm::replay::ReplayDoor;
+use vmm::stop::StopHandle;
+use vmm::vm::{FtMode, RunOptions, Vm};
+
+use super::{console_input, report_exit};
+
+#[derive(Args)]
+pub struct ReplayArgs {
+    /// Log file to replay (`-` reads the log as a stream from stdin).
+    #[arg(long)]
+    pub log: PathBuf,
+    /// Write the guest's console output here (default: suppressed).
+    #[arg(long, value_name = "FILE")]
+    pub serial_out: Option<PathBuf>,
+    /// Use this kernel instead of the one named in the log (must match its hash).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Use this snapshot instead of the one named in the log (must match its hash).
+    #[arg(long, value_name = "FILE")]
+    pub restore: Option<PathBuf>,
+    /// Use this initramfs instead of the one named in the log (must match its hash).
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Print exit statistics at the end.
+    #[arg(long)]
+    pub stats: bool,
+    /// If the log ends without an end entry (the primary stopped), continue
+    /// the VM live from there: console on stdout and stdin.
+    #[arg(long)]
+    pub go_live: bool,
+}
+
+/// The first 16 characters of a hash (all of it if shorter: it may come
+/// from a damaged log header).
+fn short(hash: &str) -> &str {
+    hash.get(..16).unwrap_or(hash)
+}
+
+/// What a configuration was built from, for an error message.
+fn describe(source: &VmSource) -> String {
+    match source {
+        VmSource::Boot(cfg) => format!(
+            "kernel {}, initramfs {}, same host CPU",
+            cfg.kernel.display(),
+            cfg.initrd
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "none".into())
+        ),
+        VmSource::Restore(p) => format!("snapshot {}, same host CPU", p.display()),
+    }
+}
+
+pub fn replay(args: ReplayArgs, stop: StopHandle) -> Result<()> {
+    let door = if args.log.as_os_str() == "-" {
+        ReplayDoor::from_reader(Box::new(io::stdin()), "stdin".into())
+    } else {
+        ReplayDoor::open(&args.log)
+    }
+    .context("cannot replay")?;
+    let h = door.header().clone();
+    if h.recorder != recorder_id() {
+        bail!(
+            "cannot replay: log {} was recorded by {:?}, this is {}; replay it with the vmft that recorded it",
+            args.log.display(),
+            h.recorder,
+            recorder_id()
+        );
+    }
+    let source = match &h.snapshot {
+        Some(snap) => VmSource::Restore(args.restore.clone().unwrap_or_else(|| PathBuf::from(snap))),
+        None => {
+            let cfg = BootConfig {
+                kernel: args.kernel.clone().unwrap_or_else(|| PathBuf::from(&h.kernel)),
+                initrd: args.initrd.clone().or_else(|| h.initrd.as_ref().map(PathBuf::from)),
+                mem_mib: h.mem_mib,
+                cmdline: h.cmdline.clone(),
+            };
+            vmm::boot::detect_format(&cfg.kernel).context("cannot replay")?;
+            VmSource::Boot(cfg)
+        }
+    };
+    let hash = config_hash(&source).context("cannot replay")?;
+    if hash != h.config_hash {
+        bail!(
+            "log {} was recorded for another VM configuration ({}): \
+             its configuration hash is {}, this one's is {}",
+            args.log.display(),
+            describe(&source),
+            short(&h.config_hash),
+            short(&hash)
+        );
+    }
+    let console_out: Box<dyn io::Write + Send> = match &args.serial_out {
+        Some(p) => Box::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        ),
+        None => Box::new(io::sink()),
+    };
+    let live_out: Option<Box<dyn io::Write + Send>> = if args.go_live {
+        Some(Box::new(io::stdout()))
+    } else {
+        None
+    };
+    if args.go_live && args.log.as_os_str() == "-" {
+        bail!("--go-live needs stdin for the console; give the log as a file");
+    }
+    let (console_in, _raw) = console_input(!args.go_live, &stop);
+    let opts = RunOptions {
+        ft: FtMode::Replay {
+            door: Box::new(door),
+            live_out,
+        },
+        snapshot_on_ready: None,
+        console_in,
+        console_out,
+        stop: stop.clone(),
+    };
+    let mut vm = Vm::start(&source, opts).context("cannot start the VM")?;
+    let result = vm.run();
+    if args.stats {
+        eprint!("{}", vm.stats.report(vm.unknown_ports()));
+    }
+    let exit = result.with_context(|| format!("replay of {} failed", args.log.display()))?;
+    report_exit(exit, &stop);
+    eprintln!("vmft: exits {} epochs {}", vm.position().exit, vm.epochs());
+    eprintln!("vmft: final state digest {}", vm.final_digest());
+    Ok(())
+}
+
