@@ -66,7 +66,12 @@ impl RecordDoor {
             source,
         };
         let f = File::create(path).map_err(io)?;
-        Self::to_writer(Box::new(BufWriter::with_capacity(1 << 20, f)), p, header, live)
+        Self::to_writer(
+            Box::new(BufWriter::with_capacity(1 << 20, f)),
+            p,
+            header,
+            live,
+        )
     }
 
     /// Record to any byte sink (the logging channel); `name` names it in
@@ -374,7 +379,11 @@ pub fn config_hash(src: &VmSource) -> Result<String, ConfigError> {
         }
     }
     h.update([0u8]);
-    h.update(crate::vcpu::cpuid_digest().map_err(ConfigError::Cpuid)?.as_bytes());
+    h.update(
+        crate::vcpu::cpuid_digest()
+            .map_err(ConfigError::Cpuid)?
+            .as_bytes(),
+    );
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 

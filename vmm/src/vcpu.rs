@@ -292,7 +292,11 @@ pub fn cpuid_digest() -> Result<String, String> {
     for (leaf, sub) in [(0u32, 0u32), (1, 0), (7, 0), (0x8000_0001, 0)] {
         let r = std::arch::x86_64::__cpuid_count(leaf, sub);
         // Leaf 1 EBX bits 31..24 are the APIC ID of the CPU this runs on.
-        let ebx = if leaf == 1 { r.ebx & 0x00ff_ffff } else { r.ebx };
+        let ebx = if leaf == 1 {
+            r.ebx & 0x00ff_ffff
+        } else {
+            r.ebx
+        };
         for v in [leaf, sub, r.eax, ebx, r.ecx, r.edx] {
             bytes.extend_from_slice(&v.to_le_bytes());
         }

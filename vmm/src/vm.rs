@@ -38,6 +38,7 @@ use crate::snapshot::{self, pod_bytes, Decoder, Encoder, SnapshotError};
 use crate::stats::Stats;
 use crate::stop::StopHandle;
 use crate::vcpu::{fingerprint, DeadlineKicker, Kicker, Vcpu, VcpuError, VcpuState};
+use crate::watchdog::{ProgressWatchdog, WatchdogConfig};
 
 /// KVM's TSS address for VMX hosts (three pages below 4 GiB).
 const TSS_ADDR: usize = 0xfffb_d000;
@@ -148,11 +149,11 @@ impl std::fmt::Display for VmExit {
 pub enum FtMode {
     /// No logging.
     Live,
-    /// Record to a log file; cut an epoch after `epoch_bound` without an
+    /// Record to a log; cut an epoch after `epoch_bound` without an
     /// exit while an interrupt waits.
     Record {
-        /// Log path.
-        log: PathBuf,
+        /// Where the log goes.
+        log: LogSink,
         /// The log's header (configuration and its hash).
         header: LogHeader,
         /// Longest exit-free stretch before an epoch.
@@ -162,10 +163,35 @@ pub enum FtMode {
     Replay {
         /// The log.
         door: Box<ReplayDoor>,
-        /// Where console output goes if the backup goes live (the log
-        /// ended without an end entry and `door` was told to go on).
+        /// Go live when the log ends without an end entry.
+        go_live: bool,
+        /// Where console output goes once live, if the console sink given
+        /// in [`RunOptions`] does not switch by itself.
         live_out: Option<Box<dyn Write + Send>>,
     },
+}
+
+/// Where a recording goes.
+pub enum LogSink {
+    /// A file, created (or truncated).
+    File(PathBuf),
+    /// Any byte stream (the logging channel), named in errors.
+    Stream {
+        /// The bytes' destination.
+        sink: Box<dyn Write + Send>,
+        /// Its name in errors.
+        name: String,
+    },
+}
+
+/// What a side of a fault-tolerant pair adds to the run loop: called at
+/// every boundary (guest-caused exit or kick) once the events of that
+/// boundary are delivered, with the door (to flush the log for an output
+/// barrier, to log the released offset) and the position. An error ends
+/// the run (a lost claim, a channel failure that leaves nothing to do).
+pub trait PairHooks: Send {
+    /// One boundary.
+    fn boundary(&mut self, door: &mut dyn Door, pos: u64) -> Result<(), DoorError>;
 }
 
 /// Memory size (MiB) and command line of a snapshot file.
@@ -189,6 +215,8 @@ pub struct RunOptions {
     pub console_out: Box<dyn Write + Send>,
     /// Stop requests (console escape, signals) for this run.
     pub stop: StopHandle,
+    /// The pair role's hooks (primary or backup), if in a pair.
+    pub pair: Option<Box<dyn PairHooks>>,
 }
 
 /// A virtual machine with one vCPU.
@@ -222,6 +250,9 @@ pub struct Vm {
     positions: Box<dyn PositionSource>,
     snapshot_on_ready: Option<PathBuf>,
     stop: StopHandle,
+    pair: Option<Box<dyn PairHooks>>,
+    /// Says so when a silent guest spins on one device.
+    watchdog: ProgressWatchdog,
     mem_mib: u64,
     cmdline: String,
     /// Guest memory: dropped after the VM fd (see above).
@@ -292,6 +323,19 @@ struct Parts {
     pos: Position,
 }
 
+/// Tell the progress watchdog about a port exit (and console output: a
+/// write to COM1's data register); print its warning, once per stall.
+fn watch_port(wd: &mut ProgressWatchdog, port: u16, write: bool) {
+    if write && port == crate::devices::serial::COM1_BASE {
+        wd.on_console_output(Instant::now());
+    }
+    if wd.count_port_exit(port) {
+        if let Some(w) = wd.check(Instant::now()) {
+            eprintln!("{w}");
+        }
+    }
+}
+
 fn exit_value(data: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     let n = data.len().min(8);
@@ -323,12 +367,21 @@ impl Vm {
                 header,
                 epoch_bound,
             } => (
-                Box::new(RecordDoor::create(&log, &header, live)?),
+                Box::new(match log {
+                    LogSink::File(path) => RecordDoor::create(&path, &header, live)?,
+                    LogSink::Stream { sink, name } => {
+                        RecordDoor::to_writer(sink, name, &header, live)?
+                    }
+                }),
                 Mode::Record,
                 epoch_bound,
             ),
-            FtMode::Replay { mut door, live_out } => {
-                if live_out.is_some() {
+            FtMode::Replay {
+                mut door,
+                go_live,
+                live_out,
+            } => {
+                if go_live {
                     door.go_live_on_end(live);
                 }
                 live_console = live_out;
@@ -357,6 +410,9 @@ impl Vm {
             positions: Box::new(ExitCounter::starting_at(pos)),
             snapshot_on_ready: opts.snapshot_on_ready,
             stop: opts.stop,
+            pair: opts.pair,
+            watchdog: ProgressWatchdog::new(WatchdogConfig::default(), Instant::now())
+                .expect("the default watchdog configuration is valid"),
             stats: Stats::default(),
         })
     }
@@ -814,6 +870,9 @@ impl Vm {
             } else if mode == Mode::Record {
                 self.kick_boundary(&mut last_exit_at)?;
             }
+            if let Some(pair) = self.pair.as_mut() {
+                pair.boundary(self.door.as_mut(), self.positions.now().exit)?;
+            }
             if let Some(end) = self.stop_point(counted)? {
                 return Ok(end);
             }
@@ -833,6 +892,7 @@ impl Vm {
                     };
                     let pos = self.positions.exit().exit;
                     self.stats.exit("pio_in");
+                    watch_port(&mut self.watchdog, port, false);
                     self.door.exit(pos, rec)?;
                     self.devices.pio_in(pos, port, data, self.door.as_mut())?;
                 }
@@ -844,6 +904,7 @@ impl Vm {
                     };
                     let pos = self.positions.exit().exit;
                     self.stats.exit("pio_out");
+                    watch_port(&mut self.watchdog, port, true);
                     self.door.exit(pos, rec)?;
                     self.devices.pio_out(pos, port, data, self.door.as_mut())?;
                     if self.devices.i8042.reset_requested() {

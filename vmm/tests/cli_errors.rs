@@ -171,3 +171,42 @@ fn kvm_tests_fail_unless_skipped_by_name() {
     assert!(kvm_gate(false, Some("0")).is_err());
     assert!(kvm_gate(false, Some("")).is_err());
 }
+
+#[test]
+fn a_guest_spinning_silently_on_a_device_is_named_on_stderr() {
+    if !require_kvm() {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    // Test guest 10 prints READY and then reads PIT counter 0 forever: a
+    // hang like Linux's KASLR loop on an unprogrammed 8254.
+    let mut child = vmft()
+        .args(["run", "--mem", "64", "--no-stdin", "--kernel"])
+        .arg(test_guest(10))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in err.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut seen = Vec::new();
+    let warning = loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            Ok(l) if l.contains("warning: no console output") => break Some(l),
+            Ok(l) => seen.push(l),
+            Err(_) if std::time::Instant::now() > deadline => break None,
+            Err(_) => {}
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let w = warning.unwrap_or_else(|| panic!("no watchdog warning; stderr:\n{}", seen.join("\n")));
+    assert!(w.contains("port 0x40"), "{w}");
+    assert!(w.contains("PIT"), "{w}");
+}

@@ -54,6 +54,7 @@ fn run(cfg: &BootConfig, ft: FtMode) -> Outcome {
             console_in: None,
             console_out: Box::new(io::sink()),
             stop: Default::default(),
+            pair: None,
         },
     )
     .expect("boot");
@@ -69,8 +70,8 @@ fn run(cfg: &BootConfig, ft: FtMode) -> Outcome {
 
 fn record_mode(cfg: &BootConfig, log: &Path) -> FtMode {
     FtMode::Record {
-        log: log.to_path_buf(),
-        header: log_header(cfg).unwrap(),
+        log: vmm::vm::LogSink::File(log.to_path_buf()),
+        header: log_header(&vmm::record::VmSource::Boot(cfg.clone())).unwrap(),
         epoch_bound: Duration::from_millis(10),
     }
 }
@@ -129,6 +130,7 @@ fn main() {
             &cfg,
             FtMode::Replay {
                 door: Box::new(door),
+                go_live: false,
                 live_out: None,
             },
         );

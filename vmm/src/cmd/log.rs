@@ -96,4 +96,3 @@ pub fn show_log(args: LogArgs) -> Result<()> {
         }
     }
 }
-

@@ -96,4 +96,3 @@ pub fn report_exit(exit: VmExit, stop: &StopHandle) {
         _ => eprintln!("vmft: {exit}"),
     }
 }
-

@@ -9,7 +9,7 @@ use clap::Args;
 
 use vmm::record::{log_header, VmSource};
 use vmm::stop::StopHandle;
-use vmm::vm::{FtMode, RunOptions, Vm};
+use vmm::vm::{FtMode, LogSink, RunOptions, Vm};
 
 use super::{boot_config, console_input, report_exit, BootArgs};
 
@@ -49,7 +49,7 @@ pub fn record(args: RecordArgs, stop: StopHandle) -> Result<()> {
     let (console_in, _raw) = console_input(args.no_stdin, &stop);
     let opts = RunOptions {
         ft: FtMode::Record {
-            log: args.log.clone(),
+            log: LogSink::File(args.log.clone()),
             header,
             epoch_bound: Duration::from_millis(args.epoch_ms),
         },
@@ -57,6 +57,7 @@ pub fn record(args: RecordArgs, stop: StopHandle) -> Result<()> {
         console_in,
         console_out: Box::new(io::stdout()),
         stop: stop.clone(),
+        pair: None,
     };
     let mut vm = Vm::start(&source, opts).context("cannot start the VM")?;
     let result = vm.run();
@@ -73,4 +74,3 @@ pub fn record(args: RecordArgs, stop: StopHandle) -> Result<()> {
     eprintln!("vmft: final state digest {}", vm.final_digest());
     Ok(())
 }
-

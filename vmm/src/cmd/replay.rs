@@ -78,11 +78,19 @@ pub fn replay(args: ReplayArgs, stop: StopHandle) -> Result<()> {
         );
     }
     let source = match &h.snapshot {
-        Some(snap) => VmSource::Restore(args.restore.clone().unwrap_or_else(|| PathBuf::from(snap))),
+        Some(snap) => {
+            VmSource::Restore(args.restore.clone().unwrap_or_else(|| PathBuf::from(snap)))
+        }
         None => {
             let cfg = BootConfig {
-                kernel: args.kernel.clone().unwrap_or_else(|| PathBuf::from(&h.kernel)),
-                initrd: args.initrd.clone().or_else(|| h.initrd.as_ref().map(PathBuf::from)),
+                kernel: args
+                    .kernel
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(&h.kernel)),
+                initrd: args
+                    .initrd
+                    .clone()
+                    .or_else(|| h.initrd.as_ref().map(PathBuf::from)),
                 mem_mib: h.mem_mib,
                 cmdline: h.cmdline.clone(),
             };
@@ -119,12 +127,14 @@ pub fn replay(args: ReplayArgs, stop: StopHandle) -> Result<()> {
     let opts = RunOptions {
         ft: FtMode::Replay {
             door: Box::new(door),
+            go_live: args.go_live,
             live_out,
         },
         snapshot_on_ready: None,
         console_in,
         console_out,
         stop: stop.clone(),
+        pair: None,
     };
     let mut vm = Vm::start(&source, opts).context("cannot start the VM")?;
     let result = vm.run();
@@ -137,4 +147,3 @@ pub fn replay(args: ReplayArgs, stop: StopHandle) -> Result<()> {
     eprintln!("vmft: final state digest {}", vm.final_digest());
     Ok(())
 }
-

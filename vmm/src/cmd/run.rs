@@ -41,6 +41,7 @@ pub fn run(args: RunArgs, stop: StopHandle) -> Result<()> {
         console_in,
         console_out: Box::new(io::stdout()),
         stop: stop.clone(),
+        pair: None,
     };
     let mut vm = match (&args.restore, &cfg) {
         (Some(snap), _) => Vm::restore(snap, opts).context("cannot restore")?,
@@ -54,4 +55,3 @@ pub fn run(args: RunArgs, stop: StopHandle) -> Result<()> {
     report_exit(result?, &stop);
     Ok(())
 }
-

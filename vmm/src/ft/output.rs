@@ -102,7 +102,11 @@ pub struct Capture {
 
 impl Write for Capture {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut c = self.shared.captured.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = self
+            .shared
+            .captured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         c.bytes.extend_from_slice(buf);
         Ok(buf.len())
     }
@@ -171,7 +175,8 @@ impl HeldOutput {
                     ReleaseMode::Rule => acked(barrier, Duration::from_millis(50)),
                 };
                 // The mode may have turned to Halt while waiting for the ack.
-                if !go || ReleaseMode::from_u8(s.mode.load(Ordering::Acquire)) == ReleaseMode::Halt {
+                if !go || ReleaseMode::from_u8(s.mode.load(Ordering::Acquire)) == ReleaseMode::Halt
+                {
                     continue;
                 }
                 let Some(c) = s
@@ -185,7 +190,8 @@ impl HeldOutput {
                 if let Err(e) = sink.release(c.offset, &c.bytes) {
                     tracing::warn!("releasing console output failed: {e}");
                 }
-                s.held_bytes.fetch_sub(c.bytes.len() as u64, Ordering::AcqRel);
+                s.held_bytes
+                    .fetch_sub(c.bytes.len() as u64, Ordering::AcqRel);
                 s.released
                     .store(c.offset + c.bytes.len() as u64, Ordering::Release);
                 s.delays
@@ -219,7 +225,11 @@ impl HeldOutput {
     /// bytes: queue them for release once the backup has acknowledged it.
     pub fn mark(&self, barrier: u64) {
         let chunk = {
-            let mut c = self.shared.captured.lock().unwrap_or_else(|e| e.into_inner());
+            let mut c = self
+                .shared
+                .captured
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if c.bytes.is_empty() {
                 return;
             }
@@ -463,10 +473,14 @@ mod tests {
     #[test]
     fn free_releases_at_once_and_halt_releases_nothing() {
         let out = Collect::default();
-        let held = HeldOutput::start(10, Box::new(out.clone()), Box::new(|_, t| {
-            std::thread::sleep(t.min(Duration::from_millis(2)));
-            false
-        }));
+        let held = HeldOutput::start(
+            10,
+            Box::new(out.clone()),
+            Box::new(|_, t| {
+                std::thread::sleep(t.min(Duration::from_millis(2)));
+                false
+            }),
+        );
         held.capture().write_all(b"a").unwrap();
         held.mark(5);
         std::thread::sleep(Duration::from_millis(30));
@@ -497,6 +511,9 @@ mod tests {
         assert_eq!(tail.go_live(Box::new(out.clone())).unwrap(), 30);
         tail.write_all(b"line 6\n").unwrap();
         let v = out.0.lock().unwrap().clone();
-        assert_eq!(v, vec![(30, b"ne 5\n".to_vec()), (35, b"line 6\n".to_vec())]);
+        assert_eq!(
+            v,
+            vec![(30, b"ne 5\n".to_vec()), (35, b"line 6\n".to_vec())]
+        );
     }
 }

@@ -22,6 +22,8 @@
 #   MODE 9  CPL0: writes an MSR outside the classic save list (0x140,
 #           MISC_FEATURES_ENABLES) inside an exit-free stretch that an epoch
 #           replaces, reads it back
+#   MODE 10 prints READY, then spins reading the PIT forever (a hung guest
+#           the progress watchdog must name)
 
         .intel_syntax noprefix
         .code64
@@ -148,6 +150,12 @@ _start:
 .endif
 .if MODE == 9
         jmp kernel_msr
+.endif
+.if MODE == 10
+        lea rsi, [msg_ready]
+        call kputs
+46:     in al, 0x40
+        jmp 46b
 .endif
         # Drop to CPL3 with IF=1 and IOPL=3.
         push UDATA
