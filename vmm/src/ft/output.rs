@@ -408,8 +408,11 @@ impl Write for OutputTail {
 mod tests {
     use super::*;
 
+    /// Released chunks: (offset, bytes).
+    type Chunks = Vec<(u64, Vec<u8>)>;
+
     #[derive(Clone, Default)]
-    struct Collect(Arc<Mutex<Vec<(u64, Vec<u8>)>>>);
+    struct Collect(Arc<Mutex<Chunks>>);
 
     impl Release for Collect {
         fn release(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
