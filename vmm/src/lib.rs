@@ -6,6 +6,7 @@
 //! `docs/ARCHITECTURE.md` for the data path and which module owns what.
 
 pub mod boot;
+pub mod console;
 pub mod deadline;
 pub mod devices;
 pub mod emulate;
