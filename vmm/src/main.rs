@@ -20,7 +20,8 @@ use vmm::stop::{self, StopHandle};
     after_help = "Console: while a VM runs with its console on a terminal, every key goes to the \
 guest (Ctrl-C, Ctrl-Z and Ctrl-\\ included). Ctrl-A x leaves: the VM stops cleanly and a \
 recording is closed with its end entry. Ctrl-A Ctrl-A sends Ctrl-A. SIGTERM, SIGINT and SIGHUP \
-stop the VM the same way."
+stop the VM the same way.\n\nExit status: 0 done; 1 error; 2 bad usage; 3 lost the claim (another side \
+is live); 4 divergence between primary and backup."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -35,6 +36,10 @@ enum Command {
     Record(cmd::record::RecordArgs),
     /// Re-execute a recorded log, checking every exit against the primary's.
     Replay(cmd::replay::ReplayArgs),
+    /// Run the guest as the primary of a fault-tolerant pair, streaming its log to a backup.
+    Primary(cmd::pair::PrimaryArgs),
+    /// Wait for a primary, replay its log live, and take over when it fails.
+    Backup(cmd::pair::BackupArgs),
     /// Print the entries of a log (optionally only those around some exits).
     Log(cmd::log::LogArgs),
     /// Build the default guest image if needed and print its paths.
@@ -59,6 +64,31 @@ fn one_line(e: &anyhow::Error) -> String {
     msg
 }
 
+/// The exit status for an error: 3 lost the claim (another side is live),
+/// 4 divergence, 1 anything else (2, bad usage, is clap's).
+fn exit_status(e: &anyhow::Error) -> u8 {
+    use vmm::nondet::DoorError;
+    use vmm::vm::VmError;
+    for cause in e.chain() {
+        let door =
+            cause
+                .downcast_ref::<DoorError>()
+                .or_else(|| match cause.downcast_ref::<VmError>() {
+                    Some(VmError::Door(d)) => Some(d),
+                    _ => None,
+                });
+        match door {
+            Some(DoorError::LostClaim { .. }) => return 3,
+            Some(DoorError::Divergence { .. }) => return 4,
+            _ => {}
+        }
+        if let Some(VmError::FinalDivergence { .. }) = cause.downcast_ref::<VmError>() {
+            return 4;
+        }
+    }
+    1
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -78,6 +108,8 @@ fn main() -> ExitCode {
         Command::Run(args) => cmd::run::run(args, stop),
         Command::Record(args) => cmd::record::record(args, stop),
         Command::Replay(args) => cmd::replay::replay(args, stop),
+        Command::Primary(args) => cmd::pair::primary(args, stop),
+        Command::Backup(args) => cmd::pair::backup(args, stop),
         Command::Log(args) => cmd::log::show_log(args),
         Command::Image => image::default_image()
             .map(|img| {
@@ -90,7 +122,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vmft: error: {}", one_line(&e));
-            ExitCode::FAILURE
+            ExitCode::from(exit_status(&e))
         }
     }
 }

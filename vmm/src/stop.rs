@@ -107,6 +107,15 @@ impl StopHandle {
         }
     }
 
+    /// Kick the VM's vCPU out of the guest without asking for a stop (so
+    /// the run loop looks at something new at once, e.g. a failed peer).
+    pub fn kick(&self) {
+        let kicker = *self.shared.kicker.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = kicker {
+            k.kick();
+        }
+    }
+
     /// The stop asked for, if any.
     pub fn requested(&self) -> Option<StopReason> {
         StopReason::from_code(self.shared.reason.load(Ordering::Acquire))

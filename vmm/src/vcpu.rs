@@ -285,8 +285,26 @@ pub fn cpuid_digest() -> Result<String, String> {
         .map_err(|e| format!("GET_SUPPORTED_CPUID: {e}"))?;
     let mut bytes = Vec::new();
     for e in table.as_slice() {
-        for v in [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] {
+        let (mut eax, mut ebx, ecx, mut edx) = (e.eax, e.ebx, e.ecx, e.edx);
+        // Identifiers of the host CPU this process happens to run on, not
+        // properties of the CPU model: APIC IDs and topology numbering.
+        match e.function {
+            1 => ebx &= 0x00ff_ffff,
+            0xb | 0x1f => edx = 0,
+            0x8000_001e => {
+                eax = 0;
+                ebx &= !0xff;
+            }
+            _ => {}
+        }
+        for v in [e.function, e.index, e.flags, eax, ebx, ecx, edx] {
             bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        if std::env::var_os("VMFT_DEBUG_CPUID").is_some() {
+            eprintln!(
+                "{:#x}/{:#x}: {:08x} {:08x} {:08x} {:08x}",
+                e.function, e.index, eax, ebx, ecx, edx
+            );
         }
     }
     for (leaf, sub) in [(0u32, 0u32), (1, 0), (7, 0), (0x8000_0001, 0)] {

@@ -2,7 +2,10 @@
 //!
 //! - [`claim`]: the test-and-set at the arbiter before a side goes live;
 //! - [`output`]: the output rule (held output on the primary, the backup's
-//!   unreleased tail).
+//!   unreleased tail);
+//! - [`pair`]: the primary's and the backup's boundary hooks, the channel
+//!   as the primary's log sink, the backup's gate before going live.
 
 pub mod claim;
 pub mod output;
+pub mod pair;

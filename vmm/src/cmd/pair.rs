@@ -1,0 +1,306 @@
+//! `vmft primary` and `vmft backup`: the two sides of a fault-tolerant pair.
+//!
+//! The primary dials the backup (`--backup ADDR`), runs the guest and
+//! streams the log over the authenticated channel; its console output is
+//! held until the backup has acknowledged the log behind it. The backup
+//! (`--listen ADDR`) replays the log as it arrives and, when the primary
+//! fails, replays everything it received, claims the VM's generation at the
+//! arbiter and goes live only if it wins.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use ft_log::channel::{load_token_file, BackupListener, ChannelConfig, PrimaryLink};
+use vmm::ft::claim::{ArbiterAddr, Claimant};
+use vmm::ft::output::{HeldOutput, OutputTail, Release, ToWriter};
+use vmm::ft::pair::{BackupHooks, ChannelSink, PrimaryHooks, PrimaryStats, TakeOver};
+use vmm::record::{config_hash, log_header, recorder_id, VmSource};
+use vmm::replay::ReplayDoor;
+use vmm::stop::StopHandle;
+use vmm::vm::{FtMode, LogSink, RunOptions, Vm};
+
+use super::{boot_config, console_input, report_exit, BootArgs};
+
+/// Options both sides take.
+#[derive(Args, Clone)]
+pub struct PairArgs {
+    /// The VM's name: the arbiter's register is (name, generation).
+    #[arg(long, default_value = "vmft")]
+    pub vm: String,
+    /// The arbiter: HOST:PORT (built-in server) or etcd://HOST:PORT,...
+    #[arg(long)]
+    pub arbiter: ArbiterAddr,
+    /// The arbiter's token (default: $ARBITER_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    pub arbiter_token_file: Option<PathBuf>,
+    /// The logging channel's shared secret (both sides need the same file).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: PathBuf,
+    /// Heartbeat period on the channel, in ms.
+    #[arg(long, default_value_t = 100)]
+    pub heartbeat_ms: u64,
+    /// Declare the other side failed after this long without hearing from
+    /// it, in ms.
+    #[arg(long, default_value_t = 2000)]
+    pub timeout_ms: u64,
+    /// Print statistics at the end.
+    #[arg(long)]
+    pub stats: bool,
+    /// Start from this snapshot instead of booting (both sides need the
+    /// same file).
+    #[arg(long, value_name = "FILE")]
+    pub restore: Option<PathBuf>,
+    /// Do not read console input from stdin.
+    #[arg(long)]
+    pub no_stdin: bool,
+}
+
+/// `vmft primary`.
+#[derive(Args)]
+pub struct PrimaryArgs {
+    /// The backup's listening address.
+    #[arg(long)]
+    pub backup: String,
+    #[command(flatten)]
+    pub pair: PairArgs,
+    #[command(flatten)]
+    pub boot: BootArgs,
+    /// Longest exit-free stretch, in ms, before an epoch delivers a waiting interrupt.
+    #[arg(long, default_value_t = 10)]
+    pub epoch_ms: u64,
+    /// Most log bytes sent and not yet acknowledged before the guest waits.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub window: u64,
+    /// Most exits the backup may trail before the guest waits.
+    #[arg(long, default_value_t = 200_000)]
+    pub max_lag_exits: u64,
+}
+
+/// `vmft backup`.
+#[derive(Args)]
+pub struct BackupArgs {
+    /// Where to wait for the primary.
+    #[arg(long)]
+    pub listen: String,
+    #[command(flatten)]
+    pub pair: PairArgs,
+    #[command(flatten)]
+    pub boot: BootArgs,
+}
+
+fn arbiter_token(args: &PairArgs) -> Result<Vec<u8>> {
+    match &args.arbiter_token_file {
+        Some(p) => Ok(load_token_file(p)?),
+        None => Ok(std::env::var("ARBITER_TOKEN")
+            .map(String::into_bytes)
+            .unwrap_or_default()),
+    }
+}
+
+fn vm_source(pair: &PairArgs, boot: BootArgs) -> Result<VmSource> {
+    Ok(match &pair.restore {
+        Some(snap) => VmSource::Restore(snap.clone()),
+        None => {
+            let cfg = boot_config(boot)?;
+            vmm::boot::detect_format(&cfg.kernel).context("cannot boot")?;
+            VmSource::Boot(cfg)
+        }
+    })
+}
+
+fn channel_config(pair: &PairArgs, secret: Vec<u8>, hash: String) -> ChannelConfig {
+    ChannelConfig::new(secret, pair.vm.clone(), hash).with_timing(
+        Duration::from_millis(pair.heartbeat_ms),
+        Duration::from_millis(pair.timeout_ms),
+    )
+}
+
+fn stdout_release() -> Box<dyn Release> {
+    Box::new(ToWriter(io::stdout()))
+}
+
+/// `vmft primary`: run the guest, stream the log, hold output for acks.
+pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
+    let pair = args.pair.clone();
+    let source = vm_source(&pair, args.boot)?;
+    let header = log_header(&source).context("cannot start the primary")?;
+    let secret = load_token_file(&pair.token_file)?;
+    let generation = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let kick = stop.clone();
+    let mut cfg = channel_config(&pair, secret, header.config_hash.clone())
+        .with_generation(generation)
+        .with_on_failure(move || kick.kick());
+    cfg.window = args.window;
+    eprintln!(
+        "vmft: primary of {} generation {generation}: connecting to the backup at {}",
+        pair.vm, args.backup
+    );
+    let link = PrimaryLink::connect(args.backup.as_str(), &cfg)
+        .with_context(|| format!("cannot connect to the backup at {}", args.backup))?;
+    eprintln!("vmft: connected to the backup; the VM is protected");
+    let handle = link.handle();
+    let link = Arc::new(Mutex::new(Some(link)));
+    let dropped = Arc::new(AtomicBool::new(false));
+    let acks = handle.clone();
+    let held = HeldOutput::start(
+        0,
+        stdout_release(),
+        Box::new(move |barrier, t| acks.wait_acked(barrier, t).unwrap_or(false)),
+    );
+    let claimant = Claimant::new(pair.arbiter.clone(), arbiter_token(&pair)?, "primary")?;
+    let stats = Arc::new(Mutex::new(PrimaryStats::default()));
+    let hooks = PrimaryHooks::new(
+        pair.vm.clone(),
+        generation,
+        handle.clone(),
+        held.clone(),
+        claimant,
+        dropped.clone(),
+        args.max_lag_exits,
+        stats.clone(),
+    );
+    let (console_in, _raw) = console_input(pair.no_stdin, &stop);
+    let opts = RunOptions {
+        ft: FtMode::Record {
+            log: LogSink::Stream {
+                sink: Box::new(ChannelSink::new(link.clone(), dropped)),
+                name: format!("the channel to {}", args.backup),
+            },
+            header,
+            epoch_bound: Duration::from_millis(args.epoch_ms),
+        },
+        snapshot_on_ready: None,
+        console_in,
+        console_out: Box::new(held.capture()),
+        stop: stop.clone(),
+        pair: Some(Box::new(hooks)),
+    };
+    let mut vm = Vm::start(&source, opts).context("cannot start the VM")?;
+    let result = vm.run();
+    // The end entry is in the log: release the last output once the backup
+    // has it, then close the channel cleanly.
+    held.mark(handle.sent());
+    let finished = link
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .map(|l| l.finish());
+    if result.is_ok() && !held.drain(Duration::from_secs(30)) {
+        eprintln!("vmft: warning: some console output was never acknowledged by the backup");
+    }
+    if pair.stats {
+        eprint!("{}", vm.stats.report(vm.unknown_ports()));
+        let ls = handle.stats();
+        let ps = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        eprintln!("vmft pair statistics (primary)\n  {ls:?}\n  {ps:?}");
+        let os = held.stats();
+        let mut d = os.delays.clone();
+        d.sort();
+        let pct = |p: f64| {
+            d.get(((d.len() as f64 - 1.0) * p) as usize)
+                .copied()
+                .unwrap_or_default()
+        };
+        eprintln!(
+            "  output delay added by the rule: p50 {:?} p99 {:?} ({} chunks, {} bytes)",
+            pct(0.5),
+            pct(0.99),
+            d.len(),
+            os.released
+        );
+    }
+    let exit = result.context("the primary stopped")?;
+    if let Some(Err(e)) = finished {
+        eprintln!("vmft: the channel did not close cleanly: {e}");
+    }
+    report_exit(exit, &stop);
+    eprintln!("vmft: exits {} epochs {}", vm.position().exit, vm.epochs());
+    eprintln!("vmft: final state digest {}", vm.final_digest());
+    Ok(())
+}
+
+/// `vmft backup`: wait for the primary, replay its log live, take over
+/// when it fails.
+pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
+    let pair = args.pair.clone();
+    let source = vm_source(&pair, args.boot)?;
+    let hash = config_hash(&source).context("cannot start the backup")?;
+    let secret = load_token_file(&pair.token_file)?;
+    let listener = BackupListener::bind(args.listen.as_str())
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    eprintln!(
+        "vmft: backup of {}: waiting for the primary on {}",
+        pair.vm,
+        listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| args.listen.clone())
+    );
+    let cfg = channel_config(&pair, secret, hash.clone());
+    let link = Arc::new(
+        listener
+            .accept(&cfg)
+            .context("the primary could not connect")?,
+    );
+    let generation = link.generation();
+    eprintln!("vmft: the primary connected: generation {generation}; replaying");
+    let mut door = ReplayDoor::from_reader(Box::new(link.log_reader()), "the channel".into())
+        .context("cannot read the primary's log")?;
+    let h = door.header().clone();
+    if h.recorder != recorder_id() {
+        bail!(
+            "the primary is {:?}, this backup is {}",
+            h.recorder,
+            recorder_id()
+        );
+    }
+    if h.config_hash != hash {
+        bail!("the primary's log is for another VM configuration");
+    }
+    let tail = OutputTail::new(0);
+    let t = tail.clone();
+    door.on_released(Box::new(move |off| t.set_released(off)));
+    let mut takeover = TakeOver {
+        vm: pair.vm.clone(),
+        generation,
+        link: link.clone(),
+        claimant: Claimant::new(pair.arbiter.clone(), arbiter_token(&pair)?, "backup")?,
+        tail: tail.clone(),
+        sink: Some(stdout_release()),
+        on_won: None,
+    };
+    door.gate_go_live(Box::new(move |pos| takeover.gate(pos)));
+    let (console_in, _raw) = console_input(pair.no_stdin, &stop);
+    let opts = RunOptions {
+        ft: FtMode::Replay {
+            door: Box::new(door),
+            go_live: true,
+            live_out: None,
+        },
+        snapshot_on_ready: None,
+        console_in,
+        console_out: Box::new(tail),
+        stop: stop.clone(),
+        pair: Some(Box::new(BackupHooks::new(link.clone()))),
+    };
+    let mut vm = Vm::start(&source, opts).context("cannot start the VM")?;
+    let result = vm.run();
+    if pair.stats {
+        eprint!("{}", vm.stats.report(vm.unknown_ports()));
+        eprintln!("vmft pair statistics (backup)\n  {:?}", link.stats());
+    }
+    let exit = result.context("the backup stopped")?;
+    report_exit(exit, &stop);
+    eprintln!("vmft: exits {} epochs {}", vm.position().exit, vm.epochs());
+    eprintln!("vmft: final state digest {}", vm.final_digest());
+    Ok(())
+}

@@ -1,0 +1,320 @@
+//! The two roles of a live pair, as the run loop sees them: what the
+//! primary and the backup add at every boundary ([`crate::vm::PairHooks`]),
+//! the primary's log sink (the logging channel), and the backup's gate
+//! before it goes live.
+//!
+//! ```text
+//! primary (vCPU thread)                         backup (vCPU thread)
+//! exit N ─▶ RecordDoor ─▶ ChannelSink ══ log ══▶ LogReader ─▶ ReplayDoor ─▶ replay exit N
+//! boundary: output captured? ─▶ barrier = log      acks "received up to" ◀══ (link threads)
+//!           length; HeldOutput releases the bytes
+//!           once acked ≥ barrier (releaser thread)
+//!           released offset ─▶ Entry::Released ══▶ OutputTail keeps bytes after it
+//!           backup failed? ─▶ claim: won ─▶ free    log ended, primary failed? ─▶ claim:
+//!                             lost ─▶ halt (3)      won ─▶ re-send tail, go live; lost ─▶ stop (3)
+//! ```
+
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arbiter::Decision;
+use ft_log::channel::{BackupLink, EndState, PeerState, PrimaryHandle, PrimaryLink};
+
+use super::claim::Claimant;
+use super::output::{HeldOutput, OutputTail, Release, ReleaseMode};
+use crate::nondet::{Door, DoorError};
+use crate::vm::PairHooks;
+
+/// Note on stderr, prefixed like every vmft message.
+fn note(msg: &str) {
+    eprintln!("vmft: {msg}");
+}
+
+/// The primary's log sink: log bytes go to the channel. After the backup is
+/// gone (and the claim won) the log is dropped: the VM runs unprotected.
+pub struct ChannelSink {
+    link: Arc<Mutex<Option<PrimaryLink>>>,
+    dropped: Arc<AtomicBool>,
+}
+
+impl ChannelSink {
+    /// A sink writing to `link`; `dropped` turns it off.
+    pub fn new(link: Arc<Mutex<Option<PrimaryLink>>>, dropped: Arc<AtomicBool>) -> Self {
+        ChannelSink { link, dropped }
+    }
+}
+
+impl Write for ChannelSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.dropped.load(Ordering::Acquire) {
+            return Ok(buf.len());
+        }
+        let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = link.as_mut() {
+            // A failed backup is handled at the next boundary
+            // (PrimaryHooks): the bytes it will never see are dropped.
+            if let Err(e) = l.write(buf) {
+                tracing::debug!("log bytes not sent: {e}");
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where the primary stands with its backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protection {
+    /// The backup follows: output waits for its acks.
+    Protected,
+    /// The backup failed and this side won the claim: no log, output free.
+    Unprotected,
+}
+
+/// Counters of the primary's side of the pair.
+#[derive(Debug, Clone, Default)]
+pub struct PrimaryStats {
+    /// Times the vCPU waited because the backup lagged too far.
+    pub lag_stalls: u64,
+    /// Time spent so.
+    pub lag_stall_time: Duration,
+    /// Exits of lag (primary minus backup), sampled at boundaries.
+    pub lag_samples: Vec<u64>,
+}
+
+/// The primary's boundary hooks.
+pub struct PrimaryHooks {
+    vm: String,
+    generation: u64,
+    handle: PrimaryHandle,
+    held: HeldOutput,
+    claimant: Claimant,
+    dropped: Arc<AtomicBool>,
+    protection: Protection,
+    logged_released: u64,
+    last_released_entry: Instant,
+    max_lag_exits: u64,
+    stats: Arc<Mutex<PrimaryStats>>,
+    sample_at: Instant,
+}
+
+impl PrimaryHooks {
+    /// Hooks for a primary of (`vm`, `generation`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vm: String,
+        generation: u64,
+        handle: PrimaryHandle,
+        held: HeldOutput,
+        claimant: Claimant,
+        dropped: Arc<AtomicBool>,
+        max_lag_exits: u64,
+        stats: Arc<Mutex<PrimaryStats>>,
+    ) -> Self {
+        PrimaryHooks {
+            vm,
+            generation,
+            handle,
+            held,
+            claimant,
+            dropped,
+            protection: Protection::Protected,
+            logged_released: 0,
+            last_released_entry: Instant::now(),
+            max_lag_exits,
+            stats,
+            sample_at: Instant::now(),
+        }
+    }
+
+    fn backup_failed(&mut self, reason: &str) -> Result<(), DoorError> {
+        note(&format!(
+            "the backup is gone ({reason}): claiming {} generation {} at the arbiter",
+            self.vm, self.generation
+        ));
+        let decision = self
+            .claimant
+            .claim(
+                &self.vm,
+                self.generation,
+                Duration::from_secs(2),
+                &mut |m| note(m),
+            )
+            .map_err(|e| DoorError::Ft(e.to_string()))?;
+        match decision {
+            Decision::Won => {
+                self.dropped.store(true, Ordering::Release);
+                self.held.set_mode(ReleaseMode::Free);
+                self.protection = Protection::Unprotected;
+                note("claim won: the VM continues here, UNPROTECTED (no backup)");
+                Ok(())
+            }
+            Decision::Lost { owner } => {
+                self.held.set_mode(ReleaseMode::Halt);
+                note(&format!(
+                    "claim lost to {owner}: another side is live; halting without releasing output"
+                ));
+                Err(DoorError::LostClaim {
+                    vm: self.vm.clone(),
+                    generation: self.generation,
+                    owner,
+                })
+            }
+        }
+    }
+}
+
+impl PairHooks for PrimaryHooks {
+    fn boundary(&mut self, door: &mut dyn Door, pos: u64) -> Result<(), DoorError> {
+        if self.protection == Protection::Unprotected {
+            return Ok(());
+        }
+        self.handle.set_position(pos);
+        // The output rule: output of this exit waits for the log through it.
+        if self.held.has_unmarked() {
+            if let Some(barrier) = door.barrier()? {
+                self.held.mark(barrier);
+            }
+        }
+        // Tell the backup how far output went, so a takeover re-sends from
+        // there (at most every 20 ms: it is only a hint for the tail).
+        let released = self.held.released();
+        if released > self.logged_released
+            && self.last_released_entry.elapsed() >= Duration::from_millis(20)
+        {
+            door.released(released)?;
+            self.logged_released = released;
+            self.last_released_entry = Instant::now();
+        }
+        if let PeerState::Failed { reason } = self.handle.peer_state() {
+            return self.backup_failed(&reason);
+        }
+        // Execution lag bound: the backup must not fall too far behind.
+        let applied = self.handle.backup_applied();
+        let lag = pos.saturating_sub(applied);
+        if self.sample_at.elapsed() >= Duration::from_millis(100) {
+            self.sample_at = Instant::now();
+            self.stats
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .lag_samples
+                .push(lag);
+        }
+        if lag > self.max_lag_exits {
+            let t0 = Instant::now();
+            door.flush()?;
+            while pos.saturating_sub(self.handle.backup_applied()) > self.max_lag_exits / 2 {
+                if let PeerState::Failed { reason } = self.handle.peer_state() {
+                    return self.backup_failed(&reason);
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+            s.lag_stalls += 1;
+            s.lag_stall_time += t0.elapsed();
+        }
+        Ok(())
+    }
+}
+
+/// The backup's boundary hooks: report the replay position (carried in
+/// acks and heartbeats: the primary's lag bound and its failover estimate).
+pub struct BackupHooks {
+    link: Arc<BackupLink>,
+}
+
+impl BackupHooks {
+    /// Hooks reporting to `link`.
+    pub fn new(link: Arc<BackupLink>) -> Self {
+        BackupHooks { link }
+    }
+}
+
+impl PairHooks for BackupHooks {
+    fn boundary(&mut self, _door: &mut dyn Door, pos: u64) -> Result<(), DoorError> {
+        self.link.set_applied(pos);
+        Ok(())
+    }
+}
+
+/// What the backup's gate needs to decide and to go live.
+pub struct TakeOver {
+    /// The VM.
+    pub vm: String,
+    /// The pair's generation.
+    pub generation: u64,
+    /// The channel (why did the log end?).
+    pub link: Arc<BackupLink>,
+    /// The claimant.
+    pub claimant: Claimant,
+    /// The backup's copy of unreleased output.
+    pub tail: OutputTail,
+    /// Where output goes once live.
+    pub sink: Option<Box<dyn Release>>,
+    /// Called once the claim is won, before output is re-sent (announce
+    /// the claim to the console).
+    pub on_won: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl TakeOver {
+    /// The gate: the log ended at exit `pos`. Clean end without an end
+    /// entry is an error; a failed primary means claim, and go live only
+    /// if the claim is won.
+    pub fn gate(&mut self, pos: u64) -> Result<(), DoorError> {
+        let why = match self.link.wait_end(Duration::from_secs(60)) {
+            Some(EndState::PrimaryFailed { reason }) => reason,
+            Some(EndState::Clean) => {
+                return Err(DoorError::Ft(format!(
+                    "the primary ended the log cleanly at exit {pos} without an end entry"
+                )))
+            }
+            None => {
+                return Err(DoorError::Ft(
+                    "the log ended but the channel did not".into(),
+                ))
+            }
+        };
+        note(&format!(
+            "the primary is gone ({why}); replayed everything received (exit {pos}): claiming {} generation {}",
+            self.vm, self.generation
+        ));
+        let decision = self
+            .claimant
+            .claim(
+                &self.vm,
+                self.generation,
+                Duration::from_secs(2),
+                &mut |m| note(m),
+            )
+            .map_err(|e| DoorError::Ft(e.to_string()))?;
+        match decision {
+            Decision::Won => {
+                if let Some(f) = self.on_won.take() {
+                    f();
+                }
+                let sink = self
+                    .sink
+                    .take()
+                    .ok_or_else(|| DoorError::Ft("going live twice".into()))?;
+                let from = self
+                    .tail
+                    .go_live(sink)
+                    .map_err(|e| DoorError::Ft(format!("re-sending console output: {e}")))?;
+                note(&format!(
+                    "claim won: the backup is LIVE from exit {pos} (console output re-sent from byte {from})"
+                ));
+                Ok(())
+            }
+            Decision::Lost { owner } => Err(DoorError::LostClaim {
+                vm: self.vm.clone(),
+                generation: self.generation,
+                owner,
+            }),
+        }
+    }
+}
