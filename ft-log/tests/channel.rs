@@ -229,6 +229,15 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The failure hook ran, and only once.
+fn assert_hook_ran_once(n: &AtomicUsize) {
+    wait_for("the failure hook", Duration::from_secs(3), || {
+        n.load(Ordering::SeqCst) >= 1
+    });
+    thread::sleep(ms(200));
+    assert_eq!(n.load(Ordering::SeqCst), 1, "the hook runs exactly once");
+}
+
 fn failed_reason(s: Option<EndState>) -> String {
     match s {
         Some(EndState::PrimaryFailed { reason }) => reason,
@@ -419,10 +428,10 @@ fn flow_control_stalls_the_writer_until_acks_arrive() {
 
 #[test]
 fn heartbeats_keep_an_idle_link_alive() {
-    let p = cfg().with_timing(ms(50), ms(500));
-    let b = cfg().with_timing(ms(50), ms(500));
+    let p = cfg().with_timing(ms(50), ms(700));
+    let b = cfg().with_timing(ms(50), ms(700));
     let (primary, backup) = pair(&p, &b);
-    thread::sleep(ms(2000)); // four timeouts without a byte of log
+    thread::sleep(ms(2100)); // three timeouts without a byte of log
     assert_eq!(primary.peer_state(), PeerState::Alive);
     assert_eq!(backup.end_state(), None);
     let ps = primary.stats();
@@ -454,7 +463,7 @@ fn killed_primary_ends_the_reader_with_primary_failed() {
     assert_eq!(got, data, "every verified byte is still delivered");
     let reason = failed_reason(backup.end_state());
     assert!(reason.contains("closed the connection"), "{reason}");
-    assert_eq!(bf.load(Ordering::SeqCst), 1);
+    assert_hook_ran_once(&bf);
 }
 
 #[test]
@@ -477,7 +486,7 @@ fn silent_primary_is_declared_failed_after_the_timeout() {
     );
     assert!(took >= ms(900) && took < ms(1000 + 3000), "took {took:?}");
     assert_eq!(reader.join().unwrap(), b"before the pause");
-    assert_eq!(bf.load(Ordering::SeqCst), 1);
+    assert_hook_ran_once(&bf);
 
     // The backup shut the connection: the primary notices too.
     assert!(matches!(
@@ -488,8 +497,7 @@ fn silent_primary_is_declared_failed_after_the_timeout() {
         primary.write(b"x"),
         Err(ChannelError::PeerFailed { .. })
     ));
-    thread::sleep(ms(200));
-    assert_eq!(pf.load(Ordering::SeqCst), 1);
+    assert_hook_ran_once(&pf);
 }
 
 #[test]
@@ -506,8 +514,7 @@ fn silent_backup_is_declared_failed_by_the_primary() {
     };
     assert!(reason.contains("nothing heard from the backup"), "{reason}");
     assert!(took >= ms(900) && took < ms(1000 + 3000), "took {took:?}");
-    thread::sleep(ms(200));
-    assert_eq!(pf.load(Ordering::SeqCst), 1, "the hook runs exactly once");
+    assert_hook_ran_once(&pf);
     let e = primary.write(b"late").unwrap_err();
     assert!(matches!(e, ChannelError::PeerFailed { .. }), "{e}");
     assert!(primary.wait_acked(1, ms(100)).is_err());
@@ -608,11 +615,16 @@ fn mismatched_vm_name_is_refused_and_an_empty_name_takes_any() {
     primary.finish().unwrap();
 }
 
-/// 20 data messages of 10 000 bytes each, one per write.
+/// 20 data messages of 10 000 bytes each, one per write (the later ones
+/// may be refused once a tampered message made the backup hang up).
 fn twenty_messages(p: &mut PrimaryLink) -> Vec<u8> {
     let log = noise(200_000, 11);
     for c in log.chunks(10_000) {
-        p.write(c).unwrap();
+        match p.write(c) {
+            Ok(()) => {}
+            Err(ChannelError::PeerFailed { .. }) => break,
+            Err(e) => panic!("{e}"),
+        }
     }
     log
 }
@@ -661,8 +673,7 @@ fn altered_data_message_is_refused_and_nothing_after_it_delivered() {
         PeerState::Failed { .. }
     ));
     assert!(primary.acked() <= 20_000);
-    thread::sleep(ms(100));
-    assert_eq!(pf.load(Ordering::SeqCst), 1);
+    assert_hook_ran_once(&pf);
 }
 
 #[test]
@@ -820,6 +831,20 @@ fn connect_retries_until_the_backup_listens_and_gives_up_at_the_deadline() {
     });
     let primary = PrimaryLink::connect(addr, &cfg()).unwrap();
     let backup = backup.join().unwrap();
+    primary.finish().unwrap();
+    assert_eq!(backup.wait_end(ms(5000)), Some(EndState::Clean));
+
+    // A backup that stops waiting.
+    let (l, _) = listen();
+    let t = Instant::now();
+    assert!(l.accept_timeout(&cfg(), ms(300)).unwrap().is_none());
+    assert!(t.elapsed() >= ms(300));
+    // ... and one that does not give up too early.
+    let (l, addr) = listen();
+    let b = thread::spawn(move || l.accept_timeout(&cfg(), Duration::from_secs(10)));
+    thread::sleep(ms(200));
+    let primary = PrimaryLink::connect(addr, &cfg()).unwrap();
+    let backup = b.join().unwrap().unwrap().expect("a primary came");
     primary.finish().unwrap();
     assert_eq!(backup.wait_end(ms(5000)), Some(EndState::Clean));
 

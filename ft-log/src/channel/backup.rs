@@ -3,7 +3,7 @@
 //! and heartbeats, and the [`LogReader`] the replayer reads.
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -104,10 +104,60 @@ impl BackupListener {
     /// the next.
     pub fn accept(&self, cfg: &ChannelConfig) -> Result<BackupLink, ChannelError> {
         cfg.validate()?;
-        let (mut stream, from) = self
+        let (stream, from) = self
             .listener
             .accept()
             .map_err(|e| io_err("accepting the primary's connection", e))?;
+        Self::handshake(stream, from, cfg)
+    }
+
+    /// [`accept`](Self::accept), giving up with `Ok(None)` when no primary
+    /// connected within `timeout` (the handshake itself is bounded by
+    /// [`ChannelConfig::handshake_timeout`]).
+    pub fn accept_timeout(
+        &self,
+        cfg: &ChannelConfig,
+        timeout: Duration,
+    ) -> Result<Option<BackupLink>, ChannelError> {
+        cfg.validate()?;
+        let deadline = Instant::now() + timeout;
+        let blocking = |b: bool| {
+            self.listener
+                .set_nonblocking(!b)
+                .map_err(|e| io_err("setting the listener's mode", e))
+        };
+        blocking(false)?;
+        let accepted = loop {
+            match self.listener.accept() {
+                Ok(c) => break Ok(Some(c)),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break Ok(None);
+                    }
+                    std::thread::sleep((deadline - now).min(Duration::from_millis(20)));
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => break Err(io_err("accepting the primary's connection", e)),
+            }
+        };
+        blocking(true)?;
+        match accepted? {
+            None => Ok(None),
+            Some((stream, from)) => {
+                stream
+                    .set_nonblocking(false)
+                    .map_err(|e| io_err("setting the socket's mode", e))?;
+                Self::handshake(stream, from, cfg).map(Some)
+            }
+        }
+    }
+
+    fn handshake(
+        mut stream: TcpStream,
+        from: SocketAddr,
+        cfg: &ChannelConfig,
+    ) -> Result<BackupLink, ChannelError> {
         debug!(%from, "channel: connection, handshaking");
         let _ = stream.set_nodelay(true);
         let t = Some(cfg.handshake_timeout);
