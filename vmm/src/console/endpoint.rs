@@ -242,6 +242,10 @@ impl Budget {
     }
 }
 
+/// Every open connection, so that the end of the console closes them all
+/// (also those still in the handshake or not yet seen by the loop).
+type Conns = Arc<Mutex<std::collections::HashMap<u64, TcpStream>>>;
+
 /// Bytes read from stdin at once.
 const READ_SIZE: usize = 256;
 /// How often the loop looks at the clock with nothing happening.
@@ -339,6 +343,7 @@ impl Console {
             rx,
         } = self;
         let closing = Arc::new(AtomicBool::new(false));
+        let conns: Conns = Arc::default();
         let budget = Arc::new(Budget {
             used: Mutex::new(0),
             cv: Condvar::new(),
@@ -350,6 +355,7 @@ impl Console {
             listener,
             tx.clone(),
             closing.clone(),
+            conns.clone(),
             cfg.token.clone(),
             cfg.handshake_timeout,
             cfg.write_timeout,
@@ -406,9 +412,12 @@ impl Console {
         let result = lp.run(&rx);
 
         // Tear down: close every side, wake the acceptor, free the reader.
-        closing.store(true, Ordering::Release);
-        for side in lp.sides.values() {
-            let _ = side.writer.get_ref().shutdown(std::net::Shutdown::Both);
+        {
+            let conns = conns.lock().unwrap_or_else(|e| e.into_inner());
+            closing.store(true, Ordering::Release);
+            for stream in conns.values() {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
         }
         budget.close();
         let wake = if addr.ip().is_unspecified() {
@@ -432,10 +441,12 @@ impl Console {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn spawn_acceptor(
     listener: TcpListener,
     tx: SyncSender<Event>,
     closing: Arc<AtomicBool>,
+    conns: Conns,
     token: Vec<u8>,
     handshake_timeout: Duration,
     write_timeout: Duration,
@@ -473,8 +484,21 @@ fn spawn_acceptor(
                 }
                 let id = next_id;
                 next_id += 1;
+                {
+                    // Registered under the lock that the end takes: either
+                    // the end sees this connection, or it sees `closing`.
+                    let mut all = conns.lock().unwrap_or_else(|e| e.into_inner());
+                    if closing.load(Ordering::Acquire) {
+                        break;
+                    }
+                    match stream.try_clone() {
+                        Ok(s) => all.insert(id, s),
+                        Err(_) => continue,
+                    };
+                }
                 active.fetch_add(1, Ordering::AcqRel);
-                let (tx, token, active) = (tx.clone(), token.clone(), active.clone());
+                let (tx, token, active, conns) =
+                    (tx.clone(), token.clone(), active.clone(), conns.clone());
                 let spawned = std::thread::Builder::new()
                     .name(format!("vmft-console-side-{id}"))
                     .spawn(move || {
@@ -487,6 +511,7 @@ fn spawn_acceptor(
                             write_timeout,
                             &tx,
                         );
+                        conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
                         active.fetch_sub(1, Ordering::AcqRel);
                     });
                 if let Err(e) = spawned {
@@ -870,6 +895,12 @@ impl Loop {
     }
 
     fn drop_side(&mut self, id: u64, why: &str) {
+        self.send(
+            id,
+            &ToSide::Dropped {
+                reason: why.to_string(),
+            },
+        );
         if let Some(side) = self.sides.get_mut(&id) {
             warn!(peer = %side.peer, "console: refusing a side: {why}");
             side.alive = false;

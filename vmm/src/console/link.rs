@@ -63,6 +63,8 @@ impl Default for LinkOptions {
 const MAX_INPUT_HELD: usize = 4 << 20;
 /// Time a connection has to complete the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection that lasted this long resets the reconnection backoff.
+const STABLE: Duration = Duration::from_secs(1);
 /// Time one TCP connect may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -93,6 +95,8 @@ struct State {
     full: bool,
     /// Bound on `buffered`.
     cap: usize,
+    /// Why the console last refused this side.
+    dropped: Option<String>,
 }
 
 impl State {
@@ -248,6 +252,7 @@ impl ConsoleLink {
                 shutdown: false,
                 full: false,
                 cap: opts.max_unacked_bytes,
+                dropped: None,
             }),
             opts,
             cv: Condvar::new(),
@@ -280,6 +285,9 @@ impl ConsoleLink {
                 }
             }
         };
+        if let Some(p) = first.printed_upto {
+            shared.lock().ack(p);
+        }
         info!(addr, "connected to the console");
         let s = shared.clone();
         let manager = std::thread::Builder::new()
@@ -293,14 +301,20 @@ impl ConsoleLink {
 
     /// Queue guest output at `offset` for the console. Never waits for
     /// the network; waits only when the unacknowledged buffer is full
-    /// (said once, in the log). Bytes below what was released before are
-    /// skipped (they are the same bytes).
+    /// (said once, in the log). Bytes below what was released before, or
+    /// below what the console has printed, are skipped (they are the same
+    /// bytes).
     pub fn release(&self, offset: u64, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
         }
         let mut st = self.shared.lock();
-        let (mut offset, bytes) = match st.released_end {
+        // Below this, the bytes were released already or printed.
+        let floor = match (st.released_end, st.acked) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        let (mut offset, bytes) = match floor {
             Some(end) if offset < end => {
                 let skip = end - offset;
                 if skip >= bytes.len() as u64 {
@@ -430,6 +444,13 @@ impl ConsoleLink {
         self.shared.lock().buffered
     }
 
+    /// Why the console last refused this side after the handshake (it
+    /// belongs to another VM, or broke the protocol); the link keeps
+    /// retrying, slowly.
+    pub fn refused_reason(&self) -> Option<String> {
+        self.shared.lock().dropped.clone()
+    }
+
     /// A connection to the console is up now.
     pub fn is_connected(&self) -> bool {
         self.shared.lock().connected
@@ -553,7 +574,6 @@ fn manage(shared: Arc<Shared>, first: Conn) {
                 match connect_once(&shared) {
                     Ok(c) => {
                         info!(addr = %shared.addr, "reconnected to the console");
-                        backoff = Duration::from_millis(100);
                         warned = false;
                         c
                     }
@@ -575,10 +595,19 @@ fn manage(shared: Arc<Shared>, first: Conn) {
                 }
             }
         };
+        let began = Instant::now();
         run_connection(&shared, conn);
         let st = shared.lock();
         if st.shutdown || st.done_sent {
             return;
+        }
+        if began.elapsed() < STABLE {
+            // Dropped soon after it began (refused after the handshake, or
+            // a console in trouble): do not hammer it.
+            drop(shared.wait_timeout(st, backoff));
+            backoff = (backoff * 2).min(shared.opts.max_backoff);
+        } else {
+            backoff = Duration::from_millis(100);
         }
     }
 }
@@ -728,6 +757,16 @@ fn receive(shared: Arc<Shared>, mut reader: FrameReader<BufReader<TcpStream>>, s
                 }
             }
             Ok(ToSide::Welcome { .. }) => debug!("console: a second Welcome, ignored"),
+            Ok(ToSide::Dropped { reason }) => {
+                warn!("the console refuses this side: {reason}");
+                let mut st = shared.lock();
+                st.dropped = Some(reason);
+                if st.serial == serial {
+                    st.broken = true;
+                }
+                shared.cv.notify_all();
+                return;
+            }
             Err(e) => {
                 let mut st = shared.lock();
                 if st.serial == serial {

@@ -34,6 +34,9 @@
 //!                                        ◀─────────── Stop  (only in `vmft ft`: the escape)
 //!  Done { reason, exit_status }          ───────────▶  prints what is left, exits with
 //!                                                       exit_status, closes every side
+//!
+//!  (any time, for a side of another VM or one that breaks the rules)
+//!                                        ◀─────────── Dropped { reason }, close
 //! ```
 //!
 //! `H` is HMAC-SHA256; the labels are `vmft-console/console`,
@@ -111,6 +114,7 @@ mod ty {
     pub const INPUT: u8 = 0x21;
     pub const ACK: u8 = 0x22;
     pub const STOP: u8 = 0x23;
+    pub const DROPPED: u8 = 0x24;
 }
 
 /// What went wrong on the wire.
@@ -271,6 +275,12 @@ pub enum ToSide {
     },
     /// The user asked to stop the pair.
     Stop,
+    /// The console drops this side (another VM, a protocol violation);
+    /// the connection closes next.
+    Dropped {
+        /// Why, for the side's log.
+        reason: String,
+    },
 }
 
 /// A message of one direction.
@@ -488,6 +498,7 @@ impl Message for ToSide {
             ToSide::Input { seq, bytes } => (ty::INPUT, Enc::new().u64(*seq).bytes(bytes).0),
             ToSide::Ack { offset } => (ty::ACK, Enc::new().u64(*offset).0),
             ToSide::Stop => (ty::STOP, Vec::new()),
+            ToSide::Dropped { reason } => (ty::DROPPED, Enc::new().str(reason, MAX_REASON).0),
         }
     }
 
@@ -521,6 +532,12 @@ impl Message for ToSide {
             ty::STOP => {
                 Dec::new(payload, "Stop").end()?;
                 ToSide::Stop
+            }
+            ty::DROPPED => {
+                let mut d = Dec::new(payload, "Dropped");
+                let reason = d.str(MAX_REASON)?;
+                d.end()?;
+                ToSide::Dropped { reason }
             }
             other => return Err(ProtocolError::UnexpectedType(other)),
         };
