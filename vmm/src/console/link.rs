@@ -100,6 +100,46 @@ struct State {
 }
 
 impl State {
+    fn new(hello: Hello, cap: usize) -> State {
+        State {
+            send_from: 0,
+            expected_seq: hello.input_resume_seq.max(1),
+            hello,
+            chunks: VecDeque::new(),
+            buffered: 0,
+            released_end: None,
+            acked: None,
+            controls: VecDeque::new(),
+            done: None,
+            done_sent: false,
+            input: VecDeque::new(),
+            input_bytes: 0,
+            serial: 0,
+            broken: false,
+            connected: false,
+            stream: None,
+            shutdown: false,
+            full: false,
+            cap,
+            dropped: None,
+        }
+    }
+
+    /// Below this offset, output was released already or printed.
+    fn floor(&self) -> Option<u64> {
+        match (self.released_end, self.acked) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Keep released bytes (the caller made room).
+    fn push(&mut self, offset: u64, bytes: &[u8]) {
+        self.chunks.push_back((offset, bytes.to_vec()));
+        self.buffered += bytes.len();
+        self.released_end = Some(offset + bytes.len() as u64);
+    }
+
     /// The console printed everything below `upto`.
     fn ack(&mut self, upto: u64) {
         if self.acked.is_some_and(|a| a >= upto) {
@@ -228,32 +268,10 @@ impl ConsoleLink {
             return Err(ConsoleError::EmptyToken);
         }
         opts.max_unacked_bytes = opts.max_unacked_bytes.max(MAX_OUTPUT_CHUNK);
-        let expected_seq = hello.input_resume_seq.max(1);
         let shared = Arc::new(Shared {
             addr: addr.to_string(),
             token: token.to_vec(),
-            state: Mutex::new(State {
-                send_from: 0,
-                hello,
-                chunks: VecDeque::new(),
-                buffered: 0,
-                released_end: None,
-                acked: None,
-                controls: VecDeque::new(),
-                done: None,
-                done_sent: false,
-                input: VecDeque::new(),
-                input_bytes: 0,
-                expected_seq,
-                serial: 0,
-                broken: false,
-                connected: false,
-                stream: None,
-                shutdown: false,
-                full: false,
-                cap: opts.max_unacked_bytes,
-                dropped: None,
-            }),
+            state: Mutex::new(State::new(hello, opts.max_unacked_bytes)),
             opts,
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -309,12 +327,7 @@ impl ConsoleLink {
             return;
         }
         let mut st = self.shared.lock();
-        // Below this, the bytes were released already or printed.
-        let floor = match (st.released_end, st.acked) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        let (mut offset, bytes) = match floor {
+        let (mut offset, bytes) = match st.floor() {
             Some(end) if offset < end => {
                 let skip = end - offset;
                 if skip >= bytes.len() as u64 {
@@ -340,10 +353,8 @@ impl ConsoleLink {
             if st.shutdown {
                 return;
             }
-            st.chunks.push_back((offset, piece.to_vec()));
-            st.buffered += piece.len();
+            st.push(offset, piece);
             offset += piece.len() as u64;
-            st.released_end = Some(offset);
             self.shared.cv.notify_all();
         }
     }
@@ -779,5 +790,66 @@ fn receive(shared: Arc<Shared>, mut reader: FrameReader<BufReader<TcpStream>>, s
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> State {
+        State::new(
+            Hello {
+                vm: "vm".into(),
+                generation: 1,
+                role: Role::Primary,
+                claimant: "p:1:a".into(),
+                next_offset: 100,
+                won_claim: false,
+                input_resume_seq: 0,
+            },
+            1 << 20,
+        )
+    }
+
+    #[test]
+    fn output_is_sent_in_bounded_pieces_and_acks_trim_it() {
+        let mut st = state();
+        assert_eq!(st.expected_seq, 1, "seqs start at 1");
+        assert_eq!(st.current_hello().next_offset, 100);
+        let big = vec![7u8; MAX_OUTPUT_CHUNK + 10];
+        st.push(100, &big);
+        st.push(100 + big.len() as u64, b"tail");
+        let (o, p) = st.next_output().unwrap();
+        assert_eq!((o, p.len()), (100, MAX_OUTPUT_CHUNK));
+        let (o, p) = st.next_output().unwrap();
+        assert_eq!((o, p.len()), (100 + MAX_OUTPUT_CHUNK as u64, 10));
+        let (o, p) = st.next_output().unwrap();
+        assert_eq!((o, p), (100 + big.len() as u64, b"tail".to_vec()));
+        assert_eq!(st.next_output(), None);
+        // The console printed into the middle of the first chunk.
+        st.ack(150);
+        assert_eq!(st.buffered, big.len() + 4 - 50);
+        assert_eq!(st.chunks.front().unwrap().0, 150);
+        // A new connection sends again from what is not acknowledged.
+        st.send_from = 0;
+        assert_eq!(st.current_hello().next_offset, 150);
+        assert_eq!(st.next_output().unwrap().0, 150);
+        // An old ack changes nothing.
+        st.ack(120);
+        assert_eq!(st.acked, Some(150));
+        st.ack(100 + big.len() as u64 + 4);
+        assert_eq!((st.buffered, st.chunks.len()), (0, 0));
+        assert_eq!(st.floor(), Some(100 + big.len() as u64 + 4));
+    }
+
+    #[test]
+    fn a_console_ahead_of_the_side_skips_what_it_printed() {
+        let mut st = state();
+        // Welcome: the console printed up to 500 already (another side).
+        st.ack(500);
+        assert_eq!(st.floor(), Some(500));
+        st.push(500, b"new");
+        assert_eq!(st.next_output(), Some((500, b"new".to_vec())));
     }
 }
