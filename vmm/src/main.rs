@@ -40,6 +40,8 @@ enum Command {
     Primary(cmd::pair::PrimaryArgs),
     /// Wait for a primary, replay its log live, and take over when it fails.
     Backup(cmd::pair::BackupArgs),
+    /// The console of a pair: prints the guest's output exactly once across failover, types to the live side.
+    Console(cmd::console::ConsoleArgs),
     /// Print the entries of a log (optionally only those around some exits).
     Log(cmd::log::LogArgs),
     /// Build the default guest image if needed and print its paths.
@@ -104,6 +106,15 @@ fn main() -> ExitCode {
         eprintln!("vmft: stopped by {reason} before the VM started");
         std::process::exit(1);
     });
+    if let Command::Console(args) = cli.command {
+        return match cmd::console::console(args) {
+            Ok(status) => ExitCode::from(status),
+            Err(e) => {
+                eprintln!("vmft: error: {}", one_line(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = match cli.command {
         Command::Run(args) => cmd::run::run(args, stop),
         Command::Record(args) => cmd::record::record(args, stop),
@@ -111,6 +122,7 @@ fn main() -> ExitCode {
         Command::Primary(args) => cmd::pair::primary(args, stop),
         Command::Backup(args) => cmd::pair::backup(args, stop),
         Command::Log(args) => cmd::log::show_log(args),
+        Command::Console(_) => unreachable!("handled above"),
         Command::Image => image::default_image()
             .map(|img| {
                 println!("kernel={}", img.kernel.display());

@@ -226,6 +226,11 @@ pub trait Door {
     fn barrier(&mut self) -> Result<Option<u64>, DoorError> {
         Ok(None)
     }
+    /// Record: console input bytes logged so far (they are confirmed to
+    /// the console once the backup has them).
+    fn input_logged(&self) -> u64 {
+        0
+    }
     /// Record: log that console output was released up to `offset`.
     fn released(&mut self, _offset: u64) -> Result<(), DoorError> {
         Ok(())

@@ -53,6 +53,8 @@ pub struct RecordDoor {
     first_exit: u64,
     last_check: u64,
     after_epoch: bool,
+    /// Console input bytes logged so far.
+    input_logged: u64,
     /// Statistics of the recording.
     pub stats: RecordStats,
 }
@@ -94,6 +96,7 @@ impl RecordDoor {
             first_exit: 0,
             last_check: 0,
             after_epoch: false,
+            input_logged: 0,
             stats: RecordStats::default(),
         })
     }
@@ -205,6 +208,7 @@ impl Door for RecordDoor {
                 pos,
                 bytes: due.input.clone(),
             })?;
+            self.input_logged += due.input.len() as u64;
         }
         Ok(due)
     }
@@ -306,6 +310,10 @@ impl Door for RecordDoor {
     fn barrier(&mut self) -> Result<Option<u64>, DoorError> {
         self.flush()?;
         Ok(Some(self.writer.bytes()))
+    }
+
+    fn input_logged(&self) -> u64 {
+        self.input_logged
     }
 
     fn released(&mut self, offset: u64) -> Result<(), DoorError> {

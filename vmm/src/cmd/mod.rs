@@ -1,6 +1,7 @@
 //! The `vmft` subcommands, one module each, and what they share: the boot
 //! options, the console on the terminal, how a run's end is reported.
 
+pub mod console;
 pub mod log;
 pub mod pair;
 pub mod record;

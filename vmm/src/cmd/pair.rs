@@ -17,12 +17,15 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use ft_log::channel::{load_token_file, BackupListener, ChannelConfig, PrimaryLink};
+use vmm::console::{read_token_file, ConsoleLink, Hello, Role as ConsoleRole};
 use vmm::ft::claim::{ArbiterAddr, Claimant};
+use vmm::ft::console_side::ConsoleSide;
 use vmm::ft::output::{HeldOutput, OutputTail, Release, ToWriter};
 use vmm::ft::pair::{BackupHooks, ChannelSink, PrimaryHooks, PrimaryStats, TakeOver};
 use vmm::record::{config_hash, log_header, recorder_id, VmSource};
 use vmm::replay::ReplayDoor;
 use vmm::stop::StopHandle;
+use vmm::stop::StopReason;
 use vmm::vm::{FtMode, LogSink, RunOptions, Vm};
 
 use super::{boot_config, console_input, report_exit, BootArgs};
@@ -59,6 +62,36 @@ pub struct PairArgs {
     /// Do not read console input from stdin.
     #[arg(long)]
     pub no_stdin: bool,
+    /// The console endpoint (`vmft console --listen`): output goes there,
+    /// exactly once across failover, and input comes from there. Without
+    /// it, the live side uses its own stdout and stdin.
+    #[arg(long, value_name = "ADDR")]
+    pub console: Option<String>,
+}
+
+/// Connect to the console endpoint, if one is given.
+fn console_side(
+    pair: &PairArgs,
+    generation: u64,
+    role: ConsoleRole,
+    claimant: &str,
+) -> Result<Option<ConsoleSide>> {
+    let Some(addr) = &pair.console else {
+        return Ok(None);
+    };
+    let token = read_token_file(&pair.token_file)?;
+    let hello = Hello {
+        vm: pair.vm.clone(),
+        generation,
+        role,
+        claimant: claimant.to_string(),
+        next_offset: 0,
+        won_claim: false,
+        input_resume_seq: 1,
+    };
+    let link = ConsoleLink::connect(addr, &token, hello)
+        .with_context(|| format!("cannot reach the console at {addr}"))?;
+    Ok(Some(ConsoleSide::new(link)))
 }
 
 /// `vmft primary`.
@@ -150,15 +183,31 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     let handle = link.handle();
     let link = Arc::new(Mutex::new(Some(link)));
     let dropped = Arc::new(AtomicBool::new(false));
+    let claimant = Claimant::new(pair.arbiter.clone(), arbiter_token(&pair)?, "primary")?;
+    let console = console_side(
+        &pair,
+        generation,
+        ConsoleRole::Primary,
+        &claimant.identity(),
+    )?;
+    if let Some(c) = &console {
+        let s = stop.clone();
+        c.on_stop(move || {
+            s.request(StopReason::Escape);
+        });
+    }
     let acks = handle.clone();
+    let release: Box<dyn Release> = match &console {
+        Some(c) => Box::new(c.clone()),
+        None => stdout_release(),
+    };
     let held = HeldOutput::start(
         0,
-        stdout_release(),
+        release,
         Box::new(move |barrier, t| acks.wait_acked(barrier, t).unwrap_or(false)),
     );
-    let claimant = Claimant::new(pair.arbiter.clone(), arbiter_token(&pair)?, "primary")?;
     let stats = Arc::new(Mutex::new(PrimaryStats::default()));
-    let hooks = PrimaryHooks::new(
+    let mut hooks = PrimaryHooks::new(
         pair.vm.clone(),
         generation,
         handle.clone(),
@@ -168,7 +217,13 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
         args.max_lag_exits,
         stats.clone(),
     );
-    let (console_in, _raw) = console_input(pair.no_stdin, &stop);
+    if let Some(c) = &console {
+        hooks = hooks.with_console(c.clone());
+    }
+    let (console_in, _raw) = match &console {
+        Some(c) => (Some(Box::new(c.input()) as Box<dyn io::Read + Send>), None),
+        None => console_input(pair.no_stdin, &stop),
+    };
     let opts = RunOptions {
         ft: FtMode::Record {
             log: LogSink::Stream {
@@ -217,6 +272,12 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
             d.len(),
             os.released
         );
+    }
+    if let Some(c) = &console {
+        match &result {
+            Ok(exit) => c.done(&exit.to_string(), 0),
+            Err(e) => c.done(&e.to_string(), 1),
+        }
     }
     let exit = result.context("the primary stopped")?;
     if let Some(Err(e)) = finished {
@@ -269,17 +330,38 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
     let tail = OutputTail::new(0);
     let t = tail.clone();
     door.on_released(Box::new(move |off| t.set_released(off)));
+    let claimant = Claimant::new(pair.arbiter.clone(), arbiter_token(&pair)?, "backup")?;
+    let console = console_side(&pair, generation, ConsoleRole::Backup, &claimant.identity())?;
+    if let Some(c) = &console {
+        let s = stop.clone();
+        c.on_stop(move || {
+            s.request(StopReason::Escape);
+        });
+    }
+    let (sink, on_won): (Box<dyn Release>, Option<Box<dyn FnOnce() + Send>>) = match &console {
+        Some(c) => {
+            let c2 = c.clone();
+            (
+                Box::new(c.clone()),
+                Some(Box::new(move || c2.claimed(generation))),
+            )
+        }
+        None => (stdout_release(), None),
+    };
     let mut takeover = TakeOver {
         vm: pair.vm.clone(),
         generation,
         link: link.clone(),
-        claimant: Claimant::new(pair.arbiter.clone(), arbiter_token(&pair)?, "backup")?,
+        claimant,
         tail: tail.clone(),
-        sink: Some(stdout_release()),
-        on_won: None,
+        sink: Some(sink),
+        on_won,
     };
     door.gate_go_live(Box::new(move |pos| takeover.gate(pos)));
-    let (console_in, _raw) = console_input(pair.no_stdin, &stop);
+    let (console_in, _raw) = match &console {
+        Some(c) => (Some(Box::new(c.input()) as Box<dyn io::Read + Send>), None),
+        None => console_input(pair.no_stdin, &stop),
+    };
     let opts = RunOptions {
         ft: FtMode::Replay {
             door: Box::new(door),
@@ -297,6 +379,12 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
     if pair.stats {
         eprint!("{}", vm.stats.report(vm.unknown_ports()));
         eprintln!("vmft pair statistics (backup)\n  {:?}", link.stats());
+    }
+    if let Some(c) = &console {
+        match &result {
+            Ok(exit) => c.done(&exit.to_string(), 0),
+            Err(e) => c.done(&e.to_string(), 1),
+        }
     }
     let exit = result.context("the backup stopped")?;
     report_exit(exit, &stop);

@@ -1,11 +1,14 @@
 //! Fault tolerance: the pieces a primary and a backup add to a run.
 //!
 //! - [`claim`]: the test-and-set at the arbiter before a side goes live;
+//! - [`console_side`]: a side's end of the console stream (output, input,
+//!   input confirmation);
 //! - [`output`]: the output rule (held output on the primary, the backup's
 //!   unreleased tail);
 //! - [`pair`]: the primary's and the backup's boundary hooks, the channel
 //!   as the primary's log sink, the backup's gate before going live.
 
 pub mod claim;
+pub mod console_side;
 pub mod output;
 pub mod pair;

@@ -23,6 +23,7 @@ use arbiter::Decision;
 use ft_log::channel::{BackupLink, EndState, PeerState, PrimaryHandle, PrimaryLink};
 
 use super::claim::Claimant;
+use super::console_side::{ConsoleSide, InputConfirmer};
 use super::output::{HeldOutput, OutputTail, Release, ReleaseMode};
 use crate::nondet::{Door, DoorError};
 use crate::vm::PairHooks;
@@ -101,6 +102,8 @@ pub struct PrimaryHooks {
     max_lag_exits: u64,
     stats: Arc<Mutex<PrimaryStats>>,
     sample_at: Instant,
+    console: Option<ConsoleSide>,
+    inputs: InputConfirmer,
 }
 
 impl PrimaryHooks {
@@ -129,6 +132,24 @@ impl PrimaryHooks {
             max_lag_exits,
             stats,
             sample_at: Instant::now(),
+            console: None,
+            inputs: InputConfirmer::default(),
+        }
+    }
+
+    /// Output goes to (and input comes from) this console: the offset
+    /// logged as released is what the console acknowledged, and input is
+    /// confirmed to it once the backup holds it.
+    pub fn with_console(mut self, console: ConsoleSide) -> Self {
+        self.console = Some(console);
+        self
+    }
+
+    /// How far output surely reached the user.
+    fn delivered(&self) -> u64 {
+        match &self.console {
+            Some(c) => c.acked(),
+            None => self.held.released(),
         }
     }
 
@@ -181,9 +202,22 @@ impl PairHooks for PrimaryHooks {
                 self.held.mark(barrier);
             }
         }
-        // Tell the backup how far output went, so a takeover re-sends from
-        // there (at most every 20 ms: it is only a hint for the tail).
-        let released = self.held.released();
+        // Input typed at the console is confirmed once the backup has it.
+        if let Some(console) = &self.console {
+            let logged = door.input_logged();
+            if self.inputs.has_new(logged) {
+                if let Some(barrier) = door.barrier()? {
+                    self.inputs.note(logged, barrier);
+                }
+            }
+            if let Some(safe) = self.inputs.safe(self.handle.acked()) {
+                console.confirm_logged(safe);
+            }
+        }
+        // Tell the backup how far output reached the user, so a takeover
+        // re-sends from there (at most every 20 ms: the console drops what
+        // it already has, so this only bounds the backup's copy).
+        let released = self.delivered();
         if released > self.logged_released
             && self.last_released_entry.elapsed() >= Duration::from_millis(20)
         {
