@@ -289,6 +289,9 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     Ok(())
 }
 
+/// Called once the backup won its claim.
+type OnWon = Box<dyn FnOnce() + Send>;
+
 /// `vmft backup`: wait for the primary, replay its log live, take over
 /// when it fails.
 pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
@@ -338,7 +341,7 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
             s.request(StopReason::Escape);
         });
     }
-    let (sink, on_won): (Box<dyn Release>, Option<Box<dyn FnOnce() + Send>>) = match &console {
+    let (sink, on_won): (Box<dyn Release>, Option<OnWon>) = match &console {
         Some(c) => {
             let c2 = c.clone();
             (
