@@ -30,6 +30,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the default guest fault-tolerant on this machine: a built-in arbiter, a backup and a
+    /// primary as separate processes, and the console in the foreground (Ctrl-A x stops the pair).
+    Ft(cmd::ft::FtArgs),
     /// Boot one VM (no fault tolerance). With no options, boots the default guest image.
     Run(cmd::run::RunArgs),
     /// Run the VM as the primary and log every nondeterministic input it is handed.
@@ -97,17 +100,27 @@ fn main() -> ExitCode {
             EnvFilter::try_from_env("VMFT_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
         )
         .with_writer(io::stderr)
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
         .init();
     // Before any thread starts: stop signals go to one watcher thread.
     stop::block_stop_signals();
     let cli = Cli::parse();
+    let mut cli_command = None;
     let stop = StopHandle::new();
     stop::watch_signals(stop.clone(), |reason| {
         eprintln!("vmft: stopped by {reason} before the VM started");
         std::process::exit(1);
     });
-    if let Command::Console(args) = cli.command {
-        return match cmd::console::console(args) {
+    let status = match cli.command {
+        Command::Console(args) => Some(cmd::console::console(args)),
+        Command::Ft(args) => Some(cmd::ft::ft(args, stop.clone())),
+        other => {
+            cli_command = Some(other);
+            None
+        }
+    };
+    if let Some(status) = status {
+        return match status {
             Ok(status) => ExitCode::from(status),
             Err(e) => {
                 eprintln!("vmft: error: {}", one_line(&e));
@@ -115,14 +128,14 @@ fn main() -> ExitCode {
             }
         };
     }
-    let result = match cli.command {
+    let result = match cli_command.expect("dispatched above") {
         Command::Run(args) => cmd::run::run(args, stop),
         Command::Record(args) => cmd::record::record(args, stop),
         Command::Replay(args) => cmd::replay::replay(args, stop),
         Command::Primary(args) => cmd::pair::primary(args, stop),
         Command::Backup(args) => cmd::pair::backup(args, stop),
         Command::Log(args) => cmd::log::show_log(args),
-        Command::Console(_) => unreachable!("handled above"),
+        Command::Console(_) | Command::Ft(_) => unreachable!("handled above"),
         Command::Image => image::default_image()
             .map(|img| {
                 println!("kernel={}", img.kernel.display());

@@ -71,10 +71,14 @@ impl std::fmt::Display for StopReason {
     }
 }
 
+/// Told of a stop request (a process with no VM of its own: `vmft ft`).
+type Listener = Box<dyn Fn(StopReason) + Send>;
+
 #[derive(Default)]
 struct Shared {
     reason: AtomicU8,
     kicker: Mutex<Option<Kicker>>,
+    listener: Mutex<Option<Listener>>,
 }
 
 /// A stop request shared by the run loop and whoever may ask for a stop.
@@ -99,12 +103,30 @@ impl StopHandle {
             Ordering::Acquire,
         );
         let kicker = *self.shared.kicker.lock().unwrap_or_else(|e| e.into_inner());
+        let listener = self
+            .shared
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = listener.as_ref() {
+            f(reason);
+        }
         if let Some(k) = kicker {
             k.kick();
             true
         } else {
-            false
+            listener.is_some()
         }
+    }
+
+    /// Call `f` on every stop request (for a process that passes stops on
+    /// to VMs it started).
+    pub fn on_request(&self, f: impl Fn(StopReason) + Send + 'static) {
+        *self
+            .shared
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
     }
 
     /// Kick the VM's vCPU out of the guest without asking for a stop (so

@@ -212,3 +212,18 @@ pub fn output_within(mut cmd: Command, secs: u64) -> Output {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// The `ticker` workload's expected lines for `vmft.count=count`: 10·count
+/// lines `ticker I sum=S`, then `ticker done lines=L sum=S` (the same
+/// running sum as [`expected_counter`]).
+pub fn expected_ticker(count: u64) -> Vec<String> {
+    let lines = count * 10;
+    let mut sum: u64 = 7;
+    let mut out = Vec::new();
+    for i in 1..=lines {
+        sum = (sum * 31 + i * 7919) % 1_000_000_007;
+        out.push(format!("ticker {i} sum={sum}"));
+    }
+    out.push(format!("ticker done lines={lines} sum={sum}"));
+    out
+}

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -341,13 +341,16 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
             s.request(StopReason::Escape);
         });
     }
+    let went_live = Arc::new(AtomicBool::new(false));
+    let live = went_live.clone();
     let (sink, on_won): (Box<dyn Release>, Option<OnWon>) = match &console {
         Some(c) => {
             let c2 = c.clone();
-            (
-                Box::new(c.clone()),
-                Some(Box::new(move || c2.claimed(generation))),
-            )
+            let on_won: OnWon = Box::new(move || {
+                live.store(true, Ordering::Release);
+                c2.claimed(generation);
+            });
+            (Box::new(c.clone()), Some(on_won))
         }
         None => (stdout_release(), None),
     };
@@ -383,7 +386,8 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
         eprint!("{}", vm.stats.report(vm.unknown_ports()));
         eprintln!("vmft pair statistics (backup)\n  {:?}", link.stats());
     }
-    if let Some(c) = &console {
+    // Only a backup that went live speaks for the VM at the end.
+    if let (Some(c), true) = (&console, went_live.load(Ordering::Acquire)) {
         match &result {
             Ok(exit) => c.done(&exit.to_string(), 0),
             Err(e) => c.done(&e.to_string(), 1),

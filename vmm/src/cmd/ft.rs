@@ -1,0 +1,290 @@
+//! `vmft ft`: the whole fault-tolerant system on one machine, with embedded
+//! defaults: a built-in arbiter (in this process, its data in a temporary
+//! directory), a backup and a primary as two separate child processes on
+//! loopback (so either can be killed), and the console in the foreground.
+//!
+//! Ctrl-A x stops the pair cleanly: the console asks the live side to stop,
+//! the primary writes the log's end entry, the backup replays to it, both
+//! exit 0. SIGTERM, SIGINT and SIGHUP to `vmft ft` do the same.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use arbiter::server::{Server, ServerConfig};
+use vmm::console::{Console, ConsoleConfig};
+use vmm::stop::StopHandle;
+
+use super::{boot_config, BootArgs};
+
+/// `vmft ft`.
+#[derive(Args)]
+pub struct FtArgs {
+    #[command(flatten)]
+    pub boot: BootArgs,
+    /// Start both sides from this snapshot instead of booting.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "append"])]
+    pub restore: Option<PathBuf>,
+    /// The VM's name.
+    #[arg(long, default_value = "vmft")]
+    pub vm: String,
+    /// Declare a side failed after this long without hearing from it, in ms.
+    #[arg(long, default_value_t = 2000)]
+    pub timeout_ms: u64,
+    /// Heartbeat period, in ms.
+    #[arg(long, default_value_t = 100)]
+    pub heartbeat_ms: u64,
+    /// Print both sides' statistics at the end.
+    #[arg(long)]
+    pub stats: bool,
+    /// Do not read typed input from stdin.
+    #[arg(long)]
+    pub no_stdin: bool,
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<TempDir> {
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!("vmft-ft-{}-{:x}", std::process::id(), random_u64()));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn random_u64() -> u64 {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    u64::from_le_bytes(b) ^ std::process::id() as u64
+}
+
+/// A fresh random secret in a file only this user can read.
+fn write_token(path: &Path) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let token = format!(
+        "{:016x}{:016x}{:016x}\n",
+        random_u64(),
+        random_u64(),
+        random_u64()
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(token.as_bytes())?;
+    Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Children killed (and reaped) when dropped, so an error leaves none.
+struct Children(Arc<Mutex<Vec<(String, Child)>>>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, c) in self.0.lock().unwrap_or_else(|e| e.into_inner()).iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Spawn `vmft <args>` with its stderr lines prefixed by `name`.
+fn spawn_side(name: &str, args: &[String]) -> Result<Child> {
+    let exe = std::env::current_exe().context("cannot find the vmft binary")?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start the {name}"))?;
+    if let Some(err) = child.stderr.take() {
+        let name = name.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprint!("[{name}] {line}\r\n");
+            }
+        });
+    }
+    Ok(child)
+}
+
+/// `vmft ft`: run the pair; exit with the console's status.
+pub fn ft(args: FtArgs, stop: StopHandle) -> Result<u8> {
+    let dir = TempDir::new()?;
+    let token = dir.0.join("channel.token");
+    let arbiter_token = dir.0.join("arbiter.token");
+    write_token(&token)?;
+    write_token(&arbiter_token)?;
+
+    // The VM both sides run: resolved once here (the image is built on
+    // first use), then passed to both as explicit paths.
+    let mut vm_args: Vec<String> = Vec::new();
+    match &args.restore {
+        Some(snap) => vm_args.extend(["--restore".into(), snap.display().to_string()]),
+        None => {
+            let workload = args.boot.workload.clone();
+            let cfg = boot_config(args.boot)?;
+            vm_args.extend(["--kernel".into(), cfg.kernel.display().to_string()]);
+            if let Some(i) = &cfg.initrd {
+                vm_args.extend(["--initrd".into(), i.display().to_string()]);
+            }
+            vm_args.extend(["--mem".into(), cfg.mem_mib.to_string()]);
+            vm_args.extend(["--workload".into(), workload]);
+            // The command line beyond the defaults and the workload.
+            let base = format!("{} vmft.workload=", vmm::image::base_cmdline());
+            if let Some(extra) = cfg
+                .cmdline
+                .strip_prefix(&base)
+                .and_then(|rest| rest.split_once(' ').map(|(_, e)| e.to_string()))
+            {
+                vm_args.extend(["--append".into(), extra]);
+            }
+        }
+    }
+
+    // The arbiter, in this process.
+    let atoken = std::fs::read(&arbiter_token)?.trim_ascii().to_vec();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the arbiter's runtime")?;
+    let server = runtime
+        .block_on(Server::bind(
+            "127.0.0.1:0",
+            &dir.0.join("arbiter"),
+            ServerConfig::new(atoken),
+        ))
+        .context("cannot start the built-in arbiter")?;
+    let arbiter_addr = server.local_addr().to_string();
+    runtime.spawn(async move {
+        if let Err(e) = server.run().await {
+            eprintln!("vmft: the built-in arbiter stopped: {e}");
+        }
+    });
+
+    // The console, in the foreground once the sides are started.
+    let ctoken = std::fs::read(&token)?.trim_ascii().to_vec();
+    let mut ccfg = ConsoleConfig::new("127.0.0.1:0", ctoken);
+    ccfg.escape_stops_pair = true;
+    if args.no_stdin {
+        ccfg.input = vmm::console::ConsoleInput::None;
+    }
+    let console = Console::bind(ccfg).context("cannot start the console")?;
+    let console_addr = console.local_addr().to_string();
+
+    let backup_addr = format!("127.0.0.1:{}", free_port()?);
+    let common = |extra: &[String]| -> Vec<String> {
+        let mut v: Vec<String> = extra.to_vec();
+        v.extend([
+            "--vm".into(),
+            args.vm.clone(),
+            "--arbiter".into(),
+            arbiter_addr.clone(),
+            "--arbiter-token-file".into(),
+            arbiter_token.display().to_string(),
+            "--token-file".into(),
+            token.display().to_string(),
+            "--console".into(),
+            console_addr.clone(),
+            "--timeout-ms".into(),
+            args.timeout_ms.to_string(),
+            "--heartbeat-ms".into(),
+            args.heartbeat_ms.to_string(),
+            "--no-stdin".into(),
+        ]);
+        if args.stats {
+            v.push("--stats".into());
+        }
+        v.extend(vm_args.iter().cloned());
+        v
+    };
+    eprintln!(
+        "vmft ft: arbiter {arbiter_addr}, backup {backup_addr}, console {console_addr} (files in {})",
+        dir.0.display()
+    );
+    let children = Children(Arc::new(Mutex::new(Vec::new())));
+    let backup = spawn_side(
+        "backup",
+        &common(&["backup".into(), "--listen".into(), backup_addr.clone()]),
+    )?;
+    children
+        .0
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(("backup".into(), backup));
+    let primary = spawn_side(
+        "primary",
+        &common(&["primary".into(), "--backup".into(), backup_addr.clone()]),
+    )?;
+    children
+        .0
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(("primary".into(), primary));
+
+    // A stop signal to `vmft ft` stops the pair cleanly: pass it on.
+    let pids: Vec<u32> = children
+        .0
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(_, c)| c.id())
+        .collect();
+    stop.on_request(move |_| {
+        for pid in &pids {
+            // SAFETY: kill on the pid of a child this process started and
+            // has not reaped (the children are reaped only after this).
+            unsafe { libc::kill(*pid as i32, libc::SIGTERM) };
+        }
+    });
+
+    let outcome = console.run().context("the console failed")?;
+    // Give the sides time to finish, then stop what is left.
+    let t0 = Instant::now();
+    loop {
+        let mut all = true;
+        for (_, c) in children
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+        {
+            if c.try_wait().ok().flatten().is_none() {
+                all = false;
+            }
+        }
+        if all || t0.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(children);
+    Ok(outcome.exit_status().clamp(0, 255) as u8)
+}
