@@ -1,0 +1,470 @@
+//! The VM: KVM objects, guest memory, devices, the door, and the run loop
+//! that turns guest exits into device calls and interrupt injections.
+//!
+//! Run loop, one iteration per guest-caused exit:
+//! 1. at the exit boundary, take what the outside world offers through the
+//!    door (timer due? console input?) and raise device interrupt lines;
+//! 2. if the PIC asserts INTR, inject with `KVM_INTERRUPT` when KVM is
+//!    ready, else request an interrupt window;
+//! 3. arm the deadline kicker for the next timer interrupt and `KVM_RUN`;
+//! 4. dispatch the exit (port I/O to devices, HLT waits in the door,
+//!    emulation failures to [`crate::emulate`], reset/halt/triple fault end
+//!    the run).
+//!
+//! The files, one job each:
+//! - this one: the [`Vm`] and its assembly (fresh boot or snapshot), the
+//!   run options, errors and accessors;
+//! - `kvm`: the KVM objects and the memory slots;
+//! - `run`: the run loop, its exit dispatch, stop points, going live,
+//!   idling and the deadline kicker;
+//! - `boundary`: what happens at a boundary: events, interrupt delivery,
+//!   the recorder's kick boundary, console events;
+//! - `epochs`: building an epoch (record) and applying it (replay);
+//! - `persist`: snapshots and digests of the state.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ft_log::LogHeader;
+use kvm_ioctls::{Kvm, VmFd};
+use thiserror::Error;
+use tracing::info;
+use vm_memory::GuestMemoryMmap;
+
+use crate::boot::{self, BootConfig, BootError};
+use crate::devices::serial::ConsoleOut;
+use crate::devices::Devices;
+use crate::emulate::EmulationError;
+use crate::epoch::EpochPages;
+use crate::memory::decode_memory;
+use crate::nondet::{Door, DoorError, ExitCounter, LiveDoor, Mode, Position, PositionSource};
+use crate::record::{RecordDoor, RecordStats};
+use crate::replay::ReplayDoor;
+use crate::snapshot::{self, Decoder, SnapshotError};
+use crate::stats::Stats;
+use crate::stop::StopHandle;
+use crate::vcpu::{DeadlineKicker, Kicker, Vcpu, VcpuError, VcpuState};
+use crate::watchdog::{ProgressWatchdog, WatchdogConfig};
+
+use kvm::{create_kvm, kvm_err};
+
+mod boundary;
+mod epochs;
+mod kvm;
+mod persist;
+mod run;
+
+pub use persist::snapshot_summary;
+
+/// Errors that end a VM run.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// KVM could not be opened or a VM-level call failed.
+    #[error("KVM {what}: {source}")]
+    Kvm {
+        /// Which call.
+        what: &'static str,
+        /// errno.
+        source: kvm_ioctls::Error,
+    },
+    /// Preparing the boot failed.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A vCPU call failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// An instruction could not be emulated.
+    #[error("guest stopped: {0}")]
+    Emulation(#[from] EmulationError),
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
+    #[error("guest triple fault (shutdown) at RIP {rip:#x}, CR0 {cr0:#x}, CR3 {cr3:#x}, after {exits} exits")]
+    TripleFault {
+        /// Guest RIP.
+        rip: u64,
+        /// CR0.
+        cr0: u64,
+        /// CR3.
+        cr3: u64,
+        /// Exits so far.
+        exits: u64,
+    },
+    /// The guest kernel panicked.
+    #[error("guest kernel panic: {message}{hint}")]
+    GuestPanic {
+        /// The panic line.
+        message: String,
+        /// What probably caused it.
+        hint: &'static str,
+    },
+    /// The guest halted with interrupts enabled and nothing can wake it.
+    #[error("guest is idle with no timer armed and no input possible: it would wait forever (RIP {rip:#x})")]
+    IdleForever {
+        /// Guest RIP.
+        rip: u64,
+    },
+    /// KVM refused to enter the guest.
+    #[error("KVM could not enter the guest: hardware entry failure reason {0:#x}")]
+    FailEntry(u64),
+    /// An exit the monitor does not handle.
+    #[error("unexpected vCPU exit {0} at exit number {1}")]
+    UnexpectedExit(String, u64),
+    /// Snapshot save or restore failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// Recording or replay failed (log error or divergence).
+    #[error(transparent)]
+    Door(#[from] DoorError),
+    /// The replay reached the recording's end in a different state.
+    #[error("divergence at the end (exit {exit}): the primary ended with {primary}, the backup with {backup}")]
+    FinalDivergence {
+        /// Exit number of the end.
+        exit: u64,
+        /// The primary's reason and digest.
+        primary: String,
+        /// The backup's.
+        backup: String,
+    },
+    /// An epoch from the log could not be applied.
+    #[error("epoch {index} after exit {exit} cannot be applied: {detail}")]
+    BadEpoch {
+        /// Epoch number.
+        index: u64,
+        /// Exit number.
+        exit: u64,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// How a run ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest reset the machine (reboot, i8042 command 0xFE).
+    Reset,
+    /// The guest halted with interrupts disabled (power-off / halt).
+    Halted,
+    /// Stopped on request (the console escape or a signal) at a boundary;
+    /// a recording ends there with a complete log.
+    Stopped,
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::Reset => write!(f, "guest reset the machine (reboot)"),
+            VmExit::Halted => write!(f, "guest halted (powered off)"),
+            VmExit::Stopped => write!(f, "guest stopped on request"),
+        }
+    }
+}
+
+/// Fault-tolerance role of a run.
+pub enum FtMode {
+    /// No logging.
+    Live,
+    /// Record to a log; cut an epoch after `epoch_bound` without an
+    /// exit while an interrupt waits.
+    Record {
+        /// Where the log goes.
+        log: LogSink,
+        /// The log's header (configuration and its hash).
+        header: LogHeader,
+        /// Longest exit-free stretch before an epoch.
+        epoch_bound: Duration,
+    },
+    /// Replay from an opened log.
+    Replay {
+        /// The log.
+        door: Box<ReplayDoor>,
+        /// Go live when the log ends without an end entry.
+        go_live: bool,
+        /// Where console output goes once live, if the console sink given
+        /// in [`RunOptions`] does not switch by itself.
+        live_out: Option<Box<dyn Write + Send>>,
+    },
+}
+
+/// Where a recording goes.
+pub enum LogSink {
+    /// A file, created (or truncated).
+    File(PathBuf),
+    /// Any byte stream (the logging channel), named in errors.
+    Stream {
+        /// The bytes' destination.
+        sink: Box<dyn Write + Send>,
+        /// Its name in errors.
+        name: String,
+    },
+}
+
+/// What a side of a fault-tolerant pair adds to the run loop: called at
+/// every boundary (guest-caused exit or kick) once the events of that
+/// boundary are delivered, with the door (to flush the log for an output
+/// barrier, to log the released offset) and the position. An error ends
+/// the run (a lost claim, a channel failure that leaves nothing to do).
+pub trait PairHooks: Send {
+    /// One boundary.
+    fn boundary(&mut self, door: &mut dyn Door, pos: u64) -> Result<(), DoorError>;
+}
+
+/// Options of a run beyond the boot configuration.
+pub struct RunOptions {
+    /// Fault-tolerance role.
+    pub ft: FtMode,
+    /// Save a snapshot when the guest prints its ready marker.
+    pub snapshot_on_ready: Option<PathBuf>,
+    /// Console input (stdin), if any.
+    pub console_in: Option<Box<dyn Read + Send>>,
+    /// Console output.
+    pub console_out: Box<dyn Write + Send>,
+    /// Stop requests (console escape, signals) for this run.
+    pub stop: StopHandle,
+    /// The pair role's hooks (primary or backup), if in a pair.
+    pub pair: Option<Box<dyn PairHooks>>,
+}
+
+/// A virtual machine with one vCPU.
+///
+/// Field order is drop order, and it matters: the vCPU and the VM fd go
+/// first, guest memory after them, so memory KVM maps through the memory
+/// slots stays mapped for as long as the VM fd exists (the `SAFETY` claim
+/// of [`kvm::set_memslots`]).
+pub struct Vm {
+    vcpu: Vcpu,
+    vmfd: VmFd,
+    _kvm: Kvm,
+    /// Kicks the vCPU from a helper thread; stopped (joined) on drop.
+    deadline: DeadlineKicker,
+    _kicker: Kicker,
+    devices: Devices,
+    door: Box<dyn Door>,
+    /// The role the VM has been running in; `door.mode()` says the role
+    /// now, and a difference means a backup just went live.
+    mode: Mode,
+    /// Longest exit-free stretch before the recorder cuts an epoch.
+    epoch_bound: Duration,
+    /// Digest of the state the run ended in, once taken.
+    final_digest: Option<String>,
+    epochs: u64,
+    /// Console sink to switch to when a backup goes live.
+    live_console: Option<Box<dyn Write + Send>>,
+    epoch_pages: EpochPages,
+    clock_start: Instant,
+    clock_base_ns: u64,
+    positions: Box<dyn PositionSource>,
+    snapshot_on_ready: Option<PathBuf>,
+    stop: StopHandle,
+    pair: Option<Box<dyn PairHooks>>,
+    /// Says so when a silent guest spins on one device.
+    watchdog: ProgressWatchdog,
+    mem_mib: u64,
+    cmdline: String,
+    /// Guest memory: dropped after the VM fd (see above).
+    mem: GuestMemoryMmap,
+    /// Statistics of this run.
+    pub stats: Stats,
+}
+
+/// What a new [`Vm`] is built from (fresh boot or snapshot).
+struct Parts {
+    kvm: Kvm,
+    vmfd: VmFd,
+    vcpu: Vcpu,
+    mem: GuestMemoryMmap,
+    mem_mib: u64,
+    cmdline: String,
+    devices: Devices,
+    kicker: Kicker,
+    clock_ns: u64,
+    pos: Position,
+}
+
+impl Vm {
+    fn assemble(parts: Parts, opts: RunOptions) -> Result<Vm, VmError> {
+        let Parts {
+            kvm,
+            vmfd,
+            vcpu,
+            mem,
+            mem_mib,
+            cmdline,
+            devices,
+            kicker,
+            clock_ns,
+            pos,
+        } = parts;
+        opts.stop.attach(kicker);
+        let live = LiveDoor::new(clock_ns, opts.console_in, kicker);
+        let mut live_console = None;
+        let (door, mode, epoch_bound): (Box<dyn Door>, Mode, Duration) = match opts.ft {
+            FtMode::Live => (Box::new(live), Mode::Live, Duration::MAX),
+            FtMode::Record {
+                log,
+                header,
+                epoch_bound,
+            } => (
+                Box::new(match log {
+                    LogSink::File(path) => RecordDoor::create(&path, &header, live)?,
+                    LogSink::Stream { sink, name } => {
+                        RecordDoor::to_writer(sink, name, &header, live)?
+                    }
+                }),
+                Mode::Record,
+                epoch_bound,
+            ),
+            FtMode::Replay {
+                mut door,
+                go_live,
+                live_out,
+            } => {
+                if go_live {
+                    door.go_live_on_end(live);
+                }
+                live_console = live_out;
+                (door, Mode::Replay, Duration::MAX)
+            }
+        };
+        Ok(Vm {
+            _kvm: kvm,
+            vcpu,
+            mem,
+            mem_mib,
+            cmdline,
+            devices,
+            door,
+            mode,
+            epoch_bound,
+            final_digest: None,
+            epochs: 0,
+            live_console,
+            epoch_pages: EpochPages::default(),
+            vmfd,
+            clock_start: Instant::now(),
+            clock_base_ns: clock_ns,
+            deadline: DeadlineKicker::start(kicker),
+            _kicker: kicker,
+            positions: Box::new(ExitCounter::starting_at(pos)),
+            snapshot_on_ready: opts.snapshot_on_ready,
+            stop: opts.stop,
+            pair: opts.pair,
+            watchdog: ProgressWatchdog::new(WatchdogConfig::default(), Instant::now())
+                .expect("the default watchdog configuration is valid"),
+            stats: Stats::default(),
+        })
+    }
+
+    /// Create a VM and load the kernel for a fresh boot.
+    pub fn boot(cfg: &BootConfig, opts: RunOptions) -> Result<Vm, VmError> {
+        let mem = boot::create_memory(cfg.mem_mib)?;
+        let info = boot::load(&mem, cfg)?;
+        info!(entry = format!("{:#x}", info.entry), format = ?info.format, "kernel loaded");
+        let dirty_log = matches!(opts.ft, FtMode::Record { .. });
+        let (kvm, vmfd, mut vcpu) = create_kvm(&mem, dirty_log)?;
+        let sregs = vcpu.fd.get_sregs().map_err(kvm_err("GET_SREGS"))?;
+        vcpu.fd
+            .set_sregs(&boot::boot_sregs(sregs))
+            .map_err(kvm_err("SET_SREGS"))?;
+        vcpu.fd
+            .set_regs(&boot::boot_regs(&info))
+            .map_err(kvm_err("SET_REGS"))?;
+        vcpu.fd
+            .set_fpu(&boot::boot_fpu())
+            .map_err(kvm_err("SET_FPU"))?;
+        let kicker = vcpu.arm_kick()?;
+        let devices = Devices::new(ConsoleOut::new(opts.console_out));
+        let opts = RunOptions {
+            console_out: Box::new(std::io::sink()),
+            ..opts
+        };
+        Self::assemble(
+            Parts {
+                kvm,
+                vmfd,
+                vcpu,
+                mem,
+                mem_mib: cfg.mem_mib,
+                cmdline: cfg.cmdline.clone(),
+                devices,
+                kicker,
+                clock_ns: 0,
+                pos: Position::default(),
+            },
+            opts,
+        )
+    }
+
+    /// Create a VM from `source`: boot it or restore a snapshot.
+    pub fn start(source: &crate::record::VmSource, opts: RunOptions) -> Result<Vm, VmError> {
+        match source {
+            crate::record::VmSource::Boot(cfg) => Vm::boot(cfg, opts),
+            crate::record::VmSource::Restore(path) => Vm::restore(path, opts),
+        }
+    }
+
+    /// Create a VM from a snapshot file.
+    pub fn restore(path: &Path, opts: RunOptions) -> Result<Vm, VmError> {
+        let t0 = Instant::now();
+        let body = snapshot::read_file(path)?;
+        let mut d = Decoder::new(&body);
+        let mem_mib = d.u64()?;
+        let cmdline = String::from_utf8_lossy(d.bytes()?).into_owned();
+        let clock_ns = d.u64()?;
+        let exits = d.u64()?;
+        let vstate = VcpuState::decode(&mut d)?;
+        let console = opts.console_out;
+        let opts = RunOptions {
+            console_out: Box::new(std::io::sink()),
+            ..opts
+        };
+        let devices = Devices::decode(&mut d, ConsoleOut::new(console))?;
+        let mem = boot::create_memory(mem_mib)?;
+        decode_memory(&mut d, &mem, (mem_mib << 20) as usize)?;
+        if d.remaining() != 0 {
+            return Err(SnapshotError::Invalid(format!("{} trailing bytes", d.remaining())).into());
+        }
+        let dirty_log = matches!(opts.ft, FtMode::Record { .. });
+        let (kvm, vmfd, mut vcpu) = create_kvm(&mem, dirty_log)?;
+        vcpu.restore(&vstate)?;
+        let kicker = vcpu.arm_kick()?;
+        info!(
+            elapsed_ms = t0.elapsed().as_millis() as u64,
+            "snapshot restored"
+        );
+        Self::assemble(
+            Parts {
+                kvm,
+                vmfd,
+                vcpu,
+                mem,
+                mem_mib,
+                cmdline,
+                devices,
+                kicker,
+                clock_ns,
+                pos: Position { exit: exits },
+            },
+            opts,
+        )
+    }
+
+    /// Unknown port accesses so far.
+    pub fn unknown_ports(&self) -> &std::collections::BTreeMap<u16, (u64, u64)> {
+        &self.devices.unknown_ports
+    }
+
+    /// Recording statistics, when recording.
+    pub fn record_stats(&self) -> Option<RecordStats> {
+        self.door.record_stats()
+    }
+
+    /// Guest-caused exits so far.
+    pub fn position(&self) -> Position {
+        self.positions.now()
+    }
+
+    /// Epochs cut (record) or applied (replay).
+    pub fn epochs(&self) -> u64 {
+        self.epochs
+    }
+}

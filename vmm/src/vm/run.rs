@@ -1,0 +1,332 @@
+//! The run loop: `KVM_RUN`, the dispatch of each exit to the devices and
+//! the door, the stop points, going live, idling on HLT, arming the
+//! deadline kicker, and the end of a run (the end entry and its digest).
+
+use std::time::Instant;
+
+use ft_log::{ExitKind, ExitRecord};
+use kvm_ioctls::VcpuExit;
+use tracing::{debug, info, warn};
+
+use super::kvm::kvm_err;
+use super::{Vm, VmError, VmExit};
+use crate::deadline::{kick_after, KickInputs};
+use crate::emulate;
+use crate::nondet::{Mode, Wake};
+use crate::watchdog::ProgressWatchdog;
+
+/// Tell the progress watchdog about a port exit (and console output: a
+/// write to COM1's data register); print its warning, once per stall.
+fn watch_port(wd: &mut ProgressWatchdog, port: u16, write: bool) {
+    if write && port == crate::devices::serial::COM1_BASE {
+        wd.on_console_output(Instant::now());
+    }
+    if wd.count_port_exit(port) {
+        if let Some(w) = wd.check(Instant::now()) {
+            eprintln!("{w}");
+        }
+    }
+}
+
+fn exit_value(data: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = data.len().min(8);
+    b[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(b)
+}
+
+impl Vm {
+    fn exit(&mut self, rec: ExitRecord) -> Result<(), VmError> {
+        let pos = self.positions.exit().exit;
+        self.door.exit(pos, rec)?;
+        Ok(())
+    }
+
+    fn finish(&mut self, exit: VmExit) -> Result<VmExit, VmError> {
+        let mode = self.door.mode();
+        if mode == Mode::Live {
+            return Ok(exit);
+        }
+        let reason = exit.to_string();
+        let digest = self.final_digest();
+        let pos = self.positions.now().exit;
+        match mode {
+            Mode::Live => {}
+            Mode::Record => {
+                self.door.end(pos, Some((reason, digest)))?;
+            }
+            Mode::Replay => match self.door.end(pos, None)? {
+                Some((r, d)) if r == reason && d == digest => {}
+                Some((r, d)) => {
+                    return Err(VmError::FinalDivergence {
+                        exit: pos,
+                        primary: format!("{r}, digest {d}"),
+                        backup: format!("{reason}, digest {digest}"),
+                    })
+                }
+                None => {
+                    return Err(VmError::FinalDivergence {
+                        exit: pos,
+                        primary: "no end here (the recording went on)".into(),
+                        backup: format!("{reason}, digest {digest}"),
+                    })
+                }
+            },
+        }
+        Ok(exit)
+    }
+
+    /// Run the guest until it resets, halts or fails.
+    pub fn run(&mut self) -> Result<VmExit, VmError> {
+        let r = self.run_inner();
+        let _ = self.door.flush();
+        self.stop.detach();
+        r
+    }
+
+    fn run_inner(&mut self) -> Result<VmExit, VmError> {
+        let mut counted = true;
+        let mut last_exit_at = Instant::now();
+        loop {
+            let mode = self.door.mode();
+            if mode != self.mode {
+                self.went_live()?;
+            }
+            if counted || mode == Mode::Live {
+                self.boundary()?;
+            } else if mode == Mode::Record {
+                self.kick_boundary(&mut last_exit_at)?;
+            }
+            if let Some(pair) = self.pair.as_mut() {
+                pair.boundary(self.door.as_mut(), self.positions.now().exit)?;
+            }
+            if let Some(end) = self.stop_point(counted)? {
+                return Ok(end);
+            }
+            if self.door.mode() != Mode::Replay {
+                self.arm_deadline(last_exit_at);
+            }
+            let t0 = Instant::now();
+            let exit = self.vcpu.fd.run();
+            self.stats.in_guest += t0.elapsed();
+            counted = true;
+            match exit {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    let rec = ExitRecord {
+                        kind: ExitKind::PioIn,
+                        addr: port as u64,
+                        data: data.len() as u64,
+                    };
+                    let pos = self.positions.exit().exit;
+                    self.stats.exit("pio_in");
+                    watch_port(&mut self.watchdog, port, false);
+                    self.door.exit(pos, rec)?;
+                    self.devices.pio_in(pos, port, data, self.door.as_mut())?;
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    let rec = ExitRecord {
+                        kind: ExitKind::PioOut,
+                        addr: port as u64,
+                        data: exit_value(data),
+                    };
+                    let pos = self.positions.exit().exit;
+                    self.stats.exit("pio_out");
+                    watch_port(&mut self.watchdog, port, true);
+                    self.door.exit(pos, rec)?;
+                    self.devices.pio_out(pos, port, data, self.door.as_mut())?;
+                    if self.devices.i8042.reset_requested() {
+                        return self.finish(VmExit::Reset);
+                    }
+                    self.handle_console_events()?;
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    let rec = ExitRecord {
+                        kind: ExitKind::MmioRead,
+                        addr,
+                        data: data.len() as u64,
+                    };
+                    data.fill(0xff);
+                    self.stats.exit("mmio_read");
+                    debug!(addr = format!("{addr:#x}"), "MMIO read with no device");
+                    self.exit(rec)?;
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    let rec = ExitRecord {
+                        kind: ExitKind::MmioWrite,
+                        addr,
+                        data: exit_value(data),
+                    };
+                    self.stats.exit("mmio_write");
+                    debug!(addr = format!("{addr:#x}"), "MMIO write with no device");
+                    self.exit(rec)?;
+                }
+                Ok(VcpuExit::Hlt) => {
+                    self.stats.exit("hlt");
+                    self.exit(ExitRecord {
+                        kind: ExitKind::Hlt,
+                        addr: 0,
+                        data: 0,
+                    })?;
+                    if self.vcpu.fd.get_kvm_run().if_flag == 0 {
+                        return self.finish(VmExit::Halted);
+                    }
+                    if !self.devices.pic.has_interrupt() {
+                        self.idle()?;
+                    }
+                }
+                Ok(VcpuExit::IrqWindowOpen) => {
+                    self.stats.exit("irq_window");
+                    self.exit(ExitRecord {
+                        kind: ExitKind::IrqWindow,
+                        addr: 0,
+                        data: 0,
+                    })?;
+                }
+                Ok(VcpuExit::InternalError) => {
+                    self.stats.exit("emulation_failure");
+                    self.exit(ExitRecord {
+                        kind: ExitKind::Emulated,
+                        addr: 0,
+                        data: 0,
+                    })?;
+                    let done = emulate::complete(&mut self.vcpu, &self.mem)?;
+                    *self.stats.emulated.entry(done.name()).or_default() += 1;
+                }
+                Ok(VcpuExit::Shutdown) => {
+                    let regs = self.vcpu.fd.get_regs().map_err(kvm_err("GET_REGS"))?;
+                    let sregs = self.vcpu.fd.get_sregs().map_err(kvm_err("GET_SREGS"))?;
+                    return Err(VmError::TripleFault {
+                        rip: regs.rip,
+                        cr0: sregs.cr0,
+                        cr3: sregs.cr3,
+                        exits: self.positions.now().exit,
+                    });
+                }
+                Ok(VcpuExit::FailEntry(reason, _)) => return Err(VmError::FailEntry(reason)),
+                Ok(VcpuExit::Intr) => {
+                    counted = false;
+                    self.stats.exit("kick");
+                    self.vcpu.fd.set_kvm_immediate_exit(0);
+                }
+                Ok(other) => {
+                    return Err(VmError::UnexpectedExit(
+                        format!("{other:?}"),
+                        self.positions.now().exit,
+                    ))
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // A kick (signal or immediate_exit): not a guest-caused exit.
+                    if tracing::enabled!(tracing::Level::TRACE) {
+                        let rip = self.vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                        tracing::trace!(rip = format!("{rip:#x}"), "kick");
+                    }
+                    counted = false;
+                    self.stats.exit("kick");
+                    self.vcpu.fd.set_kvm_immediate_exit(0);
+                }
+                Err(e) => {
+                    return Err(VmError::Kvm {
+                        what: "RUN",
+                        source: e,
+                    })
+                }
+            }
+            if counted {
+                last_exit_at = Instant::now();
+            }
+        }
+    }
+
+    /// At a boundary: end the run here if a stop was requested (live or
+    /// recording) or, replaying, if the recording was stopped here.
+    fn stop_point(&mut self, counted: bool) -> Result<Option<VmExit>, VmError> {
+        let mode = self.door.mode();
+        let pos = self.positions.now().exit;
+        if mode == Mode::Replay {
+            if counted && self.door.stopped_at(pos, &VmExit::Stopped.to_string())? {
+                return self.finish(VmExit::Stopped).map(Some);
+            }
+            if let Some(reason) = self.stop.requested() {
+                eprintln!("vmft: replay stopped by {reason} at exit {pos}");
+                return Ok(Some(VmExit::Stopped));
+            }
+            return Ok(None);
+        }
+        let Some(reason) = self.stop.requested() else {
+            return Ok(None);
+        };
+        info!(%reason, pos, "stopping");
+        if mode == Mode::Record && !counted {
+            // Stopped between exits: an epoch takes the backup to exactly
+            // this state, so the end entry's digest is the backup's too.
+            let epoch = self.build_epoch()?;
+            self.door.epoch(pos, Some(epoch))?;
+            self.epochs += 1;
+        }
+        self.finish(VmExit::Stopped).map(Some)
+    }
+
+    /// The replay door went live (its log ended without an end entry):
+    /// from here on this VM is the primary.
+    fn went_live(&mut self) -> Result<(), VmError> {
+        let exit = self.positions.now().exit;
+        eprintln!("vmft: the log ends at exit {exit} without an end entry: the backup goes live");
+        if let Some(out) = self.live_console.take() {
+            self.devices.serial.console().set_sink(out);
+        }
+        // Clocks continue from the last logged time; re-arm host-side hints.
+        self.clock_start = Instant::now();
+        self.clock_base_ns = self.door.clock_ns(exit)?;
+        self.mode = Mode::Live;
+        tracing::debug!(
+            clock_ns = self.clock_base_ns,
+            next_tick_ns = ?self.devices.pit.next_irq0_ns(),
+            "live"
+        );
+        Ok(())
+    }
+
+    /// Arm the deadline kicker after a stop, by the policy in
+    /// [`crate::deadline`]: live, at the next timer tick; recording, once an
+    /// event waits and the exit-free stretch has reached the epoch bound.
+    /// Called after every stop, counted or not, so a guest that runs
+    /// without exits is always kicked when a kick can deliver something.
+    fn arm_deadline(&mut self, last_exit_at: Instant) {
+        let recording = self.door.mode() == Mode::Record;
+        let waiting = self.devices.pic.has_interrupt() || (recording && self.door.pending(None));
+        let after = kick_after(KickInputs {
+            recording,
+            now_ns: self.door_clock_hint(),
+            next_tick_ns: self.devices.pit.next_irq0_ns(),
+            waiting,
+            since_exit: last_exit_at.elapsed(),
+            epoch_bound: self.epoch_bound,
+        });
+        tracing::trace!(?after, waiting, "deadline armed");
+        self.deadline.set(after);
+    }
+
+    /// Host-side estimate of the guest clock for arming the deadline kicker
+    /// (never handed to the guest, so it needs no logging).
+    fn door_clock_hint(&self) -> u64 {
+        self.clock_base_ns + self.clock_start.elapsed().as_nanos() as u64
+    }
+
+    /// The guest executed HLT with interrupts enabled: wait for the next
+    /// timer deadline or console input.
+    fn idle(&mut self) -> Result<(), VmError> {
+        let t0 = Instant::now();
+        // The vCPU is not in the guest; the deadline thread need not kick.
+        self.deadline.set(None);
+        let wake = self.door.wait(self.devices.pit.next_irq0_ns());
+        self.stats.idle += t0.elapsed();
+        if wake == Wake::Never {
+            let rip = self.vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+            warn!("guest idle with nothing to wake it");
+            return Err(VmError::IdleForever { rip });
+        }
+        // A kick that raced with the wait leaves immediate_exit set; clear it.
+        self.vcpu.fd.set_kvm_immediate_exit(0);
+        Ok(())
+    }
+}
