@@ -1,0 +1,1145 @@
+//! The fault-tolerant pair end to end, as separate processes: an arbiter
+//! (`arbiter serve`), a console endpoint (`vmft console`), a backup
+//! (`vmft backup`) and a primary (`vmft primary`), all on loopback, all
+//! restoring one snapshot of the default guest running the `ticker`
+//! workload (30 numbered, checksummed lines, then `ticker done`).
+//!
+//! What they show (issue 8): whichever side dies, and at whatever moment,
+//! the console prints every line of the guest's output exactly once and in
+//! order; a paused primary that wakes up after the backup went live is
+//! fenced (it loses the claim and releases nothing); with the arbiter down
+//! nobody goes live until it is back; and the channel refuses a peer
+//! without the secret, garbage, and an altered frame.
+//!
+//! The tests in this file run one at a time (a global lock), so that the
+//! failover times they print mean something on a 2-core machine.
+//! `VMFT_PAIR_ROUNDS` lowers the number of kill rounds (default 10),
+//! `VMFT_PAIR_SEED` repeats a printed seed.
+
+mod common;
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+
+/// `vmft.count` of the shared snapshot: 30 ticker lines.
+const COUNT: u64 = 3;
+/// The channel's failure timeout unless a test says otherwise.
+const TIMEOUT_MS: u64 = 2000;
+const HEARTBEAT_MS: u64 = 100;
+
+// ---------------------------------------------------------------- set-up
+
+/// One pair test at a time: each runs up to two guests under emulation.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A snapshot of the default guest running `ticker` with `vmft.count=3`,
+/// taken at its ready marker (one boot for this file's tests).
+fn ticker_snapshot() -> &'static Path {
+    static SNAP: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &SNAP
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let snap = dir.path().join("ticker.snap");
+            let (kernel, initrd) = image();
+            let mut cmd = vmft();
+            cmd.args(["run", "--workload", "ticker", "--append"])
+                .arg(format!("vmft.count={COUNT}"))
+                .args(["--no-stdin", "--snapshot-on-ready"])
+                .arg(&snap)
+                .arg("--kernel")
+                .arg(kernel)
+                .arg("--initrd")
+                .arg(initrd);
+            let t0 = Instant::now();
+            let mut boot = Proc::spawn("boot", cmd);
+            let limit = Duration::from_secs(400);
+            loop {
+                let err = boot.stderr();
+                if err.contains("snapshot saved to") {
+                    break;
+                }
+                if let Some(st) = boot.poll() {
+                    panic!("the boot ended ({st}) before its snapshot:\n{err}");
+                }
+                assert!(
+                    t0.elapsed() < limit,
+                    "no snapshot within {limit:?}; stderr:\n{err}\nstdout:\n{}",
+                    boot.stdout()
+                );
+                thread::sleep(Duration::from_millis(100));
+            }
+            eprintln!(
+                "pair: ticker snapshot taken after {:.1} s of boot",
+                t0.elapsed().as_secs_f64()
+            );
+            drop(boot);
+            (dir, snap)
+        })
+        .1
+}
+
+/// The `arbiter` binary: built by the `arbiter` crate next to `vmft`.
+fn arbiter_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let vmft = Path::new(env!("CARGO_BIN_EXE_vmft"));
+        let bin = vmft.with_file_name("arbiter");
+        if bin.exists() {
+            return bin;
+        }
+        let release = vmft.parent().and_then(Path::file_name) == Some("release".as_ref());
+        let how = if release {
+            "cargo build --release -p arbiter"
+        } else {
+            "cargo build -p arbiter"
+        };
+        eprintln!("pair: {} is missing; running `{how}`", bin.display());
+        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .args(["build", "-p", "arbiter"]);
+        if release {
+            cargo.arg("--release");
+        }
+        let ok = cargo.status().map(|s| s.success()).unwrap_or(false);
+        assert!(
+            ok && bin.exists(),
+            "the arbiter binary {} is missing and `{how}` did not build it: run `{how}` \
+             in the workspace, then these tests again",
+            bin.display()
+        );
+        bin
+    })
+}
+
+/// A free loopback port (for the console, whose address the sides need
+/// before it starts).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The seed of this run: `VMFT_PAIR_SEED`, or the time.
+fn seed() -> u64 {
+    match std::env::var("VMFT_PAIR_SEED") {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("VMFT_PAIR_SEED={s:?} is not a number")),
+        Err(_) => SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    }
+}
+
+/// splitmix64: enough randomness for picking moments, and repeatable.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+}
+
+// ---------------------------------------------------------------- processes
+
+/// Bytes a child wrote on one pipe, with the time each line ended.
+#[derive(Default)]
+struct Captured {
+    bytes: Vec<u8>,
+    line_ends: Vec<Instant>,
+}
+
+impl Captured {
+    /// The complete lines (without `\r`) and when each arrived.
+    fn lines(&self) -> Vec<(Instant, String)> {
+        let text = String::from_utf8_lossy(&self.bytes);
+        text.split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .zip(&self.line_ends)
+            .map(|(l, t)| (*t, l.trim_end_matches(['\n', '\r']).to_string()))
+            .collect()
+    }
+}
+
+fn capture(mut from: impl Read + Send + 'static) -> Arc<Mutex<Captured>> {
+    let cap = Arc::new(Mutex::new(Captured::default()));
+    let to = cap.clone();
+    thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let now = Instant::now();
+            let mut c = to.lock().unwrap();
+            c.bytes.extend_from_slice(&buf[..n]);
+            let lines = buf[..n].iter().filter(|&&b| b == b'\n').count();
+            c.line_ends.extend((0..lines).map(|_| now));
+        }
+    });
+    cap
+}
+
+/// Without the terminal colours of `tracing`'s output.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A child process with its stdout and stderr captured; killed (SIGKILL,
+/// which also ends a stopped process) and reaped when dropped, so that a
+/// failing test leaves nothing running.
+struct Proc {
+    name: String,
+    child: Child,
+    out: Arc<Mutex<Captured>>,
+    err: Arc<Mutex<Captured>>,
+    status: Option<ExitStatus>,
+    started: Instant,
+}
+
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the {name}: {e}"));
+        let out = capture(child.stdout.take().unwrap());
+        let err = capture(child.stderr.take().unwrap());
+        Proc {
+            name: name.to_string(),
+            child,
+            out,
+            err,
+            status: None,
+            started: Instant::now(),
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn signal(&self, sig: i32) {
+        assert!(
+            self.status.is_none(),
+            "the {} already exited ({:?})",
+            self.name,
+            self.status
+        );
+        // SAFETY: kill(2) on the pid of a child we own and have not reaped.
+        let r = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(r, 0, "kill({}, {sig}) failed", self.name);
+    }
+
+    /// `kill -9`, and reap it.
+    fn kill9(&mut self) -> Instant {
+        self.signal(libc::SIGKILL);
+        let at = Instant::now();
+        self.status = Some(self.child.wait().unwrap());
+        at
+    }
+
+    /// The exit status, if it exited.
+    fn poll(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().unwrap();
+        }
+        self.status
+    }
+
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap().bytes).into_owned()
+    }
+
+    fn stderr(&self) -> String {
+        strip_ansi(&String::from_utf8_lossy(&self.err.lock().unwrap().bytes))
+    }
+
+    fn stdout_lines(&self) -> Vec<(Instant, String)> {
+        self.out.lock().unwrap().lines()
+    }
+
+    /// When the first stderr line containing `needle` arrived.
+    fn stderr_line_time(&self, needle: &str) -> Option<Instant> {
+        self.err
+            .lock()
+            .unwrap()
+            .lines()
+            .into_iter()
+            .find(|(_, l)| strip_ansi(l).contains(needle))
+            .map(|(t, _)| t)
+    }
+
+    fn report(&mut self, whole_stdout: bool) -> String {
+        let status = match self.poll() {
+            Some(st) => format!("{st}"),
+            None => "running".into(),
+        };
+        let out = self.stdout();
+        let out = if whole_stdout || out.len() <= 4000 {
+            out
+        } else {
+            format!("...{}", &out[out.len() - 4000..])
+        };
+        format!(
+            "===== {} (pid {}, started {:.1} s ago, {status})\n--- stderr:\n{}--- stdout:\n{}\n",
+            self.name,
+            self.pid(),
+            self.started.elapsed().as_secs_f64(),
+            self.stderr(),
+            out
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the pair
+
+/// How to start a pair.
+struct Opts {
+    timeout_ms: u64,
+    /// The primary's channel secret, if not the pair's.
+    primary_token: Option<&'static [u8]>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            timeout_ms: TIMEOUT_MS,
+            primary_token: None,
+        }
+    }
+}
+
+/// Where the pair's parts are and what they share.
+struct Setup {
+    timeout_ms: u64,
+    /// The primary's channel secret, if not the pair's.
+    primary_token: Option<&'static [u8]>,
+    arbiter_addr: String,
+    console_addr: String,
+    backup_addr: String,
+    token: PathBuf,
+    atoken: PathBuf,
+    adata: PathBuf,
+}
+
+impl Setup {
+    /// The options both sides take.
+    fn side_args(&self, token: &Path) -> Vec<OsString> {
+        vec![
+            "--arbiter".into(),
+            self.arbiter_addr.clone().into(),
+            "--arbiter-token-file".into(),
+            self.atoken.clone().into(),
+            "--token-file".into(),
+            token.into(),
+            "--restore".into(),
+            ticker_snapshot().into(),
+            "--no-stdin".into(),
+            "--console".into(),
+            self.console_addr.clone().into(),
+            "--timeout-ms".into(),
+            self.timeout_ms.to_string().into(),
+            "--heartbeat-ms".into(),
+            HEARTBEAT_MS.to_string().into(),
+        ]
+    }
+}
+
+/// An arbiter, a console, a backup and (once started) a primary, in a
+/// fresh directory. Every process is killed when this is dropped.
+struct Cluster {
+    // Dropped first: the processes die before their directory goes.
+    arbiter: Option<Proc>,
+    console: Proc,
+    backup: Proc,
+    primary: Option<Proc>,
+    s: Setup,
+    dir: tempfile::TempDir,
+}
+
+const TOKEN: &[u8] = b"pair-test-channel-secret";
+const ATOKEN: &[u8] = b"pair-test-arbiter-secret";
+
+fn start_arbiter(listen: &str, data: &Path, token: &Path) -> (Proc, String) {
+    let mut cmd = Command::new(arbiter_bin());
+    cmd.args(["serve", "--listen", listen, "--data"])
+        .arg(data)
+        .arg("--token-file")
+        .arg(token);
+    let mut p = Proc::spawn("arbiter", cmd);
+    let t0 = Instant::now();
+    loop {
+        if let Some(addr) = p
+            .stdout()
+            .lines()
+            .find_map(|l| l.strip_prefix("listening "))
+        {
+            return (p, addr.trim().to_string());
+        }
+        if p.poll().is_some() || t0.elapsed() > Duration::from_secs(60) {
+            panic!("the arbiter did not start:\n{}", p.report(true));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Cluster {
+    /// Start the arbiter, the console and the backup (waiting for the
+    /// primary).
+    fn start(opts: Opts) -> Cluster {
+        ticker_snapshot();
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("channel.token");
+        let atoken = dir.path().join("arbiter.token");
+        let adata = dir.path().join("arbiter-data");
+        std::fs::write(&token, TOKEN).unwrap();
+        std::fs::write(&atoken, ATOKEN).unwrap();
+        std::fs::create_dir(&adata).unwrap();
+
+        let (arbiter, arbiter_addr) = start_arbiter("127.0.0.1:0", &adata, &atoken);
+
+        let console_addr = format!("127.0.0.1:{}", free_port());
+        let mut cmd = vmft();
+        cmd.args([
+            "console",
+            "--no-stdin",
+            "--listen",
+            &console_addr,
+            "--token-file",
+        ])
+        .arg(&token);
+        let console = Proc::spawn("console", cmd);
+
+        let s = Setup {
+            timeout_ms: opts.timeout_ms,
+            primary_token: opts.primary_token,
+            arbiter_addr,
+            console_addr,
+            backup_addr: String::new(),
+            token,
+            atoken,
+            adata,
+        };
+        let mut cmd = vmft();
+        cmd.args(["backup", "--listen", "127.0.0.1:0"])
+            .args(s.side_args(&s.token));
+        let backup = Proc::spawn("backup", cmd);
+        let mut c = Cluster {
+            arbiter: Some(arbiter),
+            console,
+            backup,
+            primary: None,
+            s,
+            dir,
+        };
+        const WAITING: &str = "waiting for the primary on ";
+        c.wait_for("the backup to listen", 60, |c| {
+            c.backup.stderr().contains(WAITING)
+        });
+        c.s.backup_addr = c
+            .backup
+            .stderr()
+            .lines()
+            .find_map(|l| l.split_once(WAITING).map(|(_, a)| a.trim().to_string()))
+            .unwrap();
+        c
+    }
+
+    /// Start the primary, dialling `backup` (the backup's address unless
+    /// a relay sits between them).
+    fn start_primary_to(&mut self, backup: &str) {
+        let token = match self.s.primary_token {
+            Some(t) => {
+                let p = self.dir.path().join("other.token");
+                std::fs::write(&p, t).unwrap();
+                p
+            }
+            None => self.s.token.clone(),
+        };
+        let mut cmd = vmft();
+        cmd.args(["primary", "--backup", backup])
+            .args(self.s.side_args(&token));
+        self.primary = Some(Proc::spawn("primary", cmd));
+    }
+
+    /// Start the primary and wait until the pair is formed.
+    fn start_primary(&mut self) {
+        let addr = self.s.backup_addr.clone();
+        self.start_primary_to(&addr);
+        self.wait_for("the pair to form", 120, |c| {
+            c.primary().stderr().contains("connected to the backup")
+                && c.backup.stderr().contains("the primary connected")
+        });
+    }
+
+    fn primary(&mut self) -> &mut Proc {
+        self.primary.as_mut().expect("the primary was started")
+    }
+
+    /// Every process's stderr and stdout, and the console's transcript.
+    fn report(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(a) = self.arbiter.as_mut() {
+            s += &a.report(false);
+        }
+        s += &self.backup.report(false);
+        if let Some(p) = self.primary.as_mut() {
+            s += &p.report(false);
+        }
+        s += &self.console.report(true);
+        s
+    }
+
+    /// Wait until `cond` holds; fail with every process's output after
+    /// `secs`.
+    fn wait_for(&mut self, what: &str, secs: u64, mut cond: impl FnMut(&mut Cluster) -> bool) {
+        let t0 = Instant::now();
+        loop {
+            if cond(self) {
+                return;
+            }
+            if t0.elapsed() > Duration::from_secs(secs) {
+                let r = self.report();
+                panic!("{what}: not within {secs} s\n{r}");
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Fail with every process's output unless `ok`.
+    fn check(&mut self, ok: bool, what: impl std::fmt::Display) {
+        if !ok {
+            let r = self.report();
+            panic!("{what}\n{r}");
+        }
+    }
+
+    /// The console's ticker lines so far.
+    fn ticker_lines(&self) -> Vec<(Instant, String)> {
+        self.console
+            .stdout_lines()
+            .into_iter()
+            .filter(|(_, l)| l.starts_with("ticker "))
+            .collect()
+    }
+
+    /// Wait for one process to exit.
+    fn wait_exit(&mut self, who: Who, secs: u64) -> ExitStatus {
+        let what = format!("the {who:?} to exit");
+        self.wait_for(&what, secs, |c| c.proc(who).poll().is_some());
+        self.proc(who).poll().unwrap()
+    }
+
+    fn proc(&mut self, who: Who) -> &mut Proc {
+        match who {
+            Who::Primary => self.primary(),
+            Who::Backup => &mut self.backup,
+            Who::Console => &mut self.console,
+        }
+    }
+
+    /// Wait for the console to end, and check that its transcript is the
+    /// whole output, each line once, in order, and that it exited 0.
+    fn expect_complete_transcript(&mut self, secs: u64) {
+        let st = self.wait_exit(Who::Console, secs);
+        let problem = transcript_problem(&self.console.stdout(), true);
+        self.check(
+            problem.is_none(),
+            format!(
+                "the console's transcript is wrong: {}",
+                problem.unwrap_or_default()
+            ),
+        );
+        self.check(
+            st.code() == Some(0),
+            format!("the console exited {st}, not 0"),
+        );
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Who {
+    Primary,
+    Backup,
+    Console,
+}
+
+/// What is wrong with a console transcript, if anything: its ticker lines
+/// must be the expected ones in order, each once (all of them when
+/// `complete`, else a prefix), and every other line the workload's end
+/// marker or a kernel message.
+fn transcript_problem(text: &str, complete: bool) -> Option<String> {
+    let expected = expected_ticker(COUNT);
+    let mut got = Vec::new();
+    let mut done = 0;
+    for line in text.lines().map(|l| l.trim_end_matches('\r')) {
+        if line.starts_with("ticker ") {
+            got.push(line);
+        } else if line == "VMFT-DONE status=0" {
+            done += 1;
+            if got.len() != expected.len() {
+                return Some(format!(
+                    "VMFT-DONE after {} ticker lines, not {}",
+                    got.len(),
+                    expected.len()
+                ));
+            }
+        } else if !(line.is_empty() || line.starts_with('[')) {
+            return Some(format!("a line that the guest did not print: {line:?}"));
+        }
+    }
+    if let Some(i) = (0..got.len()).find(|&i| expected.get(i).map(String::as_str) != Some(got[i])) {
+        return Some(format!(
+            "ticker line {} is {:?}, expected {:?} (lost, repeated or reordered output)",
+            i + 1,
+            got[i],
+            expected.get(i)
+        ));
+    }
+    if complete && got.len() != expected.len() {
+        return Some(format!(
+            "{} ticker lines, expected {} (output lost)",
+            got.len(),
+            expected.len()
+        ));
+    }
+    if complete && done != 1 {
+        return Some(format!("VMFT-DONE printed {done} times, expected once"));
+    }
+    if done > 1 {
+        return Some(format!("VMFT-DONE printed {done} times"));
+    }
+    None
+}
+
+// ---------------------------------------------------------------- the tests
+
+fn rounds() -> u64 {
+    match std::env::var("VMFT_PAIR_ROUNDS") {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("VMFT_PAIR_ROUNDS={s:?} is not a number")),
+        Err(_) => 10,
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+#[test]
+fn kill_9_of_the_primary_at_random_moments_loses_and_repeats_nothing() {
+    if !require_kvm() {
+        return;
+    }
+    let _one = serial();
+    let seed = seed();
+    let rounds = rounds();
+    let mut rng = Rng(seed);
+    println!("pair: kill -9 of the primary: {rounds} rounds, seed {seed} (VMFT_PAIR_SEED={seed} repeats them)");
+    let mut failovers = Vec::new();
+    let mut claims = Vec::new();
+    for round in 1..=rounds {
+        let k = rng.range(1, 28) as usize;
+        let extra = Duration::from_millis(rng.range(0, 300));
+        println!(
+            "pair: round {round}/{rounds} (seed {seed}): kill after {k} lines + {} ms",
+            extra.as_millis()
+        );
+        let mut c = Cluster::start(Opts::default());
+        c.start_primary();
+        c.wait_for(&format!("{k} ticker lines on the console"), 180, |c| {
+            c.ticker_lines().len() >= k
+        });
+        thread::sleep(extra);
+        let before = c.ticker_lines().len();
+        let killed = c.primary().kill9();
+        c.wait_for("the backup to go live", 120, |c| {
+            c.backup.stderr().contains("claim won: the backup is LIVE")
+        });
+        c.wait_for("a new line on the console after the kill", 120, |c| {
+            c.ticker_lines().iter().any(|(t, _)| *t > killed)
+        });
+        let first_new = c
+            .ticker_lines()
+            .iter()
+            .find(|(t, _)| *t > killed)
+            .map(|(t, _)| *t)
+            .unwrap();
+        let failover = first_new - killed;
+        let claim = c
+            .backup
+            .stderr_line_time("claim won: the backup is LIVE")
+            .map(|t| t.saturating_duration_since(killed));
+        c.expect_complete_transcript(300);
+        let st = c.wait_exit(Who::Backup, 60);
+        c.check(
+            st.code() == Some(0),
+            format!("the backup exited {st}, not 0"),
+        );
+        println!(
+            "pair: round {round}: seed {seed} killed after {before} lines (+{} ms); \
+             claim won {:.3} s after the kill; failover (kill to first new console line) {:.3} s",
+            extra.as_millis(),
+            claim.map(secs).unwrap_or(f64::NAN),
+            secs(failover)
+        );
+        failovers.push(failover);
+        if let Some(d) = claim {
+            claims.push(d);
+        }
+    }
+    let dist = |v: &mut Vec<Duration>| {
+        v.sort();
+        if v.is_empty() {
+            return "none".to_string();
+        }
+        format!(
+            "min {:.3} s, median {:.3} s, max {:.3} s (n={})",
+            secs(v[0]),
+            secs(v[v.len() / 2]),
+            secs(v[v.len() - 1]),
+            v.len()
+        )
+    };
+    println!(
+        "pair: failover, kill -9 to the first new console line: {}",
+        dist(&mut failovers)
+    );
+    println!(
+        "pair: kill -9 to the backup's won claim: {}",
+        dist(&mut claims)
+    );
+}
+
+#[test]
+fn kill_9_of_the_backup_the_primary_wins_and_finishes() {
+    if !require_kvm() {
+        return;
+    }
+    let _one = serial();
+    let mut c = Cluster::start(Opts::default());
+    c.start_primary();
+    c.wait_for("10 ticker lines on the console", 180, |c| {
+        c.ticker_lines().len() >= 10
+    });
+    c.backup.kill9();
+    c.wait_for("the primary to claim and win", 120, |c| {
+        c.primary()
+            .stderr()
+            .contains("claim won: the VM continues here, UNPROTECTED")
+    });
+    c.expect_complete_transcript(300);
+    let st = c.wait_exit(Who::Primary, 60);
+    c.check(
+        st.code() == Some(0),
+        format!("the primary exited {st}, not 0"),
+    );
+}
+
+#[test]
+fn a_paused_primary_is_fenced() {
+    if !require_kvm() {
+        return;
+    }
+    let _one = serial();
+    let mut c = Cluster::start(Opts {
+        timeout_ms: 1500,
+        ..Opts::default()
+    });
+    c.start_primary();
+    c.wait_for("8 ticker lines on the console", 180, |c| {
+        c.ticker_lines().len() >= 8
+    });
+    c.primary().signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    c.wait_for(
+        "the backup to go live while the primary is stopped",
+        120,
+        |c| c.backup.stderr().contains("claim won: the backup is LIVE"),
+    );
+    // Stay stopped well past the timeout, and until the backup's output
+    // has reached the console.
+    c.wait_for("new lines from the live backup", 120, |c| {
+        stopped.elapsed() >= Duration::from_secs(5)
+            && c.ticker_lines().iter().any(|(t, _)| *t > stopped)
+    });
+    c.primary().signal(libc::SIGCONT);
+    let st = c.wait_exit(Who::Primary, 120);
+    let err = c.primary().stderr();
+    c.check(
+        st.code() == Some(3),
+        format!("the woken primary exited {st}, not 3 (lost the claim)"),
+    );
+    c.check(
+        err.contains("claim lost to"),
+        "the woken primary does not say it lost the claim",
+    );
+    c.check(
+        !err.contains("claim won"),
+        "the woken primary claims to have won",
+    );
+    c.expect_complete_transcript(300);
+    let st = c.wait_exit(Who::Backup, 60);
+    c.check(
+        st.code() == Some(0),
+        format!("the backup exited {st}, not 0"),
+    );
+}
+
+#[test]
+fn arbiter_down_when_the_primary_dies_nobody_goes_live_until_it_is_back() {
+    if !require_kvm() {
+        return;
+    }
+    let _one = serial();
+    let mut c = Cluster::start(Opts::default());
+    c.start_primary();
+    c.wait_for("5 ticker lines on the console", 180, |c| {
+        c.ticker_lines().len() >= 5
+    });
+    c.arbiter.as_mut().unwrap().kill9();
+    c.arbiter = None;
+    let killed = c.primary().kill9();
+    c.wait_for("the backup to say it cannot reach the arbiter", 60, |c| {
+        c.backup.stderr().contains("cannot reach the arbiter")
+    });
+    // Whatever the primary had sent before it died has arrived by now.
+    thread::sleep(Duration::from_secs(1).saturating_sub(killed.elapsed()));
+    let lines = c.ticker_lines().len();
+    let quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_secs(5) {
+        let now = c.ticker_lines().len();
+        c.check(
+            now == lines,
+            format!("the console printed new lines ({lines} -> {now}) while no side could claim"),
+        );
+        c.check(
+            !c.backup.stderr().contains("claim won"),
+            "the backup went live without the arbiter",
+        );
+        let running = c.backup.poll().is_none();
+        c.check(running, "the backup exited");
+        thread::sleep(Duration::from_millis(50));
+    }
+    // The arbiter comes back on the same port with the same data.
+    let addr = c.s.arbiter_addr.clone();
+    let mut tries = 0;
+    loop {
+        let (adata, atoken) = (c.s.adata.clone(), c.s.atoken.clone());
+        let mut cmd = Command::new(arbiter_bin());
+        cmd.args(["serve", "--listen", &addr, "--data"])
+            .arg(&adata)
+            .arg("--token-file")
+            .arg(&atoken);
+        let mut a = Proc::spawn("arbiter (restarted)", cmd);
+        let t0 = Instant::now();
+        while !a.stdout().contains("listening ")
+            && a.poll().is_none()
+            && t0.elapsed() < Duration::from_secs(60)
+        {
+            thread::sleep(Duration::from_millis(20));
+        }
+        if a.stdout().contains("listening ") {
+            c.arbiter = Some(a);
+            break;
+        }
+        tries += 1;
+        // The port may still be held for a moment; more than that is a bug.
+        assert!(
+            tries < 10,
+            "the arbiter did not restart on {addr}:\n{}",
+            a.report(true)
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    c.wait_for("the backup to go live once the arbiter is back", 120, |c| {
+        c.backup.stderr().contains("claim won: the backup is LIVE")
+    });
+    c.expect_complete_transcript(300);
+    let st = c.wait_exit(Who::Backup, 60);
+    c.check(
+        st.code() == Some(0),
+        format!("the backup exited {st}, not 0"),
+    );
+}
+
+/// A relay between the primary and the backup that flips one byte of the
+/// log in the first `Data` message it forwards after `armed` is set (in
+/// the last byte of its body, so the frame's length and kind stay
+/// intact and only its authentication tag can tell). The channel's wire
+/// format: a 10-byte greeting, two handshake frames `len u32 | kind u8 |
+/// body`, then tagged messages `len u32 | kind u8 | body | tag[16]`.
+struct Relay {
+    addr: SocketAddr,
+    armed: Arc<AtomicBool>,
+    /// Bytes of the message flipped, once it was (0 before).
+    flipped_at: Arc<AtomicU64>,
+}
+
+fn read_frame(s: &mut impl Read, tagged: bool) -> std::io::Result<Vec<u8>> {
+    let mut f = vec![0u8; 5];
+    s.read_exact(&mut f)?;
+    let len = u32::from_le_bytes(f[..4].try_into().unwrap()) as usize;
+    f.resize(5 + len + if tagged { 16 } else { 0 }, 0);
+    s.read_exact(&mut f[5..])?;
+    Ok(f)
+}
+
+impl Relay {
+    fn start(backup: &str) -> Relay {
+        const DATA: u8 = 0x01;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let armed = Arc::new(AtomicBool::new(false));
+        let flipped_at = Arc::new(AtomicU64::new(0));
+        let (arm, flipped) = (armed.clone(), flipped_at.clone());
+        let backup = backup.to_string();
+        thread::spawn(move || {
+            let Ok((mut p, _)) = l.accept() else { return };
+            let Ok(mut b) = TcpStream::connect(&backup) else {
+                return;
+            };
+            let (mut p2, mut b2) = (p.try_clone().unwrap(), b.try_clone().unwrap());
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut b2, &mut p2);
+                let _ = p2.shutdown(Shutdown::Write);
+            });
+            let mut total = 0u64;
+            let mut pump = || -> std::io::Result<()> {
+                let mut g = [0u8; 10];
+                p.read_exact(&mut g)?;
+                b.write_all(&g)?;
+                for _ in 0..2 {
+                    b.write_all(&read_frame(&mut p, false)?)?;
+                }
+                loop {
+                    let mut f = read_frame(&mut p, true)?;
+                    total += f.len() as u64;
+                    let body_end = f.len() - 16;
+                    if f[4] == DATA
+                        && body_end > 5 + 8
+                        && flipped.load(Ordering::SeqCst) == 0
+                        && arm.load(Ordering::SeqCst)
+                    {
+                        f[body_end - 1] ^= 0x20;
+                        flipped.store(total, Ordering::SeqCst);
+                    }
+                    b.write_all(&f)?;
+                }
+            };
+            let _ = pump();
+            let _ = b.shutdown(Shutdown::Both);
+            let _ = p.shutdown(Shutdown::Both);
+        });
+        Relay {
+            addr,
+            armed,
+            flipped_at,
+        }
+    }
+}
+
+#[test]
+fn the_channel_refuses_a_peer_without_the_secret_garbage_and_altered_frames() {
+    if !require_kvm() {
+        return;
+    }
+    let _one = serial();
+
+    // (a) A primary with another secret.
+    {
+        let mut c = Cluster::start(Opts {
+            primary_token: Some(b"not-the-pair-secret"),
+            ..Opts::default()
+        });
+        let addr = c.s.backup_addr.clone();
+        c.start_primary_to(&addr);
+        let st = c.wait_exit(Who::Primary, 120);
+        let err = c.primary().stderr();
+        c.check(
+            st.code() == Some(1),
+            format!("(a) the primary with a wrong token exited {st}, not 1"),
+        );
+        c.check(
+            err.contains("refused our authentication") && err.contains("wrong token"),
+            "(a) the primary does not say the backup refused its authentication",
+        );
+        c.check(
+            !err.contains("connected to the backup"),
+            "(a) the primary says it connected",
+        );
+        c.wait_for("(a) the backup to say it refused the primary", 30, |c| {
+            c.backup.stderr().contains("failed authentication")
+        });
+        c.check(
+            c.ticker_lines().is_empty(),
+            "(a) the console printed guest output",
+        );
+        backup_after_refusal(&mut c, "(a)", "failed authentication");
+    }
+
+    // (b) Garbage on the backup's port.
+    {
+        let mut c = Cluster::start(Opts::default());
+        let mut s = TcpStream::connect(&c.s.backup_addr).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: vmft\r\n\r\n")
+            .unwrap();
+        c.wait_for("(b) the backup to refuse the garbage", 30, |c| {
+            c.backup.stderr().contains("not a vmft channel")
+        });
+        drop(s);
+        backup_after_refusal(&mut c, "(b)", "not a vmft channel");
+    }
+
+    // (c) One byte of the log altered in flight.
+    {
+        let mut c = Cluster::start(Opts::default());
+        let relay = Relay::start(&c.s.backup_addr);
+        c.start_primary_to(&relay.addr.to_string());
+        c.wait_for("(c) the pair to form through the relay", 120, |c| {
+            c.primary().stderr().contains("connected to the backup")
+                && c.backup.stderr().contains("the primary connected")
+        });
+        c.wait_for("(c) 5 ticker lines on the console", 180, |c| {
+            c.ticker_lines().len() >= 5
+        });
+        relay.armed.store(true, Ordering::SeqCst);
+        c.wait_for("(c) the relay to alter a message", 60, |_| {
+            relay.flipped_at.load(Ordering::SeqCst) > 0
+        });
+        println!(
+            "pair: (c) flipped a byte of the Data message ending at byte {} of the primary's stream",
+            relay.flipped_at.load(Ordering::SeqCst)
+        );
+        c.wait_for("(c) the backup to refuse the altered message", 60, |c| {
+            let e = c.backup.stderr();
+            e.contains("failed authentication") && e.contains("altered")
+        });
+        // Both sides now see the other as failed and claim: at most one
+        // may win, and the console never shows a line the guest did not
+        // print once, in order.
+        c.wait_for("(c) one side to win the claim", 120, |c| {
+            c.backup.stderr().contains("claim won") || c.primary().stderr().contains("claim won")
+        });
+        let loser = if c.backup.stderr().contains("claim won") {
+            Who::Primary
+        } else {
+            Who::Backup
+        };
+        let st = c.wait_exit(loser, 120);
+        c.check(
+            st.code() == Some(3),
+            format!("(c) the {loser:?}, which lost the claim, exited {st}, not 3"),
+        );
+        c.expect_complete_transcript(300);
+        let (b, p) = (c.backup.stderr(), c.primary().stderr());
+        c.check(
+            !(b.contains("claim won") && p.contains("claim won")),
+            "(c) both sides won the claim",
+        );
+    }
+}
+
+/// After refusing a connection, the backup either keeps waiting (and a
+/// primary with the secret still forms the pair) or exits 1 with an error
+/// that says why (`needle`); anything else fails.
+fn backup_after_refusal(c: &mut Cluster, what: &str, needle: &str) {
+    c.check(
+        !c.backup.stderr().contains("the primary connected"),
+        format!("{what} the backup accepted the connection"),
+    );
+    thread::sleep(Duration::from_secs(2));
+    match c.backup.poll() {
+        Some(st) => {
+            let err = c.backup.stderr();
+            let said = err
+                .lines()
+                .any(|l| l.contains("error:") && l.contains(needle));
+            c.check(
+                st.code() == Some(1) && said,
+                format!("{what} the backup exited {st} without an error line naming {needle:?}"),
+            );
+            println!(
+                "pair: {what} the backup refused and exited 1: {}",
+                err.trim_end().lines().last().unwrap_or("")
+            );
+        }
+        None => {
+            c.s.primary_token = None;
+            c.start_primary();
+            println!("pair: {what} the backup refused and kept waiting; a primary with the secret then formed the pair");
+        }
+    }
+}
+
+#[test]
+fn transcript_check_catches_lost_repeated_and_foreign_lines() {
+    let good = expected_ticker(COUNT);
+    let mut text =
+        good.join("\r\n") + "\r\nVMFT-DONE status=0\r\n[   68.1] reboot: System halted\r\n";
+    assert_eq!(transcript_problem(&text, true), None);
+    let half = good[..12].join("\n") + "\n";
+    assert_eq!(transcript_problem(&half, false), None);
+    assert!(transcript_problem(&half, true).is_some());
+    let mut repeated = good.clone();
+    repeated.insert(7, good[6].clone());
+    assert!(transcript_problem(&repeated.join("\n"), false).is_some());
+    let mut lost = good.clone();
+    lost.remove(7);
+    assert!(transcript_problem(&lost.join("\n"), false).is_some());
+    text = text.replace("ticker 9 ", "tickticker 9 ");
+    assert!(transcript_problem(&text, true).is_some());
+}
