@@ -39,9 +39,38 @@ const HEARTBEAT_MS: u64 = 100;
 // ---------------------------------------------------------------- set-up
 
 /// One pair test at a time: each runs up to two guests under emulation.
-fn serial() -> MutexGuard<'static, ()> {
+/// Held for the test's duration; prints how long the test took (the
+/// shared boot excluded, it is printed on its own).
+struct Serial {
+    _lock: MutexGuard<'static, ()>,
+    name: String,
+    t0: Instant,
+}
+
+fn serial() -> Serial {
     static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    let lock = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    ticker_snapshot();
+    Serial {
+        _lock: lock,
+        name: thread::current().name().unwrap_or("?").to_string(),
+        t0: Instant::now(),
+    }
+}
+
+impl Drop for Serial {
+    fn drop(&mut self) {
+        let how = if thread::panicking() {
+            "failed"
+        } else {
+            "passed"
+        };
+        println!(
+            "pair: {} {how} in {:.1} s",
+            self.name,
+            self.t0.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// A snapshot of the default guest running `ticker` with `vmft.count=3`,
