@@ -804,12 +804,20 @@ fn kill_9_of_the_backup_the_primary_wins_and_finishes() {
     c.wait_for("10 ticker lines on the console", 180, |c| {
         c.ticker_lines().len() >= 10
     });
-    c.backup.kill9();
+    let killed = c.backup.kill9();
     c.wait_for("the primary to claim and win", 120, |c| {
         c.primary()
             .stderr()
             .contains("claim won: the VM continues here, UNPROTECTED")
     });
+    let won = c
+        .primary()
+        .stderr_line_time("claim won")
+        .map(|t| t.saturating_duration_since(killed));
+    println!(
+        "pair: kill -9 of the backup: the primary won its claim {:.3} s later",
+        won.map(secs).unwrap_or(f64::NAN)
+    );
     c.expect_complete_transcript(300);
     let st = c.wait_exit(Who::Primary, 60);
     c.check(
@@ -838,6 +846,14 @@ fn a_paused_primary_is_fenced() {
         "the backup to go live while the primary is stopped",
         120,
         |c| c.backup.stderr().contains("claim won: the backup is LIVE"),
+    );
+    let won = c
+        .backup
+        .stderr_line_time("claim won")
+        .map(|t| t.saturating_duration_since(stopped));
+    println!(
+        "pair: SIGSTOP of the primary (timeout 1.5 s): the backup won its claim {:.3} s later",
+        won.map(secs).unwrap_or(f64::NAN)
     );
     // Stay stopped well past the timeout, and until the backup's output
     // has reached the console.
@@ -934,9 +950,19 @@ fn arbiter_down_when_the_primary_dies_nobody_goes_live_until_it_is_back() {
         );
         thread::sleep(Duration::from_millis(500));
     }
+    let back = Instant::now();
     c.wait_for("the backup to go live once the arbiter is back", 120, |c| {
         c.backup.stderr().contains("claim won: the backup is LIVE")
     });
+    let won = c
+        .backup
+        .stderr_line_time("claim won")
+        .map(|t| t.saturating_duration_since(back));
+    println!(
+        "pair: the arbiter back {:.1} s after the primary died: the backup won its claim {:.3} s later",
+        secs(back - killed),
+        won.map(secs).unwrap_or(f64::NAN)
+    );
     c.expect_complete_transcript(300);
     let st = c.wait_exit(Who::Backup, 60);
     c.check(
