@@ -73,50 +73,63 @@ impl Drop for Serial {
     }
 }
 
+/// The directory of the shared snapshot, removed when the test process
+/// exits (a static's destructor never runs).
+static SNAP_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+extern "C" fn remove_snapshot_dir() {
+    if let Some(dir) = SNAP_DIR.get() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// A snapshot of the default guest running `ticker` with `vmft.count=3`,
 /// taken at its ready marker (one boot for this file's tests).
 fn ticker_snapshot() -> &'static Path {
-    static SNAP: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &SNAP
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let snap = dir.path().join("ticker.snap");
-            let (kernel, initrd) = image();
-            let mut cmd = vmft();
-            cmd.args(["run", "--workload", "ticker", "--append"])
-                .arg(format!("vmft.count={COUNT}"))
-                .args(["--no-stdin", "--snapshot-on-ready"])
-                .arg(&snap)
-                .arg("--kernel")
-                .arg(kernel)
-                .arg("--initrd")
-                .arg(initrd);
-            let t0 = Instant::now();
-            let mut boot = Proc::spawn("boot", cmd);
-            let limit = Duration::from_secs(400);
-            loop {
-                let err = boot.stderr();
-                if err.contains("snapshot saved to") {
-                    break;
-                }
-                if let Some(st) = boot.poll() {
-                    panic!("the boot ended ({st}) before its snapshot:\n{err}");
-                }
-                assert!(
-                    t0.elapsed() < limit,
-                    "no snapshot within {limit:?}; stderr:\n{err}\nstdout:\n{}",
-                    boot.stdout()
-                );
-                thread::sleep(Duration::from_millis(100));
+    static SNAP: OnceLock<PathBuf> = OnceLock::new();
+    SNAP.get_or_init(|| {
+        let dir = SNAP_DIR.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap().keep();
+            // SAFETY: registers a plain function without arguments.
+            unsafe { libc::atexit(remove_snapshot_dir) };
+            dir
+        });
+        let snap = dir.join("ticker.snap");
+        let (kernel, initrd) = image();
+        let mut cmd = vmft();
+        cmd.args(["run", "--workload", "ticker", "--append"])
+            .arg(format!("vmft.count={COUNT}"))
+            .args(["--no-stdin", "--snapshot-on-ready"])
+            .arg(&snap)
+            .arg("--kernel")
+            .arg(kernel)
+            .arg("--initrd")
+            .arg(initrd);
+        let t0 = Instant::now();
+        let mut boot = Proc::spawn("boot", cmd);
+        let limit = Duration::from_secs(400);
+        loop {
+            let err = boot.stderr();
+            if err.contains("snapshot saved to") {
+                break;
             }
-            eprintln!(
-                "pair: ticker snapshot taken after {:.1} s of boot",
-                t0.elapsed().as_secs_f64()
+            if let Some(st) = boot.poll() {
+                panic!("the boot ended ({st}) before its snapshot:\n{err}");
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "no snapshot within {limit:?}; stderr:\n{err}\nstdout:\n{}",
+                boot.stdout()
             );
-            drop(boot);
-            (dir, snap)
-        })
-        .1
+            thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!(
+            "pair: ticker snapshot taken after {:.1} s of boot",
+            t0.elapsed().as_secs_f64()
+        );
+        drop(boot);
+        snap
+    })
 }
 
 /// The `arbiter` binary: built by the `arbiter` crate next to `vmft`.
