@@ -273,11 +273,10 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
             os.released
         );
     }
-    if let Some(c) = &console {
-        match &result {
-            Ok(exit) => c.done(&exit.to_string(), 0),
-            Err(e) => c.done(&e.to_string(), 1),
-        }
+    // Only a clean end speaks for the VM: a primary that failed or lost
+    // its claim leaves the console to the side that goes (or went) live.
+    if let (Some(c), Ok(exit)) = (&console, &result) {
+        c.done(&exit.to_string(), 0);
     }
     let exit = result.context("the primary stopped")?;
     if let Some(Err(e)) = finished {
@@ -310,11 +309,14 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
             .unwrap_or_else(|_| args.listen.clone())
     );
     let cfg = channel_config(&pair, secret, hash.clone());
-    let link = Arc::new(
-        listener
-            .accept(&cfg)
-            .context("the primary could not connect")?,
-    );
+    // A peer that fails the handshake (no secret, garbage, another VM) is
+    // refused and the backup keeps waiting for its primary.
+    let link = loop {
+        match listener.accept(&cfg) {
+            Ok(link) => break Arc::new(link),
+            Err(e) => eprintln!("vmft: refused a connection: {e}; still waiting for the primary"),
+        }
+    };
     let generation = link.generation();
     eprintln!("vmft: the primary connected: generation {generation}; replaying");
     let mut door = ReplayDoor::from_reader(Box::new(link.log_reader()), "the channel".into())

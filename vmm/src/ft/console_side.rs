@@ -9,7 +9,7 @@ use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::console::{ConsoleLink, Role};
+use crate::console::ConsoleLink;
 
 use super::output::Release;
 
@@ -44,12 +44,9 @@ impl ConsoleSide {
     }
 
     /// Tell the console this side won the claim for `generation` and is
-    /// now the live side.
+    /// now the live side (from then on the console follows only it).
     pub fn claimed(&self, generation: u64) {
-        self.with(|l| {
-            l.announce_claim(generation);
-            l.rehello(generation, Role::Live);
-        });
+        self.with(|l| l.announce_claim(generation));
     }
 
     /// Call `f` when the console asks the pair to stop (its escape in
