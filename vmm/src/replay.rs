@@ -253,7 +253,21 @@ impl ReplayDoor {
                 },
                 None => {
                     if !self.read_more()? {
-                        self.decoder.finish().map_err(|e| self.log_err(e))?;
+                        if let Err(e) = self.decoder.finish() {
+                            if self.live.is_none() {
+                                return Err(self.log_err(e));
+                            }
+                            // Going live: the primary died in the middle of
+                            // a frame. Nothing released depends on it (every
+                            // output barrier is a frame boundary): drop it.
+                            tracing::warn!(
+                                "the log ends inside a frame ({e}): dropping the partial frame"
+                            );
+                        }
+                        if self.live.is_some() && self.epochs.is_pending() {
+                            tracing::warn!("the log ends inside a split epoch: dropping its parts");
+                            self.epochs = EpochAssembler::new();
+                        }
                         return Ok(None);
                     }
                 }

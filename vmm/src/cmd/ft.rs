@@ -249,18 +249,28 @@ pub fn ft(args: FtArgs, stop: StopHandle) -> Result<u8> {
         .unwrap_or_else(|e| e.into_inner())
         .push(("primary".into(), primary));
 
-    // A stop signal to `vmft ft` stops the pair cleanly: pass it on.
-    let pids: Vec<u32> = children
-        .0
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .map(|(_, c)| c.id())
-        .collect();
+    // A stop signal to `vmft ft` stops the pair cleanly: pass it on to the
+    // live side (the primary while it runs: it writes the end entry and the
+    // backup replays to it; else the backup that took over). Children are
+    // looked at under the lock, so a reaped child's pid is never signalled.
+    let kids = children.0.clone();
     stop.on_request(move |_| {
-        for pid in &pids {
-            // SAFETY: kill on the pid of a child this process started and
-            // has not reaped (the children are reaped only after this).
+        let mut kids = kids.lock().unwrap_or_else(|e| e.into_inner());
+        let running: Vec<(String, u32)> = kids
+            .iter_mut()
+            .filter_map(|(n, c)| match c.try_wait() {
+                Ok(None) => Some((n.clone(), c.id())),
+                _ => None,
+            })
+            .collect();
+        let target = running
+            .iter()
+            .find(|(n, _)| n == "primary")
+            .or_else(|| running.first());
+        if let Some((_, pid)) = target {
+            // SAFETY: kill on the pid of a child of this process that
+            // try_wait just found running, under the lock that reaping
+            // also takes, so it cannot have been reaped and reused since.
             unsafe { libc::kill(*pid as i32, libc::SIGTERM) };
         }
     });

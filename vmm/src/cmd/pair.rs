@@ -183,6 +183,7 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     let handle = link.handle();
     let link = Arc::new(Mutex::new(Some(link)));
     let dropped = Arc::new(AtomicBool::new(false));
+    let unprotected = dropped.clone();
     let claimant = Claimant::new(pair.arbiter.clone(), arbiter_token(&pair)?, "primary")?;
     let console = console_side(
         &pair,
@@ -204,7 +205,15 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     let held = HeldOutput::start(
         0,
         release,
-        Box::new(move |barrier, t| acks.wait_acked(barrier, t).unwrap_or(false)),
+        Box::new(move |barrier, t| match acks.wait_acked(barrier, t) {
+            Ok(acked) => acked,
+            // The backup is gone: wait for the claim's outcome (the mode
+            // turns Free or Halt) without spinning.
+            Err(_) => {
+                std::thread::sleep(t);
+                false
+            }
+        }),
     );
     let stats = Arc::new(Mutex::new(PrimaryStats::default()));
     let mut hooks = PrimaryHooks::new(
@@ -244,11 +253,14 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     // The end entry is in the log: release the last output once the backup
     // has it, then close the channel cleanly.
     held.mark(handle.sent());
-    let finished = link
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-        .map(|l| l.finish());
+    // A clean end closes the channel with End (the backup replays to the
+    // end entry and stops); after an error the link is dropped without End,
+    // so the backup takes over.
+    let link = link.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let finished = match (&result, link) {
+        (Ok(_), Some(l)) if !unprotected.load(Ordering::Acquire) => Some(l.finish()),
+        _ => None,
+    };
     if result.is_ok() && !held.drain(Duration::from_secs(30)) {
         eprintln!("vmft: warning: some console output was never acknowledged by the backup");
     }

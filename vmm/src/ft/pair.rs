@@ -193,6 +193,14 @@ impl PrimaryHooks {
 impl PairHooks for PrimaryHooks {
     fn boundary(&mut self, door: &mut dyn Door, pos: u64) -> Result<(), DoorError> {
         if self.protection == Protection::Unprotected {
+            // No backup: output is released at once (ReleaseMode::Free) and
+            // input is safe as soon as it is handed to the guest.
+            if self.held.has_unmarked() {
+                self.held.mark(0);
+            }
+            if let Some(console) = &self.console {
+                console.confirm_logged(door.input_logged());
+            }
             return Ok(());
         }
         self.handle.set_position(pos);

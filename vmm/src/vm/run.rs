@@ -80,7 +80,9 @@ impl Vm {
     pub fn run(&mut self) -> Result<VmExit, VmError> {
         let r = self.run_inner();
         let _ = self.door.flush();
-        self.stop.detach();
+        // The stop handle stays attached: a stop asked for while the caller
+        // finishes up (releasing output, closing the channel) just kicks a
+        // vCPU that no longer runs.
         r
     }
 
