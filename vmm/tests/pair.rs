@@ -831,6 +831,17 @@ fn kill_9_of_the_backup_the_primary_wins_and_finishes() {
         "pair: kill -9 of the backup: the primary won its claim {:.3} s later",
         won.map(secs).unwrap_or(f64::NAN)
     );
+    // Unprotected, the primary releases output as it comes: new lines
+    // appear while it still runs, not only when it ends.
+    let before = c.ticker_lines().len();
+    c.wait_for("new lines from the unprotected primary", 120, |c| {
+        c.ticker_lines().len() > before
+    });
+    let seen = c.ticker_lines().len();
+    c.check(
+        seen < 31,
+        format!("the primary's output came all at once at its end ({seen} lines)"),
+    );
     c.expect_complete_transcript(300);
     let st = c.wait_exit(Who::Primary, 60);
     c.check(
