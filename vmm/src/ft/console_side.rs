@@ -16,7 +16,10 @@ use super::output::Release;
 /// The console link shared by the releaser, the input reader and the end.
 #[derive(Clone)]
 pub struct ConsoleSide {
-    link: Arc<Mutex<Option<ConsoleLink>>>,
+    /// The link; the mutex is held only to clone or take the `Arc`, never
+    /// across a call that may block (`release` waits while the console's
+    /// buffer is full).
+    link: Arc<Mutex<Option<Arc<ConsoleLink>>>>,
     /// Input seqs read so far and the cumulative input bytes at their end.
     seqs: Arc<Mutex<VecDeque<(u64, u64)>>>,
 }
@@ -25,17 +28,14 @@ impl ConsoleSide {
     /// Share `link`.
     pub fn new(link: ConsoleLink) -> Self {
         ConsoleSide {
-            link: Arc::new(Mutex::new(Some(link))),
+            link: Arc::new(Mutex::new(Some(Arc::new(link)))),
             seqs: Arc::new(Mutex::new(VecDeque::new())),
         }
     }
 
     fn with<T>(&self, f: impl FnOnce(&ConsoleLink) -> T) -> Option<T> {
-        self.link
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(f)
+        let link = self.link.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        link.map(|l| f(&l))
     }
 
     /// How far the console has acknowledged output (printed it).
@@ -86,11 +86,26 @@ impl ConsoleSide {
     /// The side is done: tell the console why and with which status, then
     /// close (waits a bounded time for the console to take the rest).
     pub fn done(&self, reason: &str, status: i32) {
-        let link = self.link.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(l) = link {
-            if let Err(e) = l.done(reason, status) {
-                tracing::warn!("the console did not take the end: {e}");
+        let Some(mut link) = self.link.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        // Another thread may be in the middle of a call: wait for it.
+        let t0 = std::time::Instant::now();
+        let link = loop {
+            match Arc::try_unwrap(link) {
+                Ok(l) => break l,
+                Err(shared) if t0.elapsed() < Duration::from_secs(10) => {
+                    link = shared;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => {
+                    tracing::warn!("the console link is busy: closing it without the end");
+                    return;
+                }
             }
+        };
+        if let Err(e) = link.done(reason, status) {
+            tracing::warn!("the console did not take the end: {e}");
         }
     }
 }

@@ -83,6 +83,8 @@ struct Shared {
     released: AtomicU64,
     delays: Mutex<Vec<Duration>>,
     held_bytes: AtomicU64,
+    /// End offset of everything marked for release.
+    marked_end: AtomicU64,
 }
 
 /// Most output held at once before the guest is made to wait (bytes).
@@ -145,6 +147,7 @@ impl HeldOutput {
             released: AtomicU64::new(start),
             delays: Mutex::new(Vec::new()),
             held_bytes: AtomicU64::new(0),
+            marked_end: AtomicU64::new(start),
         });
         let s = shared.clone();
         std::thread::Builder::new()
@@ -247,6 +250,9 @@ impl HeldOutput {
             .held_bytes
             .fetch_add(chunk.bytes.len() as u64, Ordering::AcqRel);
         self.shared
+            .marked_end
+            .store(chunk.offset + chunk.bytes.len() as u64, Ordering::Release);
+        self.shared
             .queue
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -270,17 +276,12 @@ impl HeldOutput {
         self.shared.wake.notify_all();
     }
 
-    /// Wait (up to `timeout`) until everything queued is released.
+    /// Wait (up to `timeout`) until everything marked is released (handed
+    /// to the sink, not merely taken off the queue).
     pub fn drain(&self, timeout: Duration) -> bool {
         let t0 = Instant::now();
         while t0.elapsed() < timeout {
-            if self
-                .shared
-                .queue
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_empty()
-            {
+            if self.released() >= self.shared.marked_end.load(Ordering::Acquire) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -462,12 +463,21 @@ mod tests {
         held.mark(200);
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(out.text(), "", "released before the ack");
+        assert!(
+            !held.drain(Duration::from_millis(20)),
+            "drained before release"
+        );
         acked.store(150, Ordering::Release);
         assert!(wait_until(|| out.text() == "hello "));
         std::thread::sleep(Duration::from_millis(30));
         assert_eq!(out.text(), "hello ");
         acked.store(200, Ordering::Release);
-        assert!(wait_until(|| out.text() == "hello world"));
+        assert!(held.drain(Duration::from_secs(10)));
+        assert_eq!(
+            out.text(),
+            "hello world",
+            "drain returned before the release"
+        );
         assert_eq!(held.released(), 11);
         assert_eq!(out.0.lock().unwrap()[1].0, 6, "offsets travel with chunks");
         assert_eq!(held.stats().delays.len(), 2);
