@@ -33,6 +33,14 @@ fn note(msg: &str) {
     eprintln!("vmft: {msg}");
 }
 
+/// Claim (`vm`, `generation`), saying on stderr what the side waits for
+/// while the arbiter cannot be reached.
+fn claim(claimant: &mut Claimant, vm: &str, generation: u64) -> Result<Decision, DoorError> {
+    claimant
+        .claim(vm, generation, Duration::from_secs(2), &mut |m| note(m))
+        .map_err(|e| DoorError::Ft(e.to_string()))
+}
+
 /// The primary's log sink: log bytes go to the channel. After the backup is
 /// gone (and the claim won) the log is dropped: the VM runs unprotected.
 pub struct ChannelSink {
@@ -158,15 +166,7 @@ impl PrimaryHooks {
             "the backup is gone ({reason}): claiming {} generation {} at the arbiter",
             self.vm, self.generation
         ));
-        let decision = self
-            .claimant
-            .claim(
-                &self.vm,
-                self.generation,
-                Duration::from_secs(2),
-                &mut |m| note(m),
-            )
-            .map_err(|e| DoorError::Ft(e.to_string()))?;
+        let decision = claim(&mut self.claimant, &self.vm, self.generation)?;
         match decision {
             Decision::Won => {
                 self.dropped.store(true, Ordering::Release);
@@ -325,15 +325,7 @@ impl TakeOver {
             "the primary is gone ({why}); replayed everything received (exit {pos}): claiming {} generation {}",
             self.vm, self.generation
         ));
-        let decision = self
-            .claimant
-            .claim(
-                &self.vm,
-                self.generation,
-                Duration::from_secs(2),
-                &mut |m| note(m),
-            )
-            .map_err(|e| DoorError::Ft(e.to_string()))?;
+        let decision = claim(&mut self.claimant, &self.vm, self.generation)?;
         match decision {
             Decision::Won => {
                 if let Some(f) = self.on_won.take() {
