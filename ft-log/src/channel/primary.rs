@@ -151,6 +151,8 @@ impl Shared {
 /// [`PrimaryHandle`], for other threads.
 pub struct PrimaryLink {
     shared: Arc<Shared>,
+    /// The same state, as the view other threads get.
+    view: PrimaryHandle,
     sender: Option<JoinHandle<()>>,
     receiver: Option<JoinHandle<()>>,
     peer: PeerInfo,
@@ -283,6 +285,9 @@ impl PrimaryLink {
             "channel: connected to the backup"
         );
         Ok(PrimaryLink {
+            view: PrimaryHandle {
+                shared: shared.clone(),
+            },
             shared,
             sender: Some(sender),
             receiver: Some(receiver),
@@ -416,69 +421,22 @@ impl PrimaryLink {
 
     /// A view for other threads.
     pub fn handle(&self) -> PrimaryHandle {
-        PrimaryHandle {
-            shared: self.shared.clone(),
-        }
+        self.view.clone()
     }
 
     /// What the backup said about itself.
     pub fn peer(&self) -> &PeerInfo {
         &self.peer
     }
+}
 
-    /// Highest `received` the backup acknowledged.
-    pub fn acked(&self) -> u64 {
-        self.shared.acked.load(Ordering::SeqCst)
-    }
+/// Positions, acks, the peer's state, the window and statistics are the
+/// handle's: one implementation for the link and for other threads.
+impl std::ops::Deref for PrimaryLink {
+    type Target = PrimaryHandle;
 
-    /// The backup's applied position (from its acks and heartbeats).
-    pub fn backup_applied(&self) -> u64 {
-        self.shared.applied.load(Ordering::SeqCst)
-    }
-
-    /// Bytes queued so far: the current log offset.
-    pub fn sent(&self) -> u64 {
-        self.shared.queued.load(Ordering::SeqCst)
-    }
-
-    /// Block until the backup acknowledged `offset` bytes (`Ok(true)`), the
-    /// timeout passes (`Ok(false)`) or the backup is declared failed
-    /// ([`ChannelError::PeerFailed`]).
-    pub fn wait_acked(&self, offset: u64, timeout: Duration) -> Result<bool, ChannelError> {
-        self.shared.wait_acked(offset, timeout)
-    }
-
-    /// Change the flow-control window (at least 1 byte).
-    pub fn set_window(&self, bytes: u64) {
-        self.handle().set_window(bytes)
-    }
-
-    /// Our position (exit count), carried in heartbeats.
-    pub fn set_position(&self, pos: u64) {
-        self.shared.position.store(pos, Ordering::SeqCst);
-    }
-
-    /// Alive, or failed and why.
-    pub fn peer_state(&self) -> PeerState {
-        self.shared.peer_state()
-    }
-
-    /// Wait until the backup is declared failed or `timeout` passes;
-    /// returns the state then.
-    pub fn wait_failed(&self, timeout: Duration) -> PeerState {
-        self.shared.wait_failed(timeout)
-    }
-
-    /// Counters.
-    pub fn stats(&self) -> LinkStats {
-        self.shared.stats()
-    }
-
-    /// Fault injection (tests, drills): while set, the link sends nothing
-    /// at all, neither data nor heartbeats, as a paused process would;
-    /// queued data waits. Receiving goes on.
-    pub fn set_silent(&self, silent: bool) {
-        self.handle().set_silent(silent)
+    fn deref(&self) -> &PrimaryHandle {
+        &self.view
     }
 }
 
