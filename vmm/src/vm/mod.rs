@@ -137,6 +137,9 @@ pub enum VmError {
     },
 }
 
+/// How a stop on request is worded (in the end entry, too).
+pub(crate) const STOPPED: &str = "guest stopped on request";
+
 /// How a run ended without error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmExit {
@@ -154,7 +157,7 @@ impl std::fmt::Display for VmExit {
         match self {
             VmExit::Reset => write!(f, "guest reset the machine (reboot)"),
             VmExit::Halted => write!(f, "guest halted (powered off)"),
-            VmExit::Stopped => write!(f, "guest stopped on request"),
+            VmExit::Stopped => f.write_str(STOPPED),
         }
     }
 }

@@ -245,7 +245,7 @@ impl Vm {
         let mode = self.door.mode();
         let pos = self.positions.now().exit;
         if mode == Mode::Replay {
-            if counted && self.door.stopped_at(pos, &VmExit::Stopped.to_string())? {
+            if counted && self.door.stopped_at(pos, super::STOPPED)? {
                 return self.finish(VmExit::Stopped).map(Some);
             }
             if let Some(reason) = self.stop.requested() {
