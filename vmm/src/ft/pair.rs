@@ -24,7 +24,7 @@ use ft_log::channel::{BackupLink, EndState, PeerState, PrimaryHandle, PrimaryLin
 
 use super::claim::Claimant;
 use super::console_side::{ConsoleSide, InputConfirmer};
-use super::output::{HeldOutput, OutputTail, Release, ReleaseMode};
+use super::output::{HeldOutput, OutputTail, Release, ReleaseMode, MAX_HELD};
 use crate::nondet::{Door, DoorError};
 use crate::vm::PairHooks;
 
@@ -208,6 +208,14 @@ impl PairHooks for PrimaryHooks {
         if self.held.has_unmarked() {
             if let Some(barrier) = door.barrier()? {
                 self.held.mark(barrier);
+            }
+            // Held output is bounded: past MAX_HELD the guest waits for the
+            // releaser (back-pressure, never a silent drop).
+            while self.held.held() > MAX_HELD {
+                if let PeerState::Failed { reason } = self.handle.peer_state() {
+                    return self.backup_failed(&reason);
+                }
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
         // Input typed at the console is confirmed once the backup has it.
