@@ -22,6 +22,9 @@ struct Tty {
     master: File,
     child: Child,
     output: Arc<Mutex<Vec<u8>>>,
+    /// The terminal's modes before vmft started (read before the spawn:
+    /// read after it, vmft may already have made the terminal raw).
+    initial: libc::termios,
 }
 
 fn termios(fd: &File) -> libc::termios {
@@ -63,6 +66,7 @@ impl Tty {
                 Ok(())
             });
         }
+        let initial = termios(&master);
         let child = cmd.spawn().unwrap();
         drop(slave);
         let output = Arc::new(Mutex::new(Vec::new()));
@@ -80,6 +84,7 @@ impl Tty {
             master,
             child,
             output,
+            initial,
         }
     }
 
@@ -157,7 +162,7 @@ fn escape_ends_a_recording_cleanly_restores_the_terminal_and_the_log_replays() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("escape.log");
     let mut tty = Tty::spawn(record_test_guest(&log));
-    let before = termios(&tty.master);
+    let before = tty.initial;
     let at = tty.wait_for("READY", 0, 60);
     // While vmft runs, the terminal is raw: no echo, no signal keys.
     let during = termios(&tty.master);
@@ -277,7 +282,7 @@ fn ctrl_c_interrupts_a_guest_command_and_the_escape_leaves_vmft_run() {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmft"));
     cmd.args(["run", "--restore"]).arg(snap);
     let mut tty = Tty::spawn(cmd);
-    let before = termios(&tty.master);
+    let before = tty.initial;
     let at = tty.wait_for("# ", 0, 120);
     tty.type_keys(b"sleep 100; echo slept-$((40+2))\r");
     let at = tty.wait_for("sleep 100", at, 60);
