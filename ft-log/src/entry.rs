@@ -63,6 +63,16 @@ pub struct Fingerprint {
     pub regs: u64,
 }
 
+/// A point in the console's input stream: byte `skip` of the typed chunk
+/// numbered `seq` (the console numbers chunks from 1, contiguously).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputCursor {
+    /// Chunk number.
+    pub seq: u64,
+    /// Bytes of that chunk already handed to the guest.
+    pub skip: u64,
+}
+
 /// A guest page written since the previous epoch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Page {
@@ -140,6 +150,11 @@ pub enum Entry {
         /// Bytes received.
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
+        /// Where the console's input stream goes on after these bytes,
+        /// when the console numbers its input (`None` for a plain stdin).
+        /// A backup that goes live asks the console to resume there, so no
+        /// typed byte is lost or doubled across a failover.
+        next: Option<InputCursor>,
     },
     /// Interrupt `vector` injected at the boundary after exit `pos`.
     Interrupt {

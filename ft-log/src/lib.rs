@@ -22,6 +22,7 @@ pub use channel::{
     PeerState, PrimaryHandle, PrimaryLink,
 };
 pub use entry::{
-    Entry, Epoch, EpochAssembler, ExitKind, ExitRecord, Fingerprint, Page, ValueSource, PAGE_SIZE,
+    Entry, Epoch, EpochAssembler, ExitKind, ExitRecord, Fingerprint, InputCursor, Page,
+    ValueSource, PAGE_SIZE,
 };
 pub use format::{decode_all, Decoder, Frame, LogError, LogHeader, LogWriter, WriteError};

@@ -188,6 +188,7 @@ fn sample_log() -> Vec<u8> {
             w.append(&Entry::ConsoleInput {
                 pos,
                 bytes: b"ls -l\n".to_vec(),
+                next: None,
             })
             .unwrap();
         }

@@ -33,9 +33,20 @@ fn byte_blobs_are_length_prefixed_not_sequences() {
     let c = Entry::ConsoleInput {
         pos: 9,
         bytes: b"ls\n".to_vec(),
+        next: None,
     };
     let b = encode_entry(&c);
-    assert_eq!(b, [3, 9, 3, b'l', b's', b'\n']);
+    assert_eq!(b, [3, 9, 3, b'l', b's', b'\n', 0]);
+    assert_eq!(decode_entry(&b).unwrap(), c);
+
+    // With the console's input cursor: chunk 300, 2 bytes in.
+    let c = Entry::ConsoleInput {
+        pos: 9,
+        bytes: b"ls\n".to_vec(),
+        next: Some(InputCursor { seq: 300, skip: 2 }),
+    };
+    let b = encode_entry(&c);
+    assert_eq!(b, [3, 9, 3, b'l', b's', b'\n', 1, 0xac, 0x02, 2]);
     assert_eq!(decode_entry(&b).unwrap(), c);
 }
 

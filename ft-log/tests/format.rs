@@ -50,6 +50,7 @@ fn sample_entries() -> Vec<Entry> {
         Entry::ConsoleInput {
             pos: 3,
             bytes: b"ls\n".to_vec(),
+            next: None,
         },
         Entry::Interrupt {
             pos: 3,
@@ -438,8 +439,11 @@ fn arb_entry() -> impl Strategy<Value = Entry> {
             }
         }),
         (any::<u64>(), any::<u64>()).prop_map(|(pos, now_ns)| Entry::Timer { pos, now_ns }),
-        (any::<u64>(), arb_blob(0..3000))
-            .prop_map(|(pos, bytes)| Entry::ConsoleInput { pos, bytes }),
+        (any::<u64>(), arb_blob(0..3000)).prop_map(|(pos, bytes)| Entry::ConsoleInput {
+            pos,
+            bytes,
+            next: None
+        }),
         (any::<u64>(), any::<u8>(), arb_fingerprint()).prop_map(|(pos, vector, fingerprint)| {
             Entry::Interrupt {
                 pos,
@@ -632,6 +636,7 @@ fn plain_and_compressed() -> (Vec<u8>, u64, u64) {
     w.append(&Entry::ConsoleInput {
         pos: 2,
         bytes: vec![b'x'; 4000],
+        next: None,
     })
     .unwrap();
     (w.into_inner(), plain, packed)
@@ -671,6 +676,7 @@ fn frames_built_from_the_format_picture_decode() {
     let console = Entry::ConsoleInput {
         pos: 8,
         bytes: vec![b'y'; 3000],
+        next: None,
     };
     let mut bytes = encode_header(&header());
     let p = encode_entry(&timer);
@@ -718,6 +724,7 @@ fn the_writer_refuses_an_entry_over_max_frame() {
     let big = Entry::ConsoleInput {
         pos: 1,
         bytes: vec![0; MAX_FRAME],
+        next: None,
     };
     match w.append(&big) {
         Err(WriteError::Log(LogError::EntryTooLarge {
@@ -726,7 +733,7 @@ fn the_writer_refuses_an_entry_over_max_frame() {
             size,
             max,
         })) => {
-            assert_eq!(size, MAX_FRAME as u64 + 1 + 1 + 5);
+            assert_eq!(size, MAX_FRAME as u64 + 1 + 1 + 5 + 1);
             assert_eq!(max, MAX_FRAME as u64);
         }
         other => panic!("wrote {other:?}"),
@@ -741,9 +748,9 @@ fn the_writer_refuses_an_entry_over_max_frame() {
     assert_eq!(frames[0].entry, small);
 }
 
-/// A console entry whose payload is exactly `size` bytes (size >= 131).
+/// A console entry whose payload is exactly `size` bytes (size >= 132).
 fn console_of(size: usize, compressible: bool) -> Entry {
-    let n = size - 1 - 1 - 2; // variant, pos, two-byte length
+    let n = size - 1 - 1 - 2 - 1; // variant, pos, two-byte length, no cursor
     let bytes = if compressible {
         vec![b'z'; n]
     } else {
@@ -757,7 +764,11 @@ fn console_of(size: usize, compressible: bool) -> Entry {
             })
             .collect()
     };
-    let e = Entry::ConsoleInput { pos: 1, bytes };
+    let e = Entry::ConsoleInput {
+        pos: 1,
+        bytes,
+        next: None,
+    };
     assert_eq!(encode_entry(&e).len(), size);
     e
 }

@@ -24,11 +24,12 @@
 //! a divergence, which the replay detects (every exit and fingerprint is
 //! checked) and reports; it does not trust the configuration.
 
-use std::io::Read;
+use std::collections::VecDeque;
+use std::io::{self, Read};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ft_log::{Epoch, ExitRecord, Fingerprint, LogError};
+use ft_log::{Epoch, ExitRecord, Fingerprint, InputCursor, LogError};
 use thiserror::Error;
 
 use crate::vcpu::Kicker;
@@ -108,6 +109,107 @@ pub struct Due {
     pub timer_now: Option<u64>,
     /// Console input bytes to hand to the UART.
     pub input: Vec<u8>,
+    /// Where the console's input stream goes on after `input` (numbered
+    /// input only): logged with it, so a backup going live resumes there.
+    pub input_next: Option<InputCursor>,
+}
+
+/// A chunk of console input as it arrived; `seq` when the console
+/// endpoint numbered it (`vmft console`), `None` from a plain stdin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputChunk {
+    /// The console's number for this chunk.
+    pub seq: Option<u64>,
+    /// The bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Where a door's console input comes from. `next_chunk` blocks until
+/// input arrives; `Ok(None)` means no more will.
+pub trait InputSource: Send {
+    /// The next chunk of input.
+    fn next_chunk(&mut self) -> io::Result<Option<InputChunk>>;
+}
+
+/// Any reader (stdin, the escape filter) as unnumbered input.
+pub struct ReadInput<R>(pub R);
+
+impl<R: Read + Send> InputSource for ReadInput<R> {
+    fn next_chunk(&mut self) -> io::Result<Option<InputChunk>> {
+        let mut buf = [0u8; 256];
+        loop {
+            match self.0.read(&mut buf) {
+                Ok(0) => return Ok(None),
+                Ok(n) => {
+                    return Ok(Some(InputChunk {
+                        seq: None,
+                        bytes: buf[..n].to_vec(),
+                    }))
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Input received and not yet handed to the guest, and where the input
+/// stream stands: hands out bytes across chunk borders and says which
+/// chunk and byte come next.
+#[derive(Debug, Default)]
+struct InputBuffer {
+    chunks: VecDeque<InputChunk>,
+    /// Bytes of the front chunk already handed out.
+    taken: usize,
+    /// The seq of the last chunk handed out completely.
+    last_done: Option<u64>,
+}
+
+impl InputBuffer {
+    fn push(&mut self, chunk: InputChunk) {
+        if !chunk.bytes.is_empty() {
+            self.chunks.push_back(chunk);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// Up to `n` bytes, in order.
+    fn take(&mut self, mut n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        while n > 0 {
+            let Some(front) = self.chunks.front() else {
+                break;
+            };
+            let k = n.min(front.bytes.len() - self.taken);
+            out.extend_from_slice(&front.bytes[self.taken..self.taken + k]);
+            self.taken += k;
+            n -= k;
+            if self.taken == front.bytes.len() {
+                self.last_done = front.seq;
+                self.taken = 0;
+                self.chunks.pop_front();
+            }
+        }
+        out
+    }
+
+    /// The next byte of the numbered input stream: inside the front chunk,
+    /// or the chunk after the last one handed out.
+    fn cursor(&self) -> Option<InputCursor> {
+        match self.chunks.front() {
+            Some(c) => c.seq.map(|seq| InputCursor {
+                seq,
+                skip: self.taken as u64,
+            }),
+            None => self.last_done.map(|seq| InputCursor {
+                seq: seq + 1,
+                skip: 0,
+            }),
+        }
+    }
 }
 
 /// Errors from a door: the log, or a divergence between primary and backup.
@@ -247,31 +349,25 @@ pub struct LiveDoor {
     /// Guest clock at `start` (non-zero after a restore).
     base_ns: u64,
     wall_base: i64,
-    input: Option<Receiver<Vec<u8>>>,
-    pending: Vec<u8>,
+    input: Option<Receiver<InputChunk>>,
+    pending: InputBuffer,
     input_closed: bool,
 }
 
 impl LiveDoor {
     /// A door whose guest clock starts at `base_ns`, with console input
     /// read from `input` (if any) on a helper thread that kicks the vCPU.
-    pub fn new(base_ns: u64, input: Option<Box<dyn Read + Send>>, kicker: Kicker) -> Self {
-        let rx = input.map(|mut reader| {
+    pub fn new(base_ns: u64, input: Option<Box<dyn InputSource>>, kicker: Kicker) -> Self {
+        let rx = input.map(|mut source| {
             let (tx, rx) = mpsc::channel();
             std::thread::Builder::new()
                 .name("vmft-console-in".into())
                 .spawn(move || {
-                    let mut buf = [0u8; 256];
-                    loop {
-                        match reader.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                if tx.send(buf[..n].to_vec()).is_err() {
-                                    break;
-                                }
-                                kicker.kick();
-                            }
+                    while let Ok(Some(chunk)) = source.next_chunk() {
+                        if tx.send(chunk).is_err() {
+                            break;
                         }
+                        kicker.kick();
                     }
                 })
                 .expect("spawn console input thread");
@@ -286,7 +382,7 @@ impl LiveDoor {
             base_ns,
             wall_base: wall_base - (base_ns / 1_000_000_000) as i64,
             input: rx,
-            pending: Vec::new(),
+            pending: InputBuffer::default(),
             input_closed: false,
         }
     }
@@ -312,7 +408,7 @@ impl LiveDoor {
         if let Some(rx) = &self.input {
             loop {
                 match rx.try_recv() {
-                    Ok(bytes) => self.pending.extend(bytes),
+                    Ok(chunk) => self.pending.push(chunk),
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
                         self.input_closed = true;
@@ -351,10 +447,16 @@ impl Door for LiveDoor {
     ) -> Result<Due, DoorError> {
         let now = self.now_ns();
         self.drain_input();
-        let n = rx_room.min(self.pending.len());
+        let input = self.pending.take(rx_room);
+        let input_next = if input.is_empty() {
+            None
+        } else {
+            self.pending.cursor()
+        };
         Ok(Due {
             timer_now: timer_deadline.filter(|d| now >= *d).map(|_| now),
-            input: self.pending.drain(..n).collect(),
+            input,
+            input_next,
         })
     }
 
@@ -400,8 +502,8 @@ impl Door for LiveDoor {
         let timeout = deadline_ns.map(|d| Duration::from_nanos(d.saturating_sub(self.now_ns())));
         match (&self.input, timeout) {
             (Some(rx), Some(t)) if !self.input_closed => match rx.recv_timeout(t) {
-                Ok(bytes) => {
-                    self.pending.extend(bytes);
+                Ok(chunk) => {
+                    self.pending.push(chunk);
                     Wake::Input
                 }
                 Err(RecvTimeoutError::Timeout) => Wake::Deadline,
@@ -412,8 +514,8 @@ impl Door for LiveDoor {
                 }
             },
             (Some(rx), None) if !self.input_closed => match rx.recv() {
-                Ok(bytes) => {
-                    self.pending.extend(bytes);
+                Ok(chunk) => {
+                    self.pending.push(chunk);
                     Wake::Input
                 }
                 Err(_) => {
@@ -459,6 +561,7 @@ impl Door for FixedDoor {
         Ok(Due {
             timer_now: d.filter(|d| self.now_ns >= *d).map(|_| self.now_ns),
             input: self.input.drain(..n).collect(),
+            input_next: None,
         })
     }
     fn pending(&mut self, d: Option<u64>) -> bool {
@@ -514,6 +617,35 @@ mod tests {
         assert_eq!(c.now().exit, 2);
         let mut r = ExitCounter::starting_at(Position { exit: 41 });
         assert_eq!(r.exit().exit, 42);
+    }
+
+    fn chunk(seq: Option<u64>, bytes: &[u8]) -> InputChunk {
+        InputChunk {
+            seq,
+            bytes: bytes.to_vec(),
+        }
+    }
+
+    #[test]
+    fn the_input_buffer_says_where_the_numbered_stream_goes_on() {
+        let mut b = InputBuffer::default();
+        assert_eq!(b.cursor(), None, "nothing seen yet");
+        b.push(chunk(Some(7), b"abc"));
+        b.push(chunk(Some(8), b""));
+        b.push(chunk(Some(9), b"de"));
+        assert_eq!(b.take(2), b"ab");
+        assert_eq!(b.cursor(), Some(InputCursor { seq: 7, skip: 2 }));
+        assert_eq!(b.take(2), b"cd", "across the chunk border");
+        assert_eq!(b.cursor(), Some(InputCursor { seq: 9, skip: 1 }));
+        assert_eq!(b.take(16), b"e");
+        assert!(b.is_empty());
+        assert_eq!(b.cursor(), Some(InputCursor { seq: 10, skip: 0 }));
+        assert_eq!(b.take(4), b"");
+        // Unnumbered input (stdin) has no cursor.
+        let mut s = InputBuffer::default();
+        s.push(chunk(None, b"xy"));
+        assert_eq!(s.take(1), b"x");
+        assert_eq!(s.cursor(), None);
     }
 
     #[test]

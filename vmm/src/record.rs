@@ -207,6 +207,7 @@ impl Door for RecordDoor {
             self.write(&Entry::ConsoleInput {
                 pos,
                 bytes: due.input.clone(),
+                next: due.input_next,
             })?;
             self.input_logged += due.input.len() as u64;
         }

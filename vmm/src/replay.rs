@@ -10,8 +10,8 @@ use std::io::Read;
 use std::path::Path;
 
 use ft_log::{
-    Decoder, Entry, Epoch, EpochAssembler, ExitKind, ExitRecord, Fingerprint, LogHeader,
-    ValueSource,
+    Decoder, Entry, Epoch, EpochAssembler, ExitKind, ExitRecord, Fingerprint, InputCursor,
+    LogHeader, ValueSource,
 };
 
 use crate::nondet::{Door, DoorError, Due, LiveDoor, Mode, Wake};
@@ -88,10 +88,23 @@ pub struct ReplayDoor {
     on_released: Option<Box<dyn FnMut(u64) + Send>>,
     gone_live_at: Option<u64>,
     last_clock_ns: u64,
+    /// Where the console's input stream goes on after the input replayed
+    /// so far (from the last numbered [`Entry::ConsoleInput`]).
+    input_next: Option<InputCursor>,
 }
 
-/// Decides whether a backup whose log ended may go live at exit `pos`.
-pub type GoLiveGate = Box<dyn FnMut(u64) -> Result<(), DoorError> + Send>;
+/// Where a backup whose log ended stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogEnd {
+    /// The exit the replay reached.
+    pub pos: u64,
+    /// Where the console's input stream goes on: the primary handed the
+    /// guest everything before it.
+    pub input_next: Option<InputCursor>,
+}
+
+/// Decides whether a backup whose log ended may go live there.
+pub type GoLiveGate = Box<dyn FnMut(LogEnd) -> Result<(), DoorError> + Send>;
 
 impl ReplayDoor {
     /// When the log ends without an end entry (the primary stopped), go on
@@ -120,7 +133,10 @@ impl ReplayDoor {
     fn log_ended(&mut self, pos: u64) -> Result<&mut LiveDoor, DoorError> {
         if self.live.is_some() && self.gone_live_at.is_none() {
             if let Some(gate) = self.gate.as_mut() {
-                gate(pos)?;
+                gate(LogEnd {
+                    pos,
+                    input_next: self.input_next,
+                })?;
             }
         }
         match self.live.as_mut() {
@@ -169,6 +185,7 @@ impl ReplayDoor {
             on_released: None,
             gone_live_at: None,
             last_clock_ns: 0,
+            input_next: None,
             header: LogHeader {
                 kernel: String::new(),
                 initrd: None,
@@ -379,9 +396,12 @@ impl Door for ReplayDoor {
             self.last_clock_ns = self.last_clock_ns.max(now_ns);
             due.timer_now = Some(now_ns);
         }
-        if let Some(Entry::ConsoleInput { bytes, .. }) =
+        if let Some(Entry::ConsoleInput { bytes, next, .. }) =
             self.take_if(pos, |e| matches!(e, Entry::ConsoleInput { .. }))?
         {
+            if next.is_some() {
+                self.input_next = next;
+            }
             if bytes.len() > rx_room {
                 return Err(Self::diverge(
                     pos,

@@ -280,8 +280,18 @@ struct Proc {
 
 impl Proc {
     fn spawn(name: &str, mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::null());
+        Self::spawn_with(name, cmd)
+    }
+
+    /// Spawn with stdin as a pipe; the caller takes it from `child.stdin`.
+    fn spawn_piped(name: &str, mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::piped());
+        Self::spawn_with(name, cmd)
+    }
+
+    fn spawn_with(name: &str, mut cmd: Command) -> Proc {
         let mut child = cmd
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -391,6 +401,33 @@ struct Opts {
     timeout_ms: u64,
     /// The primary's channel secret, if not the pair's.
     primary_token: Option<&'static [u8]>,
+    /// What both sides run (default: the ticker snapshot).
+    guest: Guest,
+    /// The console reads typed input from a pipe the test writes to.
+    console_stdin: bool,
+}
+
+/// What a pair runs.
+#[derive(Clone, Copy)]
+enum Guest {
+    /// The shared snapshot of the default guest running `ticker`.
+    Ticker,
+    /// A test guest (`tests/guests/testguest.S`) of this mode, booted.
+    TestGuest(u32),
+}
+
+impl Guest {
+    fn args(self) -> Vec<OsString> {
+        match self {
+            Guest::Ticker => vec!["--restore".into(), ticker_snapshot().into()],
+            Guest::TestGuest(mode) => vec![
+                "--kernel".into(),
+                test_guest(mode).into(),
+                "--mem".into(),
+                "64".into(),
+            ],
+        }
+    }
 }
 
 impl Default for Opts {
@@ -398,6 +435,8 @@ impl Default for Opts {
         Opts {
             timeout_ms: TIMEOUT_MS,
             primary_token: None,
+            guest: Guest::Ticker,
+            console_stdin: false,
         }
     }
 }
@@ -405,6 +444,7 @@ impl Default for Opts {
 /// Where the pair's parts are and what they share.
 struct Setup {
     timeout_ms: u64,
+    guest: Guest,
     /// The primary's channel secret, if not the pair's.
     primary_token: Option<&'static [u8]>,
     arbiter_addr: String,
@@ -418,15 +458,14 @@ struct Setup {
 impl Setup {
     /// The options both sides take.
     fn side_args(&self, token: &Path) -> Vec<OsString> {
-        vec![
+        let mut args = self.guest.args();
+        args.extend::<[OsString; 13]>([
             "--arbiter".into(),
             self.arbiter_addr.clone().into(),
             "--arbiter-token-file".into(),
             self.atoken.clone().into(),
             "--token-file".into(),
             token.into(),
-            "--restore".into(),
-            ticker_snapshot().into(),
             "--no-stdin".into(),
             "--console".into(),
             self.console_addr.clone().into(),
@@ -434,7 +473,8 @@ impl Setup {
             self.timeout_ms.to_string().into(),
             "--heartbeat-ms".into(),
             HEARTBEAT_MS.to_string().into(),
-        ]
+        ]);
+        args
     }
 }
 
@@ -480,7 +520,9 @@ impl Cluster {
     /// Start the arbiter, the console and the backup (waiting for the
     /// primary).
     fn start(opts: Opts) -> Cluster {
-        ticker_snapshot();
+        if let Guest::Ticker = opts.guest {
+            ticker_snapshot();
+        }
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("channel.token");
         let atoken = dir.path().join("arbiter.token");
@@ -493,18 +535,18 @@ impl Cluster {
 
         let console_addr = format!("127.0.0.1:{}", free_port());
         let mut cmd = vmft();
-        cmd.args([
-            "console",
-            "--no-stdin",
-            "--listen",
-            &console_addr,
-            "--token-file",
-        ])
-        .arg(&token);
-        let console = Proc::spawn("console", cmd);
+        cmd.args(["console", "--listen", &console_addr, "--token-file"])
+            .arg(&token);
+        let console = if opts.console_stdin {
+            Proc::spawn_piped("console", cmd)
+        } else {
+            cmd.arg("--no-stdin");
+            Proc::spawn("console", cmd)
+        };
 
         let s = Setup {
             timeout_ms: opts.timeout_ms,
+            guest: opts.guest,
             primary_token: opts.primary_token,
             arbiter_addr,
             console_addr,
@@ -804,6 +846,105 @@ fn kill_9_of_the_primary_at_random_moments_loses_and_repeats_nothing() {
         "pair: kill -9 to the backup's won claim: {}",
         dist(&mut claims)
     );
+}
+
+/// The checksum test guest 11 prints: `h = h * 131 + byte` over every
+/// byte it got.
+fn echo_checksum(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(0u64, |h, &b| h.wrapping_mul(131).wrapping_add(b as u64))
+}
+
+#[test]
+fn typed_input_crosses_a_failover_exactly_once() {
+    if !require_kvm() {
+        return;
+    }
+    let _one = serial();
+    let seed = seed();
+    let mut rng = Rng(seed ^ 0x1f);
+    let rounds = rounds().clamp(1, 4);
+    println!("pair: typed input across kill -9 of the primary: {rounds} rounds, seed {seed}");
+    for round in 1..=rounds {
+        let mut c = Cluster::start(Opts {
+            guest: Guest::TestGuest(11),
+            console_stdin: true,
+            ..Opts::default()
+        });
+        let mut keys = c.console.child.stdin.take().expect("the console's stdin");
+        c.start_primary();
+        c.wait_for("READY on the console", 120, |c| {
+            c.console.stdout().contains("READY\n")
+        });
+        // Type chunks of a few bytes, some time apart, and kill the primary
+        // after one of them. Odd rounds: a moment (0-6 ms) after it, while
+        // the primary may be between handing the chunk to the guest and
+        // hearing that the backup has it. Even rounds: with the backup
+        // paused for the last few chunks before the kill (it receives the
+        // log but acknowledges nothing), so the guest has input that the
+        // console never heard was safe: the backup must not get it twice.
+        let chunks = 40;
+        let kill_after = rng.range(6, 30) as usize;
+        let pause_backup = round % 2 == 0;
+        let pause_from = kill_after - rng.range(1, 4) as usize;
+        let mut typed = Vec::new();
+        for i in 0..chunks {
+            if pause_backup && i == pause_from {
+                c.backup.signal(libc::SIGSTOP);
+            }
+            let chunk = format!("k{i:02}{}", if i % 3 == 2 { "\n" } else { " " });
+            keys.write_all(chunk.as_bytes()).unwrap();
+            keys.flush().unwrap();
+            typed.extend_from_slice(chunk.as_bytes());
+            if i == kill_after {
+                let pause = if pause_backup { 100 } else { rng.range(0, 6) };
+                thread::sleep(Duration::from_millis(pause));
+                c.primary().kill9();
+                if pause_backup {
+                    c.backup.signal(libc::SIGCONT);
+                }
+            }
+            thread::sleep(Duration::from_millis(rng.range(5, 40)));
+        }
+        c.wait_for("the backup to go live", 120, |c| {
+            c.backup.stderr().contains("claim won: the backup is LIVE")
+        });
+        keys.write_all(b".").unwrap();
+        keys.flush().unwrap();
+        typed.push(b'.');
+        let st = c.wait_exit(Who::Console, 120);
+        let out = c.console.stdout();
+        let echoed = out
+            .split_once("READY\n")
+            .map(|(_, rest)| rest.split("RESULT ").next().unwrap_or(rest))
+            .unwrap_or_default()
+            .to_string();
+        let want = String::from_utf8(typed.clone()).unwrap();
+        c.check(
+            echoed == want,
+            format!(
+                "round {round} (seed {seed}, kill after chunk {kill_after}): the guest echoed\n{echoed:?}\nthe user typed\n{want:?}"
+            ),
+        );
+        let result = format!("RESULT {:016x}", echo_checksum(&typed));
+        c.check(
+            out.contains(&result),
+            format!("round {round}: the guest's checksum is not {result}: it got other bytes"),
+        );
+        c.check(
+            st.code() == Some(0),
+            format!("the console exited {st}, not 0"),
+        );
+        println!(
+            "pair: round {round}: killed after chunk {kill_after}{}: every typed byte reached the guest once",
+            if pause_backup {
+                format!(" (backup paused from chunk {pause_from})")
+            } else {
+                String::new()
+            }
+        );
+    }
 }
 
 #[test]

@@ -17,6 +17,7 @@ use clap::Args;
 
 use vmm::boot::BootConfig;
 use vmm::image::{self, DEFAULT_MEM_MIB, DEFAULT_WORKLOAD};
+use vmm::nondet::{InputSource, ReadInput};
 use vmm::stop::{StopHandle, StopReason};
 use vmm::terminal::{EscapeReader, RawTerminal, ESCAPE_HELP};
 use vmm::vm::VmExit;
@@ -72,7 +73,7 @@ pub fn boot_config(args: BootArgs) -> Result<BootConfig> {
 pub fn console_input(
     no_stdin: bool,
     stop: &StopHandle,
-) -> (Option<Box<dyn io::Read + Send>>, Option<RawTerminal>) {
+) -> (Option<Box<dyn InputSource>>, Option<RawTerminal>) {
     if no_stdin {
         return (None, None);
     }
@@ -84,11 +85,14 @@ pub fn console_input(
                 stop.request(StopReason::Escape);
             });
             (
-                Some(Box::new(EscapeReader::new(io::stdin(), on_leave))),
+                Some(Box::new(ReadInput(EscapeReader::new(
+                    io::stdin(),
+                    on_leave,
+                )))),
                 Some(raw),
             )
         }
-        None => (Some(Box::new(io::stdin())), None),
+        None => (Some(Box::new(ReadInput(io::stdin()))), None),
     }
 }
 

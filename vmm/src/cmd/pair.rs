@@ -21,7 +21,8 @@ use vmm::console::{read_token_file, ConsoleLink, Hello, Role as ConsoleRole};
 use vmm::ft::claim::{ArbiterAddr, Claimant};
 use vmm::ft::console_side::ConsoleSide;
 use vmm::ft::output::{HeldOutput, OutputTail, Release, ToWriter};
-use vmm::ft::pair::{BackupHooks, ChannelSink, PrimaryHooks, PrimaryStats, TakeOver};
+use vmm::ft::pair::{BackupHooks, ChannelSink, OnWon, PrimaryHooks, PrimaryStats, TakeOver};
+use vmm::nondet::InputSource;
 use vmm::record::{config_hash, log_header, recorder_id, VmSource};
 use vmm::replay::ReplayDoor;
 use vmm::stop::StopHandle;
@@ -230,7 +231,7 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
         hooks = hooks.with_console(c.clone());
     }
     let (console_in, _raw) = match &console {
-        Some(c) => (Some(Box::new(c.input()) as Box<dyn io::Read + Send>), None),
+        Some(c) => (Some(Box::new(c.input()) as Box<dyn InputSource>), None),
         None => console_input(pair.no_stdin, &stop),
     };
     let opts = RunOptions {
@@ -300,9 +301,6 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     Ok(())
 }
 
-/// Called once the backup won its claim.
-type OnWon = Box<dyn FnOnce() + Send>;
-
 /// `vmft backup`: wait for the primary, replay its log live, take over
 /// when it fails.
 pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
@@ -360,8 +358,11 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
     let (sink, on_won): (Box<dyn Release>, Option<OnWon>) = match &console {
         Some(c) => {
             let c2 = c.clone();
-            let on_won: OnWon = Box::new(move || {
+            let on_won: OnWon = Box::new(move |input_next| {
                 live.store(true, Ordering::Release);
+                if let Some(next) = input_next {
+                    c2.resume_input(next);
+                }
                 c2.claimed(generation);
             });
             (Box::new(c.clone()), Some(on_won))
@@ -377,9 +378,9 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
         sink: Some(sink),
         on_won,
     };
-    door.gate_go_live(Box::new(move |pos| takeover.gate(pos)));
+    door.gate_go_live(Box::new(move |end| takeover.gate(end)));
     let (console_in, _raw) = match &console {
-        Some(c) => (Some(Box::new(c.input()) as Box<dyn io::Read + Send>), None),
+        Some(c) => (Some(Box::new(c.input()) as Box<dyn InputSource>), None),
         None => console_input(pair.no_stdin, &stop),
     };
     let opts = RunOptions {

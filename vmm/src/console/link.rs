@@ -86,6 +86,9 @@ struct State {
     input: VecDeque<(u64, Vec<u8>)>,
     input_bytes: usize,
     expected_seq: u64,
+    /// Bytes of the chunk numbered `.0` that the guest already has (a
+    /// backup going live resumes mid-chunk): dropped when it arrives.
+    skip: Option<(u64, u64)>,
     serial: u64,
     broken: bool,
     connected: bool,
@@ -104,6 +107,7 @@ impl State {
         State {
             send_from: 0,
             expected_seq: hello.input_resume_seq.max(1),
+            skip: None,
             hello,
             chunks: VecDeque::new(),
             buffered: 0,
@@ -367,6 +371,34 @@ impl ConsoleLink {
         st.hello.won_claim = true;
         st.hello.role = Role::Live;
         st.controls.push_back(ToConsole::Claimed { generation });
+        self.shared.cv.notify_all();
+    }
+
+    /// The guest has had every typed chunk before `seq` and the first
+    /// `skip` bytes of chunk `seq` (a backup going live learns it from the
+    /// log): tell the console to send input from `seq` on, and drop those
+    /// bytes when they come again. Call before [`Self::announce_claim`].
+    pub fn resume_input(&self, seq: u64, skip: u64) {
+        let mut st = self.shared.lock();
+        let seq = seq.max(1);
+        st.expected_seq = seq;
+        st.skip = (skip > 0).then_some((seq, skip));
+        let dropped: usize = st
+            .input
+            .iter()
+            .filter(|(s, _)| *s < seq)
+            .map(|(_, b)| b.len())
+            .sum();
+        st.input.retain(|(s, _)| *s >= seq);
+        st.input_bytes -= dropped;
+        if let Some((_, bytes)) = st.input.front_mut().filter(|(s, _)| *s == seq) {
+            let cut = (skip as usize).min(bytes.len());
+            bytes.drain(..cut);
+            st.input_bytes -= cut;
+            st.skip = None;
+        }
+        let h = st.current_hello();
+        st.controls.push_back(ToConsole::Hello(h));
         self.shared.cv.notify_all();
     }
 
@@ -740,6 +772,16 @@ fn receive(shared: Arc<Shared>, mut reader: FrameReader<BufReader<TcpStream>>, s
                         );
                     }
                     st.expected_seq = seq + 1;
+                    let mut bytes = bytes;
+                    if let Some((at, skip)) = st.skip.take() {
+                        if at == seq {
+                            bytes.drain(..(skip as usize).min(bytes.len()));
+                            debug!(seq, skip, "console input: the guest has its start");
+                        }
+                    }
+                    if bytes.is_empty() {
+                        continue;
+                    }
                     st.input_bytes += bytes.len();
                     st.input.push_back((seq, bytes));
                     if st.input_bytes > MAX_INPUT_HELD {

@@ -1,15 +1,18 @@
 //! A side's end of the console stream, as the pair roles use it: released
 //! output goes to the console endpoint ([`ConsoleSide`] is a
-//! [`Release`]), typed input comes from it (a blocking [`Read`] for the
-//! live door), and input is confirmed once the backup holds the log entry
+//! [`Release`]), typed input comes from it (a blocking, numbered
+//! [`InputSource`] for the live door), and input is confirmed once the backup holds the log entry
 //! that carries it ([`InputConfirmer`]).
 
 use std::collections::VecDeque;
-use std::io::{self, Read};
+use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ft_log::InputCursor;
+
 use crate::console::ConsoleLink;
+use crate::nondet::{InputChunk, InputSource};
 
 use super::output::Release;
 
@@ -47,6 +50,12 @@ impl ConsoleSide {
     /// now the live side (from then on the console follows only it).
     pub fn claimed(&self, generation: u64) {
         self.with(|l| l.announce_claim(generation));
+    }
+
+    /// The guest has had the console's input up to `next` (the log says
+    /// so): take input from there on, not from where this side began.
+    pub fn resume_input(&self, next: InputCursor) {
+        self.with(|l| l.resume_input(next.seq, next.skip));
     }
 
     /// Call `f` when the console asks the pair to stop (its escape in
@@ -117,25 +126,25 @@ impl Release for ConsoleSide {
     }
 }
 
-/// Typed input from the console, numbered; reads block until some arrives.
+/// Typed input from the console, numbered chunk by chunk; blocks until
+/// some arrives.
 pub struct ConsoleInputReader {
     side: ConsoleSide,
-    pending: VecDeque<u8>,
+    pending: VecDeque<(u64, Vec<u8>)>,
     total: u64,
 }
 
-impl Read for ConsoleInputReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl InputSource for ConsoleInputReader {
+    fn next_chunk(&mut self) -> io::Result<Option<InputChunk>> {
         loop {
-            if !self.pending.is_empty() {
-                let n = buf.len().min(self.pending.len());
-                for (i, b) in self.pending.drain(..n).enumerate() {
-                    buf[i] = b;
-                }
-                return Ok(n);
+            if let Some((seq, bytes)) = self.pending.pop_front() {
+                return Ok(Some(InputChunk {
+                    seq: Some(seq),
+                    bytes,
+                }));
             }
             let Some(inputs) = self.side.with(|l| l.take_input()) else {
-                return Ok(0);
+                return Ok(None);
             };
             if inputs.is_empty() {
                 std::thread::sleep(Duration::from_millis(10));
@@ -145,7 +154,7 @@ impl Read for ConsoleInputReader {
             for (seq, bytes) in inputs {
                 self.total += bytes.len() as u64;
                 seqs.push_back((seq, self.total));
-                self.pending.extend(bytes);
+                self.pending.push_back((seq, bytes));
             }
         }
     }

@@ -21,11 +21,13 @@ use std::time::{Duration, Instant};
 
 use arbiter::Decision;
 use ft_log::channel::{BackupLink, EndState, PeerState, PrimaryHandle, PrimaryLink};
+use ft_log::InputCursor;
 
 use super::claim::Claimant;
 use super::console_side::{ConsoleSide, InputConfirmer};
 use super::output::{HeldOutput, OutputTail, Release, ReleaseMode, MAX_HELD};
 use crate::nondet::{Door, DoorError};
+use crate::replay::LogEnd;
 use crate::vm::PairHooks;
 
 /// Note on stderr, prefixed like every vmft message.
@@ -307,15 +309,20 @@ pub struct TakeOver {
     /// Where output goes once live.
     pub sink: Option<Box<dyn Release>>,
     /// Called once the claim is won, before output is re-sent (announce
-    /// the claim to the console).
-    pub on_won: Option<Box<dyn FnOnce() + Send>>,
+    /// the claim to the console, and where its input resumes).
+    pub on_won: Option<OnWon>,
 }
 
+/// Told, once the backup won its claim, where the console's input stream
+/// goes on (what the primary handed the guest is in the log).
+pub type OnWon = Box<dyn FnOnce(Option<InputCursor>) + Send>;
+
 impl TakeOver {
-    /// The gate: the log ended at exit `pos`. Clean end without an end
+    /// The gate: the log ended at `end.pos`. Clean end without an end
     /// entry is an error; a failed primary means claim, and go live only
     /// if the claim is won.
-    pub fn gate(&mut self, pos: u64) -> Result<(), DoorError> {
+    pub fn gate(&mut self, end: LogEnd) -> Result<(), DoorError> {
+        let pos = end.pos;
         let why = match self.link.wait_end(Duration::from_secs(60)) {
             Some(EndState::PrimaryFailed { reason }) => reason,
             Some(EndState::Clean) => {
@@ -337,7 +344,7 @@ impl TakeOver {
         match decision {
             Decision::Won => {
                 if let Some(f) = self.on_won.take() {
-                    f();
+                    f(end.input_next);
                 }
                 let sink = self
                     .sink

@@ -22,7 +22,7 @@
 //! - `epochs`: building an epoch (record) and applying it (replay);
 //! - `persist`: snapshots and digests of the state.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -218,7 +218,7 @@ pub struct RunOptions {
     /// Save a snapshot when the guest prints its ready marker.
     pub snapshot_on_ready: Option<PathBuf>,
     /// Console input (stdin), if any.
-    pub console_in: Option<Box<dyn Read + Send>>,
+    pub console_in: Option<Box<dyn crate::nondet::InputSource>>,
     /// Console output.
     pub console_out: Box<dyn Write + Send>,
     /// Stop requests (console escape, signals) for this run.

@@ -24,6 +24,8 @@
 #           replaces, reads it back
 #   MODE 10 prints READY, then spins reading the PIT forever (a hung guest
 #           the progress watchdog must name)
+#   MODE 11 console input: echoes bytes until it gets a '.', then prints
+#           the checksum of every byte it got (h = h * 131 + byte)
 
         .intel_syntax noprefix
         .code64
@@ -447,6 +449,27 @@ user:
         inc r9
         cmp r9, 3
         jb 19b
+        mov rdi, r8
+        lea rsi, [msg_result]
+        call print_labelled
+        jmp user_done
+.endif
+.if MODE == 11
+        xor r8, r8                      # checksum
+        lea rsi, [msg_ready]
+        call puts
+47:     mov dx, COM1 + 5
+        in al, dx                       # LSR
+        test al, 1
+        jz 47b
+        mov dx, COM1
+        in al, dx
+        out dx, al                      # echo
+        movzx eax, al
+        imul r8, r8, 131
+        add r8, rax
+        cmp al, '.'
+        jne 47b
         mov rdi, r8
         lea rsi, [msg_result]
         call print_labelled
