@@ -9,6 +9,7 @@ pub mod pic;
 pub mod pit;
 pub mod rtc;
 pub mod serial;
+pub mod virtio;
 
 use std::collections::BTreeMap;
 
