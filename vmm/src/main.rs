@@ -84,11 +84,8 @@ fn exit_status(e: &anyhow::Error) -> u8 {
                 });
         match door {
             Some(DoorError::LostClaim { .. }) => return 3,
-            Some(DoorError::Divergence { .. }) => return 4,
+            Some(DoorError::Divergence { .. } | DoorError::FinalDivergence { .. }) => return 4,
             _ => {}
-        }
-        if let Some(VmError::FinalDivergence { .. }) = cause.downcast_ref::<VmError>() {
-            return 4;
         }
     }
     1

@@ -232,6 +232,17 @@ pub enum DoorError {
         /// Exit the replay had reached.
         exit: u64,
     },
+    /// The replay reached the recording's end, or its own end, in a
+    /// different state.
+    #[error("divergence at the end (exit {exit}): the primary ended with {primary}, the backup with {backup}")]
+    FinalDivergence {
+        /// Exit number of the end.
+        exit: u64,
+        /// The primary's reason and digest.
+        primary: String,
+        /// The backup's.
+        backup: String,
+    },
     /// The backup did not go live: another side won the claim.
     #[error("another side is live: {owner} won the claim for {vm} generation {generation}")]
     LostClaim {
@@ -295,27 +306,24 @@ pub trait Door {
         offer: Option<u8>,
         fp: &mut dyn FnMut() -> Fingerprint,
     ) -> Result<Option<u8>, DoorError>;
-    /// Record: log an epoch. Replay: the next epoch at `pos`, if the log has one.
-    fn epoch(&mut self, pos: u64, epoch: Option<Epoch>) -> Result<Option<Epoch>, DoorError>;
-    /// Record: log a check. Replay: compare with the primary's check at `pos`, if any.
-    /// `compute` gives the fingerprint and, when asked for, the memory digest.
+    /// Log a check (record), compare with the primary's check at `pos`
+    /// (replay), or nothing (live). `compute` gives the fingerprint and,
+    /// when asked for, the memory digest.
     fn check(
         &mut self,
         pos: u64,
         compute: &mut dyn FnMut(bool) -> (Fingerprint, Option<u64>),
     ) -> Result<(), DoorError>;
-    /// Record: log the end. Replay: whether the recording ended at `pos`
-    /// (returns its reason and digest).
-    fn end(
+    /// The run ended after exit `pos` for `reason`: log the end with the
+    /// final state digest (record), check that the recording ended here
+    /// the same way (replay: a difference is a [`DoorError::Divergence`]),
+    /// or nothing (live). `digest` computes the digest when it is needed.
+    fn finish(
         &mut self,
         pos: u64,
-        end: Option<(String, String)>,
-    ) -> Result<Option<(String, String)>, DoorError>;
-    /// Replay: whether the recording was stopped on request at `pos` (its
-    /// end entry is next, with `reason`). Other doors: never.
-    fn stopped_at(&mut self, _pos: u64, _reason: &str) -> Result<bool, DoorError> {
-        Ok(false)
-    }
+        reason: &str,
+        digest: &mut dyn FnMut() -> String,
+    ) -> Result<(), DoorError>;
     /// The guest is idle (HLT): block until `deadline_ns` (guest clock) or
     /// until input arrives. Replay returns at once.
     fn wait(&mut self, deadline_ns: Option<u64>) -> Wake;
@@ -323,24 +331,45 @@ pub trait Door {
     fn flush(&mut self) -> Result<(), DoorError> {
         Ok(())
     }
-    /// Record: flush the log through the last exit and return its length
-    /// (the barrier output written so far waits for). Others: `None`.
-    fn barrier(&mut self) -> Result<Option<u64>, DoorError> {
-        Ok(None)
-    }
-    /// Record: console input bytes logged so far (they are confirmed to
-    /// the console once the backup has them).
-    fn input_logged(&self) -> u64 {
-        0
-    }
-    /// Record: log that console output was released up to `offset`.
-    fn released(&mut self, _offset: u64) -> Result<(), DoorError> {
-        Ok(())
-    }
-    /// Recording statistics (record door only).
-    fn record_stats(&self) -> Option<crate::record::RecordStats> {
+    /// The recording role of this door, if it records.
+    fn recorder(&mut self) -> Option<&mut dyn Recorder> {
         None
     }
+    /// The replaying role of this door, if it replays.
+    fn replayer(&mut self) -> Option<&mut dyn Replayer> {
+        None
+    }
+}
+
+/// What only a recording door does: cut epochs into the log, mark output
+/// barriers, and say what the log holds.
+pub trait Recorder {
+    /// Log an epoch cut after exit `pos`.
+    fn log_epoch(&mut self, pos: u64, epoch: Epoch) -> Result<(), DoorError>;
+    /// Flush the log through the last exit and return its length: output
+    /// written so far is released once the backup acknowledged this much.
+    fn barrier(&mut self) -> Result<u64, DoorError>;
+    /// Console input bytes logged so far (confirmed to the console once
+    /// the backup has them).
+    fn input_logged(&self) -> u64;
+    /// Log that console output was released up to `offset`.
+    fn released(&mut self, offset: u64) -> Result<(), DoorError>;
+    /// Statistics of the recording.
+    fn stats(&self) -> crate::record::RecordStats;
+}
+
+/// What only a replaying door does: hand out the primary's epochs, say
+/// where the recording stopped, and hand over the live door when the log
+/// ended and the backup may go live.
+pub trait Replayer {
+    /// The next epoch the primary cut after exit `pos`, if any.
+    fn next_epoch(&mut self, pos: u64) -> Result<Option<Epoch>, DoorError>;
+    /// Whether the recording was stopped on request at `pos` (its end
+    /// entry is next, with `reason`).
+    fn stopped_at(&mut self, pos: u64, reason: &str) -> Result<bool, DoorError>;
+    /// The log ended and the gate let this side go live: the live door to
+    /// run on from here (once; the replay is over).
+    fn take_live(&mut self) -> Option<LiveDoor>;
 }
 
 /// The live door: host clocks and the real console.
@@ -474,10 +503,6 @@ impl Door for LiveDoor {
         Ok(offer)
     }
 
-    fn epoch(&mut self, _pos: u64, _epoch: Option<Epoch>) -> Result<Option<Epoch>, DoorError> {
-        Ok(None)
-    }
-
     fn check(
         &mut self,
         _pos: u64,
@@ -486,12 +511,13 @@ impl Door for LiveDoor {
         Ok(())
     }
 
-    fn end(
+    fn finish(
         &mut self,
         _pos: u64,
-        _end: Option<(String, String)>,
-    ) -> Result<Option<(String, String)>, DoorError> {
-        Ok(None)
+        _reason: &str,
+        _digest: &mut dyn FnMut() -> String,
+    ) -> Result<(), DoorError> {
+        Ok(())
     }
 
     fn wait(&mut self, deadline_ns: Option<u64>) -> Wake {
@@ -575,9 +601,6 @@ impl Door for FixedDoor {
     ) -> Result<Option<u8>, DoorError> {
         Ok(v)
     }
-    fn epoch(&mut self, _pos: u64, _e: Option<Epoch>) -> Result<Option<Epoch>, DoorError> {
-        Ok(None)
-    }
     fn check(
         &mut self,
         _pos: u64,
@@ -585,12 +608,13 @@ impl Door for FixedDoor {
     ) -> Result<(), DoorError> {
         Ok(())
     }
-    fn end(
+    fn finish(
         &mut self,
         _pos: u64,
-        _e: Option<(String, String)>,
-    ) -> Result<Option<(String, String)>, DoorError> {
-        Ok(None)
+        _reason: &str,
+        _digest: &mut dyn FnMut() -> String,
+    ) -> Result<(), DoorError> {
+        Ok(())
     }
     fn wait(&mut self, deadline_ns: Option<u64>) -> Wake {
         match deadline_ns {

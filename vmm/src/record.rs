@@ -11,7 +11,7 @@ use ft_log::{
     Entry, Epoch, ExitRecord, Fingerprint, LogHeader, LogWriter, ValueSource, WriteError,
 };
 
-use crate::nondet::{Door, DoorError, Due, LiveDoor, Mode, Wake};
+use crate::nondet::{Door, DoorError, Due, LiveDoor, Mode, Recorder, Wake};
 
 /// Exits buffered before they are written as one `Exits` entry.
 const EXIT_BATCH: usize = 1024;
@@ -241,21 +241,6 @@ impl Door for RecordDoor {
         Ok(offer)
     }
 
-    fn epoch(&mut self, _pos: u64, epoch: Option<Epoch>) -> Result<Option<Epoch>, DoorError> {
-        if let Some(e) = epoch {
-            let start = std::time::Instant::now();
-            let pages = e.pages.len();
-            let bytes = self.write_epoch(e)?;
-            self.stats.epochs.push(EpochStat {
-                pages,
-                bytes,
-                pause: start.elapsed(),
-            });
-            self.after_epoch = true;
-        }
-        Ok(None)
-    }
-
     fn check(
         &mut self,
         pos: u64,
@@ -274,30 +259,24 @@ impl Door for RecordDoor {
         Ok(())
     }
 
-    fn end(
+    fn finish(
         &mut self,
         pos: u64,
-        end: Option<(String, String)>,
-    ) -> Result<Option<(String, String)>, DoorError> {
-        if let Some((reason, digest)) = end {
-            self.write(&Entry::End {
-                pos,
-                reason,
-                digest,
-            })?;
-            self.flush()?;
-        }
-        Ok(None)
+        reason: &str,
+        digest: &mut dyn FnMut() -> String,
+    ) -> Result<(), DoorError> {
+        self.write(&Entry::End {
+            pos,
+            reason: reason.to_string(),
+            digest: digest(),
+        })?;
+        self.flush()
     }
 
     fn wait(&mut self, deadline_ns: Option<u64>) -> Wake {
         // Let the backup see everything up to the idle point.
         let _ = self.writer.flush();
         self.live.wait(deadline_ns)
-    }
-
-    fn record_stats(&self) -> Option<RecordStats> {
-        Some(self.stats.clone())
     }
 
     fn flush(&mut self) -> Result<(), DoorError> {
@@ -308,9 +287,28 @@ impl Door for RecordDoor {
         })
     }
 
-    fn barrier(&mut self) -> Result<Option<u64>, DoorError> {
+    fn recorder(&mut self) -> Option<&mut dyn Recorder> {
+        Some(self)
+    }
+}
+
+impl Recorder for RecordDoor {
+    fn log_epoch(&mut self, _pos: u64, epoch: Epoch) -> Result<(), DoorError> {
+        let start = std::time::Instant::now();
+        let pages = epoch.pages.len();
+        let bytes = self.write_epoch(epoch)?;
+        self.stats.epochs.push(EpochStat {
+            pages,
+            bytes,
+            pause: start.elapsed(),
+        });
+        self.after_epoch = true;
+        Ok(())
+    }
+
+    fn barrier(&mut self) -> Result<u64, DoorError> {
         self.flush()?;
-        Ok(Some(self.writer.bytes()))
+        Ok(self.writer.bytes())
     }
 
     fn input_logged(&self) -> u64 {
@@ -319,6 +317,10 @@ impl Door for RecordDoor {
 
     fn released(&mut self, offset: u64) -> Result<(), DoorError> {
         self.write(&Entry::Released { offset }).map(|_| ())
+    }
+
+    fn stats(&self) -> RecordStats {
+        self.stats.clone()
     }
 }
 

@@ -14,7 +14,7 @@ use ft_log::{
     LogHeader, ValueSource,
 };
 
-use crate::nondet::{Door, DoorError, Due, LiveDoor, Mode, Wake};
+use crate::nondet::{Door, DoorError, Due, LiveDoor, Mode, Replayer, Wake};
 
 #[derive(Debug)]
 enum Item {
@@ -459,13 +459,6 @@ impl Door for ReplayDoor {
         Ok(Some(vector))
     }
 
-    fn epoch(&mut self, pos: u64, _epoch: Option<Epoch>) -> Result<Option<Epoch>, DoorError> {
-        Ok(match self.take_if(pos, |e| matches!(e, Entry::Epoch(_)))? {
-            Some(Entry::Epoch(e)) => Some(*e),
-            _ => None,
-        })
-    }
-
     fn check(
         &mut self,
         pos: u64,
@@ -496,17 +489,61 @@ impl Door for ReplayDoor {
         Ok(())
     }
 
-    fn end(
+    fn finish(
         &mut self,
         pos: u64,
-        _end: Option<(String, String)>,
-    ) -> Result<Option<(String, String)>, DoorError> {
-        Ok(
-            match self.take_if(pos, |e| matches!(e, Entry::End { .. }))? {
-                Some(Entry::End { reason, digest, .. }) => Some((reason, digest)),
-                _ => None,
-            },
-        )
+        reason: &str,
+        digest: &mut dyn FnMut() -> String,
+    ) -> Result<(), DoorError> {
+        if self.live_now().is_some() {
+            return Ok(());
+        }
+        let logged = self.take_if(pos, |e| matches!(e, Entry::End { .. }))?;
+        let mine = digest();
+        match logged {
+            Some(Entry::End {
+                reason: r,
+                digest: d,
+                ..
+            }) if r == reason && d == mine => Ok(()),
+            Some(Entry::End {
+                reason: r,
+                digest: d,
+                ..
+            }) => Err(DoorError::FinalDivergence {
+                exit: pos,
+                primary: format!("{r}, digest {d}"),
+                backup: format!("{reason}, digest {mine}"),
+            }),
+            _ => Err(DoorError::FinalDivergence {
+                exit: pos,
+                primary: "no end here (the recording went on)".into(),
+                backup: format!("{reason}, digest {mine}"),
+            }),
+        }
+    }
+
+    fn wait(&mut self, deadline_ns: Option<u64>) -> Wake {
+        match self.live_now() {
+            Some(live) => live.wait(deadline_ns),
+            None => Wake::Deadline,
+        }
+    }
+
+    fn replayer(&mut self) -> Option<&mut dyn Replayer> {
+        Some(self)
+    }
+}
+
+impl Replayer for ReplayDoor {
+    fn next_epoch(&mut self, pos: u64) -> Result<Option<Epoch>, DoorError> {
+        if self.live_now().is_some() {
+            return Ok(None);
+        }
+        Ok(match self.take_if(pos, |e| matches!(e, Entry::Epoch(_)))? {
+            Some(Entry::Epoch(e)) => Some(*e),
+            _ => None,
+        })
     }
 
     fn stopped_at(&mut self, pos: u64, reason: &str) -> Result<bool, DoorError> {
@@ -519,10 +556,11 @@ impl Door for ReplayDoor {
         ))
     }
 
-    fn wait(&mut self, deadline_ns: Option<u64>) -> Wake {
-        match self.live_now() {
-            Some(live) => live.wait(deadline_ns),
-            None => Wake::Deadline,
+    fn take_live(&mut self) -> Option<LiveDoor> {
+        if self.gone_live_at.is_some() {
+            self.live.take()
+        } else {
+            None
         }
     }
 }
@@ -570,7 +608,7 @@ mod tests {
         assert!(due.timer_now.is_some(), "deadline 0 is due");
         r.interrupt(2, Some(0x30), &mut || fp(0x1000)).unwrap();
         r.exit(3, out(0x64, 0xfe)).unwrap();
-        r.end(3, Some(("reset".into(), "d1g".into()))).unwrap();
+        r.finish(3, "reset", &mut || "d1g".into()).unwrap();
         drop(r);
         (path, clock)
     }
@@ -595,9 +633,41 @@ mod tests {
             "consumed"
         );
         p.exit(3, out(0x64, 0xfe)).unwrap();
-        assert_eq!(
-            p.end(3, None).unwrap(),
-            Some(("reset".into(), "d1g".into()))
+        p.finish(3, "reset", &mut || "d1g".into()).unwrap();
+    }
+
+    #[test]
+    fn an_end_in_another_state_or_place_is_a_final_divergence() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = record(dir.path());
+        let replay_to_end = || {
+            let mut p = ReplayDoor::open(&path).unwrap();
+            p.exit(1, out(0x43, 0x34)).unwrap();
+            p.clock_ns(1).unwrap();
+            p.exit(2, out(0x3f8, b'a' as u64)).unwrap();
+            p.due(2, None, 16).unwrap();
+            p.interrupt(2, Some(0x30), &mut || fp(0x1000)).unwrap();
+            p
+        };
+        let mut p = replay_to_end();
+        p.exit(3, out(0x64, 0xfe)).unwrap();
+        match p.finish(3, "reset", &mut || "other".into()) {
+            Err(DoorError::FinalDivergence {
+                exit: 3,
+                primary,
+                backup,
+            }) => {
+                assert!(primary.contains("d1g"), "{primary}");
+                assert!(backup.contains("other"), "{backup}");
+            }
+            other => panic!("expected a final divergence, got {other:?}"),
+        }
+        // Ending early (at exit 2) where the recording went on.
+        let mut p = replay_to_end();
+        let e = p.finish(2, "reset", &mut || "d1g".into()).unwrap_err();
+        assert!(
+            matches!(&e, DoorError::FinalDivergence { primary, .. } if primary.contains("went on")),
+            "{e}"
         );
     }
 
@@ -667,6 +737,9 @@ mod tests {
             p.interrupt(4, Some(0x30), &mut || fp(0)).unwrap(),
             Some(0x30)
         );
+        // The VM then takes the live door over, once.
+        assert!(p.take_live().is_some(), "the live door is handed over");
+        assert!(p.take_live().is_none(), "only once");
     }
 
     #[test]

@@ -405,6 +405,8 @@ struct Opts {
     guest: Guest,
     /// The console reads typed input from a pipe the test writes to.
     console_stdin: bool,
+    /// More options for the backup.
+    backup_args: Vec<OsString>,
 }
 
 /// What a pair runs.
@@ -437,6 +439,7 @@ impl Default for Opts {
             primary_token: None,
             guest: Guest::Ticker,
             console_stdin: false,
+            backup_args: Vec::new(),
         }
     }
 }
@@ -557,7 +560,8 @@ impl Cluster {
         };
         let mut cmd = vmft();
         cmd.args(["backup", "--listen", "127.0.0.1:0"])
-            .args(s.side_args(&s.token));
+            .args(s.side_args(&s.token))
+            .args(&opts.backup_args);
         let backup = Proc::spawn("backup", cmd);
         let mut c = Cluster {
             arbiter: Some(arbiter),
@@ -945,6 +949,80 @@ fn typed_input_crosses_a_failover_exactly_once() {
             }
         );
     }
+}
+
+#[test]
+fn a_promoted_backup_records_a_log_that_replays_to_its_end() {
+    if !require_kvm() {
+        return;
+    }
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("after.log");
+    let mut c = Cluster::start(Opts {
+        backup_args: vec!["--takeover-log".into(), log.clone().into()],
+        ..Opts::default()
+    });
+    c.start_primary();
+    c.wait_for("6 ticker lines on the console", 180, |c| {
+        c.ticker_lines().len() >= 6
+    });
+    c.primary().kill9();
+    c.wait_for("the backup to record after the takeover", 120, |c| {
+        c.backup.stderr().contains("vmft: recording from exit")
+    });
+    c.expect_complete_transcript(300);
+    let st = c.wait_exit(Who::Backup, 60);
+    c.check(st.success(), format!("the backup exited {st}"));
+    let err = c.backup.stderr();
+    let digest = |text: &str| {
+        text.lines()
+            .find_map(|l| l.split("final state digest ").nth(1))
+            .map(|d| d.trim().to_string())
+    };
+    let live_digest = digest(&err).expect("the backup prints its final digest");
+    // The log and the state at the takeover replay to the same end.
+    let snap = dir.path().join("after.log.snap");
+    let serial = dir.path().join("replayed.txt");
+    let out = vmft()
+        .args(["replay", "--restore"])
+        .arg(&snap)
+        .arg("--log")
+        .arg(&log)
+        .arg("--serial-out")
+        .arg(&serial)
+        .output()
+        .unwrap();
+    let (_, stderr) = texts(&out);
+    let stdout = std::fs::read_to_string(&serial).unwrap_or_default();
+    c.check(
+        out.status.success(),
+        format!("the takeover log does not replay:\n{stderr}"),
+    );
+    c.check(
+        digest(&stderr).as_deref() == Some(live_digest.as_str()),
+        format!("the replay ends in another state than the live backup:\n{stderr}"),
+    );
+    // It holds the run after the takeover: the last ticker lines and the end.
+    let expected = expected_ticker(COUNT);
+    let replayed: Vec<&str> = stdout
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| l.starts_with("ticker "))
+        .collect();
+    c.check(
+        !replayed.is_empty()
+            && expected.ends_with(&replayed.iter().map(|l| l.to_string()).collect::<Vec<_>>()),
+        format!("the replay printed {replayed:?}, not the end of the ticker"),
+    );
+    c.check(
+        stdout.contains("VMFT-DONE status=0"),
+        format!("the replay does not reach the workload's end:\n{stdout}"),
+    );
+    println!(
+        "pair: the promoted backup's log replays {} ticker lines to the same end",
+        replayed.len()
+    );
 }
 
 #[test]

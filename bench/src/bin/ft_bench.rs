@@ -15,7 +15,7 @@ use vmm::boot::BootConfig;
 use vmm::image;
 use vmm::record::{log_header, RecordStats};
 use vmm::replay::ReplayDoor;
-use vmm::vm::{FtMode, RunOptions, Vm};
+use vmm::vm::{AfterTakeover, FtMode, RunOptions, Vm};
 
 struct Outcome {
     wall: Duration,
@@ -131,6 +131,7 @@ fn main() {
             FtMode::Replay {
                 door: Box::new(door),
                 go_live: false,
+                then: AfterTakeover::Live,
                 live_out: None,
             },
         );

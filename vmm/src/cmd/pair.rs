@@ -27,7 +27,7 @@ use vmm::record::{config_hash, log_header, recorder_id, VmSource};
 use vmm::replay::ReplayDoor;
 use vmm::stop::StopHandle;
 use vmm::stop::StopReason;
-use vmm::vm::{FtMode, LogSink, RunOptions, Vm};
+use vmm::vm::{AfterTakeover, FtMode, LogSink, RunOptions, Vm};
 
 use super::{boot_config, console_input, report_exit, BootArgs};
 
@@ -122,6 +122,15 @@ pub struct BackupArgs {
     /// Where to wait for the primary.
     #[arg(long)]
     pub listen: String,
+    /// Once live, record for a future backup: the log goes to FILE and the
+    /// state at the takeover to FILE.snap (`vmft replay --restore
+    /// FILE.snap --log FILE` replays the run after the failover).
+    #[arg(long, value_name = "FILE")]
+    pub takeover_log: Option<PathBuf>,
+    /// Once recording after a takeover: longest exit-free stretch, in ms,
+    /// before an epoch delivers a waiting interrupt.
+    #[arg(long, default_value_t = 10)]
+    pub epoch_ms: u64,
     #[command(flatten)]
     pub pair: PairArgs,
     #[command(flatten)]
@@ -387,6 +396,13 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
         ft: FtMode::Replay {
             door: Box::new(door),
             go_live: true,
+            then: match args.takeover_log {
+                Some(log) => AfterTakeover::Record {
+                    log,
+                    epoch_bound: Duration::from_millis(args.epoch_ms),
+                },
+                None => AfterTakeover::Live,
+            },
             live_out: None,
         },
         snapshot_on_ready: None,

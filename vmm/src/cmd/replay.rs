@@ -10,7 +10,7 @@ use vmm::boot::BootConfig;
 use vmm::record::{config_hash, recorder_id, VmSource};
 use vmm::replay::ReplayDoor;
 use vmm::stop::StopHandle;
-use vmm::vm::{FtMode, RunOptions, Vm};
+use vmm::vm::{AfterTakeover, FtMode, RunOptions, Vm};
 
 use super::{console_input, report_exit};
 
@@ -126,6 +126,7 @@ pub fn replay(args: ReplayArgs, stop: StopHandle) -> Result<()> {
     let (console_in, _raw) = console_input(!args.go_live, &stop);
     let opts = RunOptions {
         ft: FtMode::Replay {
+            then: AfterTakeover::Live,
             door: Box::new(door),
             go_live: args.go_live,
             live_out,

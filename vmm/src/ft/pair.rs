@@ -194,6 +194,9 @@ impl PrimaryHooks {
 
 impl PairHooks for PrimaryHooks {
     fn boundary(&mut self, door: &mut dyn Door, pos: u64) -> Result<(), DoorError> {
+        let Some(door) = door.recorder() else {
+            return Err(DoorError::Ft("the primary's door does not record".into()));
+        };
         if self.protection == Protection::Unprotected {
             // No backup: output is released at once (ReleaseMode::Free) and
             // input is safe as soon as it is handed to the guest.
@@ -208,9 +211,8 @@ impl PairHooks for PrimaryHooks {
         self.handle.set_position(pos);
         // The output rule: output of this exit waits for the log through it.
         if self.held.has_unmarked() {
-            if let Some(barrier) = door.barrier()? {
-                self.held.mark(barrier);
-            }
+            let barrier = door.barrier()?;
+            self.held.mark(barrier);
             // Held output is bounded: past MAX_HELD the guest waits for the
             // releaser (back-pressure, never a silent drop).
             while self.held.held() > MAX_HELD {
@@ -224,9 +226,8 @@ impl PairHooks for PrimaryHooks {
         if let Some(console) = &self.console {
             let logged = door.input_logged();
             if self.inputs.has_new(logged) {
-                if let Some(barrier) = door.barrier()? {
-                    self.inputs.note(logged, barrier);
-                }
+                let barrier = door.barrier()?;
+                self.inputs.note(logged, barrier);
             }
             if let Some(safe) = self.inputs.safe(self.handle.acked()) {
                 console.confirm_logged(safe);
@@ -259,7 +260,7 @@ impl PairHooks for PrimaryHooks {
         }
         if lag > self.max_lag_exits {
             let t0 = Instant::now();
-            door.flush()?;
+            door.barrier()?;
             while pos.saturating_sub(self.handle.backup_applied()) > self.max_lag_exits / 2 {
                 if let PeerState::Failed { reason } = self.handle.peer_state() {
                     return self.backup_failed(&reason);

@@ -126,13 +126,14 @@ impl Vm {
         self.door.check(pos, &mut |with_mem| {
             (fingerprint(vcpu), with_mem.then(|| memory_digest(mem)))
         })?;
-        if self.door.mode() == Mode::Replay {
-            // The primary cut epochs after this exit: install each one
-            // instead of executing the stretch, then its events.
-            while let Some(epoch) = self.door.epoch(pos, None)? {
-                self.apply_epoch(epoch)?;
-                self.deliver()?;
-            }
+        // Replaying: the primary cut epochs after this exit; install each
+        // one instead of executing the stretch, then its events.
+        while let Some(epoch) = match self.door.replayer() {
+            Some(r) => r.next_epoch(pos)?,
+            None => None,
+        } {
+            self.apply_epoch(epoch)?;
+            self.deliver()?;
         }
         Ok(())
     }
@@ -147,11 +148,20 @@ impl Vm {
         if last_exit_at.elapsed() < self.epoch_bound {
             return Ok(()); // the deadline is re-armed for the bound
         }
-        let epoch = self.build_epoch()?;
-        self.door.epoch(self.positions.now().exit, Some(epoch))?;
-        self.epochs += 1;
+        self.cut_epoch()?;
         self.deliver()?;
         *last_exit_at = Instant::now();
+        Ok(())
+    }
+
+    /// Record: cut an epoch here and log it.
+    pub(super) fn cut_epoch(&mut self) -> Result<(), VmError> {
+        let epoch = self.build_epoch()?;
+        let pos = self.positions.now().exit;
+        if let Some(r) = self.door.recorder() {
+            r.log_epoch(pos, epoch)?;
+            self.epochs += 1;
+        }
         Ok(())
     }
 }

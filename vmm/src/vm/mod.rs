@@ -38,7 +38,7 @@ use crate::devices::Devices;
 use crate::emulate::EmulationError;
 use crate::epoch::EpochPages;
 use crate::memory::decode_memory;
-use crate::nondet::{Door, DoorError, ExitCounter, LiveDoor, Mode, Position, PositionSource};
+use crate::nondet::{Door, DoorError, ExitCounter, LiveDoor, Position, PositionSource};
 use crate::record::{RecordDoor, RecordStats};
 use crate::replay::ReplayDoor;
 use crate::snapshot::{self, Decoder, SnapshotError};
@@ -112,19 +112,17 @@ pub enum VmError {
     /// Snapshot save or restore failed.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// A backup that went live could not start recording.
+    #[error("cannot record after the takeover to {path}: {detail}")]
+    TakeoverLog {
+        /// The takeover log.
+        path: String,
+        /// What failed.
+        detail: String,
+    },
     /// Recording or replay failed (log error or divergence).
     #[error(transparent)]
     Door(#[from] DoorError),
-    /// The replay reached the recording's end in a different state.
-    #[error("divergence at the end (exit {exit}): the primary ended with {primary}, the backup with {backup}")]
-    FinalDivergence {
-        /// Exit number of the end.
-        exit: u64,
-        /// The primary's reason and digest.
-        primary: String,
-        /// The backup's.
-        backup: String,
-    },
     /// An epoch from the log could not be applied.
     #[error("epoch {index} after exit {exit} cannot be applied: {detail}")]
     BadEpoch {
@@ -182,10 +180,37 @@ pub enum FtMode {
         door: Box<ReplayDoor>,
         /// Go live when the log ends without an end entry.
         go_live: bool,
+        /// What the VM is once live.
+        then: AfterTakeover,
         /// Where console output goes once live, if the console sink given
         /// in [`RunOptions`] does not switch by itself.
         live_out: Option<Box<dyn Write + Send>>,
     },
+}
+
+/// What a backup that went live runs as.
+#[derive(Debug, Clone, Default)]
+pub enum AfterTakeover {
+    /// Live, nothing logged.
+    #[default]
+    Live,
+    /// A primary without a backup yet: it records from the takeover on
+    /// (dirty logging on, epochs, no interrupt windows) to `log`, whose
+    /// starting state is a snapshot taken at the takeover, at
+    /// [`takeover_snapshot_path`] of `log` (the log's header names it).
+    Record {
+        /// The new log.
+        log: PathBuf,
+        /// Longest exit-free stretch before an epoch.
+        epoch_bound: Duration,
+    },
+}
+
+/// Where the state at a takeover is saved, for a takeover log at `log`.
+pub fn takeover_snapshot_path(log: &Path) -> PathBuf {
+    let mut p = log.as_os_str().to_owned();
+    p.push(".snap");
+    PathBuf::from(p)
 }
 
 /// Where a recording goes.
@@ -241,10 +266,13 @@ pub struct Vm {
     deadline: DeadlineKicker,
     _kicker: Kicker,
     devices: Devices,
+    /// The door of the VM's role: live, recording or replaying. A
+    /// replaying door hands over a live door when the backup may go live
+    /// ([`crate::nondet::Replayer::take_live`]); the VM then swaps in the
+    /// door of its role after the takeover.
     door: Box<dyn Door>,
-    /// The role the VM has been running in; `door.mode()` says the role
-    /// now, and a difference means a backup just went live.
-    mode: Mode,
+    /// What a replaying VM becomes once live.
+    after_takeover: AfterTakeover,
     /// Longest exit-free stretch before the recorder cuts an epoch.
     epoch_bound: Duration,
     /// Digest of the state the run ended in, once taken.
@@ -300,8 +328,9 @@ impl Vm {
         opts.stop.attach(kicker);
         let live = LiveDoor::new(clock_ns, opts.console_in, kicker);
         let mut live_console = None;
-        let (door, mode, epoch_bound): (Box<dyn Door>, Mode, Duration) = match opts.ft {
-            FtMode::Live => (Box::new(live), Mode::Live, Duration::MAX),
+        let mut after_takeover = AfterTakeover::Live;
+        let (door, epoch_bound): (Box<dyn Door>, Duration) = match opts.ft {
+            FtMode::Live => (Box::new(live), Duration::MAX),
             FtMode::Record {
                 log,
                 header,
@@ -313,19 +342,20 @@ impl Vm {
                         RecordDoor::to_writer(sink, name, &header, live)?
                     }
                 }),
-                Mode::Record,
                 epoch_bound,
             ),
             FtMode::Replay {
                 mut door,
                 go_live,
+                then,
                 live_out,
             } => {
                 if go_live {
                     door.go_live_on_end(live);
                 }
                 live_console = live_out;
-                (door, Mode::Replay, Duration::MAX)
+                after_takeover = then;
+                (door, Duration::MAX)
             }
         };
         Ok(Vm {
@@ -336,7 +366,7 @@ impl Vm {
             cmdline,
             devices,
             door,
-            mode,
+            after_takeover,
             epoch_bound,
             final_digest: None,
             epochs: 0,
@@ -457,8 +487,8 @@ impl Vm {
     }
 
     /// Recording statistics, when recording.
-    pub fn record_stats(&self) -> Option<RecordStats> {
-        self.door.record_stats()
+    pub fn record_stats(&mut self) -> Option<RecordStats> {
+        self.door.recorder().map(|r| r.stats())
     }
 
     /// Guest-caused exits so far.

@@ -25,11 +25,17 @@ impl Vm {
     /// Save the whole VM state to `path`. The vCPU must be outside KVM_RUN
     /// with no half-done I/O (see [`Vm::settle`]).
     pub fn save_snapshot(&mut self, path: &Path) -> Result<(), VmError> {
+        let clock_ns = self.door.clock_ns(self.positions.now().exit)?;
+        self.save_snapshot_at(path, clock_ns)
+    }
+
+    /// Save a snapshot whose guest clock is `clock_ns`.
+    pub(super) fn save_snapshot_at(&mut self, path: &Path, clock_ns: u64) -> Result<(), VmError> {
         let t0 = Instant::now();
         let mut e = Encoder::new();
         e.u64(self.mem_mib);
         e.bytes(self.cmdline.as_bytes());
-        e.u64(self.door.clock_ns(self.positions.now().exit)?);
+        e.u64(clock_ns);
         e.u64(self.positions.now().exit);
         self.vcpu.save()?.encode(&mut e);
         self.devices.encode(&mut e);
@@ -72,11 +78,19 @@ impl Vm {
 
     /// A digest of the whole state now: memory and registers.
     pub fn state_digest(&self) -> String {
-        let mut h = Sha256::new();
-        h.update(mem_bytes(&self.mem));
-        let regs = self.vcpu.fd.get_regs().unwrap_or_default();
-        h.update(pod_bytes(&regs));
-        let d = h.finalize();
-        d.iter().map(|b| format!("{b:02x}")).collect()
+        state_digest_of(&self.mem, &self.vcpu)
     }
+}
+
+/// A digest of guest memory and the vCPU's registers.
+pub(super) fn state_digest_of(
+    mem: &vm_memory::GuestMemoryMmap,
+    vcpu: &crate::vcpu::Vcpu,
+) -> String {
+    let mut h = Sha256::new();
+    h.update(mem_bytes(mem));
+    let regs = vcpu.fd.get_regs().unwrap_or_default();
+    h.update(pod_bytes(&regs));
+    let d = h.finalize();
+    d.iter().map(|b| format!("{b:02x}")).collect()
 }

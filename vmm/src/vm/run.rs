@@ -8,11 +8,18 @@ use ft_log::{ExitKind, ExitRecord};
 use kvm_ioctls::VcpuExit;
 use tracing::{debug, info, warn};
 
-use super::kvm::kvm_err;
-use super::{Vm, VmError, VmExit};
+use std::path::Path;
+use std::time::Duration;
+
+use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+
+use super::kvm::{kvm_err, set_memslots};
+use super::{takeover_snapshot_path, AfterTakeover, Vm, VmError, VmExit};
 use crate::deadline::{kick_after, KickInputs};
 use crate::emulate;
+use crate::nondet::LiveDoor;
 use crate::nondet::{Mode, Wake};
+use crate::record::{log_header, RecordDoor, VmSource};
 use crate::watchdog::ProgressWatchdog;
 
 /// Tell the progress watchdog about a port exit (and console output: a
@@ -42,36 +49,19 @@ impl Vm {
         Ok(())
     }
 
+    /// The run ended: the door logs the end (record), checks it against
+    /// the recording's (replay) or lets it be (live).
     fn finish(&mut self, exit: VmExit) -> Result<VmExit, VmError> {
-        let mode = self.door.mode();
-        if mode == Mode::Live {
-            return Ok(exit);
-        }
-        let reason = exit.to_string();
-        let digest = self.final_digest();
         let pos = self.positions.now().exit;
-        match mode {
-            Mode::Live => {}
-            Mode::Record => {
-                self.door.end(pos, Some((reason, digest)))?;
-            }
-            Mode::Replay => match self.door.end(pos, None)? {
-                Some((r, d)) if r == reason && d == digest => {}
-                Some((r, d)) => {
-                    return Err(VmError::FinalDivergence {
-                        exit: pos,
-                        primary: format!("{r}, digest {d}"),
-                        backup: format!("{reason}, digest {digest}"),
-                    })
-                }
-                None => {
-                    return Err(VmError::FinalDivergence {
-                        exit: pos,
-                        primary: "no end here (the recording went on)".into(),
-                        backup: format!("{reason}, digest {digest}"),
-                    })
-                }
-            },
+        let (mem, vcpu) = (&self.mem, &self.vcpu);
+        let mut taken = None;
+        self.door.finish(pos, &exit.to_string(), &mut || {
+            taken
+                .get_or_insert_with(|| super::persist::state_digest_of(mem, vcpu))
+                .clone()
+        })?;
+        if taken.is_some() {
+            self.final_digest = taken;
         }
         Ok(exit)
     }
@@ -90,13 +80,12 @@ impl Vm {
         let mut counted = true;
         let mut last_exit_at = Instant::now();
         loop {
-            let mode = self.door.mode();
-            if mode != self.mode {
-                self.went_live()?;
+            if let Some(live) = self.door.replayer().and_then(|r| r.take_live()) {
+                self.take_over(live)?;
             }
-            if counted || mode == Mode::Live {
+            if counted || self.door.mode() == Mode::Live {
                 self.boundary()?;
-            } else if mode == Mode::Record {
+            } else if self.door.recorder().is_some() {
                 self.kick_boundary(&mut last_exit_at)?;
             }
             if let Some(pair) = self.pair.as_mut() {
@@ -242,10 +231,9 @@ impl Vm {
     /// At a boundary: end the run here if a stop was requested (live or
     /// recording) or, replaying, if the recording was stopped here.
     fn stop_point(&mut self, counted: bool) -> Result<Option<VmExit>, VmError> {
-        let mode = self.door.mode();
         let pos = self.positions.now().exit;
-        if mode == Mode::Replay {
-            if counted && self.door.stopped_at(pos, super::STOPPED)? {
+        if let Some(replayer) = self.door.replayer() {
+            if counted && replayer.stopped_at(pos, super::STOPPED)? {
                 return self.finish(VmExit::Stopped).map(Some);
             }
             if let Some(reason) = self.stop.requested() {
@@ -258,19 +246,18 @@ impl Vm {
             return Ok(None);
         };
         info!(%reason, pos, "stopping");
-        if mode == Mode::Record && !counted {
+        if !counted && self.door.recorder().is_some() {
             // Stopped between exits: an epoch takes the backup to exactly
             // this state, so the end entry's digest is the backup's too.
-            let epoch = self.build_epoch()?;
-            self.door.epoch(pos, Some(epoch))?;
-            self.epochs += 1;
+            self.cut_epoch()?;
         }
         self.finish(VmExit::Stopped).map(Some)
     }
 
-    /// The replay door went live (its log ended without an end entry):
-    /// from here on this VM is the primary.
-    fn went_live(&mut self) -> Result<(), VmError> {
+    /// The replaying door handed over `live`: the log ended without an end
+    /// entry and the gate let this side go live. From here on this VM is
+    /// the primary: live, or recording for a future backup.
+    fn take_over(&mut self, live: LiveDoor) -> Result<(), VmError> {
         let exit = self.positions.now().exit;
         eprintln!("vmft: the log ends at exit {exit} without an end entry: the backup goes live");
         if let Some(out) = self.live_console.take() {
@@ -278,12 +265,50 @@ impl Vm {
         }
         // Clocks continue from the last logged time; re-arm host-side hints.
         self.clock_start = Instant::now();
-        self.clock_base_ns = self.door.clock_ns(exit)?;
-        self.mode = Mode::Live;
+        self.clock_base_ns = live.now_ns();
         tracing::debug!(
             clock_ns = self.clock_base_ns,
             next_tick_ns = ?self.devices.pit.next_irq0_ns(),
             "live"
+        );
+        match std::mem::take(&mut self.after_takeover) {
+            AfterTakeover::Live => self.door = Box::new(live),
+            AfterTakeover::Record { log, epoch_bound } => {
+                self.start_recording(live, &log, epoch_bound)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Turn this live VM into a recorder: save the state now as the new
+    /// log's starting point, turn on dirty logging, and log from here to
+    /// `log`.
+    fn start_recording(
+        &mut self,
+        live: LiveDoor,
+        log: &Path,
+        epoch_bound: Duration,
+    ) -> Result<(), VmError> {
+        let err = |detail: String| VmError::TakeoverLog {
+            path: log.display().to_string(),
+            detail,
+        };
+        let snap = takeover_snapshot_path(log);
+        self.settle()?;
+        self.save_snapshot_at(&snap, live.now_ns())?;
+        let header =
+            log_header(&VmSource::Restore(snap.clone())).map_err(|e| err(e.to_string()))?;
+        // Pages the guest wrote before this point are in the snapshot; the
+        // dirty log starts clean when it is turned on.
+        set_memslots(&self.vmfd, &self.mem, KVM_MEM_LOG_DIRTY_PAGES, false)?;
+        self.epoch_pages = Default::default();
+        self.epoch_bound = epoch_bound;
+        self.door = Box::new(RecordDoor::create(log, &header, live)?);
+        eprintln!(
+            "vmft: recording from exit {} to {} (the state there is in {})",
+            self.positions.now().exit,
+            log.display(),
+            snap.display()
         );
         Ok(())
     }
@@ -294,7 +319,7 @@ impl Vm {
     /// Called after every stop, counted or not, so a guest that runs
     /// without exits is always kicked when a kick can deliver something.
     fn arm_deadline(&mut self, last_exit_at: Instant) {
-        let recording = self.door.mode() == Mode::Record;
+        let recording = self.door.recorder().is_some();
         let waiting = self.devices.pic.has_interrupt() || (recording && self.door.pending(None));
         let after = kick_after(KickInputs {
             recording,
