@@ -75,17 +75,11 @@ fn exit_status(e: &anyhow::Error) -> u8 {
     use vmm::nondet::DoorError;
     use vmm::vm::VmError;
     for cause in e.chain() {
-        let door =
-            cause
-                .downcast_ref::<DoorError>()
-                .or_else(|| match cause.downcast_ref::<VmError>() {
-                    Some(VmError::Door(d)) => Some(d),
-                    _ => None,
-                });
-        match door {
-            Some(DoorError::LostClaim { .. }) => return 3,
-            Some(DoorError::Divergence { .. } | DoorError::FinalDivergence { .. }) => return 4,
-            _ => {}
+        if let Some(d) = cause.downcast_ref::<DoorError>() {
+            return d.exit_status();
+        }
+        if let Some(v) = cause.downcast_ref::<VmError>() {
+            return v.exit_status();
         }
     }
     1

@@ -274,6 +274,18 @@ pub enum DoorError {
     },
 }
 
+impl DoorError {
+    /// The exit status vmft ends with for this error: 3 when another side
+    /// is live (a lost claim), 4 for a divergence, 1 for anything else.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            DoorError::LostClaim { .. } => 3,
+            DoorError::Divergence { .. } | DoorError::FinalDivergence { .. } => 4,
+            _ => 1,
+        }
+    }
+}
+
 /// The interface through which every nondeterministic value that the
 /// monitor hands the guest enters the VM (see the module documentation for
 /// what the guest could still read without the monitor).

@@ -421,7 +421,7 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
     if let (Some(c), true) = (&console, went_live.load(Ordering::Acquire)) {
         match &result {
             Ok(exit) => c.done(&exit.to_string(), 0),
-            Err(e) => c.done(&e.to_string(), 1),
+            Err(e) => c.done(&e.to_string(), e.exit_status() as i32),
         }
     }
     let exit = result.context("the backup stopped")?;

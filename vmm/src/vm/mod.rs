@@ -188,6 +188,17 @@ pub enum FtMode {
     },
 }
 
+impl VmError {
+    /// The exit status vmft ends with for this error (see
+    /// [`DoorError::exit_status`]; 1 for errors outside the door).
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            VmError::Door(d) => d.exit_status(),
+            _ => 1,
+        }
+    }
+}
+
 /// What a backup that went live runs as.
 #[derive(Debug, Clone, Default)]
 pub enum AfterTakeover {
