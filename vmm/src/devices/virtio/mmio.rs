@@ -52,6 +52,12 @@
 //! serve that queue at once; if it used any buffer and the driver did not
 //! set `VRING_AVAIL_F_NO_INTERRUPT`, InterruptStatus bit 0 is set.
 //! InterruptACK clears the bits written.
+//!
+//! A device whose input comes from the host rather than from the driver
+//! (virtio-net's receive queue) uses a queue outside a notification
+//! through [`MmioTransport::with_device_queue`], with the same
+//! consequences as a notify, and only while the queue is live
+//! ([`MmioTransport::live_queue`]).
 
 use std::fmt;
 
@@ -62,8 +68,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{
-    status, HostError, VirtioDevice, INT_CONFIG_CHANGE, INT_USED_BUFFER, MMIO_MAGIC, MMIO_VERSION,
-    MMIO_WINDOW, VENDOR_ID, VIRTIO_F_VERSION_1,
+    status, HostError, QueueRun, VirtioDevice, INT_CONFIG_CHANGE, INT_USED_BUFFER, MMIO_MAGIC,
+    MMIO_VERSION, MMIO_WINDOW, VENDOR_ID, VIRTIO_F_VERSION_1,
 };
 use crate::snapshot::{Decoder, Encoder, SnapshotError};
 
@@ -522,10 +528,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.device.reset();
     }
 
+    /// Whether the device may use its queues: DRIVER_OK set, neither
+    /// DEVICE_NEEDS_RESET nor FAILED.
+    fn live(&self) -> bool {
+        self.status & status::DRIVER_OK != 0
+            && self.status & (status::DEVICE_NEEDS_RESET | status::FAILED) == 0
+    }
+
     fn notify(&mut self, index: u32, mem: &GuestMemoryMmap) -> Result<(), MmioError> {
-        if self.status & status::DRIVER_OK == 0
-            || self.status & (status::DEVICE_NEEDS_RESET | status::FAILED) != 0
-        {
+        if !self.live() {
             debug!(
                 index,
                 status = self.status,
@@ -545,7 +556,66 @@ impl<D: VirtioDevice> MmioTransport<D> {
         // came from a slice of u16 sizes the device gave.
         let index = index as u16;
         let run = self.device.process_queue(index, &mut q.queue, mem);
-        if run.used > 0 && !interrupt_suppressed(&q.queue, mem) {
+        self.complete(index, run, mem)
+    }
+
+    /// Queue `index` if the device may use it now: the device is live
+    /// (DRIVER_OK set, neither DEVICE_NEEDS_RESET nor FAILED) and the queue
+    /// exists and is ready. For a device that looks at a queue outside a
+    /// notification without changing anything (has the driver posted a
+    /// receive buffer?).
+    pub fn live_queue(&self, index: u16) -> Option<&Queue> {
+        if !self.live() {
+            return None;
+        }
+        self.queues
+            .get(usize::from(index))
+            .map(|q| &q.queue)
+            .filter(|q| q.ready())
+    }
+
+    /// Let the device act on queue `index` outside a notification, for
+    /// input that comes from the host rather than from the driver (a
+    /// received network frame, placed in a buffer the driver posted
+    /// earlier).
+    ///
+    /// Unless [`MmioTransport::live_queue`] would return the queue, does
+    /// nothing and returns `Ok(false)`. Otherwise calls `f` with the device
+    /// and the queue, then does what a QueueNotify does once the device
+    /// served the queue: sets InterruptStatus bit 0 if `f` used a buffer
+    /// and the driver did not suppress interrupts, sets DEVICE_NEEDS_RESET
+    /// if `f` found the ring broken, and returns a host failure as `Err`;
+    /// `Ok(true)` otherwise. `f` hands anything else back through what it
+    /// captures.
+    pub fn with_device_queue(
+        &mut self,
+        index: u16,
+        mem: &GuestMemoryMmap,
+        f: impl FnOnce(&mut D, &mut Queue) -> QueueRun,
+    ) -> Result<bool, MmioError> {
+        if self.live_queue(index).is_none() {
+            debug!(
+                index,
+                status = self.status,
+                "virtio-mmio: queue not live; device not called"
+            );
+            return Ok(false);
+        }
+        let run = f(&mut self.device, &mut self.queues[usize::from(index)].queue);
+        self.complete(index, run, mem).map(|()| true)
+    }
+
+    /// What follows the device's work on queue `index` (an existing queue):
+    /// the used-buffer interrupt, DEVICE_NEEDS_RESET for a broken ring, the
+    /// host failure.
+    fn complete(
+        &mut self,
+        index: u16,
+        run: QueueRun,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), MmioError> {
+        let queue = &self.queues[usize::from(index)].queue;
+        if run.used > 0 && !interrupt_suppressed(queue, mem) {
             self.interrupt_status |= INT_USED_BUFFER;
         }
         if let Some(why) = run.broken {
@@ -943,6 +1013,87 @@ mod tests {
         mem.write_obj(0u16, GuestAddress(AVAIL)).unwrap();
         flush(&mut t, &mem, &mut drv);
         assert!(t.irq_level());
+    }
+
+    #[test]
+    fn with_device_queue_completes_like_a_notify() {
+        let (mut t, mem, _img) = transport();
+        // Not live yet: the device is not called.
+        let mut called = false;
+        let ran = t
+            .with_device_queue(0, &mem, |_, _| {
+                called = true;
+                QueueRun::default()
+            })
+            .unwrap();
+        assert!(!ran && !called);
+        assert!(t.live_queue(0).is_none());
+        let mut drv = Driver::init(&mut t, &mem, 16, 0);
+        assert_eq!(t.live_queue(0).map(|q| q.size()), Some(16));
+        assert!(t.live_queue(1).is_none(), "no such queue");
+        assert!(!t.with_device_queue(1, &mem, |_, _| unreachable!()).unwrap());
+        // A request served outside a notify: used, interrupt raised.
+        let mut h = [0u8; 16];
+        h[0] = virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH as u8;
+        mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+        drv.submit(&mem, &[(HDR, 16, false), (ST, 1, true)]);
+        let ran = t
+            .with_device_queue(0, &mem, |blk, q| blk.process_queue(0, q, &mem))
+            .unwrap();
+        assert!(ran);
+        assert_eq!(drv.pop_used(&mem), Some((0, 1)));
+        assert_eq!(rd(&mut t, INTERRUPT_STATUS), INT_USED_BUFFER);
+        // Nothing used: no interrupt.
+        wr(&mut t, &mem, INTERRUPT_ACK, INT_USED_BUFFER);
+        assert!(t
+            .with_device_queue(0, &mem, |_, _| QueueRun::default())
+            .unwrap());
+        assert!(!t.irq_level());
+        // The driver's NO_INTERRUPT hint holds here too.
+        mem.write_obj(1u16.to_le(), GuestAddress(AVAIL)).unwrap();
+        let used = || QueueRun {
+            used: 1,
+            ..QueueRun::default()
+        };
+        assert!(t.with_device_queue(0, &mem, |_, _| used()).unwrap());
+        assert!(!t.irq_level());
+        mem.write_obj(0u16, GuestAddress(AVAIL)).unwrap();
+        // A broken ring: DEVICE_NEEDS_RESET, a configuration interrupt, and
+        // the queue is no longer live.
+        let broken = QueueRun {
+            broken: Some("test".into()),
+            ..QueueRun::default()
+        };
+        assert!(t.with_device_queue(0, &mem, |_, _| broken).unwrap());
+        assert_ne!(rd(&mut t, STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(rd(&mut t, INTERRUPT_STATUS), INT_CONFIG_CHANGE);
+        assert!(t.live_queue(0).is_none());
+        assert!(!t.with_device_queue(0, &mem, |_, _| unreachable!()).unwrap());
+    }
+
+    #[test]
+    fn with_device_queue_reports_a_host_failure() {
+        let (mut t, mem, _img) = transport();
+        let _ = Driver::init(&mut t, &mem, 16, 0);
+        let err = t
+            .with_device_queue(0, &mem, |_, _| QueueRun {
+                used: 1,
+                broken: None,
+                host_error: Some(HostError {
+                    what: "testing".into(),
+                    source: std::io::Error::other("boom"),
+                }),
+            })
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            MmioError::HostIo {
+                device_id: 2,
+                queue: 0,
+                ..
+            }
+        ));
+        assert!(t.irq_level(), "the completion is still signalled");
     }
 
     #[test]

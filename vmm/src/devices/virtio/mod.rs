@@ -6,10 +6,13 @@
 //!   machine, queue set-up, notification, the interrupt status and the
 //!   device's configuration space.
 //! - [`block`]: virtio-blk over a raw image file ([`Block`]).
+//! - [`net`]: virtio-net ([`Net`]); frames go in and out through the
+//!   monitor, which owns the host end, a [`tap`] device ([`Tap`]).
 //!
 //! A device model implements [`VirtioDevice`]; the transport owns its
 //! queues (split virtqueues, `virtio_queue::Queue`) and hands a queue to the
-//! device when the driver notifies it.
+//! device when the driver notifies it, or when the host has input for it
+//! ([`MmioTransport::with_device_queue`]).
 //!
 //! # Where this sits in the monitor
 //!
@@ -20,7 +23,10 @@
 //! are in place before the vCPU runs again. Nothing happens between exits,
 //! so a device's effect on the guest is a pure function of the guest's own
 //! accesses and of the backing data, which is what deterministic replay
-//! needs (see [`block`] for the disk side of that argument).
+//! needs (see [`block`] for the disk side of that argument). The one input
+//! from outside, a received network frame, enters at an exit boundary as
+//! logged input, and the backup delivers it at the same boundary (see
+//! [`net`]).
 //!
 //! The interrupt is one level-triggered line per transport:
 //! [`MmioTransport::irq_level`] is true while InterruptStatus is non-zero;
@@ -33,6 +39,8 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
+pub mod tap;
 
 use thiserror::Error;
 use virtio_queue::Queue;
@@ -42,6 +50,8 @@ use crate::snapshot::{Decoder, Encoder, SnapshotError};
 
 pub use self::block::{Block, BlockError, BlockStats};
 pub use self::mmio::{MmioError, MmioTransport};
+pub use self::net::{gratuitous_arp, Net, NetError, NetStats, RxOutcome};
+pub use self::tap::{Tap, TapError};
 
 /// Size of one device's MMIO window.
 pub const MMIO_WINDOW: u64 = 0x1000;
@@ -113,7 +123,7 @@ pub struct QueueRun {
 /// Everything here runs on the vCPU thread, inside the MMIO exit that
 /// caused it.
 pub trait VirtioDevice {
-    /// Virtio device ID (2 for block).
+    /// Virtio device ID (1 for net, 2 for block).
     fn device_id(&self) -> u32;
     /// Device-type feature bits offered; the transport adds
     /// [`VIRTIO_F_VERSION_1`].
@@ -145,7 +155,9 @@ pub trait VirtioDevice {
 }
 
 /// A test driver that programs a transport the way Linux's `virtio_mmio`
-/// and `virtio_blk` do, over a split ring laid out by hand in guest memory.
+/// and `virtio_blk` do, over split rings laid out by hand in guest memory:
+/// queue 0 at [`testing::DESC`], [`testing::AVAIL`], [`testing::USED`],
+/// further queues from [`testing::EXTRA_RINGS`] on ([`testing::rings`]).
 #[cfg(test)]
 pub(crate) mod testing {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -160,6 +172,35 @@ pub(crate) mod testing {
     pub const AVAIL: u64 = 0x3000;
     /// Used ring (flags, idx, ring[256] of 8 bytes, avail_event).
     pub const USED: u64 = 0x4000;
+    /// Rings of queues 1, 2, ...: 0x4000 bytes each from here (descriptor
+    /// table, then available ring at +0x1000, used ring at +0x2000), out of
+    /// the way of the buffers the tests use below 3 MiB.
+    pub const EXTRA_RINGS: u64 = 0x30_0000;
+
+    /// Where one queue's three parts are.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Rings {
+        pub desc: u64,
+        pub avail: u64,
+        pub used: u64,
+    }
+
+    /// The rings of queue `index` in the tests' layout.
+    pub fn rings(index: u16) -> Rings {
+        if index == 0 {
+            return Rings {
+                desc: DESC,
+                avail: AVAIL,
+                used: USED,
+            };
+        }
+        let base = EXTRA_RINGS + 0x4000 * u64::from(index - 1);
+        Rings {
+            desc: base,
+            avail: base + 0x1000,
+            used: base + 0x2000,
+        }
+    }
 
     pub const MAGIC: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
@@ -248,15 +289,27 @@ pub(crate) mod testing {
         mem: &GuestMemoryMmap,
         size: u16,
     ) {
-        wr(t, mem, QUEUE_SEL, 0);
+        setup_queue_at(t, mem, 0, size);
+    }
+
+    /// Program queue `index` with `size` entries at [`rings`]`(index)` and
+    /// make it ready.
+    pub fn setup_queue_at<D: VirtioDevice>(
+        t: &mut MmioTransport<D>,
+        mem: &GuestMemoryMmap,
+        index: u16,
+        size: u16,
+    ) {
+        let r = rings(index);
+        wr(t, mem, QUEUE_SEL, u32::from(index));
         assert_eq!(rd(t, QUEUE_READY), 0, "queue already live");
         assert!(rd(t, QUEUE_NUM_MAX) >= u32::from(size));
         wr(t, mem, QUEUE_NUM, u32::from(size));
-        wr(t, mem, QUEUE_DESC_LOW, DESC as u32);
+        wr(t, mem, QUEUE_DESC_LOW, r.desc as u32);
         wr(t, mem, QUEUE_DESC_HIGH, 0);
-        wr(t, mem, QUEUE_DRIVER_LOW, AVAIL as u32);
+        wr(t, mem, QUEUE_DRIVER_LOW, r.avail as u32);
         wr(t, mem, QUEUE_DRIVER_HIGH, 0);
-        wr(t, mem, QUEUE_DEVICE_LOW, USED as u32);
+        wr(t, mem, QUEUE_DEVICE_LOW, r.used as u32);
         wr(t, mem, QUEUE_DEVICE_HIGH, 0);
         wr(t, mem, QUEUE_READY, 1);
     }
@@ -265,6 +318,7 @@ pub(crate) mod testing {
     #[derive(Debug, Clone)]
     pub struct Driver {
         pub size: u16,
+        rings: Rings,
         next_desc: u16,
         pub avail_idx: u16,
         used_seen: u16,
@@ -280,8 +334,23 @@ pub(crate) mod testing {
             size: u16,
             refuse: u64,
         ) -> Driver {
+            Self::init_queues(t, mem, &[size], refuse).remove(0)
+        }
+
+        /// As [`Driver::init`], setting up queues 0, 1, ... with `sizes`
+        /// entries (at [`rings`]); one driver per queue.
+        pub fn init_queues<D: VirtioDevice>(
+            t: &mut MmioTransport<D>,
+            mem: &GuestMemoryMmap,
+            sizes: &[u16],
+            refuse: u64,
+        ) -> Vec<Driver> {
             // Clean rings: a re-initialisation starts from index 0.
             mem.write_slice(&[0u8; 0x4000], GuestAddress(DESC)).unwrap();
+            for index in 1..sizes.len() as u16 {
+                mem.write_slice(&[0u8; 0x3000], GuestAddress(rings(index).desc))
+                    .unwrap();
+            }
             assert_eq!(rd(t, MAGIC), u32::from_le_bytes(*b"virt"));
             assert_eq!(rd(t, VERSION), 2);
             wr(t, mem, STATUS, 0);
@@ -293,16 +362,27 @@ pub(crate) mod testing {
             write_driver_features(t, mem, offered & !refuse);
             add_status(t, mem, status::FEATURES_OK);
             assert_ne!(rd(t, STATUS) & status::FEATURES_OK, 0, "features refused");
-            setup_queue(t, mem, size);
+            for (index, &size) in sizes.iter().enumerate() {
+                setup_queue_at(t, mem, index as u16, size);
+            }
             add_status(t, mem, status::DRIVER_OK);
-            Driver::new(size)
+            (0..sizes.len() as u16)
+                .zip(sizes)
+                .map(|(index, &size)| Driver::for_queue(index, size))
+                .collect()
         }
 
-        /// The driver state of a freshly set-up queue of `size` entries
+        /// The driver state of a freshly set-up queue 0 of `size` entries
         /// (rings zeroed), for tests that program the registers themselves.
         pub fn new(size: u16) -> Driver {
+            Self::for_queue(0, size)
+        }
+
+        /// As [`Driver::new`] for queue `index` (rings at [`rings`]).
+        pub fn for_queue(index: u16, size: u16) -> Driver {
             Driver {
                 size,
+                rings: rings(index),
                 next_desc: 0,
                 avail_idx: 0,
                 used_seen: 0,
@@ -319,7 +399,7 @@ pub(crate) mod testing {
             flags: u16,
             next: u16,
         ) {
-            let at = GuestAddress(DESC + 16 * u64::from(index));
+            let at = GuestAddress(self.rings.desc + 16 * u64::from(index));
             let mut raw = [0u8; 16];
             raw[0..8].copy_from_slice(&addr.to_le_bytes());
             raw[8..12].copy_from_slice(&len.to_le_bytes());
@@ -330,10 +410,11 @@ pub(crate) mod testing {
 
         /// Put `head` in the available ring and publish the new index.
         pub fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
-            let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % self.size);
+            let avail = self.rings.avail;
+            let slot = avail + 4 + 2 * u64::from(self.avail_idx % self.size);
             mem.write_obj(head.to_le(), GuestAddress(slot)).unwrap();
             self.avail_idx = self.avail_idx.wrapping_add(1);
-            mem.write_obj(self.avail_idx.to_le(), GuestAddress(AVAIL + 2))
+            mem.write_obj(self.avail_idx.to_le(), GuestAddress(avail + 2))
                 .unwrap();
         }
 
@@ -356,11 +437,12 @@ pub(crate) mod testing {
 
         /// Next used element (id, len) not seen yet.
         pub fn pop_used(&mut self, mem: &GuestMemoryMmap) -> Option<(u32, u32)> {
-            let idx = u16::from_le(mem.read_obj(GuestAddress(USED + 2)).unwrap());
+            let used = self.rings.used;
+            let idx = u16::from_le(mem.read_obj(GuestAddress(used + 2)).unwrap());
             if idx == self.used_seen {
                 return None;
             }
-            let at = USED + 4 + 8 * u64::from(self.used_seen % self.size);
+            let at = used + 4 + 8 * u64::from(self.used_seen % self.size);
             let id = u32::from_le(mem.read_obj(GuestAddress(at)).unwrap());
             let len = u32::from_le(mem.read_obj(GuestAddress(at + 4)).unwrap());
             self.used_seen = self.used_seen.wrapping_add(1);
