@@ -13,9 +13,11 @@ if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
 fi
 
 step "test dependencies (Debian packages)"
-# etcd-server runs the arbiter's etcd tests.
+# etcd-server runs the arbiter's etcd tests; iproute2 (`ip`) builds the
+# network namespaces of the network tests.
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -136,8 +136,59 @@ pub struct BootConfig {
     pub initrd: Option<PathBuf>,
     /// Memory size in MiB.
     pub mem_mib: u64,
-    /// Full kernel command line.
+    /// Kernel command line (without the arguments announcing the MMIO
+    /// devices, which [`BootConfig::kernel_cmdline`] adds).
     pub cmdline: String,
+    /// Disks, in order (device 0 is `/dev/vda`).
+    pub disks: Vec<DiskSpec>,
+}
+
+impl BootConfig {
+    /// The command line the kernel gets: `cmdline` and, for each disk,
+    /// the argument that announces its virtio-mmio window.
+    pub fn kernel_cmdline(&self) -> String {
+        let mut c = self.cmdline.clone();
+        for i in 0..self.disks.len() {
+            if let Some(arg) = crate::devices::mmio::cmdline_arg(i) {
+                c.push(' ');
+                c.push_str(&arg);
+            }
+        }
+        c
+    }
+}
+
+/// A disk: a raw image file, read-write unless `read_only`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The image.
+    pub path: PathBuf,
+    /// The guest may not write it.
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DiskSpec {
+    type Err = String;
+
+    /// `PATH` or `PATH,ro`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (path, opts) = match s.rsplit_once(',') {
+            Some((p, o)) if o == "ro" || o == "rw" => (p, Some(o)),
+            Some((_, o)) if !o.contains('/') => {
+                return Err(format!(
+                    "unknown disk option {o:?} in {s:?} (PATH, PATH,ro or PATH,rw)"
+                ))
+            }
+            _ => (s, None),
+        };
+        if path.is_empty() {
+            return Err(format!("no image path in {s:?}"));
+        }
+        Ok(DiskSpec {
+            path: PathBuf::from(path),
+            read_only: opts == Some("ro"),
+        })
+    }
 }
 
 /// Result of loading: where to start the vCPU.
@@ -261,18 +312,19 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<BootInfo, BootErr
     };
 
     // Command line.
-    if cfg.cmdline.len() >= CMDLINE_MAX {
+    let full = cfg.kernel_cmdline();
+    if full.len() >= CMDLINE_MAX {
         return Err(BootError::Cmdline(format!(
             "{} bytes, the kernel accepts at most {}",
-            cfg.cmdline.len(),
+            full.len(),
             CMDLINE_MAX - 1
         )));
     }
     let mut cmdline =
         loader::Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
     cmdline
-        .insert_str(&cfg.cmdline)
-        .map_err(|e| BootError::Cmdline(format!("{e}: {:?}", cfg.cmdline)))?;
+        .insert_str(&full)
+        .map_err(|e| BootError::Cmdline(format!("{e}: {full:?}")))?;
     loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cmdline)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
 
@@ -296,7 +348,7 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<BootInfo, BootErr
     params.hdr.boot_flag = 0xaa55;
     params.hdr.header = 0x5372_6448; // "HdrS"
     params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
-    params.hdr.cmdline_size = cfg.cmdline.len() as u32;
+    params.hdr.cmdline_size = full.len() as u32;
     params.hdr.kernel_alignment = 0x100_0000;
     let e820 = [
         (0, EBDA_START, E820_RAM),
@@ -479,6 +531,27 @@ pub fn boot_fpu() -> kvm_fpu {
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    #[test]
+    fn disks_parse_with_their_options_and_are_announced_in_order() {
+        let d: DiskSpec = "/x/a.img".parse().unwrap();
+        assert_eq!((d.path.to_str(), d.read_only), (Some("/x/a.img"), false));
+        let d: DiskSpec = "b,c.img,ro".parse().unwrap();
+        assert_eq!((d.path.to_str(), d.read_only), (Some("b,c.img"), true));
+        assert!("a.img,shared-ish".parse::<DiskSpec>().is_err());
+        assert!(",ro".parse::<DiskSpec>().is_err());
+        let cfg = BootConfig {
+            kernel: PathBuf::from("k"),
+            initrd: None,
+            mem_mib: 64,
+            cmdline: "console=ttyS0".into(),
+            disks: vec!["a".parse().unwrap(), "b,ro".parse().unwrap()],
+        };
+        assert_eq!(
+            cfg.kernel_cmdline(),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+    }
 
     #[test]
     fn gdt_entries_decode_to_long_mode_segments() {

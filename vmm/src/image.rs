@@ -13,7 +13,9 @@ pub const DEFAULT_MEM_MIB: u64 = 128;
 pub const DEFAULT_WORKLOAD: &str = "counter";
 /// The workloads of the default initramfs (`guest-images/initramfs/workloads/`;
 /// a unit test keeps the two in step).
-pub const WORKLOADS: &[&str] = &["compute", "counter", "echo", "shell", "sleep", "ticker"];
+pub const WORKLOADS: &[&str] = &[
+    "compute", "counter", "disk", "echo", "shell", "sleep", "ticker",
+];
 
 /// Refuse a workload the default initramfs does not have, before anything
 /// boots (a guest takes tens of seconds to find out by itself).

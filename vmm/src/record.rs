@@ -335,8 +335,24 @@ impl Drop for RecordDoor {
 pub enum VmSource {
     /// Boot a kernel.
     Boot(crate::boot::BootConfig),
-    /// Restore a snapshot file.
-    Restore(std::path::PathBuf),
+    /// Restore a snapshot file, with the disks it was taken with (their
+    /// contents as they were when it was taken).
+    Restore {
+        /// The snapshot.
+        snapshot: std::path::PathBuf,
+        /// The disks, in the same order.
+        disks: Vec<crate::boot::DiskSpec>,
+    },
+}
+
+impl VmSource {
+    /// The VM's disks.
+    pub fn disks(&self) -> &[crate::boot::DiskSpec] {
+        match self {
+            VmSource::Boot(cfg) => &cfg.disks,
+            VmSource::Restore { disks, .. } => disks,
+        }
+    }
 }
 
 /// Errors describing a VM's configuration.
@@ -358,6 +374,28 @@ pub enum ConfigError {
     Cpuid(String),
 }
 
+/// Feed a file's length and contents to `h`, reading it in pieces (a
+/// disk image may be large).
+fn hash_file(h: &mut sha2::Sha256, path: &Path) -> Result<(), ConfigError> {
+    use sha2::Digest;
+    use std::io::Read;
+    let err = |source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut f = File::open(path).map_err(err)?;
+    let len = f.metadata().map_err(err)?.len();
+    h.update(len.to_le_bytes());
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(err)?;
+        if n == 0 {
+            return Ok(());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, ConfigError> {
     std::fs::read(path).map_err(|source| ConfigError::Read {
         path: path.display().to_string(),
@@ -367,8 +405,9 @@ fn read(path: &Path) -> Result<Vec<u8>, ConfigError> {
 
 /// Hash of everything that defines the VM a log belongs to: kernel and
 /// initramfs contents, memory size and command line (or the snapshot's
-/// contents), and the CPUID table the guest sees on this host (see
-/// [`crate::vcpu::cpuid_digest`]). Primary and backup must agree on it.
+/// contents), each disk's access mode, size and contents, and the CPUID
+/// table the guest sees on this host (see [`crate::vcpu::cpuid_digest`]).
+/// Primary and backup must agree on it.
 pub fn config_hash(src: &VmSource) -> Result<String, ConfigError> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
@@ -384,10 +423,17 @@ pub fn config_hash(src: &VmSource) -> Result<String, ConfigError> {
             h.update(cfg.mem_mib.to_le_bytes());
             h.update(cfg.cmdline.as_bytes());
         }
-        VmSource::Restore(path) => {
+        VmSource::Restore { snapshot, .. } => {
             h.update(b"vmft-config-v2\0snapshot\0");
-            h.update(read(path)?);
+            h.update(read(snapshot)?);
         }
+    }
+    // Disks: each one's access and contents (the backup must hold the same
+    // bytes as the primary; separate copies are compared here).
+    for d in src.disks() {
+        h.update(b"\0disk\0");
+        h.update([d.read_only as u8]);
+        hash_file(&mut h, &d.path)?;
     }
     h.update([0u8]);
     h.update(
@@ -411,7 +457,7 @@ pub fn log_header(src: &VmSource) -> Result<LogHeader, ConfigError> {
             recorder: recorder_id(),
             snapshot: None,
         },
-        VmSource::Restore(path) => {
+        VmSource::Restore { snapshot: path, .. } => {
             let (mem_mib, cmdline) = crate::vm::snapshot_summary(path)?;
             LogHeader {
                 kernel: String::new(),

@@ -22,8 +22,9 @@ use thiserror::Error;
 
 /// Magic bytes at the start of every snapshot.
 pub const MAGIC: &[u8; 8] = b"VMFTSNAP";
-/// Current snapshot format version.
-pub const FORMAT_VERSION: u32 = 2;
+/// Current snapshot format version (3: the MMIO devices' state follows
+/// the port devices').
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Snapshot errors.
 #[derive(Debug, Error)]

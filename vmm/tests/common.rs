@@ -227,3 +227,100 @@ pub fn expected_ticker(count: u64) -> Vec<String> {
     out.push(format!("ticker done lines={lines} sum={sum}"));
     out
 }
+
+/// Bytes of each test disk image.
+pub const DISK_BYTES: u64 = 4 << 20;
+
+/// A blank (all zero) disk image of [`DISK_BYTES`] at `path`.
+pub fn blank_disk(path: &std::path::Path) -> PathBuf {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(DISK_BYTES).unwrap();
+    path.to_path_buf()
+}
+
+/// Block `i` (from 1) as the `disk` workload writes it: 1024 lines of 64
+/// bytes.
+pub fn disk_block(i: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(65536);
+    for k in 0..1024u64 {
+        let line = format!(
+            "blk {i:06} line {k:04} {:042}\n",
+            (i * 7919 + k * 31) % 1_000_003
+        );
+        v.extend_from_slice(line.as_bytes());
+    }
+    assert_eq!(v.len(), 65536);
+    v
+}
+
+/// What is wrong with a disk image after the `disk` workload wrote `n`
+/// blocks, if anything: its first `n` blocks must be the workload's and
+/// the rest zero.
+pub fn disk_problem(image: &std::path::Path, n: u64) -> Option<String> {
+    let bytes = std::fs::read(image).unwrap();
+    if bytes.len() as u64 != DISK_BYTES {
+        return Some(format!("{} bytes, not {DISK_BYTES}", bytes.len()));
+    }
+    for i in 1..=n {
+        let at = ((i - 1) * 65536) as usize;
+        if bytes[at..at + 65536] != disk_block(i)[..] {
+            return Some(format!(
+                "block {i} (at byte {at}) is not what the guest wrote"
+            ));
+        }
+    }
+    let tail = (n * 65536) as usize;
+    bytes[tail..]
+        .iter()
+        .position(|&b| b != 0)
+        .map(|p| format!("byte {} past the written blocks is not zero", tail + p))
+}
+
+/// Boot the default guest with `args` (a workload, disks, ...) and save a
+/// snapshot at its ready marker to `snap`; the boot is then killed. Fails
+/// the test if the snapshot does not come within a generous limit.
+pub fn snapshot_at_ready(args: &[std::ffi::OsString], snap: &std::path::Path) {
+    use std::io::Read;
+    let (kernel, initrd) = image();
+    let mut child = vmft()
+        .args(args)
+        .arg("--no-stdin")
+        .arg("--snapshot-on-ready")
+        .arg(snap)
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = err.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let t0 = std::time::Instant::now();
+    let mut text = String::new();
+    while !text.contains("snapshot saved to") {
+        let left = std::time::Duration::from_secs(400).saturating_sub(t0.elapsed());
+        match rx.recv_timeout(left) {
+            Ok(b) => text.push_str(&String::from_utf8_lossy(&b)),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no snapshot at the ready marker within 400 s:\n{text}");
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    eprintln!(
+        "snapshot at the ready marker after {:.1} s of boot",
+        t0.elapsed().as_secs_f64()
+    );
+}

@@ -407,6 +407,8 @@ struct Opts {
     console_stdin: bool,
     /// More options for the backup.
     backup_args: Vec<OsString>,
+    /// More options for the primary.
+    primary_args: Vec<OsString>,
 }
 
 /// What a pair runs.
@@ -414,15 +416,18 @@ struct Opts {
 enum Guest {
     /// The shared snapshot of the default guest running `ticker`.
     Ticker,
+    /// Another snapshot.
+    Restore(&'static Path),
     /// A test guest (`tests/guests/testguest.S`) of this mode, booted.
-    TestGuest(u32),
+    Assembled(u32),
 }
 
 impl Guest {
     fn args(self) -> Vec<OsString> {
         match self {
             Guest::Ticker => vec!["--restore".into(), ticker_snapshot().into()],
-            Guest::TestGuest(mode) => vec![
+            Guest::Restore(snap) => vec!["--restore".into(), snap.into()],
+            Guest::Assembled(mode) => vec![
                 "--kernel".into(),
                 test_guest(mode).into(),
                 "--mem".into(),
@@ -440,6 +445,7 @@ impl Default for Opts {
             guest: Guest::Ticker,
             console_stdin: false,
             backup_args: Vec::new(),
+            primary_args: Vec::new(),
         }
     }
 }
@@ -448,6 +454,7 @@ impl Default for Opts {
 struct Setup {
     timeout_ms: u64,
     guest: Guest,
+    primary_args: Vec<OsString>,
     /// The primary's channel secret, if not the pair's.
     primary_token: Option<&'static [u8]>,
     arbiter_addr: String,
@@ -550,6 +557,7 @@ impl Cluster {
         let s = Setup {
             timeout_ms: opts.timeout_ms,
             guest: opts.guest,
+            primary_args: opts.primary_args.clone(),
             primary_token: opts.primary_token,
             arbiter_addr,
             console_addr,
@@ -597,7 +605,8 @@ impl Cluster {
         };
         let mut cmd = vmft();
         cmd.args(["primary", "--backup", backup])
-            .args(self.s.side_args(&token));
+            .args(self.s.side_args(&token))
+            .args(&self.s.primary_args);
         self.primary = Some(Proc::spawn("primary", cmd));
     }
 
@@ -872,7 +881,7 @@ fn typed_input_crosses_a_failover_exactly_once() {
     println!("pair: typed input across kill -9 of the primary: {rounds} rounds, seed {seed}");
     for round in 1..=rounds {
         let mut c = Cluster::start(Opts {
-            guest: Guest::TestGuest(11),
+            guest: Guest::Assembled(11),
             console_stdin: true,
             ..Opts::default()
         });
@@ -1023,6 +1032,95 @@ fn a_promoted_backup_records_a_log_that_replays_to_its_end() {
         "pair: the promoted backup's log replays {} ticker lines to the same end",
         replayed.len()
     );
+}
+
+/// Blocks the `disk` workload of the disk pair test writes.
+const DISK_BLOCKS: u64 = 8;
+
+/// A snapshot of the default guest running `disk` with one blank disk, at
+/// its ready marker (nothing is written before it: a fresh blank image is
+/// the disk as it was).
+fn disk_snapshot() -> &'static Path {
+    static SNAP: OnceLock<PathBuf> = OnceLock::new();
+    SNAP.get_or_init(|| {
+        let dir = SNAP_DIR.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap().keep();
+            // SAFETY: registers a plain function without arguments.
+            unsafe { libc::atexit(remove_snapshot_dir) };
+            dir
+        });
+        let snap = dir.join("disk.snap");
+        let scratch = blank_disk(&dir.join("scratch.img"));
+        let args: Vec<OsString> = vec![
+            "run".into(),
+            "--workload".into(),
+            "disk".into(),
+            "--append".into(),
+            format!("vmft.count={DISK_BLOCKS}").into(),
+            "--disk".into(),
+            scratch.into(),
+        ];
+        snapshot_at_ready(&args, &snap);
+        snap
+    })
+}
+
+#[test]
+fn with_separate_disks_kill_9_of_the_primary_loses_no_write() {
+    if !require_kvm() {
+        return;
+    }
+    let _one = serial();
+    let seed = seed();
+    let mut rng = Rng(seed ^ 0xd15c);
+    let dir = tempfile::tempdir().unwrap();
+    let p = blank_disk(&dir.path().join("primary.img"));
+    let b = blank_disk(&dir.path().join("backup.img"));
+    let mut c = Cluster::start(Opts {
+        guest: Guest::Restore(disk_snapshot()),
+        primary_args: vec!["--disk".into(), p.into()],
+        backup_args: vec!["--disk".into(), b.clone().into()],
+        ..Opts::default()
+    });
+    c.start_primary();
+    let k = rng.range(2, DISK_BLOCKS - 4) as usize;
+    let disk_lines = |c: &Cluster| -> Vec<String> {
+        c.console
+            .stdout_lines()
+            .into_iter()
+            .map(|(_, l)| l)
+            .filter(|l| l.starts_with("disk "))
+            .collect()
+    };
+    c.wait_for(&format!("{k} disk lines on the console"), 300, |c| {
+        disk_lines(c).len() >= k
+    });
+    c.primary().kill9();
+    c.wait_for("the backup to go live", 120, |c| {
+        c.backup.stderr().contains("claim won: the backup is LIVE")
+    });
+    let st = c.wait_exit(Who::Console, 300);
+    c.check(st.code() == Some(0), format!("the console exited {st}"));
+    let lines = disk_lines(&c);
+    let numbered: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("disk ")?.split(' ').next()?.parse().ok())
+        .collect();
+    c.check(
+        numbered == (1..=DISK_BLOCKS).collect::<Vec<_>>()
+            && lines
+                .last()
+                .is_some_and(|l| l.starts_with("disk done sum=")),
+        format!(
+            "the console's disk lines are not each block once, in order, then the end: {lines:?}"
+        ),
+    );
+    if let Some(problem) = disk_problem(&b, DISK_BLOCKS) {
+        c.check(false, format!("the backup's disk is wrong: {problem}"));
+    }
+    let st = c.wait_exit(Who::Backup, 60);
+    c.check(st.success(), format!("the backup exited {st}"));
+    println!("pair: separate disks: the primary killed after {k} blocks; the backup's disk holds all {DISK_BLOCKS}");
 }
 
 #[test]

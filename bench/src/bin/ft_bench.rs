@@ -41,6 +41,7 @@ fn config(workload: &str, count: u64) -> BootConfig {
             "{} vmft.workload={workload} vmft.count={count}",
             image::base_cmdline()
         ),
+        disks: Vec::new(),
     }
 }
 

@@ -145,6 +145,30 @@ pub fn ft(args: FtArgs, stop: StopHandle) -> Result<u8> {
     // The VM both sides run: resolved once here (the image is built on
     // first use), then passed to both as explicit paths.
     let mut vm_args: Vec<String> = Vec::new();
+    // Separate disks (VMware FT's default): the backup gets its own copy,
+    // next to the original, and executes the same reads and writes on it.
+    let mut primary_disks: Vec<String> = Vec::new();
+    let mut backup_disks: Vec<String> = Vec::new();
+    for d in &args.boot.disks {
+        let mut copy = d.path.clone().into_os_string();
+        copy.push(".vmft-backup");
+        let copy = PathBuf::from(copy);
+        eprintln!(
+            "vmft ft: the backup's copy of {} is {} (after a failover it is the current disk)",
+            d.path.display(),
+            copy.display()
+        );
+        std::fs::copy(&d.path, &copy).with_context(|| {
+            format!(
+                "cannot copy disk {} to {} for the backup",
+                d.path.display(),
+                copy.display()
+            )
+        })?;
+        let mode = if d.read_only { "ro" } else { "rw" };
+        primary_disks.extend(["--disk".into(), format!("{},{mode}", d.path.display())]);
+        backup_disks.extend(["--disk".into(), format!("{},{mode}", copy.display())]);
+    }
     match &args.restore {
         Some(snap) => vm_args.extend(["--restore".into(), snap.display().to_string()]),
         None => {
@@ -230,19 +254,17 @@ pub fn ft(args: FtArgs, stop: StopHandle) -> Result<u8> {
         dir.0.display()
     );
     let children = Children(Arc::new(Mutex::new(Vec::new())));
-    let backup = spawn_side(
-        "backup",
-        &common(&["backup".into(), "--listen".into(), backup_addr.clone()]),
-    )?;
+    let mut backup_args = vec!["backup".into(), "--listen".into(), backup_addr.clone()];
+    backup_args.extend(backup_disks);
+    let backup = spawn_side("backup", &common(&backup_args))?;
     children
         .0
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(("backup".into(), backup));
-    let primary = spawn_side(
-        "primary",
-        &common(&["primary".into(), "--backup".into(), backup_addr.clone()]),
-    )?;
+    let mut primary_args = vec!["primary".into(), "--backup".into(), backup_addr.clone()];
+    primary_args.extend(primary_disks);
+    let primary = spawn_side("primary", &common(&primary_args))?;
     children
         .0
         .lock()

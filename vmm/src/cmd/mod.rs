@@ -36,10 +36,14 @@ pub struct BootArgs {
     /// Extra kernel command line, appended to the defaults.
     #[arg(long)]
     pub append: Option<String>,
-    /// Workload the default guest runs: compute, counter, echo, shell or sleep
+    /// Workload the default guest runs: compute, counter, disk, echo, shell, sleep or ticker
     /// (the default initramfs's; any name with --initrd).
     #[arg(long, default_value = DEFAULT_WORKLOAD)]
     pub workload: String,
+    /// A disk for the guest: a raw image, PATH or PATH,ro (repeat for more;
+    /// the first is /dev/vda). Under FT each side has its own identical copy.
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    pub disks: Vec<vmm::boot::DiskSpec>,
 }
 
 pub fn boot_config(args: BootArgs) -> Result<BootConfig> {
@@ -63,6 +67,7 @@ pub fn boot_config(args: BootArgs) -> Result<BootConfig> {
         initrd,
         mem_mib: args.mem,
         cmdline,
+        disks: args.disks,
     })
 }
 

@@ -148,7 +148,10 @@ fn arbiter_token(args: &PairArgs) -> Result<Vec<u8>> {
 
 fn vm_source(pair: &PairArgs, boot: BootArgs) -> Result<VmSource> {
     Ok(match &pair.restore {
-        Some(snap) => VmSource::Restore(snap.clone()),
+        Some(snap) => VmSource::Restore {
+            snapshot: snap.clone(),
+            disks: boot.disks.clone(),
+        },
         None => {
             let cfg = boot_config(boot)?;
             vmm::boot::detect_format(&cfg.kernel).context("cannot boot")?;

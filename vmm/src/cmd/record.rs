@@ -37,7 +37,10 @@ pub struct RecordArgs {
 
 pub fn record(args: RecordArgs, stop: StopHandle) -> Result<()> {
     let source = match &args.restore {
-        Some(snap) => VmSource::Restore(snap.clone()),
+        Some(snap) => VmSource::Restore {
+            snapshot: snap.clone(),
+            disks: args.boot.disks.clone(),
+        },
         None => {
             let cfg = boot_config(args.boot)?;
             // A missing or foreign kernel is reported by boot; hash only what exists.

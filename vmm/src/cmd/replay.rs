@@ -31,6 +31,10 @@ pub struct ReplayArgs {
     /// Use this initramfs instead of the one named in the log (must match its hash).
     #[arg(long)]
     pub initrd: Option<PathBuf>,
+    /// The guest's disks, in the order they were given when recording,
+    /// each as it was when the recording started (PATH or PATH,ro).
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    pub disks: Vec<vmm::boot::DiskSpec>,
     /// Print exit statistics at the end.
     #[arg(long)]
     pub stats: bool,
@@ -48,7 +52,12 @@ fn short(hash: &str) -> &str {
 
 /// What a configuration was built from, for an error message.
 fn describe(source: &VmSource) -> String {
-    match source {
+    let disks = match source.disks().len() {
+        0 => "no disk".to_string(),
+        1 => "1 disk".to_string(),
+        n => format!("{n} disks"),
+    };
+    let what = match source {
         VmSource::Boot(cfg) => format!(
             "kernel {}, initramfs {}, same host CPU",
             cfg.kernel.display(),
@@ -57,8 +66,11 @@ fn describe(source: &VmSource) -> String {
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| "none".into())
         ),
-        VmSource::Restore(p) => format!("snapshot {}, same host CPU", p.display()),
-    }
+        VmSource::Restore { snapshot, .. } => {
+            format!("snapshot {}, same host CPU", snapshot.display())
+        }
+    };
+    format!("{what}, {disks} (the disks as they were when the recording started)")
 }
 
 pub fn replay(args: ReplayArgs, stop: StopHandle) -> Result<()> {
@@ -78,9 +90,10 @@ pub fn replay(args: ReplayArgs, stop: StopHandle) -> Result<()> {
         );
     }
     let source = match &h.snapshot {
-        Some(snap) => {
-            VmSource::Restore(args.restore.clone().unwrap_or_else(|| PathBuf::from(snap)))
-        }
+        Some(snap) => VmSource::Restore {
+            snapshot: args.restore.clone().unwrap_or_else(|| PathBuf::from(snap)),
+            disks: args.disks.clone(),
+        },
         None => {
             let cfg = BootConfig {
                 kernel: args
@@ -93,6 +106,7 @@ pub fn replay(args: ReplayArgs, stop: StopHandle) -> Result<()> {
                     .or_else(|| h.initrd.as_ref().map(PathBuf::from)),
                 mem_mib: h.mem_mib,
                 cmdline: h.cmdline.clone(),
+                disks: args.disks.clone(),
             };
             vmm::boot::detect_format(&cfg.kernel).context("cannot replay")?;
             VmSource::Boot(cfg)

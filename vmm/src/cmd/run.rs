@@ -30,6 +30,7 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs, stop: StopHandle) -> Result<()> {
+    let disks = args.boot.disks.clone();
     let cfg = match &args.restore {
         Some(_) => None,
         None => Some(boot_config(args.boot)?),
@@ -44,7 +45,7 @@ pub fn run(args: RunArgs, stop: StopHandle) -> Result<()> {
         pair: None,
     };
     let mut vm = match (&args.restore, &cfg) {
-        (Some(snap), _) => Vm::restore(snap, opts).context("cannot restore")?,
+        (Some(snap), _) => Vm::restore(snap, &disks, opts).context("cannot restore")?,
         (None, Some(cfg)) => Vm::boot(cfg, opts).context("cannot boot")?,
         (None, None) => unreachable!("a boot configuration when not restoring"),
     };

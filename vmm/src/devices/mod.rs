@@ -5,6 +5,7 @@
 //! ([`crate::nondet::Door`]), so the whole device model replays exactly.
 
 pub mod i8042;
+pub mod mmio;
 pub mod pic;
 pub mod pit;
 pub mod rtc;
@@ -17,6 +18,7 @@ use crate::nondet::{Door, DoorError};
 use crate::snapshot::{Decoder, Encoder, SnapshotError};
 
 use self::i8042::I8042;
+use self::mmio::MmioBus;
 use self::pic::Pic;
 use self::pit::Pit;
 use self::rtc::Rtc;
@@ -40,19 +42,28 @@ pub struct Devices {
     pub serial: SerialPort,
     /// Reset controller.
     pub i8042: I8042,
+    /// Memory-mapped devices (virtio disks and network cards).
+    pub mmio: MmioBus,
     /// Accesses to ports no device claims, by port (reads, writes).
     pub unknown_ports: BTreeMap<u16, (u64, u64)>,
 }
 
 impl Devices {
-    /// Devices in their power-on state, console output to `console`.
+    /// Devices in their power-on state, console output to `console`, no
+    /// MMIO devices.
     pub fn new(console: ConsoleOut) -> Self {
+        Self::with_mmio(console, MmioBus::new())
+    }
+
+    /// Devices in their power-on state, with the MMIO devices of `mmio`.
+    pub fn with_mmio(console: ConsoleOut, mmio: MmioBus) -> Self {
         Devices {
             pic: Pic::new(),
             pit: Pit::new(),
             rtc: Rtc::new(),
             serial: SerialPort::new(console),
             i8042: I8042::default(),
+            mmio,
             unknown_ports: BTreeMap::new(),
         }
     }
@@ -132,6 +143,30 @@ impl Devices {
     pub fn sync_irqs(&mut self) {
         let level = self.serial.irq_level();
         self.pic.set_irq(COM1_IRQ, level);
+        self.mmio.sync_irqs(&mut self.pic);
+    }
+
+    /// A guest MMIO read; `false` if no device is at `addr` (the data is
+    /// then all ones, as from an empty bus).
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) -> bool {
+        if !self.mmio.read(addr, data) {
+            data.fill(0xff);
+            return false;
+        }
+        self.sync_irqs();
+        true
+    }
+
+    /// A guest MMIO write; `Ok(false)` if no device is at `addr`.
+    pub fn mmio_write(
+        &mut self,
+        addr: u64,
+        data: &[u8],
+        mem: &vm_memory::GuestMemoryMmap,
+    ) -> Result<bool, virtio::MmioError> {
+        let r = self.mmio.write(addr, data, mem);
+        self.sync_irqs();
+        r
     }
 
     /// Raise the timer interrupt if it is due at `now_ns`.
@@ -150,16 +185,29 @@ impl Devices {
         self.pit.encode(e);
         self.rtc.encode(e);
         self.serial.encode(e);
+        self.mmio.encode(e);
     }
 
-    /// Restore devices from [`Devices::encode`] output.
-    pub fn decode(d: &mut Decoder, console: ConsoleOut) -> Result<Self, SnapshotError> {
+    /// Restore devices from [`Devices::encode`] output; `mmio` holds the
+    /// MMIO devices built from the same configuration, which get their
+    /// state from the snapshot.
+    pub fn decode(
+        d: &mut Decoder,
+        console: ConsoleOut,
+        mut mmio: MmioBus,
+    ) -> Result<Self, SnapshotError> {
+        let pic = Pic::decode(d)?;
+        let pit = Pit::decode(d)?;
+        let rtc = Rtc::decode(d)?;
+        let serial = SerialPort::decode(d, console)?;
+        mmio.restore(d)?;
         Ok(Devices {
-            pic: Pic::decode(d)?,
-            pit: Pit::decode(d)?,
-            rtc: Rtc::decode(d)?,
-            serial: SerialPort::decode(d, console)?,
+            pic,
+            pit,
+            rtc,
+            serial,
             i8042: I8042::default(),
+            mmio,
             unknown_ports: BTreeMap::new(),
         })
     }

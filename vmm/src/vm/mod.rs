@@ -32,8 +32,10 @@ use thiserror::Error;
 use tracing::info;
 use vm_memory::GuestMemoryMmap;
 
-use crate::boot::{self, BootConfig, BootError};
+use crate::boot::{self, BootConfig, BootError, DiskSpec};
+use crate::devices::mmio::MmioBus;
 use crate::devices::serial::ConsoleOut;
+use crate::devices::virtio::{Block, BlockError, MmioTransport};
 use crate::devices::Devices;
 use crate::emulate::EmulationError;
 use crate::epoch::EpochPages;
@@ -112,6 +114,18 @@ pub enum VmError {
     /// Snapshot save or restore failed.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// A disk could not be attached.
+    #[error("disk {path}: {detail}")]
+    Disk {
+        /// The image.
+        path: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A device could not complete a guest request on the host (a disk
+    /// read or write failed): this side stops, its disk may now differ.
+    #[error("device failure: {0}")]
+    Device(#[from] crate::devices::virtio::MmioError),
     /// A backup that went live could not start recording.
     #[error("cannot record after the takeover to {path}: {detail}")]
     TakeoverLog {
@@ -302,6 +316,8 @@ pub struct Vm {
     watchdog: ProgressWatchdog,
     mem_mib: u64,
     cmdline: String,
+    /// The disks attached (their paths, for a snapshot's configuration).
+    disks: Vec<DiskSpec>,
     /// Guest memory: dropped after the VM fd (see above).
     mem: GuestMemoryMmap,
     /// Statistics of this run.
@@ -316,6 +332,7 @@ struct Parts {
     mem: GuestMemoryMmap,
     mem_mib: u64,
     cmdline: String,
+    disks: Vec<DiskSpec>,
     devices: Devices,
     kicker: Kicker,
     clock_ns: u64,
@@ -331,6 +348,7 @@ impl Vm {
             mem,
             mem_mib,
             cmdline,
+            disks,
             devices,
             kicker,
             clock_ns,
@@ -375,6 +393,7 @@ impl Vm {
             mem,
             mem_mib,
             cmdline,
+            disks,
             devices,
             door,
             after_takeover,
@@ -398,6 +417,37 @@ impl Vm {
         })
     }
 
+    /// The MMIO devices for `disks`, in order.
+    fn mmio_bus(disks: &[DiskSpec], mem_mib: u64) -> Result<MmioBus, VmError> {
+        let mut bus = MmioBus::new();
+        if !disks.is_empty() && (mem_mib << 20) > crate::devices::mmio::MAX_RAM_BYTES {
+            return Err(VmError::Disk {
+                path: disks[0].path.display().to_string(),
+                detail: format!(
+                    "with devices, guest memory must end below {:#x} ({mem_mib} MiB asked)",
+                    crate::devices::mmio::MAX_RAM_BYTES
+                ),
+            });
+        }
+        for (i, d) in disks.iter().enumerate() {
+            let err = |detail: String| VmError::Disk {
+                path: d.path.display().to_string(),
+                detail,
+            };
+            let id = format!("vmft-disk{i}");
+            let block = Block::open(&d.path, d.read_only, id.as_bytes()).map_err(|e| match e {
+                // The path is named once, by this error.
+                BlockError::Open { source, .. } => err(source.to_string()),
+                e => err(e.to_string()),
+            })?;
+            let (base, irq) = bus
+                .add(Box::new(MmioTransport::new(block)))
+                .map_err(|e| err(e.to_string()))?;
+            info!(path = %d.path.display(), base = format!("{base:#x}"), irq, read_only = d.read_only, "disk attached");
+        }
+        Ok(bus)
+    }
+
     /// Create a VM and load the kernel for a fresh boot.
     pub fn boot(cfg: &BootConfig, opts: RunOptions) -> Result<Vm, VmError> {
         let mem = boot::create_memory(cfg.mem_mib)?;
@@ -416,7 +466,8 @@ impl Vm {
             .set_fpu(&boot::boot_fpu())
             .map_err(kvm_err("SET_FPU"))?;
         let kicker = vcpu.arm_kick()?;
-        let devices = Devices::new(ConsoleOut::new(opts.console_out));
+        let bus = Self::mmio_bus(&cfg.disks, cfg.mem_mib)?;
+        let devices = Devices::with_mmio(ConsoleOut::new(opts.console_out), bus);
         let opts = RunOptions {
             console_out: Box::new(std::io::sink()),
             ..opts
@@ -429,6 +480,7 @@ impl Vm {
                 mem,
                 mem_mib: cfg.mem_mib,
                 cmdline: cfg.cmdline.clone(),
+                disks: cfg.disks.clone(),
                 devices,
                 kicker,
                 clock_ns: 0,
@@ -442,12 +494,14 @@ impl Vm {
     pub fn start(source: &crate::record::VmSource, opts: RunOptions) -> Result<Vm, VmError> {
         match source {
             crate::record::VmSource::Boot(cfg) => Vm::boot(cfg, opts),
-            crate::record::VmSource::Restore(path) => Vm::restore(path, opts),
+            crate::record::VmSource::Restore { snapshot, disks } => {
+                Vm::restore(snapshot, disks, opts)
+            }
         }
     }
 
-    /// Create a VM from a snapshot file.
-    pub fn restore(path: &Path, opts: RunOptions) -> Result<Vm, VmError> {
+    /// Create a VM from a snapshot file, with the disks it was taken with.
+    pub fn restore(path: &Path, disks: &[DiskSpec], opts: RunOptions) -> Result<Vm, VmError> {
         let t0 = Instant::now();
         let body = snapshot::read_file(path)?;
         let mut d = Decoder::new(&body);
@@ -461,7 +515,8 @@ impl Vm {
             console_out: Box::new(std::io::sink()),
             ..opts
         };
-        let devices = Devices::decode(&mut d, ConsoleOut::new(console))?;
+        let bus = Self::mmio_bus(disks, mem_mib)?;
+        let devices = Devices::decode(&mut d, ConsoleOut::new(console), bus)?;
         let mem = boot::create_memory(mem_mib)?;
         decode_memory(&mut d, &mem, (mem_mib << 20) as usize)?;
         if d.remaining() != 0 {
@@ -483,6 +538,7 @@ impl Vm {
                 mem,
                 mem_mib,
                 cmdline,
+                disks: disks.to_vec(),
                 devices,
                 kicker,
                 clock_ns,

@@ -136,10 +136,12 @@ impl Vm {
                         addr,
                         data: data.len() as u64,
                     };
-                    data.fill(0xff);
+                    let pos = self.positions.exit().exit;
                     self.stats.exit("mmio_read");
-                    debug!(addr = format!("{addr:#x}"), "MMIO read with no device");
-                    self.exit(rec)?;
+                    self.door.exit(pos, rec)?;
+                    if !self.devices.mmio_read(addr, data) {
+                        debug!(addr = format!("{addr:#x}"), "MMIO read with no device");
+                    }
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     let rec = ExitRecord {
@@ -147,9 +149,12 @@ impl Vm {
                         addr,
                         data: exit_value(data),
                     };
+                    let pos = self.positions.exit().exit;
                     self.stats.exit("mmio_write");
-                    debug!(addr = format!("{addr:#x}"), "MMIO write with no device");
-                    self.exit(rec)?;
+                    self.door.exit(pos, rec)?;
+                    if !self.devices.mmio_write(addr, data, &self.mem)? {
+                        debug!(addr = format!("{addr:#x}"), "MMIO write with no device");
+                    }
                 }
                 Ok(VcpuExit::Hlt) => {
                     self.stats.exit("hlt");
@@ -296,8 +301,11 @@ impl Vm {
         let snap = takeover_snapshot_path(log);
         self.settle()?;
         self.save_snapshot_at(&snap, live.now_ns())?;
-        let header =
-            log_header(&VmSource::Restore(snap.clone())).map_err(|e| err(e.to_string()))?;
+        let header = log_header(&VmSource::Restore {
+            snapshot: snap.clone(),
+            disks: self.disks.clone(),
+        })
+        .map_err(|e| err(e.to_string()))?;
         // Pages the guest wrote before this point are in the snapshot; the
         // dirty log starts clean when it is turned on.
         set_memslots(&self.vmfd, &self.mem, KVM_MEM_LOG_DIRTY_PAGES, false)?;

@@ -179,6 +179,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &self.device
     }
 
+    /// The device, without the transport (to restore it into a fresh one).
+    pub fn into_device(self) -> D {
+        self.device
+    }
+
     /// The device model, mutably.
     pub fn device_mut(&mut self) -> &mut D {
         &mut self.device
