@@ -207,6 +207,22 @@ pub enum Entry {
         /// End of the released output.
         offset: u64,
     },
+    /// A network frame received for the guest, placed in its receive
+    /// queue at the boundary after exit `pos`.
+    NetRx {
+        /// Exit number.
+        pos: u64,
+        /// The Ethernet frame.
+        #[serde(with = "serde_bytes")]
+        frame: Vec<u8>,
+    },
+    /// The primary has written the guest's transmitted frames up to (not
+    /// including) byte `offset` of the framed transmit stream to its tap
+    /// (the output rule); a backup going live re-sends from there.
+    NetReleased {
+        /// End of the released transmit stream.
+        offset: u64,
+    },
 }
 
 impl Entry {
@@ -223,6 +239,8 @@ impl Entry {
             Entry::End { .. } => "end",
             Entry::EpochPages { .. } => "epoch-pages",
             Entry::Released { .. } => "released",
+            Entry::NetRx { .. } => "net-rx",
+            Entry::NetReleased { .. } => "net-released",
         }
     }
 }

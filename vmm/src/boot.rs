@@ -141,6 +141,8 @@ pub struct BootConfig {
     pub cmdline: String,
     /// Disks, in order (device 0 is `/dev/vda`).
     pub disks: Vec<DiskSpec>,
+    /// Network cards, after the disks on the MMIO bus (the first is eth0).
+    pub nets: Vec<NetSpec>,
 }
 
 impl BootConfig {
@@ -148,13 +150,48 @@ impl BootConfig {
     /// the argument that announces its virtio-mmio window.
     pub fn kernel_cmdline(&self) -> String {
         let mut c = self.cmdline.clone();
-        for i in 0..self.disks.len() {
+        for i in 0..self.disks.len() + self.nets.len() {
             if let Some(arg) = crate::devices::mmio::cmdline_arg(i) {
                 c.push(' ');
                 c.push_str(&arg);
             }
         }
         c
+    }
+}
+
+/// A network card: the guest's MAC and the host tap device it is
+/// connected to (each side of a pair has its own tap, same MAC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    /// The host tap device's name.
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+}
+
+impl std::str::FromStr for NetSpec {
+    type Err = String;
+
+    /// `tap=NAME` or `tap=NAME,mac=MAC`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut tap = None;
+        let mut mac = crate::devices::virtio::net::DEFAULT_MAC;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
+                Some(("mac", m)) => {
+                    mac = crate::devices::virtio::net::parse_mac(m).map_err(|e| e.to_string())?
+                }
+                _ => {
+                    return Err(format!(
+                        "cannot read {part:?} in {s:?} (tap=NAME or tap=NAME,mac=MAC)"
+                    ))
+                }
+            }
+        }
+        let tap = tap.ok_or_else(|| format!("no tap=NAME in {s:?}"))?;
+        Ok(NetSpec { tap, mac })
     }
 }
 
@@ -546,11 +583,22 @@ mod tests {
             mem_mib: 64,
             cmdline: "console=ttyS0".into(),
             disks: vec!["a".parse().unwrap(), "b,ro".parse().unwrap()],
+            nets: vec!["tap=t0".parse().unwrap()],
         };
         assert_eq!(
             cfg.kernel_cmdline(),
-            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
+             virtio_mmio.device=4K@0xd0002000:7"
         );
+        let n: NetSpec = "tap=vm0,mac=02:00:00:00:00:07".parse().unwrap();
+        assert_eq!((n.tap.as_str(), n.mac), ("vm0", [2, 0, 0, 0, 0, 7]));
+        let n: NetSpec = "tap=vm1".parse().unwrap();
+        assert_eq!(n.mac, crate::devices::virtio::net::DEFAULT_MAC);
+        assert!(
+            "mac=02:00:00:00:00:07".parse::<NetSpec>().is_err(),
+            "no tap"
+        );
+        assert!("tap=a,speed=10".parse::<NetSpec>().is_err());
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub const DEFAULT_WORKLOAD: &str = "counter";
 /// The workloads of the default initramfs (`guest-images/initramfs/workloads/`;
 /// a unit test keeps the two in step).
 pub const WORKLOADS: &[&str] = &[
-    "compute", "counter", "disk", "echo", "shell", "sleep", "ticker",
+    "compute", "counter", "disk", "echo", "net", "shell", "sleep", "ticker",
 ];
 
 /// Refuse a workload the default initramfs does not have, before anything

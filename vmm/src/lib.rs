@@ -14,6 +14,7 @@ pub mod epoch;
 pub mod ft;
 pub mod image;
 pub mod memory;
+pub mod netio;
 pub mod nondet;
 pub mod record;
 pub mod replay;

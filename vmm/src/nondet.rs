@@ -26,7 +26,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ft_log::{Epoch, ExitRecord, Fingerprint, InputCursor, LogError};
@@ -306,6 +306,12 @@ pub trait Door {
         timer_deadline: Option<u64>,
         rx_room: usize,
     ) -> Result<Due, DoorError>;
+    /// A network frame to place in the guest's receive queue at the
+    /// boundary after exit `pos`, if one waits and `ready` (the queue has
+    /// a buffer). Record: logged. Replay: the logged frame, if any.
+    fn net_rx(&mut self, _pos: u64, _ready: bool) -> Result<Option<Vec<u8>>, DoorError> {
+        Ok(None)
+    }
     /// Record/live: whether something is due now (for a kick decision).
     fn pending(&mut self, timer_deadline: Option<u64>) -> bool;
     /// Record: the offered interrupt is injected at `pos` (logged). Replay:
@@ -366,6 +372,9 @@ pub trait Recorder {
     fn input_logged(&self) -> u64;
     /// Log that console output was released up to `offset`.
     fn released(&mut self, offset: u64) -> Result<(), DoorError>;
+    /// Log that transmitted frames were written up to `offset` of the
+    /// framed transmit stream.
+    fn net_released(&mut self, offset: u64) -> Result<(), DoorError>;
     /// Statistics of the recording.
     fn stats(&self) -> crate::record::RecordStats;
 }
@@ -384,36 +393,65 @@ pub trait Replayer {
     fn take_live(&mut self) -> Option<LiveDoor>;
 }
 
-/// The live door: host clocks and the real console.
+/// Something from outside the VM for the live door.
+#[derive(Debug)]
+pub enum Incoming {
+    /// Console input.
+    Console(InputChunk),
+    /// The console input ended.
+    ConsoleClosed,
+    /// A network frame for the guest.
+    Frame(Vec<u8>),
+}
+
+/// Frames kept for the guest while its receive queue is full; more are
+/// dropped (counted), as a full NIC would.
+pub const MAX_QUEUED_FRAMES: usize = 256;
+
+/// The live door: host clocks, the real console and the network.
 pub struct LiveDoor {
     start: Instant,
     /// Guest clock at `start` (non-zero after a restore).
     base_ns: u64,
     wall_base: i64,
-    input: Option<Receiver<InputChunk>>,
+    /// Everything from outside arrives here; `tx` is kept for the tap
+    /// reader that may attach later.
+    tx: Sender<Incoming>,
+    rx: Receiver<Incoming>,
     pending: InputBuffer,
-    input_closed: bool,
+    /// A console input source exists and has not ended.
+    console_open: bool,
+    /// A network card receives from outside.
+    net_attached: bool,
+    /// Whether the guest's receive queue had room at the last boundary.
+    net_ready: bool,
+    frames: VecDeque<Vec<u8>>,
+    /// Frames dropped because too many waited.
+    pub frames_dropped: u64,
 }
 
 impl LiveDoor {
     /// A door whose guest clock starts at `base_ns`, with console input
     /// read from `input` (if any) on a helper thread that kicks the vCPU.
     pub fn new(base_ns: u64, input: Option<Box<dyn InputSource>>, kicker: Kicker) -> Self {
-        let rx = input.map(|mut source| {
-            let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::channel();
+        let console_open = input.is_some();
+        if let Some(mut source) = input {
+            let tx = tx.clone();
             std::thread::Builder::new()
                 .name("vmft-console-in".into())
                 .spawn(move || {
                     while let Ok(Some(chunk)) = source.next_chunk() {
-                        if tx.send(chunk).is_err() {
-                            break;
+                        if tx.send(Incoming::Console(chunk)).is_err() {
+                            return;
                         }
                         kicker.kick();
                     }
+                    let _ = tx.send(Incoming::ConsoleClosed);
+                    kicker.kick();
                 })
                 .expect("spawn console input thread");
-            rx
-        });
+        }
         let wall_base = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -422,10 +460,22 @@ impl LiveDoor {
             start: Instant::now(),
             base_ns,
             wall_base: wall_base - (base_ns / 1_000_000_000) as i64,
-            input: rx,
+            tx,
+            rx,
             pending: InputBuffer::default(),
-            input_closed: false,
+            console_open,
+            net_attached: false,
+            net_ready: false,
+            frames: VecDeque::new(),
+            frames_dropped: 0,
         }
+    }
+
+    /// Where a network card's receiver sends the frames it reads (each
+    /// followed by a kick of the vCPU); marks the network as attached.
+    pub fn attach_net(&mut self) -> Sender<Incoming> {
+        self.net_attached = true;
+        self.tx.clone()
     }
 
     /// Continue the guest clock from `base_ns` now (a backup going live
@@ -445,21 +495,26 @@ impl LiveDoor {
         self.base_ns + self.start.elapsed().as_nanos() as u64
     }
 
-    fn drain_input(&mut self) {
-        if let Some(rx) = &self.input {
-            loop {
-                match rx.try_recv() {
-                    Ok(chunk) => self.pending.push(chunk),
-                    Err(mpsc::TryRecvError::Empty) => break,
-                    Err(mpsc::TryRecvError::Disconnected) => {
-                        self.input_closed = true;
-                        break;
-                    }
-                }
-            }
-        } else {
-            self.input_closed = true;
+    fn take(&mut self, msg: Incoming) {
+        match msg {
+            Incoming::Console(chunk) => self.pending.push(chunk),
+            Incoming::ConsoleClosed => self.console_open = false,
+            // The tap reader's "are you still there" probe.
+            Incoming::Frame(f) if f.is_empty() => {}
+            Incoming::Frame(f) if self.frames.len() < MAX_QUEUED_FRAMES => self.frames.push_back(f),
+            Incoming::Frame(_) => self.frames_dropped += 1,
         }
+    }
+
+    fn drain_input(&mut self) {
+        while let Ok(msg) = self.rx.try_recv() {
+            self.take(msg);
+        }
+    }
+
+    /// Something the guest can take now.
+    fn has_input(&self) -> bool {
+        !self.pending.is_empty() || (self.net_ready && !self.frames.is_empty())
     }
 }
 
@@ -501,9 +556,15 @@ impl Door for LiveDoor {
         })
     }
 
+    fn net_rx(&mut self, _pos: u64, ready: bool) -> Result<Option<Vec<u8>>, DoorError> {
+        self.net_ready = ready;
+        self.drain_input();
+        Ok(if ready { self.frames.pop_front() } else { None })
+    }
+
     fn pending(&mut self, timer_deadline: Option<u64>) -> bool {
         self.drain_input();
-        !self.pending.is_empty() || timer_deadline.is_some_and(|d| self.now_ns() >= d)
+        self.has_input() || timer_deadline.is_some_and(|d| self.now_ns() >= d)
     }
 
     fn interrupt(
@@ -534,38 +595,28 @@ impl Door for LiveDoor {
 
     fn wait(&mut self, deadline_ns: Option<u64>) -> Wake {
         self.drain_input();
-        if !self.pending.is_empty() {
-            return Wake::Input;
-        }
-        let timeout = deadline_ns.map(|d| Duration::from_nanos(d.saturating_sub(self.now_ns())));
-        match (&self.input, timeout) {
-            (Some(rx), Some(t)) if !self.input_closed => match rx.recv_timeout(t) {
-                Ok(chunk) => {
-                    self.pending.push(chunk);
-                    Wake::Input
-                }
-                Err(RecvTimeoutError::Timeout) => Wake::Deadline,
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.input_closed = true;
-                    std::thread::sleep(t);
-                    Wake::Deadline
-                }
-            },
-            (Some(rx), None) if !self.input_closed => match rx.recv() {
-                Ok(chunk) => {
-                    self.pending.push(chunk);
-                    Wake::Input
-                }
-                Err(_) => {
-                    self.input_closed = true;
-                    Wake::Never
-                }
-            },
-            (_, Some(t)) => {
-                std::thread::sleep(t);
-                Wake::Deadline
+        loop {
+            if self.has_input() {
+                return Wake::Input;
             }
-            (_, None) => Wake::Never,
+            let msg = match deadline_ns {
+                Some(d) => {
+                    let t = Duration::from_nanos(d.saturating_sub(self.now_ns()));
+                    if t.is_zero() {
+                        return Wake::Deadline;
+                    }
+                    match self.rx.recv_timeout(t) {
+                        Ok(m) => m,
+                        Err(_) => return Wake::Deadline,
+                    }
+                }
+                None if self.console_open || self.net_attached => match self.rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => return Wake::Never,
+                },
+                None => return Wake::Never,
+            };
+            self.take(msg);
         }
     }
 }

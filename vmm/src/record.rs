@@ -214,6 +214,17 @@ impl Door for RecordDoor {
         Ok(due)
     }
 
+    fn net_rx(&mut self, pos: u64, ready: bool) -> Result<Option<Vec<u8>>, DoorError> {
+        let frame = self.live.net_rx(pos, ready)?;
+        if let Some(f) = &frame {
+            self.write(&Entry::NetRx {
+                pos,
+                frame: f.clone(),
+            })?;
+        }
+        Ok(frame)
+    }
+
     fn pending(&mut self, timer_deadline: Option<u64>) -> bool {
         self.live.pending(timer_deadline)
     }
@@ -319,6 +330,10 @@ impl Recorder for RecordDoor {
         self.write(&Entry::Released { offset }).map(|_| ())
     }
 
+    fn net_released(&mut self, offset: u64) -> Result<(), DoorError> {
+        self.write(&Entry::NetReleased { offset }).map(|_| ())
+    }
+
     fn stats(&self) -> RecordStats {
         self.stats.clone()
     }
@@ -342,6 +357,8 @@ pub enum VmSource {
         snapshot: std::path::PathBuf,
         /// The disks, in the same order.
         disks: Vec<crate::boot::DiskSpec>,
+        /// The network cards, in the same order.
+        nets: Vec<crate::boot::NetSpec>,
     },
 }
 
@@ -351,6 +368,14 @@ impl VmSource {
         match self {
             VmSource::Boot(cfg) => &cfg.disks,
             VmSource::Restore { disks, .. } => disks,
+        }
+    }
+
+    /// The VM's network cards.
+    pub fn nets(&self) -> &[crate::boot::NetSpec] {
+        match self {
+            VmSource::Boot(cfg) => &cfg.nets,
+            VmSource::Restore { nets, .. } => nets,
         }
     }
 }
@@ -434,6 +459,11 @@ pub fn config_hash(src: &VmSource) -> Result<String, ConfigError> {
         h.update(b"\0disk\0");
         h.update([d.read_only as u8]);
         hash_file(&mut h, &d.path)?;
+    }
+    // Network cards: the guest sees their MACs (each side has its own tap).
+    for n in src.nets() {
+        h.update(b"\0net\0");
+        h.update(n.mac);
     }
     h.update([0u8]);
     h.update(

@@ -30,10 +30,11 @@ fn entry_pos(e: &Entry) -> u64 {
         | Entry::ConsoleInput { pos, .. }
         | Entry::Interrupt { pos, .. }
         | Entry::Check { pos, .. }
+        | Entry::NetRx { pos, .. }
         | Entry::End { pos, .. } => *pos,
         Entry::Epoch(e) => e.pos,
         Entry::EpochPages { pos, .. } => *pos,
-        Entry::Released { .. } => 0,
+        Entry::Released { .. } | Entry::NetReleased { .. } => 0,
     }
 }
 
@@ -86,6 +87,8 @@ pub struct ReplayDoor {
     gate: Option<GoLiveGate>,
     /// Told each released-output offset the log carries.
     on_released: Option<Box<dyn FnMut(u64) + Send>>,
+    /// Told each released transmit-stream offset the log carries.
+    on_net_released: Option<Box<dyn FnMut(u64) + Send>>,
     gone_live_at: Option<u64>,
     last_clock_ns: u64,
     /// Where the console's input stream goes on after the input replayed
@@ -122,6 +125,12 @@ impl ReplayDoor {
     /// ([`Entry::Released`]), as soon as it is read.
     pub fn on_released(&mut self, f: Box<dyn FnMut(u64) + Send>) {
         self.on_released = Some(f);
+    }
+
+    /// Tell `f` every released transmit-stream offset the log carries
+    /// ([`Entry::NetReleased`]), as soon as it is read.
+    pub fn on_net_released(&mut self, f: Box<dyn FnMut(u64) + Send>) {
+        self.on_net_released = Some(f);
     }
 
     /// The exit at which the backup went live, if it did.
@@ -183,6 +192,7 @@ impl ReplayDoor {
             live: None,
             gate: None,
             on_released: None,
+            on_net_released: None,
             gone_live_at: None,
             last_clock_ns: 0,
             input_next: None,
@@ -257,6 +267,11 @@ impl ReplayDoor {
                     None => {}
                     Some(Entry::Released { offset }) => {
                         if let Some(f) = self.on_released.as_mut() {
+                            f(offset);
+                        }
+                    }
+                    Some(Entry::NetReleased { offset }) => {
+                        if let Some(f) = self.on_net_released.as_mut() {
                             f(offset);
                         }
                     }
@@ -412,6 +427,21 @@ impl Door for ReplayDoor {
             due.input = bytes;
         }
         Ok(due)
+    }
+
+    fn net_rx(&mut self, pos: u64, ready: bool) -> Result<Option<Vec<u8>>, DoorError> {
+        if let Some(live) = self.live_now() {
+            return live.net_rx(pos, ready);
+        }
+        match self.take_if(pos, |e| matches!(e, Entry::NetRx { .. }))? {
+            Some(Entry::NetRx { frame, .. }) if ready => Ok(Some(frame)),
+            Some(Entry::NetRx { frame, .. }) => Err(Self::diverge(
+                pos,
+                format!("placed a {}-byte frame in the receive queue", frame.len()),
+                "has no receive buffer".into(),
+            )),
+            _ => Ok(None),
+        }
     }
 
     fn pending(&mut self, timer_deadline: Option<u64>) -> bool {

@@ -20,6 +20,10 @@ pub struct Stats {
     pub timer_irqs: u64,
     /// Console input bytes handed to the guest.
     pub input_bytes: u64,
+    /// Network frames placed in the guest's receive queue.
+    pub frames_received: u64,
+    /// Network frames the guest transmitted.
+    pub frames_sent: u64,
     /// Time inside KVM_RUN.
     pub in_guest: Duration,
     /// Time the guest was idle (HLT) waiting for an event.
@@ -39,6 +43,8 @@ impl Default for Stats {
             emulated: BTreeMap::new(),
             timer_irqs: 0,
             input_bytes: 0,
+            frames_received: 0,
+            frames_sent: 0,
             in_guest: Duration::ZERO,
             idle: Duration::ZERO,
             init_at: None,
@@ -104,6 +110,13 @@ impl Stats {
             let _ = writeln!(s, "    port {p:#06x}  reads {r}  writes {w}");
         }
         let _ = writeln!(s, "  console input bytes: {}", self.input_bytes);
+        if self.frames_received + self.frames_sent > 0 {
+            let _ = writeln!(
+                s,
+                "  network frames: {} received, {} sent",
+                self.frames_received, self.frames_sent
+            );
+        }
         s
     }
 }

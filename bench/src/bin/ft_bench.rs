@@ -42,6 +42,7 @@ fn config(workload: &str, count: u64) -> BootConfig {
             image::base_cmdline()
         ),
         disks: Vec::new(),
+        nets: Vec::new(),
     }
 }
 
@@ -50,6 +51,7 @@ fn run(cfg: &BootConfig, ft: FtMode) -> Outcome {
     let mut vm = Vm::boot(
         cfg,
         RunOptions {
+            net: None,
             ft,
             snapshot_on_ready: None,
             console_in: None,

@@ -144,6 +144,13 @@ pub fn ft(args: FtArgs, stop: StopHandle) -> Result<u8> {
 
     // The VM both sides run: resolved once here (the image is built on
     // first use), then passed to both as explicit paths.
+    if !args.boot.nets.is_empty() {
+        anyhow::bail!(
+            "vmft ft runs both sides on this host, and each side needs its own tap with the \
+             guest's MAC: run `vmft primary` and `vmft backup` in separate network namespaces \
+             or hosts (see docs/NETWORK.md)"
+        );
+    }
     let mut vm_args: Vec<String> = Vec::new();
     // Separate disks (VMware FT's default): the backup gets its own copy,
     // next to the original, and executes the same reads and writes on it.

@@ -44,6 +44,11 @@ pub struct BootArgs {
     /// the first is /dev/vda). Under FT each side has its own identical copy.
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     pub disks: Vec<vmm::boot::DiskSpec>,
+    /// A network card on the host tap device NAME (created if missing,
+    /// brought up), with the guest's MAC (default 02:76:6d:66:74:00).
+    /// Under FT each side has its own tap with the same name and MAC.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    pub nets: Vec<vmm::boot::NetSpec>,
 }
 
 pub fn boot_config(args: BootArgs) -> Result<BootConfig> {
@@ -68,6 +73,7 @@ pub fn boot_config(args: BootArgs) -> Result<BootConfig> {
         mem_mib: args.mem,
         cmdline,
         disks: args.disks,
+        nets: args.nets,
     })
 }
 
@@ -99,6 +105,32 @@ pub fn console_input(
         }
         None => (Some(Box::new(ReadInput(io::stdin()))), None),
     }
+}
+
+/// Open the tap of the VM's network card, if it has one (one card for
+/// now), and bring it up.
+pub fn open_tap(
+    nets: &[vmm::boot::NetSpec],
+) -> Result<Option<std::sync::Arc<vmm::devices::virtio::Tap>>> {
+    match nets {
+        [] => Ok(None),
+        [n] => {
+            let tap = vmm::devices::virtio::Tap::open(&n.tap)?;
+            tap.set_up()?;
+            Ok(Some(std::sync::Arc::new(tap)))
+        }
+        _ => anyhow::bail!("one --net for now ({} given)", nets.len()),
+    }
+}
+
+/// The host side of the network card of a VM that is live from the start
+/// (`vmft run`, `vmft record`): frames go straight to the tap.
+pub fn live_net(nets: &[vmm::boot::NetSpec]) -> Result<Option<vmm::vm::NetIo>> {
+    Ok(open_tap(nets)?.map(|tap| vmm::vm::NetIo {
+        out: Box::new(vmm::netio::TapSink::new(tap.clone())),
+        tap: Some(tap),
+        live_out: None,
+    }))
 }
 
 /// How a run ended, for the user.

@@ -151,6 +151,7 @@ fn vm_source(pair: &PairArgs, boot: BootArgs) -> Result<VmSource> {
         Some(snap) => VmSource::Restore {
             snapshot: snap.clone(),
             disks: boot.disks.clone(),
+            nets: boot.nets.clone(),
         },
         None => {
             let cfg = boot_config(boot)?;
@@ -228,6 +229,25 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
             }
         }),
     );
+    // Frames the guest transmits are outputs too: held like console output.
+    let net_held = match super::open_tap(source.nets())? {
+        Some(tap) => {
+            let acks = handle.clone();
+            let held = HeldOutput::start(
+                0,
+                Box::new(vmm::netio::TapSink::new(tap.clone())),
+                Box::new(move |barrier, t| match acks.wait_acked(barrier, t) {
+                    Ok(acked) => acked,
+                    Err(_) => {
+                        std::thread::sleep(t);
+                        false
+                    }
+                }),
+            );
+            Some((tap, held))
+        }
+        None => None,
+    };
     let stats = Arc::new(Mutex::new(PrimaryStats::default()));
     let mut hooks = PrimaryHooks::new(
         pair.vm.clone(),
@@ -242,11 +262,20 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     if let Some(c) = &console {
         hooks = hooks.with_console(c.clone());
     }
+    if let Some((_, held)) = &net_held {
+        hooks = hooks.with_net(held.clone());
+    }
     let (console_in, _raw) = match &console {
         Some(c) => (Some(Box::new(c.input()) as Box<dyn InputSource>), None),
         None => console_input(pair.no_stdin, &stop),
     };
+    let net = net_held.as_ref().map(|(tap, held)| vmm::vm::NetIo {
+        tap: Some(tap.clone()),
+        out: Box::new(held.capture()),
+        live_out: None,
+    });
     let opts = RunOptions {
+        net,
         ft: FtMode::Record {
             log: LogSink::Stream {
                 sink: Box::new(ChannelSink::new(link.clone(), dropped)),
@@ -266,6 +295,9 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     // The end entry is in the log: release the last output once the backup
     // has it, then close the channel cleanly.
     held.mark(handle.sent());
+    if let Some((_, h)) = &net_held {
+        h.mark(handle.sent());
+    }
     // A clean end closes the channel with End (the backup replays to the
     // end entry and stops); after an error the link is dropped without End,
     // so the backup takes over.
@@ -381,7 +413,24 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
         }
         None => (stdout_release(), None),
     };
+    // The backup's own tap: opened now (a missing one is found before the
+    // pair forms), read from and written to only once live.
+    let net_tail = match super::open_tap(source.nets())? {
+        Some(tap) => {
+            let tail = OutputTail::new(0);
+            let t = tail.clone();
+            door.on_net_released(Box::new(move |off| t.set_released(off)));
+            Some((tap, tail))
+        }
+        None => None,
+    };
     let mut takeover = TakeOver {
+        net: net_tail.as_ref().map(|(tap, tail)| {
+            (
+                tail.clone(),
+                Box::new(vmm::netio::TapSink::new(tap.clone())) as Box<dyn Release>,
+            )
+        }),
         vm: pair.vm.clone(),
         generation,
         link: link.clone(),
@@ -395,7 +444,13 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
         Some(c) => (Some(Box::new(c.input()) as Box<dyn InputSource>), None),
         None => console_input(pair.no_stdin, &stop),
     };
+    let net = net_tail.map(|(tap, tail)| vmm::vm::NetIo {
+        tap: Some(tap),
+        out: Box::new(tail),
+        live_out: None,
+    });
     let opts = RunOptions {
+        net,
         ft: FtMode::Replay {
             door: Box::new(door),
             go_live: true,

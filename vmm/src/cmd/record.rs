@@ -40,6 +40,7 @@ pub fn record(args: RecordArgs, stop: StopHandle) -> Result<()> {
         Some(snap) => VmSource::Restore {
             snapshot: snap.clone(),
             disks: args.boot.disks.clone(),
+            nets: args.boot.nets.clone(),
         },
         None => {
             let cfg = boot_config(args.boot)?;
@@ -50,7 +51,9 @@ pub fn record(args: RecordArgs, stop: StopHandle) -> Result<()> {
     };
     let header = log_header(&source).context("cannot record")?;
     let (console_in, _raw) = console_input(args.no_stdin, &stop);
+    let net = super::live_net(source.nets())?;
     let opts = RunOptions {
+        net,
         ft: FtMode::Record {
             log: LogSink::File(args.log.clone()),
             header,

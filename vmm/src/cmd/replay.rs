@@ -35,6 +35,10 @@ pub struct ReplayArgs {
     /// each as it was when the recording started (PATH or PATH,ro).
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     pub disks: Vec<vmm::boot::DiskSpec>,
+    /// The guest's network cards as recorded (only the MAC matters: a
+    /// replay sends nothing; with --go-live the tap is used once live).
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    pub nets: Vec<vmm::boot::NetSpec>,
     /// Print exit statistics at the end.
     #[arg(long)]
     pub stats: bool,
@@ -93,6 +97,7 @@ pub fn replay(args: ReplayArgs, stop: StopHandle) -> Result<()> {
         Some(snap) => VmSource::Restore {
             snapshot: args.restore.clone().unwrap_or_else(|| PathBuf::from(snap)),
             disks: args.disks.clone(),
+            nets: args.nets.clone(),
         },
         None => {
             let cfg = BootConfig {
@@ -107,6 +112,7 @@ pub fn replay(args: ReplayArgs, stop: StopHandle) -> Result<()> {
                 mem_mib: h.mem_mib,
                 cmdline: h.cmdline.clone(),
                 disks: args.disks.clone(),
+                nets: args.nets.clone(),
             };
             vmm::boot::detect_format(&cfg.kernel).context("cannot replay")?;
             VmSource::Boot(cfg)
@@ -138,7 +144,22 @@ pub fn replay(args: ReplayArgs, stop: StopHandle) -> Result<()> {
         bail!("--go-live needs stdin for the console; give the log as a file");
     }
     let (console_in, _raw) = console_input(!args.go_live, &stop);
+    // A replay sends no frame; once live (--go-live) its tap takes over.
+    let net = match (source.nets().is_empty(), args.go_live) {
+        (true, _) => None,
+        (false, false) => Some(vmm::vm::NetIo {
+            tap: None,
+            out: Box::new(io::sink()),
+            live_out: None,
+        }),
+        (false, true) => super::open_tap(source.nets())?.map(|tap| vmm::vm::NetIo {
+            out: Box::new(io::sink()),
+            live_out: Some(Box::new(vmm::netio::TapSink::new(tap.clone()))),
+            tap: Some(tap),
+        }),
+    };
     let opts = RunOptions {
+        net,
         ft: FtMode::Replay {
             then: AfterTakeover::Live,
             door: Box::new(door),

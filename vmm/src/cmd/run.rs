@@ -31,12 +31,15 @@ pub struct RunArgs {
 
 pub fn run(args: RunArgs, stop: StopHandle) -> Result<()> {
     let disks = args.boot.disks.clone();
+    let nets = args.boot.nets.clone();
     let cfg = match &args.restore {
         Some(_) => None,
         None => Some(boot_config(args.boot)?),
     };
     let (console_in, _raw) = console_input(args.no_stdin, &stop);
+    let net = super::live_net(&nets)?;
     let opts = RunOptions {
+        net,
         ft: FtMode::Live,
         snapshot_on_ready: args.snapshot_on_ready.clone(),
         console_in,
@@ -45,7 +48,7 @@ pub fn run(args: RunArgs, stop: StopHandle) -> Result<()> {
         pair: None,
     };
     let mut vm = match (&args.restore, &cfg) {
-        (Some(snap), _) => Vm::restore(snap, &disks, opts).context("cannot restore")?,
+        (Some(snap), _) => Vm::restore(snap, &disks, &nets, opts).context("cannot restore")?,
         (None, Some(cfg)) => Vm::boot(cfg, opts).context("cannot boot")?,
         (None, None) => unreachable!("a boot configuration when not restoring"),
     };

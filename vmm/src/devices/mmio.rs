@@ -24,7 +24,7 @@ use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
 use super::pic::Pic;
-use super::virtio::{MmioError, MmioTransport, VirtioDevice, MMIO_WINDOW};
+use super::virtio::{MmioError, MmioTransport, Net, VirtioDevice, MMIO_WINDOW};
 use crate::snapshot::{Decoder, Encoder, SnapshotError};
 
 /// Guest-physical address of the first device window.
@@ -60,6 +60,9 @@ pub trait MmioDevice: Send {
     fn encode(&self, e: &mut Encoder);
     /// This (freshly built) device with the state `encode` wrote.
     fn restore(self: Box<Self>, d: &mut Decoder) -> Result<Box<dyn MmioDevice>, SnapshotError>;
+    /// The device itself, for what only its kind offers (the network
+    /// card's receive path).
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }
 
 impl<D: VirtioDevice + Send + 'static> MmioDevice for MmioTransport<D> {
@@ -90,6 +93,10 @@ impl<D: VirtioDevice + Send + 'static> MmioDevice for MmioTransport<D> {
     fn restore(self: Box<Self>, d: &mut Decoder) -> Result<Box<dyn MmioDevice>, SnapshotError> {
         let device = self.into_device();
         Ok(Box::new(MmioTransport::decode(d, device)?))
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 }
 
@@ -185,6 +192,13 @@ impl MmioBus {
         }
     }
 
+    /// The first network card, if there is one.
+    pub fn net_mut(&mut self) -> Option<&mut MmioTransport<Net>> {
+        self.slots
+            .iter_mut()
+            .find_map(|s| s.dev.as_any_mut().downcast_mut::<MmioTransport<Net>>())
+    }
+
     /// Hand every device's interrupt level to the PIC.
     pub fn sync_irqs(&self, pic: &mut Pic) {
         for s in &self.slots {
@@ -247,6 +261,9 @@ impl MmioDevice for Empty {
     fn encode(&self, _e: &mut Encoder) {}
     fn restore(self: Box<Self>, _d: &mut Decoder) -> Result<Box<dyn MmioDevice>, SnapshotError> {
         Ok(self)
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 }
 

@@ -114,6 +114,10 @@ pub struct PrimaryHooks {
     sample_at: Instant,
     console: Option<ConsoleSide>,
     inputs: InputConfirmer,
+    /// The guest's transmitted frames, held like console output.
+    net: Option<HeldOutput>,
+    logged_net_released: u64,
+    last_net_entry: Instant,
 }
 
 impl PrimaryHooks {
@@ -144,6 +148,24 @@ impl PrimaryHooks {
             sample_at: Instant::now(),
             console: None,
             inputs: InputConfirmer::default(),
+            net: None,
+            logged_net_released: 0,
+            last_net_entry: Instant::now(),
+        }
+    }
+
+    /// The guest's transmitted frames (the framed stream of
+    /// [`crate::netio`]) are held in `net` until the backup acknowledged
+    /// the log behind them, as console output is.
+    pub fn with_net(mut self, net: HeldOutput) -> Self {
+        self.net = Some(net);
+        self
+    }
+
+    fn set_release_mode(&self, mode: ReleaseMode) {
+        self.held.set_mode(mode);
+        if let Some(n) = &self.net {
+            n.set_mode(mode);
         }
     }
 
@@ -172,13 +194,13 @@ impl PrimaryHooks {
         match decision {
             Decision::Won => {
                 self.dropped.store(true, Ordering::Release);
-                self.held.set_mode(ReleaseMode::Free);
+                self.set_release_mode(ReleaseMode::Free);
                 self.protection = Protection::Unprotected;
                 note("claim won: the VM continues here, UNPROTECTED (no backup)");
                 Ok(())
             }
             Decision::Lost { owner } => {
-                self.held.set_mode(ReleaseMode::Halt);
+                self.set_release_mode(ReleaseMode::Halt);
                 note(&format!(
                     "claim lost to {owner}: another side is live; halting without releasing output"
                 ));
@@ -203,6 +225,9 @@ impl PairHooks for PrimaryHooks {
             if self.held.has_unmarked() {
                 self.held.mark(0);
             }
+            if let Some(net) = self.net.as_ref().filter(|n| n.has_unmarked()) {
+                net.mark(0);
+            }
             if let Some(console) = &self.console {
                 console.confirm_logged(door.input_logged());
             }
@@ -210,6 +235,10 @@ impl PairHooks for PrimaryHooks {
         }
         self.handle.set_position(pos);
         // The output rule: output of this exit waits for the log through it.
+        if let Some(net) = self.net.as_ref().filter(|n| n.has_unmarked()) {
+            let barrier = door.barrier()?;
+            net.mark(barrier);
+        }
         if self.held.has_unmarked() {
             let barrier = door.barrier()?;
             self.held.mark(barrier);
@@ -243,6 +272,17 @@ impl PairHooks for PrimaryHooks {
             door.released(released)?;
             self.logged_released = released;
             self.last_released_entry = Instant::now();
+        }
+        // Likewise for frames: a takeover re-sends from there.
+        if let Some(net) = &self.net {
+            let sent = net.released();
+            if sent > self.logged_net_released
+                && self.last_net_entry.elapsed() >= Duration::from_millis(20)
+            {
+                door.net_released(sent)?;
+                self.logged_net_released = sent;
+                self.last_net_entry = Instant::now();
+            }
         }
         if let PeerState::Failed { reason } = self.handle.peer_state() {
             return self.backup_failed(&reason);
@@ -312,6 +352,9 @@ pub struct TakeOver {
     /// Called once the claim is won, before output is re-sent (announce
     /// the claim to the console, and where its input resumes).
     pub on_won: Option<OnWon>,
+    /// The backup's copy of transmitted frames not known to be sent, and
+    /// its own tap to send them on once live.
+    pub net: Option<(OutputTail, Box<dyn Release>)>,
 }
 
 /// Told, once the backup won its claim, where the console's input stream
@@ -358,6 +401,12 @@ impl TakeOver {
                 note(&format!(
                     "claim won: the backup is LIVE from exit {pos} (console output re-sent from byte {from})"
                 ));
+                if let Some((tail, sink)) = self.net.take() {
+                    let from = tail
+                        .go_live(sink)
+                        .map_err(|e| DoorError::Ft(format!("re-sending frames: {e}")))?;
+                    tracing::info!(from, "frames the primary may not have sent re-sent");
+                }
                 Ok(())
             }
             Decision::Lost { owner } => Err(DoorError::LostClaim {

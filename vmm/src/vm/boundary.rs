@@ -3,6 +3,7 @@
 //! epochs; and the console events (init, ready marker, panic) the serial
 //! scanner reports.
 
+use std::io::Write;
 use std::time::Instant;
 
 use super::{Vm, VmError};
@@ -72,6 +73,7 @@ impl Vm {
             self.devices.serial.receive(&due.input);
             self.devices.sync_irqs();
         }
+        self.receive_frame(pos)?;
         let offer = if self.devices.pic.has_interrupt() {
             let run = self.vcpu.fd.get_kvm_run();
             let ready = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
@@ -114,6 +116,51 @@ impl Vm {
         if self.door.mode() == Mode::Live {
             let more = self.devices.pic.has_interrupt();
             self.vcpu.fd.get_kvm_run().request_interrupt_window = more as u8;
+        }
+        Ok(())
+    }
+
+    /// A frame for the guest, if the door has one and the card a buffer
+    /// (the same decision on both sides: the door logs or replays it).
+    fn receive_frame(&mut self, pos: u64) -> Result<(), VmError> {
+        let Some(card) = self.devices.mmio.net_mut() else {
+            return Ok(());
+        };
+        let ready = card.rx_ready(&self.mem);
+        let Some(frame) = self.door.net_rx(pos, ready)? else {
+            return Ok(());
+        };
+        let card = self.devices.mmio.net_mut().expect("checked above");
+        match card.deliver_rx(&frame, &self.mem) {
+            Ok(outcome) => {
+                tracing::trace!(pos, len = frame.len(), ?outcome, "frame received");
+                self.stats.frames_received += 1;
+            }
+            // A frame outside Ethernet's sizes from the tap: dropped, on
+            // both sides alike.
+            Err(e) => tracing::debug!(pos, "frame dropped: {e}"),
+        }
+        self.devices.sync_irqs();
+        Ok(())
+    }
+
+    /// The guest's transmitted frames after an exit: into the transmit
+    /// stream (to the tap, held, or kept, by role).
+    pub(super) fn transmit_frames(&mut self) -> Result<(), VmError> {
+        let Some(card) = self.devices.mmio.net_mut() else {
+            return Ok(());
+        };
+        let frames = card.device_mut().take_tx();
+        if frames.is_empty() {
+            return Ok(());
+        }
+        self.stats.frames_sent += frames.len() as u64;
+        if let Some(net) = self.net.as_mut() {
+            for f in &frames {
+                net.out
+                    .write_all(&crate::netio::frame_record(f))
+                    .map_err(|e| VmError::Devices(format!("transmit stream: {e}")))?;
+            }
         }
         Ok(())
     }

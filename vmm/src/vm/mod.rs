@@ -32,10 +32,11 @@ use thiserror::Error;
 use tracing::info;
 use vm_memory::GuestMemoryMmap;
 
-use crate::boot::{self, BootConfig, BootError, DiskSpec};
+use crate::boot::{self, BootConfig, BootError, DiskSpec, NetSpec};
 use crate::devices::mmio::MmioBus;
 use crate::devices::serial::ConsoleOut;
-use crate::devices::virtio::{Block, BlockError, MmioTransport};
+use crate::devices::virtio::net::format_mac;
+use crate::devices::virtio::{Block, BlockError, MmioTransport, Net};
 use crate::devices::Devices;
 use crate::emulate::EmulationError;
 use crate::epoch::EpochPages;
@@ -122,6 +123,9 @@ pub enum VmError {
         /// What is wrong.
         detail: String,
     },
+    /// The devices asked for do not fit this VM.
+    #[error("{0}")]
+    Devices(String),
     /// A device could not complete a guest request on the host (a disk
     /// read or write failed): this side stops, its disk may now differ.
     #[error("device failure: {0}")]
@@ -275,6 +279,23 @@ pub struct RunOptions {
     pub stop: StopHandle,
     /// The pair role's hooks (primary or backup), if in a pair.
     pub pair: Option<Box<dyn PairHooks>>,
+    /// The host side of the network card, if the VM has one.
+    pub net: Option<NetIo>,
+}
+
+/// The host side of a network card.
+pub struct NetIo {
+    /// The tap: read from while this side is live (at once when live or
+    /// recording, from the takeover on for a backup), announced on at a
+    /// takeover. `None`: frames are never received (a replay).
+    pub tap: Option<std::sync::Arc<crate::devices::virtio::Tap>>,
+    /// Where the guest's transmitted frames go, as the framed stream of
+    /// [`crate::netio`]: the tap when live, held for the output rule on a
+    /// primary, kept for a takeover on a backup.
+    pub out: Box<dyn Write + Send>,
+    /// Switched to at a takeover, if `out` does not switch by itself
+    /// (`vmft replay --go-live`: frames are dropped until live).
+    pub live_out: Option<Box<dyn Write + Send>>,
 }
 
 /// A virtual machine with one vCPU.
@@ -305,6 +326,10 @@ pub struct Vm {
     epochs: u64,
     /// Console sink to switch to when a backup goes live.
     live_console: Option<Box<dyn Write + Send>>,
+    /// The network card's host side.
+    net: Option<NetIo>,
+    /// The MAC of the network card (announced at a takeover).
+    net_mac: Option<[u8; 6]>,
     epoch_pages: EpochPages,
     clock_start: Instant,
     clock_base_ns: u64,
@@ -318,6 +343,8 @@ pub struct Vm {
     cmdline: String,
     /// The disks attached (their paths, for a snapshot's configuration).
     disks: Vec<DiskSpec>,
+    /// The network cards attached.
+    nets: Vec<NetSpec>,
     /// Guest memory: dropped after the VM fd (see above).
     mem: GuestMemoryMmap,
     /// Statistics of this run.
@@ -333,6 +360,7 @@ struct Parts {
     mem_mib: u64,
     cmdline: String,
     disks: Vec<DiskSpec>,
+    nets: Vec<NetSpec>,
     devices: Devices,
     kicker: Kicker,
     clock_ns: u64,
@@ -349,13 +377,20 @@ impl Vm {
             mem_mib,
             cmdline,
             disks,
+            nets,
             devices,
             kicker,
             clock_ns,
             pos,
         } = parts;
         opts.stop.attach(kicker);
-        let live = LiveDoor::new(clock_ns, opts.console_in, kicker);
+        let net_mac = nets.first().map(|n| n.mac);
+        let mut live = LiveDoor::new(clock_ns, opts.console_in, kicker);
+        let receives_now = !matches!(opts.ft, FtMode::Replay { .. });
+        if let (true, Some(tap)) = (receives_now, opts.net.as_ref().and_then(|n| n.tap.clone())) {
+            crate::netio::spawn_reader(tap, live.attach_net(), kicker)
+                .map_err(|e| VmError::Devices(format!("cannot start the tap reader: {e}")))?;
+        }
         let mut live_console = None;
         let mut after_takeover = AfterTakeover::Live;
         let (door, epoch_bound): (Box<dyn Door>, Duration) = match opts.ft {
@@ -394,6 +429,7 @@ impl Vm {
             mem_mib,
             cmdline,
             disks,
+            nets,
             devices,
             door,
             after_takeover,
@@ -401,6 +437,8 @@ impl Vm {
             final_digest: None,
             epochs: 0,
             live_console,
+            net_mac,
+            net: opts.net,
             epoch_pages: EpochPages::default(),
             vmfd,
             clock_start: Instant::now(),
@@ -418,16 +456,15 @@ impl Vm {
     }
 
     /// The MMIO devices for `disks`, in order.
-    fn mmio_bus(disks: &[DiskSpec], mem_mib: u64) -> Result<MmioBus, VmError> {
+    fn mmio_bus(disks: &[DiskSpec], nets: &[NetSpec], mem_mib: u64) -> Result<MmioBus, VmError> {
         let mut bus = MmioBus::new();
-        if !disks.is_empty() && (mem_mib << 20) > crate::devices::mmio::MAX_RAM_BYTES {
-            return Err(VmError::Disk {
-                path: disks[0].path.display().to_string(),
-                detail: format!(
-                    "with devices, guest memory must end below {:#x} ({mem_mib} MiB asked)",
-                    crate::devices::mmio::MAX_RAM_BYTES
-                ),
-            });
+        if (!disks.is_empty() || !nets.is_empty())
+            && (mem_mib << 20) > crate::devices::mmio::MAX_RAM_BYTES
+        {
+            return Err(VmError::Devices(format!(
+                "with devices, guest memory must end below {:#x} ({mem_mib} MiB asked)",
+                crate::devices::mmio::MAX_RAM_BYTES
+            )));
         }
         for (i, d) in disks.iter().enumerate() {
             let err = |detail: String| VmError::Disk {
@@ -444,6 +481,13 @@ impl Vm {
                 .add(Box::new(MmioTransport::new(block)))
                 .map_err(|e| err(e.to_string()))?;
             info!(path = %d.path.display(), base = format!("{base:#x}"), irq, read_only = d.read_only, "disk attached");
+        }
+        for n in nets {
+            let net = Net::new(n.mac).map_err(|e| VmError::Devices(e.to_string()))?;
+            let (base, irq) = bus
+                .add(Box::new(MmioTransport::new(net)))
+                .map_err(|e| VmError::Devices(e.to_string()))?;
+            info!(tap = %n.tap, mac = %format_mac(&n.mac), base = format!("{base:#x}"), irq, "network card attached");
         }
         Ok(bus)
     }
@@ -466,7 +510,7 @@ impl Vm {
             .set_fpu(&boot::boot_fpu())
             .map_err(kvm_err("SET_FPU"))?;
         let kicker = vcpu.arm_kick()?;
-        let bus = Self::mmio_bus(&cfg.disks, cfg.mem_mib)?;
+        let bus = Self::mmio_bus(&cfg.disks, &cfg.nets, cfg.mem_mib)?;
         let devices = Devices::with_mmio(ConsoleOut::new(opts.console_out), bus);
         let opts = RunOptions {
             console_out: Box::new(std::io::sink()),
@@ -481,6 +525,7 @@ impl Vm {
                 mem_mib: cfg.mem_mib,
                 cmdline: cfg.cmdline.clone(),
                 disks: cfg.disks.clone(),
+                nets: cfg.nets.clone(),
                 devices,
                 kicker,
                 clock_ns: 0,
@@ -494,14 +539,22 @@ impl Vm {
     pub fn start(source: &crate::record::VmSource, opts: RunOptions) -> Result<Vm, VmError> {
         match source {
             crate::record::VmSource::Boot(cfg) => Vm::boot(cfg, opts),
-            crate::record::VmSource::Restore { snapshot, disks } => {
-                Vm::restore(snapshot, disks, opts)
-            }
+            crate::record::VmSource::Restore {
+                snapshot,
+                disks,
+                nets,
+            } => Vm::restore(snapshot, disks, nets, opts),
         }
     }
 
-    /// Create a VM from a snapshot file, with the disks it was taken with.
-    pub fn restore(path: &Path, disks: &[DiskSpec], opts: RunOptions) -> Result<Vm, VmError> {
+    /// Create a VM from a snapshot file, with the disks and network cards
+    /// it was taken with.
+    pub fn restore(
+        path: &Path,
+        disks: &[DiskSpec],
+        nets: &[NetSpec],
+        opts: RunOptions,
+    ) -> Result<Vm, VmError> {
         let t0 = Instant::now();
         let body = snapshot::read_file(path)?;
         let mut d = Decoder::new(&body);
@@ -515,7 +568,7 @@ impl Vm {
             console_out: Box::new(std::io::sink()),
             ..opts
         };
-        let bus = Self::mmio_bus(disks, mem_mib)?;
+        let bus = Self::mmio_bus(disks, nets, mem_mib)?;
         let devices = Devices::decode(&mut d, ConsoleOut::new(console), bus)?;
         let mem = boot::create_memory(mem_mib)?;
         decode_memory(&mut d, &mem, (mem_mib << 20) as usize)?;
@@ -539,6 +592,7 @@ impl Vm {
                 mem_mib,
                 cmdline,
                 disks: disks.to_vec(),
+                nets: nets.to_vec(),
                 devices,
                 kicker,
                 clock_ns,

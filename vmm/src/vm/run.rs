@@ -155,6 +155,7 @@ impl Vm {
                     if !self.devices.mmio_write(addr, data, &self.mem)? {
                         debug!(addr = format!("{addr:#x}"), "MMIO write with no device");
                     }
+                    self.transmit_frames()?;
                 }
                 Ok(VcpuExit::Hlt) => {
                     self.stats.exit("hlt");
@@ -276,6 +277,21 @@ impl Vm {
             next_tick_ns = ?self.devices.pit.next_irq0_ns(),
             "live"
         );
+        let mut live = live;
+        if let Some(out) = self.net.as_mut().and_then(|n| n.live_out.take()) {
+            if let Some(n) = self.net.as_mut() {
+                n.out = out;
+            }
+        }
+        if let (Some(tap), Some(mac)) =
+            (self.net.as_ref().and_then(|n| n.tap.clone()), self.net_mac)
+        {
+            // This side's tap now receives for the guest; the bridge learns
+            // that the guest's MAC lives here.
+            crate::netio::spawn_reader(tap.clone(), live.attach_net(), self._kicker)
+                .map_err(|e| VmError::Devices(format!("cannot start the tap reader: {e}")))?;
+            crate::netio::announce(&tap, mac);
+        }
         match std::mem::take(&mut self.after_takeover) {
             AfterTakeover::Live => self.door = Box::new(live),
             AfterTakeover::Record { log, epoch_bound } => {
@@ -304,6 +320,7 @@ impl Vm {
         let header = log_header(&VmSource::Restore {
             snapshot: snap.clone(),
             disks: self.disks.clone(),
+            nets: self.nets.clone(),
         })
         .map_err(|e| err(e.to_string()))?;
         // Pages the guest wrote before this point are in the snapshot; the
