@@ -229,7 +229,7 @@ pub fn expected_ticker(count: u64) -> Vec<String> {
 }
 
 /// Bytes of each test disk image.
-pub const DISK_BYTES: u64 = 4 << 20;
+pub const DISK_BYTES: u64 = 8 << 20;
 
 /// A blank (all zero) disk image of [`DISK_BYTES`] at `path`.
 pub fn blank_disk(path: &std::path::Path) -> PathBuf {
@@ -238,42 +238,39 @@ pub fn blank_disk(path: &std::path::Path) -> PathBuf {
     path.to_path_buf()
 }
 
-/// Block `i` (from 1) as the `disk` workload writes it: 1024 lines of 64
-/// bytes.
-pub fn disk_block(i: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(65536);
-    for k in 0..1024u64 {
-        let line = format!(
-            "blk {i:06} line {k:04} {:042}\n",
-            (i * 7919 + k * 31) % 1_000_003
-        );
-        v.extend_from_slice(line.as_bytes());
-    }
-    assert_eq!(v.len(), 65536);
-    v
+/// MiB `m` (from 1) as the `disk` workload writes it: "vmft disk mib M\n"
+/// repeated, cut at 1 MiB.
+pub fn disk_mib(m: u64) -> Vec<u8> {
+    let line = format!("vmft disk mib {m}\n");
+    line.as_bytes()
+        .iter()
+        .copied()
+        .cycle()
+        .take(1 << 20)
+        .collect()
 }
 
 /// What is wrong with a disk image after the `disk` workload wrote `n`
-/// blocks, if anything: its first `n` blocks must be the workload's and
-/// the rest zero.
+/// MiB, if anything: its first `n` MiB must be the workload's and the rest
+/// zero.
 pub fn disk_problem(image: &std::path::Path, n: u64) -> Option<String> {
     let bytes = std::fs::read(image).unwrap();
     if bytes.len() as u64 != DISK_BYTES {
         return Some(format!("{} bytes, not {DISK_BYTES}", bytes.len()));
     }
-    for i in 1..=n {
-        let at = ((i - 1) * 65536) as usize;
-        if bytes[at..at + 65536] != disk_block(i)[..] {
+    for m in 1..=n {
+        let at = ((m - 1) << 20) as usize;
+        if bytes[at..at + (1 << 20)] != disk_mib(m)[..] {
             return Some(format!(
-                "block {i} (at byte {at}) is not what the guest wrote"
+                "MiB {m} (at byte {at}) is not what the guest wrote"
             ));
         }
     }
-    let tail = (n * 65536) as usize;
+    let tail = (n << 20) as usize;
     bytes[tail..]
         .iter()
         .position(|&b| b != 0)
-        .map(|p| format!("byte {} past the written blocks is not zero", tail + p))
+        .map(|p| format!("byte {} past the written MiB is not zero", tail + p))
 }
 
 /// Boot the default guest with `args` (a workload, disks, ...) and save a

@@ -1,7 +1,7 @@
 //! Disks (issue 9, separate disks): the default guest's `disk` workload
-//! writes numbered blocks to `/dev/vda` through virtio-blk and reads them
+//! writes numbered MiB to `/dev/vda` through virtio-blk and reads them
 //! back past the page cache; the image file then holds exactly those
-//! blocks. A recording with a disk replays on its own copy of the disk to
+//! bytes. A recording with a disk replays on its own copy of the disk to
 //! the same state and the same bytes (no disk data in the log), and a
 //! replay without the disk, or with a disk of other contents, is refused.
 //!
@@ -17,8 +17,8 @@ use std::sync::OnceLock;
 
 use common::*;
 
-/// Blocks the workload writes.
-const BLOCKS: u64 = 4;
+/// MiB the workload writes.
+const MIB: u64 = 2;
 
 fn disk_snapshot() -> &'static Path {
     static SNAP: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
@@ -32,7 +32,7 @@ fn disk_snapshot() -> &'static Path {
                 "--workload".into(),
                 "disk".into(),
                 "--append".into(),
-                format!("vmft.count={BLOCKS}").into(),
+                format!("vmft.count={MIB}").into(),
                 "--disk".into(),
                 scratch.into(),
             ];
@@ -70,15 +70,15 @@ fn the_disk_workload_writes_through_virtio_blk_and_the_image_holds_it() {
     let lines = disk_lines(&stdout);
     assert_eq!(
         lines.len() as u64,
-        BLOCKS + 1,
-        "a line per block and the end:\n{stdout}"
+        2 * MIB + 1,
+        "two lines per MiB and the end:\n{stdout}"
     );
     assert!(
-        lines[BLOCKS as usize].starts_with("disk done sum="),
+        lines[2 * MIB as usize].starts_with(&format!("disk done mib={MIB} sum=")),
         "{stdout}"
     );
     assert!(stdout.contains("VMFT-DONE status=0"), "{stdout}");
-    if let Some(p) = disk_problem(&img, BLOCKS) {
+    if let Some(p) = disk_problem(&img, MIB) {
         panic!("the image is wrong: {p}\n{stdout}");
     }
 }
@@ -103,7 +103,7 @@ fn a_recording_with_a_disk_replays_on_its_own_copy_to_the_same_state_and_bytes()
     let out = output_within(cmd, 600);
     let (stdout, stderr) = texts(&out);
     assert!(out.status.success(), "{stderr}");
-    assert!(stdout.contains("disk done sum="), "{stdout}");
+    assert!(stdout.contains("disk done mib="), "{stdout}");
     let recorded = digest(&stderr).expect("the recording prints its digest");
 
     // No disk data travels in the log: the replay does the same I/O on b.
@@ -121,7 +121,7 @@ fn a_recording_with_a_disk_replays_on_its_own_copy_to_the_same_state_and_bytes()
         std::fs::read(&b).unwrap(),
         "the replayed disk differs from the recorded one"
     );
-    assert_eq!(disk_problem(&b, BLOCKS), None);
+    assert_eq!(disk_problem(&b, MIB), None);
 
     // Without the disk, or with other contents, the replay is refused
     // before it starts.

@@ -1034,8 +1034,8 @@ fn a_promoted_backup_records_a_log_that_replays_to_its_end() {
     );
 }
 
-/// Blocks the `disk` workload of the disk pair test writes.
-const DISK_BLOCKS: u64 = 8;
+/// MiB the `disk` workload of the disk pair test writes.
+const DISK_MIB: u64 = 3;
 
 /// A snapshot of the default guest running `disk` with one blank disk, at
 /// its ready marker (nothing is written before it: a fresh blank image is
@@ -1056,7 +1056,7 @@ fn disk_snapshot() -> &'static Path {
             "--workload".into(),
             "disk".into(),
             "--append".into(),
-            format!("vmft.count={DISK_BLOCKS}").into(),
+            format!("vmft.count={DISK_MIB}").into(),
             "--disk".into(),
             scratch.into(),
         ];
@@ -1083,7 +1083,8 @@ fn with_separate_disks_kill_9_of_the_primary_loses_no_write() {
         ..Opts::default()
     });
     c.start_primary();
-    let k = rng.range(2, DISK_BLOCKS - 4) as usize;
+    // Kill while it writes or while it reads back (2 lines per MiB).
+    let k = rng.range(1, 2 * DISK_MIB - 1) as usize;
     let disk_lines = |c: &Cluster| -> Vec<String> {
         c.console
             .stdout_lines()
@@ -1102,25 +1103,25 @@ fn with_separate_disks_kill_9_of_the_primary_loses_no_write() {
     let st = c.wait_exit(Who::Console, 300);
     c.check(st.code() == Some(0), format!("the console exited {st}"));
     let lines = disk_lines(&c);
-    let numbered: Vec<u64> = lines
-        .iter()
-        .filter_map(|l| l.strip_prefix("disk ")?.split(' ').next()?.parse().ok())
+    let mut want: Vec<String> = (1..=DISK_MIB)
+        .map(|m| format!("disk {m} written"))
         .collect();
+    want.extend((1..=DISK_MIB).map(|m| format!("disk {m} sum=")));
+    want.push(format!("disk done mib={DISK_MIB} sum="));
     c.check(
-        numbered == (1..=DISK_BLOCKS).collect::<Vec<_>>()
+        lines.len() == want.len()
             && lines
-                .last()
-                .is_some_and(|l| l.starts_with("disk done sum=")),
-        format!(
-            "the console's disk lines are not each block once, in order, then the end: {lines:?}"
-        ),
+                .iter()
+                .zip(&want)
+                .all(|(l, w)| l.starts_with(w.as_str())),
+        format!("the console's disk lines are not each once, in order: {lines:?}"),
     );
-    if let Some(problem) = disk_problem(&b, DISK_BLOCKS) {
+    if let Some(problem) = disk_problem(&b, DISK_MIB) {
         c.check(false, format!("the backup's disk is wrong: {problem}"));
     }
     let st = c.wait_exit(Who::Backup, 60);
     c.check(st.success(), format!("the backup exited {st}"));
-    println!("pair: separate disks: the primary killed after {k} blocks; the backup's disk holds all {DISK_BLOCKS}");
+    println!("pair: separate disks: the primary killed after {k} lines; the backup's disk holds all {DISK_MIB} MiB");
 }
 
 #[test]
