@@ -501,3 +501,42 @@ fn everything_is_removed_on_drop_and_on_panic() {
     assert_eq!(names.len(), 3);
     assert_removed(&names);
 }
+
+/// `vmft run` with `--net` in namespace `host`; its stderr, after it ends.
+fn vmft_with_tap(host: &netns::Netns, tap: &str) -> (bool, String) {
+    let out = host
+        .exec(env!("CARGO_BIN_EXE_vmft"))
+        .args(["run", "--no-stdin", "--kernel", "/nonexistent-kernel"])
+        .arg("--net")
+        .arg(format!("tap={tap}"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn vmft_refuses_a_tap_that_does_not_exist_or_is_busy() {
+    if !require_net() {
+        return;
+    }
+    let host = netns::Netns::new("vmft-taps");
+    // No such tap: named, with what to do, before anything boots.
+    let (ok, err) = vmft_with_tap(&host, "nosuchtap");
+    assert!(!ok);
+    assert!(
+        err.contains("tap nosuchtap does not exist") && err.contains("ip tuntap add"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line:\n{err}");
+    // A tap another process holds: busy.
+    let held = host.open_tap("busytap").unwrap();
+    let (ok, err) = vmft_with_tap(&host, "busytap");
+    assert!(!ok);
+    assert!(err.contains("tap busytap"), "{err}");
+    assert!(err.to_lowercase().contains("busy"), "{err}");
+    drop(held);
+}

@@ -115,6 +115,19 @@ pub fn open_tap(
     match nets {
         [] => Ok(None),
         [n] => {
+            // Opening a tap by a new name would create one attached to
+            // nothing: the guest would be on no network. Ask for one that
+            // exists (on a bridge).
+            if !std::path::Path::new("/sys/class/net").join(&n.tap).exists() {
+                anyhow::bail!(
+                    "tap {} does not exist in this network namespace: create it and put it on a \
+                     bridge first (ip tuntap add dev {} mode tap vnet_hdr; ip link set {} master BRIDGE up; \
+                     see docs/NETWORK.md)",
+                    n.tap,
+                    n.tap,
+                    n.tap
+                );
+            }
             let tap = vmm::devices::virtio::Tap::open(&n.tap)?;
             tap.set_up()?;
             Ok(Some(std::sync::Arc::new(tap)))
