@@ -163,3 +163,75 @@ fn a_missing_disk_image_is_named_before_anything_runs() {
     assert!(stderr.contains("nope.img"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line:\n{stderr}");
 }
+
+#[test]
+fn a_backup_whose_disk_copy_differs_refuses_the_primary_at_the_handshake() {
+    if !require_kvm() {
+        return;
+    }
+    use std::io::Read;
+    let snap = disk_snapshot();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, b"disk-handshake-secret").unwrap();
+    let p = blank_disk(&dir.path().join("p.img"));
+    let b = blank_disk(&dir.path().join("b.img"));
+    // One byte differs in the backup's copy.
+    let mut bytes = std::fs::read(&b).unwrap();
+    bytes[12345] = 1;
+    std::fs::write(&b, bytes).unwrap();
+    let side = |role: &str, disk: &Path| {
+        let mut cmd = vmft();
+        cmd.arg(role)
+            .args(["--arbiter", "127.0.0.1:9", "--no-stdin", "--token-file"])
+            .arg(&token)
+            .arg("--restore")
+            .arg(snap)
+            .arg("--disk")
+            .arg(disk);
+        cmd
+    };
+    let mut backup = side("backup", &b)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = backup.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = err.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut text = String::new();
+    let addr = loop {
+        let b = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("the backup listens");
+        text.push_str(&String::from_utf8_lossy(&b));
+        if let Some(a) = text
+            .lines()
+            .find_map(|l| l.split("waiting for the primary on ").nth(1))
+        {
+            break a.trim().to_string();
+        }
+    };
+    let mut primary = side("primary", &p);
+    primary.args(["--backup", &addr]);
+    let out = output_within(primary, 120);
+    let (_, perr) = texts(&out);
+    let _ = backup.kill();
+    let _ = backup.wait();
+    while let Ok(b) = rx.try_recv() {
+        text.push_str(&String::from_utf8_lossy(&b));
+    }
+    assert!(!out.status.success(), "the pair formed:\n{perr}");
+    assert!(
+        perr.contains("configuration") || text.contains("configuration"),
+        "the mismatch is not named:\nprimary: {perr}\nbackup: {text}"
+    );
+}
