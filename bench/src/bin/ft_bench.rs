@@ -6,6 +6,8 @@
 //! after a change to the run loop or the devices: the default guest booted
 //! bare and recorded, one after the other, with record/bare and kicks per
 //! second of each (a change that kicks the vCPU needlessly shows at once).
+//! `cargo run --release -p bench --bin ft_bench -- disk [MiB]`: the `disk`
+//! workload on a blank image, bare and recorded: write and read-back MB/s.
 
 use std::io;
 use std::path::Path;
@@ -47,6 +49,43 @@ fn config(workload: &str, count: u64) -> BootConfig {
 }
 
 fn run(cfg: &BootConfig, ft: FtMode) -> Outcome {
+    run_to(cfg, ft, Box::new(io::sink()))
+}
+
+/// Console lines with the time each one ended.
+#[derive(Clone, Default)]
+struct Lines(std::sync::Arc<std::sync::Mutex<(Vec<u8>, Vec<(Instant, String)>)>>);
+
+impl io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut g = self.0.lock().unwrap();
+        for &b in buf {
+            if b == b'\n' {
+                let line = String::from_utf8_lossy(&g.0).trim_end().to_string();
+                g.0.clear();
+                g.1.push((Instant::now(), line));
+            } else {
+                g.0.push(b);
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    fn at(&self, prefix: &str) -> Option<Instant> {
+        let g = self.0.lock().unwrap();
+        g.1.iter()
+            .find(|(_, l)| l.starts_with(prefix))
+            .map(|(t, _)| *t)
+    }
+}
+
+fn run_to(cfg: &BootConfig, ft: FtMode, console: Box<dyn io::Write + Send>) -> Outcome {
     let t0 = Instant::now();
     let mut vm = Vm::boot(
         cfg,
@@ -55,7 +94,7 @@ fn run(cfg: &BootConfig, ft: FtMode) -> Outcome {
             ft,
             snapshot_on_ready: None,
             console_in: None,
-            console_out: Box::new(io::sink()),
+            console_out: console,
             stop: Default::default(),
             pair: None,
         },
@@ -105,9 +144,73 @@ fn quick() {
     );
 }
 
+/// The `disk` workload on a blank image, bare and recorded, in one run:
+/// write and read-back MB/s from the guest's console lines.
+fn disk(mib: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    println!("| run | write MB/s | read MB/s | write ratio | read ratio | log Mbit/s (whole run) | digest |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    let mut bare_rates = None;
+    for recorded in [false, true] {
+        let img = dir.path().join(format!("disk-{recorded}.img"));
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len((mib + 1) << 20)
+            .unwrap();
+        let mut cfg = config("disk", mib);
+        cfg.disks = vec![vmm::boot::DiskSpec {
+            path: img,
+            read_only: false,
+        }];
+        let lines = Lines::default();
+        let ft = if recorded {
+            record_mode(&cfg, &dir.path().join("disk.log"))
+        } else {
+            FtMode::Live
+        };
+        let out = run_to(&cfg, ft, Box::new(lines.clone()));
+        let ready = lines.at("VMFT-READY").expect("ready marker");
+        let written = lines
+            .at(&format!("disk {mib} written"))
+            .expect("all written");
+        let read = lines.at("disk done").expect("read back");
+        let w = mib as f64 * 1.048576 / (written - ready).as_secs_f64();
+        let r = mib as f64 * 1.048576 / (read - written).as_secs_f64();
+        let (wr, rr) = match bare_rates {
+            None => {
+                bare_rates = Some((w, r));
+                (1.0, 1.0)
+            }
+            Some((bw, br)) => (w / bw, r / br),
+        };
+        let log = out
+            .record
+            .as_ref()
+            .map(|rs| {
+                format!(
+                    "{:.2}",
+                    rs.bytes as f64 * 8.0 / out.wall.as_secs_f64() / 1e6
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "| {} | {w:.2} | {r:.2} | {wr:.2} | {rr:.2} | {log} | {} |",
+            if recorded { "record" } else { "bare" },
+            &out.digest[..16]
+        );
+    }
+}
+
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("quick") {
         return quick();
+    }
+    if std::env::args().nth(1).as_deref() == Some("disk") {
+        let mib = std::env::args()
+            .nth(2)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(4);
+        return disk(mib);
     }
     let mut args = std::env::args().skip(1);
     let sleep_s: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
