@@ -321,3 +321,98 @@ pub fn snapshot_at_ready(args: &[std::ffi::OsString], snap: &std::path::Path) {
         t0.elapsed().as_secs_f64()
     );
 }
+
+/// The seed of a randomized test: the environment variable `var` (to
+/// repeat a printed seed), or the time.
+pub fn seed(var: &str) -> u64 {
+    match std::env::var(var) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{var}={s:?} is not a number")),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    }
+}
+
+/// splitmix64: enough randomness for picking moments, and repeatable.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+}
+
+/// Bytes a child wrote on one pipe, with the time each line ended.
+#[derive(Default)]
+pub struct Captured {
+    /// Everything written.
+    pub bytes: Vec<u8>,
+    /// When each line ended.
+    pub line_ends: Vec<std::time::Instant>,
+}
+
+impl Captured {
+    /// The complete lines (without `\r`) and when each arrived.
+    pub fn lines(&self) -> Vec<(std::time::Instant, String)> {
+        let text = String::from_utf8_lossy(&self.bytes);
+        text.split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .zip(&self.line_ends)
+            .map(|(l, t)| (*t, l.trim_end_matches(['\n', '\r']).to_string()))
+            .collect()
+    }
+}
+
+/// Capture what `from` yields on a helper thread.
+pub fn capture(
+    mut from: impl std::io::Read + Send + 'static,
+) -> std::sync::Arc<std::sync::Mutex<Captured>> {
+    let cap = std::sync::Arc::new(std::sync::Mutex::new(Captured::default()));
+    let to = cap.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let now = std::time::Instant::now();
+            let mut c = to.lock().unwrap();
+            c.bytes.extend_from_slice(&buf[..n]);
+            let lines = buf[..n].iter().filter(|&&b| b == b'\n').count();
+            c.line_ends.extend((0..lines).map(|_| now));
+        }
+    });
+    cap
+}
+
+/// Without the terminal colours of `tracing`'s output.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

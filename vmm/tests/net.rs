@@ -40,16 +40,16 @@ mod common;
 mod netns;
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::{image, require_kvm};
+use common::{capture, image, require_kvm, seed, strip_ansi, Captured, Rng};
 use netns::{fmt_ip, fmt_mac, require_net, Host, Lan, Netns};
 use vmm::devices::virtio::tap::Tap;
 
@@ -97,50 +97,6 @@ fn make_tap(ns: &Netns, name: &str, bridge: Option<&str>) {
 }
 
 // ---------------------------------------------------------------- processes
-
-/// Without the terminal colours of `tracing`'s output.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Bytes a child wrote on one pipe, with the time each line ended.
-#[derive(Default)]
-struct Captured {
-    bytes: Vec<u8>,
-    line_ends: Vec<Instant>,
-}
-
-fn capture(mut from: impl Read + Send + 'static) -> Arc<Mutex<Captured>> {
-    let cap = Arc::new(Mutex::new(Captured::default()));
-    let to = cap.clone();
-    thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = from.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            let now = Instant::now();
-            let mut c = to.lock().unwrap();
-            c.bytes.extend_from_slice(&buf[..n]);
-            let lines = buf[..n].iter().filter(|&&b| b == b'\n').count();
-            c.line_ends.extend((0..lines).map(|_| now));
-        }
-    });
-    cap
-}
 
 /// When the first line of `cap` containing `needle` arrived.
 fn line_time(cap: &Mutex<Captured>, needle: &str) -> Option<Instant> {
@@ -311,38 +267,6 @@ fn arbiter_bin() -> &'static Path {
 }
 
 // ---------------------------------------------------------------- randomness
-
-/// The seed of this run: `VMFT_NET_SEED`, or the time.
-fn seed() -> u64 {
-    match std::env::var("VMFT_NET_SEED") {
-        Ok(s) => s
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("VMFT_NET_SEED={s:?} is not a number")),
-        Err(_) => SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64,
-    }
-}
-
-/// splitmix64: enough randomness for picking moments, and repeatable.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
 
 // ---------------------------------------------------------------- the client
 
@@ -683,6 +607,38 @@ impl World {
         if !ok {
             let r = self.report();
             panic!("{what}\n{r}");
+        }
+    }
+
+    /// Wait for the guest's echo server, as printed by process `who`.
+    /// `false` when the guest itself failed to start it because a freshly
+    /// executed busybox crashed in its start-up (a known, open defect: a
+    /// segfault reading a thread-local pointer right after eth0 comes up,
+    /// seen in about one restore of the `net` snapshot in four, with and
+    /// without FT); the caller retries the round and says so.
+    fn wait_for_server(&mut self, who: &str) -> bool {
+        let t0 = Instant::now();
+        loop {
+            let out = self.p(who).stdout();
+            if out.contains(SERVER_UP) {
+                return true;
+            }
+            if out.contains("segfault at 0") && out.contains("does not listen") {
+                println!(
+                    "net: RETRY: the guest crashed while starting its echo server (known defect, \
+                     not FT: a busybox segfault after eth0 comes up):\n{}",
+                    out.lines()
+                        .filter(|l| l.contains("segfault"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+                return false;
+            }
+            if t0.elapsed() > Duration::from_secs(300) {
+                let r = self.report();
+                panic!("the guest's echo server: not within 300 s\n{r}");
+            }
+            thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -1136,9 +1092,17 @@ fn a_client_on_the_lan_talks_to_the_guest_echo_server() {
         "--no-stdin".into(),
     ];
     w.spawn("vm", "vm", vmft_bin(), &args);
-    w.wait_for("the guest's echo server", 300, |w| {
-        w.p("vm").stdout().contains(SERVER_UP)
-    });
+    let mut tries = 1;
+    while !w.wait_for_server("vm") {
+        assert!(
+            tries < 3,
+            "the guest crashed while starting its server {tries} times"
+        );
+        tries += 1;
+        // Dropping the old process kills and reaps it.
+        w.procs.retain(|p| p.name != "vm");
+        w.spawn("vm", "vm", vmft_bin(), &args);
+    }
     let t0 = Instant::now();
     w.start_client("client", Duration::from_millis(20), Some(10));
     let lines = 100;
@@ -1193,7 +1157,7 @@ fn a_tcp_connection_to_the_guest_survives_kill_9_of_the_primary() {
         return;
     }
     let _one = serial();
-    let seed = seed();
+    let seed = seed("VMFT_NET_SEED");
     let rounds = rounds();
     let mut rng = Rng(seed);
     println!(
@@ -1207,7 +1171,18 @@ fn a_tcp_connection_to_the_guest_survives_kill_9_of_the_primary() {
             "net: FT: round {round}/{rounds} (seed {seed}): kill -9 of the primary after {kill_after} echoed lines + {} ms",
             extra.as_millis()
         );
-        gaps.push(ft_round(seed, round, kill_after, extra));
+        let mut tries = 0;
+        loop {
+            if let Some(gap) = ft_round(seed, round, kill_after, extra) {
+                gaps.push(gap);
+                break;
+            }
+            tries += 1;
+            assert!(
+                tries < 3,
+                "round {round}: the guest crashed while starting its server {tries} times in a row"
+            );
+        }
     }
     gaps.sort();
     println!(
@@ -1236,7 +1211,7 @@ fn rounds() -> u64 {
 /// of the primary once `kill_after` lines were echoed and `extra` more
 /// passed, the checks, a clean stop. Returns the longest wait for the
 /// echo of a line that was not echoed yet at the kill.
-fn ft_round(seed: u64, round: u64, kill_after: usize, extra: Duration) -> Duration {
+fn ft_round(seed: u64, round: u64, kill_after: usize, extra: Duration) -> Option<Duration> {
     let mut w = World::new(&["primary", "backup", "client", "services"]);
     for side in ["primary", "backup"] {
         make_tap(w.host(side).ns(), TAP, Some("br0"));
@@ -1325,9 +1300,9 @@ fn ft_round(seed: u64, round: u64, kill_after: usize, extra: Duration) -> Durati
         w.p("primary").stderr().contains("connected to the backup")
             && w.p("backup").stderr().contains("the primary connected")
     });
-    w.wait_for("the guest's echo server (on the console)", 300, |w| {
-        w.p("console").stdout().contains(SERVER_UP)
-    });
+    if !w.wait_for_server("console") {
+        return None;
+    }
 
     w.start_client("client", Duration::from_millis(50), None);
     w.wait_for(&format!("{kill_after} lines echoed"), 300, |w| {
@@ -1419,5 +1394,5 @@ fn ft_round(seed: u64, round: u64, kill_after: usize, extra: Duration) -> Durati
         st.code() == Some(0),
         format!("the console exited {st}, not 0"),
     );
-    failover_gap
+    Some(failover_gap)
 }

@@ -26,7 +26,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -176,95 +176,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The seed of this run: `VMFT_PAIR_SEED`, or the time.
-fn seed() -> u64 {
-    match std::env::var("VMFT_PAIR_SEED") {
-        Ok(s) => s
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("VMFT_PAIR_SEED={s:?} is not a number")),
-        Err(_) => SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64,
-    }
-}
-
-/// splitmix64: enough randomness for picking moments, and repeatable.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
-
 // ---------------------------------------------------------------- processes
-
-/// Bytes a child wrote on one pipe, with the time each line ended.
-#[derive(Default)]
-struct Captured {
-    bytes: Vec<u8>,
-    line_ends: Vec<Instant>,
-}
-
-impl Captured {
-    /// The complete lines (without `\r`) and when each arrived.
-    fn lines(&self) -> Vec<(Instant, String)> {
-        let text = String::from_utf8_lossy(&self.bytes);
-        text.split_inclusive('\n')
-            .filter(|l| l.ends_with('\n'))
-            .zip(&self.line_ends)
-            .map(|(l, t)| (*t, l.trim_end_matches(['\n', '\r']).to_string()))
-            .collect()
-    }
-}
-
-fn capture(mut from: impl Read + Send + 'static) -> Arc<Mutex<Captured>> {
-    let cap = Arc::new(Mutex::new(Captured::default()));
-    let to = cap.clone();
-    thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = from.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            let now = Instant::now();
-            let mut c = to.lock().unwrap();
-            c.bytes.extend_from_slice(&buf[..n]);
-            let lines = buf[..n].iter().filter(|&&b| b == b'\n').count();
-            c.line_ends.extend((0..lines).map(|_| now));
-        }
-    });
-    cap
-}
-
-/// Without the terminal colours of `tracing`'s output.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
 
 /// A child process with its stdout and stderr captured; killed (SIGKILL,
 /// which also ends a stopped process) and reaped when dropped, so that a
@@ -782,7 +694,7 @@ fn kill_9_of_the_primary_at_random_moments_loses_and_repeats_nothing() {
         return;
     }
     let _one = serial();
-    let seed = seed();
+    let seed = seed("VMFT_PAIR_SEED");
     let rounds = rounds();
     let mut rng = Rng(seed);
     println!("pair: kill -9 of the primary: {rounds} rounds, seed {seed} (VMFT_PAIR_SEED={seed} repeats them)");
@@ -875,7 +787,7 @@ fn typed_input_crosses_a_failover_exactly_once() {
         return;
     }
     let _one = serial();
-    let seed = seed();
+    let seed = seed("VMFT_PAIR_SEED");
     let mut rng = Rng(seed ^ 0x1f);
     let rounds = rounds().clamp(1, 4);
     println!("pair: typed input across kill -9 of the primary: {rounds} rounds, seed {seed}");
@@ -1071,7 +983,7 @@ fn with_separate_disks_kill_9_of_the_primary_loses_no_write() {
         return;
     }
     let _one = serial();
-    let seed = seed();
+    let seed = seed("VMFT_PAIR_SEED");
     let mut rng = Rng(seed ^ 0xd15c);
     let dir = tempfile::tempdir().unwrap();
     let p = blank_disk(&dir.path().join("primary.img"));
