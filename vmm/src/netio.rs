@@ -47,6 +47,17 @@ impl FrameDecoder {
         while self.buf.len() - at >= 4 {
             let len =
                 u32::from_le_bytes(self.buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+            if len > MAX_FRAME_BYTES {
+                // Not a record boundary (a stream cut in the middle): drop
+                // what is buffered rather than wait for a length that is
+                // not one. The guest's TCP resends what is lost.
+                warn!(
+                    len,
+                    "transmit stream out of step: dropping its buffered bytes"
+                );
+                self.buf.clear();
+                return out;
+            }
             if self.buf.len() - at - 4 < len {
                 break;
             }
@@ -154,6 +165,18 @@ pub fn spawn_reader(tap: Arc<Tap>, tx: Sender<Incoming>, kicker: Kicker) -> io::
         .map(|_| ())
 }
 
+/// Throw away what the tap queued while nobody read it (a backup's tap
+/// during the replay: broadcasts and floods from before the takeover, which
+/// the guest must not get late, ahead of what comes now). Returns how many.
+pub fn discard_queued(tap: &Tap) -> usize {
+    let mut buf = vec![0u8; MAX_FRAME_BYTES + 1];
+    let mut n = 0;
+    while let Ok(Some(_)) = tap.read_frame(&mut buf) {
+        n += 1;
+    }
+    n
+}
+
 /// Announce the guest's MAC from this host (a backup that just went live):
 /// a bridge moves the MAC to this port at once instead of waiting for the
 /// guest to send. Sent three times, as QEMU does.
@@ -198,6 +221,9 @@ mod tests {
             got.extend(d.push(&stream[cut..]));
             assert_eq!(got, vec![a.clone(), b.clone()], "cut at {cut}");
         }
+        let mut d = FrameDecoder::default();
+        assert!(d.push(&[0xff; 8]).is_empty(), "a length no frame has");
+        assert_eq!(d.push(&frame_record(&a)), vec![a.clone()], "in step again");
         let mut d = FrameDecoder::default();
         let mut got = Vec::new();
         for byte in &stream {

@@ -165,6 +165,15 @@ pub fn ft(args: FtArgs, stop: StopHandle) -> Result<u8> {
             d.path.display(),
             copy.display()
         );
+        if copy.exists() && std::fs::read(&copy).ok() != std::fs::read(&d.path).ok() {
+            anyhow::bail!(
+                "{} exists and differs from {}: after a failover it is the current disk; \
+                 move the one you want to keep to {} and remove the other",
+                copy.display(),
+                d.path.display(),
+                d.path.display()
+            );
+        }
         std::fs::copy(&d.path, &copy).with_context(|| {
             format!(
                 "cannot copy disk {} to {} for the backup",

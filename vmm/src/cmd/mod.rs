@@ -44,9 +44,9 @@ pub struct BootArgs {
     /// the first is /dev/vda). Under FT each side has its own identical copy.
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     pub disks: Vec<vmm::boot::DiskSpec>,
-    /// A network card on the host tap device NAME (created if missing,
-    /// brought up), with the guest's MAC (default 02:76:6d:66:74:00).
-    /// Under FT each side has its own tap with the same name and MAC.
+    /// A network card on the host tap device NAME (it must exist, on a
+    /// bridge; vmft brings it up), with the guest's MAC (default
+    /// 02:76:6d:66:74:00). Under FT each side has its own tap, same MAC.
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
     pub nets: Vec<vmm::boot::NetSpec>,
 }

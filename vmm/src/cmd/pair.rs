@@ -191,6 +191,8 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
         "vmft: primary of {} generation {generation}: connecting to the backup at {}",
         pair.vm, args.backup
     );
+    // The tap first: a missing or busy one must not cost a failover.
+    let tap = super::open_tap(source.nets())?;
     let link = PrimaryLink::connect(args.backup.as_str(), &cfg)
         .with_context(|| format!("cannot connect to the backup at {}", args.backup))?;
     eprintln!("vmft: connected to the backup; the VM is protected");
@@ -230,7 +232,7 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
         }),
     );
     // Frames the guest transmits are outputs too: held like console output.
-    let net_held = match super::open_tap(source.nets())? {
+    let net_held = match tap {
         Some(tap) => {
             let acks = handle.clone();
             let held = HeldOutput::start(
@@ -309,6 +311,13 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     if result.is_ok() && !held.drain(Duration::from_secs(30)) {
         eprintln!("vmft: warning: some console output was never acknowledged by the backup");
     }
+    if let (Ok(_), Some((_, h))) = (&result, &net_held) {
+        if !h.drain(Duration::from_secs(30)) {
+            eprintln!(
+                "vmft: warning: some transmitted frames were never acknowledged by the backup"
+            );
+        }
+    }
     if pair.stats {
         eprint!("{}", vm.stats.report(vm.unknown_ports()));
         let ls = handle.stats();
@@ -350,7 +359,27 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
 pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
     let pair = args.pair.clone();
     let source = vm_source(&pair, args.boot)?;
+    if let Some(log) = &args.takeover_log {
+        // A takeover log starts from the state at the takeover; a writable
+        // disk would have to be copied at that instant too, which this
+        // version does not do: refuse rather than write an unreplayable log.
+        if source.disks().iter().any(|d| !d.read_only) {
+            bail!(
+                "--takeover-log with a writable --disk is not supported yet (the disk at the \
+                 takeover would have to be kept with the log)"
+            );
+        }
+        // Find a log that cannot be written now, not after the takeover
+        // (an error then would end the VM that just survived).
+        for p in [log.clone(), vmm::vm::takeover_snapshot_path(log)] {
+            std::fs::File::create(&p)
+                .with_context(|| format!("cannot create the takeover log file {}", p.display()))?;
+        }
+    }
     let hash = config_hash(&source).context("cannot start the backup")?;
+    // The backup's own tap: opened now, so a missing or busy one is found
+    // before the pair forms; read from and written to only once live.
+    let tap = super::open_tap(source.nets())?;
     let secret = load_token_file(&pair.token_file)?;
     let listener = BackupListener::bind(args.listen.as_str())
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -413,9 +442,7 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
         }
         None => (stdout_release(), None),
     };
-    // The backup's own tap: opened now (a missing one is found before the
-    // pair forms), read from and written to only once live.
-    let net_tail = match super::open_tap(source.nets())? {
+    let net_tail = match tap {
         Some(tap) => {
             let tail = OutputTail::new(0);
             let t = tail.clone();
@@ -467,7 +494,10 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
         console_in,
         console_out: Box::new(tail),
         stop: stop.clone(),
-        pair: Some(Box::new(BackupHooks::new(link.clone()))),
+        pair: Some(Box::new(match &console {
+            Some(c) => BackupHooks::new(link.clone()).with_console(c.clone(), went_live.clone()),
+            None => BackupHooks::new(link.clone()),
+        })),
     };
     let mut vm = Vm::start(&source, opts).context("cannot start the VM")?;
     let result = vm.run();

@@ -319,18 +319,36 @@ impl PairHooks for PrimaryHooks {
 /// acks and heartbeats: the primary's lag bound and its failover estimate).
 pub struct BackupHooks {
     link: Arc<BackupLink>,
+    /// The console, and whether this side went live: a live side with no
+    /// backup confirms console input as soon as it has it (nothing more
+    /// can keep it), or the console would stop taking keys.
+    console: Option<(ConsoleSide, Arc<AtomicBool>)>,
 }
 
 impl BackupHooks {
     /// Hooks reporting to `link`.
     pub fn new(link: Arc<BackupLink>) -> Self {
-        BackupHooks { link }
+        BackupHooks {
+            link,
+            console: None,
+        }
+    }
+
+    /// Once `live` is set, confirm the console's input as it arrives.
+    pub fn with_console(mut self, console: ConsoleSide, live: Arc<AtomicBool>) -> Self {
+        self.console = Some((console, live));
+        self
     }
 }
 
 impl PairHooks for BackupHooks {
     fn boundary(&mut self, _door: &mut dyn Door, pos: u64) -> Result<(), DoorError> {
         self.link.set_applied(pos);
+        if let Some((console, live)) = &self.console {
+            if live.load(Ordering::Acquire) {
+                console.confirm_logged(u64::MAX);
+            }
+        }
         Ok(())
     }
 }

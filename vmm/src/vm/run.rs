@@ -288,6 +288,11 @@ impl Vm {
         {
             // This side's tap now receives for the guest; the bridge learns
             // that the guest's MAC lives here.
+            let stale = crate::netio::discard_queued(&tap);
+            tracing::debug!(
+                stale,
+                "frames queued on the tap before the takeover discarded"
+            );
             crate::netio::spawn_reader(tap.clone(), live.attach_net(), self._kicker)
                 .map_err(|e| VmError::Devices(format!("cannot start the tap reader: {e}")))?;
             crate::netio::announce(&tap, mac);
