@@ -439,11 +439,16 @@ fn arb_entry() -> impl Strategy<Value = Entry> {
             }
         }),
         (any::<u64>(), any::<u64>()).prop_map(|(pos, now_ns)| Entry::Timer { pos, now_ns }),
-        (any::<u64>(), arb_blob(0..3000)).prop_map(|(pos, bytes)| Entry::ConsoleInput {
-            pos,
-            bytes,
-            next: None
-        }),
+        (
+            any::<u64>(),
+            arb_blob(0..3000),
+            proptest::option::of((any::<u64>(), any::<u64>()))
+        )
+            .prop_map(|(pos, bytes, next)| Entry::ConsoleInput {
+                pos,
+                bytes,
+                next: next.map(|(seq, skip)| InputCursor { seq, skip }),
+            }),
         (any::<u64>(), arb_blob(0..1600)).prop_map(|(pos, frame)| Entry::NetRx { pos, frame }),
         any::<u64>().prop_map(|offset| Entry::NetReleased { offset }),
         (any::<u64>(), any::<u8>(), arb_fingerprint()).prop_map(|(pos, vector, fingerprint)| {

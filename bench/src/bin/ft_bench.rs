@@ -52,9 +52,12 @@ fn run(cfg: &BootConfig, ft: FtMode) -> Outcome {
     run_to(cfg, ft, Box::new(io::sink()))
 }
 
+/// The line being written and the finished lines with their end times.
+type LineLog = (Vec<u8>, Vec<(Instant, String)>);
+
 /// Console lines with the time each one ended.
 #[derive(Clone, Default)]
-struct Lines(std::sync::Arc<std::sync::Mutex<(Vec<u8>, Vec<(Instant, String)>)>>);
+struct Lines(std::sync::Arc<std::sync::Mutex<LineLog>>);
 
 impl io::Write for Lines {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {

@@ -186,6 +186,61 @@ impl State {
         Some((start, piece))
     }
 
+    /// The guest has every chunk before `seq` and the first `skip` bytes
+    /// of chunk `seq`: expect `seq` next and drop what the guest has, from
+    /// what is queued now or from the chunk when it comes.
+    fn resume_input(&mut self, seq: u64, skip: u64) {
+        let seq = seq.max(1);
+        self.expected_seq = seq;
+        self.skip = (skip > 0).then_some((seq, skip));
+        let dropped: usize = self
+            .input
+            .iter()
+            .filter(|(s, _)| *s < seq)
+            .map(|(_, b)| b.len())
+            .sum();
+        self.input.retain(|(s, _)| *s >= seq);
+        self.input_bytes -= dropped;
+        if let Some((_, bytes)) = self.input.front_mut().filter(|(s, _)| *s == seq) {
+            let cut = (skip as usize).min(bytes.len());
+            bytes.drain(..cut);
+            self.input_bytes -= cut;
+            self.skip = None;
+        }
+        if self.input.front().is_some_and(|(_, b)| b.is_empty()) {
+            self.input.pop_front();
+        }
+    }
+
+    /// A typed chunk from the console: queue what the guest does not have
+    /// yet. Returns whether anything was queued.
+    fn accept_input(&mut self, seq: u64, mut bytes: Vec<u8>) -> bool {
+        if seq < self.expected_seq {
+            debug!(seq, "console input already received: skipped");
+            return false;
+        }
+        if seq > self.expected_seq {
+            warn!(
+                expected = self.expected_seq,
+                got = seq,
+                "console input seqs skip ahead"
+            );
+        }
+        self.expected_seq = seq + 1;
+        if let Some((at, skip)) = self.skip.take() {
+            if at == seq {
+                bytes.drain(..(skip as usize).min(bytes.len()));
+                debug!(seq, skip, "console input: the guest has its start");
+            }
+        }
+        if bytes.is_empty() {
+            return false;
+        }
+        self.input_bytes += bytes.len();
+        self.input.push_back((seq, bytes));
+        true
+    }
+
     fn current_hello(&self) -> Hello {
         let next_offset = self
             .chunks
@@ -380,23 +435,7 @@ impl ConsoleLink {
     /// bytes when they come again. Call before [`Self::announce_claim`].
     pub fn resume_input(&self, seq: u64, skip: u64) {
         let mut st = self.shared.lock();
-        let seq = seq.max(1);
-        st.expected_seq = seq;
-        st.skip = (skip > 0).then_some((seq, skip));
-        let dropped: usize = st
-            .input
-            .iter()
-            .filter(|(s, _)| *s < seq)
-            .map(|(_, b)| b.len())
-            .sum();
-        st.input.retain(|(s, _)| *s >= seq);
-        st.input_bytes -= dropped;
-        if let Some((_, bytes)) = st.input.front_mut().filter(|(s, _)| *s == seq) {
-            let cut = (skip as usize).min(bytes.len());
-            bytes.drain(..cut);
-            st.input_bytes -= cut;
-            st.skip = None;
-        }
+        st.resume_input(seq, skip);
         let h = st.current_hello();
         st.controls.push_back(ToConsole::Hello(h));
         self.shared.cv.notify_all();
@@ -760,30 +799,9 @@ fn receive(shared: Arc<Shared>, mut reader: FrameReader<BufReader<TcpStream>>, s
             Ok(ToSide::Input { seq, bytes }) => {
                 {
                     let mut st = shared.lock();
-                    if seq < st.expected_seq {
-                        debug!(seq, "console input already received: skipped");
+                    if !st.accept_input(seq, bytes) {
                         continue;
                     }
-                    if seq > st.expected_seq {
-                        warn!(
-                            expected = st.expected_seq,
-                            got = seq,
-                            "console input seqs skip ahead"
-                        );
-                    }
-                    st.expected_seq = seq + 1;
-                    let mut bytes = bytes;
-                    if let Some((at, skip)) = st.skip.take() {
-                        if at == seq {
-                            bytes.drain(..(skip as usize).min(bytes.len()));
-                            debug!(seq, skip, "console input: the guest has its start");
-                        }
-                    }
-                    if bytes.is_empty() {
-                        continue;
-                    }
-                    st.input_bytes += bytes.len();
-                    st.input.push_back((seq, bytes));
                     if st.input_bytes > MAX_INPUT_HELD {
                         warn!("console input is not being taken; dropping the connection");
                         st.broken = true;
@@ -852,6 +870,47 @@ mod tests {
             },
             1 << 20,
         )
+    }
+
+    #[test]
+    fn resuming_input_mid_chunk_drops_what_the_guest_has() {
+        // The chunk is already queued: trimmed at once.
+        let mut st = state();
+        assert!(st.accept_input(1, b"abc".to_vec()));
+        assert!(st.accept_input(2, b"defg".to_vec()));
+        st.resume_input(2, 1);
+        assert_eq!(st.input, VecDeque::from([(2, b"efg".to_vec())]));
+        assert_eq!(st.input_bytes, 3);
+        assert_eq!(st.expected_seq, 2);
+        assert!(!st.accept_input(1, b"abc".to_vec()), "already had");
+
+        // The chunk comes later (the console re-sends it): trimmed then.
+        let mut st = state();
+        st.resume_input(5, 2);
+        assert_eq!(st.current_hello().input_resume_seq, 5);
+        assert!(!st.accept_input(4, b"old".to_vec()));
+        assert!(st.accept_input(5, b"hello".to_vec()));
+        assert!(st.accept_input(6, b"!".to_vec()), "only chunk 5 is trimmed");
+        assert_eq!(
+            st.input,
+            VecDeque::from([(5, b"llo".to_vec()), (6, b"!".to_vec())])
+        );
+
+        // The guest had the whole chunk: nothing of it is queued.
+        let mut st = state();
+        st.resume_input(3, 4);
+        assert!(!st.accept_input(3, b"abcd".to_vec()));
+        assert!(st.accept_input(4, b"e".to_vec()));
+        assert_eq!(st.input_bytes, 1);
+
+        // Seqs that skip ahead are taken (the console renumbered) and the
+        // pending skip, meant for another chunk, is dropped.
+        let mut st = state();
+        st.resume_input(2, 1);
+        assert!(st.accept_input(3, b"xyz".to_vec()));
+        assert_eq!(st.input, VecDeque::from([(3, b"xyz".to_vec())]));
+        assert!(st.accept_input(4, b"w".to_vec()));
+        assert_eq!(st.input.len(), 2);
     }
 
     #[test]
