@@ -1146,6 +1146,76 @@ fn a_client_on_the_lan_talks_to_the_guest_echo_server() {
     );
 }
 
+/// A recording of the guest serving a TCP client replays, with no network
+/// at all, to the same final state: received frames come from the log.
+#[test]
+fn a_recording_with_network_traffic_replays_to_the_same_state() {
+    if !require_net() || !require_kvm() {
+        return;
+    }
+    let _one = serial();
+    let mut w = World::new(&["vm", "client"]);
+    make_tap(w.host("vm").ns(), TAP, Some("br0"));
+    let log = w.dir.path().join("net.log");
+    let args: Vec<OsString> = vec![
+        "record".into(),
+        "--restore".into(),
+        net_snapshot().into(),
+        "--net".into(),
+        net_opt().into(),
+        "--no-stdin".into(),
+        "--log".into(),
+        log.clone().into(),
+    ];
+    w.spawn("vm", "vm", vmft_bin(), &args);
+    let mut tries = 1;
+    while !w.wait_for_server("vm") {
+        assert!(
+            tries < 3,
+            "the guest crashed while starting its server {tries} times"
+        );
+        tries += 1;
+        w.procs.retain(|p| p.name != "vm");
+        w.spawn("vm", "vm", vmft_bin(), &args);
+    }
+    w.start_client("client", Duration::from_millis(20), Some(10));
+    w.wait_for("40 lines echoed", 300, |w| w.client().echoed() >= 40);
+    let s = w.client.as_mut().unwrap().finish(Duration::from_secs(60));
+    w.check(
+        s.problem.is_none() && s.echoed == s.sent,
+        format!("the recorded guest's echo is wrong: {s:?}"),
+    );
+    w.p("vm").signal(libc::SIGTERM);
+    let st = w.wait_exit("vm", 60);
+    let err = w.p("vm").stderr();
+    w.check(st.code() == Some(0), format!("the recording exited {st}"));
+    let recorded = err
+        .lines()
+        .find_map(|l| l.strip_prefix("vmft: final state digest "))
+        .map(str::to_string);
+    w.check(recorded.is_some(), "the recording prints its digest");
+    // The replay needs no tap: only the MAC of the card.
+    let out = Command::new(vmft_bin())
+        .args(["replay", "--net", &net_opt(), "--log"])
+        .arg(&log)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let rerr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let replayed = rerr
+        .lines()
+        .find_map(|l| l.strip_prefix("vmft: final state digest "))
+        .map(str::to_string);
+    w.check(
+        out.status.success() && replayed == recorded,
+        format!("the replay ended otherwise:\n{rerr}"),
+    );
+    println!(
+        "net: record/replay: {} lines echoed while recording; the replay ends in the same state",
+        s.echoed
+    );
+}
+
 /// (b) The pair on the LAN: a client keeps a TCP connection to the
 /// guest's echo server, a line every 50 ms; kill -9 of the primary at a
 /// random moment; the backup goes live with its own tap and the same
