@@ -121,6 +121,9 @@ struct Slot {
 #[derive(Default)]
 pub struct MmioBus {
     slots: Vec<Slot>,
+    /// The slot of the first network card (found once, at `add`: the exit
+    /// path asks for it at every boundary).
+    net: Option<usize>,
 }
 
 impl fmt::Debug for MmioBus {
@@ -144,6 +147,10 @@ impl MmioBus {
     /// Put `dev` in the next slot; returns its window base and line.
     pub fn add(&mut self, dev: Box<dyn MmioDevice>) -> Result<(u64, u8), BusError> {
         let (base, irq) = slot(self.slots.len()).ok_or(BusError::Full { max: IRQS.len() })?;
+        let mut dev = dev;
+        if self.net.is_none() && dev.as_any_mut().is::<MmioTransport<Net>>() {
+            self.net = Some(self.slots.len());
+        }
         self.slots.push(Slot { base, irq, dev });
         Ok((base, irq))
     }
@@ -194,9 +201,11 @@ impl MmioBus {
 
     /// The first network card, if there is one.
     pub fn net_mut(&mut self) -> Option<&mut MmioTransport<Net>> {
-        self.slots
-            .iter_mut()
-            .find_map(|s| s.dev.as_any_mut().downcast_mut::<MmioTransport<Net>>())
+        let i = self.net?;
+        self.slots[i]
+            .dev
+            .as_any_mut()
+            .downcast_mut::<MmioTransport<Net>>()
     }
 
     /// Hand every device's interrupt level to the PIC.

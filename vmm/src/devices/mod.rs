@@ -149,12 +149,13 @@ impl Devices {
     /// A guest MMIO read; `false` if no device is at `addr` (the data is
     /// then all ones, as from an empty bus).
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) -> bool {
-        if !self.mmio.read(addr, data) {
+        // A read changes no interrupt line (virtio's status is cleared by
+        // a write of InterruptACK): nothing to sync.
+        let found = self.mmio.read(addr, data);
+        if !found {
             data.fill(0xff);
-            return false;
         }
-        self.sync_irqs();
-        true
+        found
     }
 
     /// A guest MMIO write; `Ok(false)` if no device is at `addr`.

@@ -130,7 +130,6 @@ impl Vm {
         let Some(frame) = self.door.net_rx(pos, ready)? else {
             return Ok(());
         };
-        let card = self.devices.mmio.net_mut().expect("checked above");
         match card.deliver_rx(&frame, &self.mem) {
             Ok(outcome) => {
                 tracing::trace!(pos, len = frame.len(), ?outcome, "frame received");
