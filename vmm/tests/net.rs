@@ -1072,6 +1072,24 @@ fn ticks_problem_catches_lost_repeated_and_failed_output() {
 
 // ---------------------------------------------------------------- tests with a VM
 
+/// Start `vmft` (with `args`) in the "vm" host and wait for the guest's
+/// echo server; start it again, at most twice, when the guest crashed
+/// while starting it (see [`World::wait_for_server`]).
+fn start_vm(w: &mut World, args: &[OsString]) {
+    w.spawn("vm", "vm", vmft_bin(), args);
+    let mut tries = 1;
+    while !w.wait_for_server("vm") {
+        assert!(
+            tries < 3,
+            "the guest crashed while starting its server {tries} times"
+        );
+        tries += 1;
+        // Dropping the old process kills and reaps it.
+        w.procs.retain(|p| p.name != "vm");
+        w.spawn("vm", "vm", vmft_bin(), args);
+    }
+}
+
 /// (a) A bare `vmft run` on a tap: a client on the LAN talks to the
 /// guest's echo server, numbered lines (some longer than a segment) come
 /// back exactly; SIGTERM stops the monitor cleanly.
@@ -1091,18 +1109,7 @@ fn a_client_on_the_lan_talks_to_the_guest_echo_server() {
         net_opt().into(),
         "--no-stdin".into(),
     ];
-    w.spawn("vm", "vm", vmft_bin(), &args);
-    let mut tries = 1;
-    while !w.wait_for_server("vm") {
-        assert!(
-            tries < 3,
-            "the guest crashed while starting its server {tries} times"
-        );
-        tries += 1;
-        // Dropping the old process kills and reaps it.
-        w.procs.retain(|p| p.name != "vm");
-        w.spawn("vm", "vm", vmft_bin(), &args);
-    }
+    start_vm(&mut w, &args);
     let t0 = Instant::now();
     w.start_client("client", Duration::from_millis(20), Some(10));
     let lines = 100;
@@ -1167,17 +1174,7 @@ fn a_recording_with_network_traffic_replays_to_the_same_state() {
         "--log".into(),
         log.clone().into(),
     ];
-    w.spawn("vm", "vm", vmft_bin(), &args);
-    let mut tries = 1;
-    while !w.wait_for_server("vm") {
-        assert!(
-            tries < 3,
-            "the guest crashed while starting its server {tries} times"
-        );
-        tries += 1;
-        w.procs.retain(|p| p.name != "vm");
-        w.spawn("vm", "vm", vmft_bin(), &args);
-    }
+    start_vm(&mut w, &args);
     w.start_client("client", Duration::from_millis(20), Some(10));
     w.wait_for("40 lines echoed", 300, |w| w.client().echoed() >= 40);
     let s = w.client.as_mut().unwrap().finish(Duration::from_secs(60));
