@@ -223,6 +223,26 @@ pub enum Entry {
         /// End of the released transmit stream.
         offset: u64,
     },
+    /// Data the guest read from a shared disk during exit `pos` (the
+    /// notify that served the request), in the order the device read it:
+    /// the backup cannot read a disk the primary may already have changed,
+    /// so it takes the bytes from here.
+    DiskRead {
+        /// Exit number.
+        pos: u64,
+        /// Index of the disk (its `--disk` order).
+        disk: u8,
+        /// The bytes read.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The primary has written the guest's shared-disk writes up to (not
+    /// including) byte `offset` of the write stream to the disk (the output
+    /// rule); a backup going live writes again from there.
+    DiskReleased {
+        /// End of the released write stream.
+        offset: u64,
+    },
 }
 
 impl Entry {
@@ -241,6 +261,8 @@ impl Entry {
             Entry::Released { .. } => "released",
             Entry::NetRx { .. } => "net-rx",
             Entry::NetReleased { .. } => "net-released",
+            Entry::DiskRead { .. } => "disk-read",
+            Entry::DiskReleased { .. } => "disk-released",
         }
     }
 }

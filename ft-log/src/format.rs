@@ -39,8 +39,9 @@ pub const MAGIC: &[u8; 8] = b"VMFT-LOG";
 /// Format version written and read by this code (2: compressed frames,
 /// page deltas in epochs; 3: the frame CRC covers the length field and
 /// its compressed bit too; 4: console input carries its cursor in the
-/// console's input stream; 5: network frames received and released).
-pub const VERSION: u16 = 5;
+/// console's input stream; 5: network frames received and released; 6:
+/// shared-disk reads and released writes).
+pub const VERSION: u16 = 6;
 /// Largest frame payload accepted, stored and decompressed (an epoch
 /// carries dirty pages). A writer or decoder may use a smaller limit
 /// ([`LogWriter::with_max_frame`], [`Decoder::with_max_frame`]), never a

@@ -451,6 +451,9 @@ fn arb_entry() -> impl Strategy<Value = Entry> {
             }),
         (any::<u64>(), arb_blob(0..1600)).prop_map(|(pos, frame)| Entry::NetRx { pos, frame }),
         any::<u64>().prop_map(|offset| Entry::NetReleased { offset }),
+        (any::<u64>(), any::<u8>(), arb_blob(0..4096))
+            .prop_map(|(pos, disk, data)| Entry::DiskRead { pos, disk, data }),
+        any::<u64>().prop_map(|offset| Entry::DiskReleased { offset }),
         (any::<u64>(), any::<u8>(), arb_fingerprint()).prop_map(|(pos, vector, fingerprint)| {
             Entry::Interrupt {
                 pos,

@@ -202,18 +202,21 @@ pub struct DiskSpec {
     pub path: PathBuf,
     /// The guest may not write it.
     pub read_only: bool,
+    /// Both sides of a pair reach this one image (see
+    /// [`crate::shared_disk`]); otherwise each side has its own copy.
+    pub shared: bool,
 }
 
 impl std::str::FromStr for DiskSpec {
     type Err = String;
 
-    /// `PATH` or `PATH,ro`.
+    /// `PATH`, `PATH,ro`, `PATH,rw` or `PATH,shared`.
     fn from_str(s: &str) -> Result<Self, String> {
         let (path, opts) = match s.rsplit_once(',') {
-            Some((p, o)) if o == "ro" || o == "rw" => (p, Some(o)),
+            Some((p, o)) if ["ro", "rw", "shared"].contains(&o) => (p, Some(o)),
             Some((_, o)) if !o.contains('/') => {
                 return Err(format!(
-                    "unknown disk option {o:?} in {s:?} (PATH, PATH,ro or PATH,rw)"
+                    "unknown disk option {o:?} in {s:?} (PATH, PATH,ro, PATH,rw or PATH,shared)"
                 ))
             }
             _ => (s, None),
@@ -224,6 +227,7 @@ impl std::str::FromStr for DiskSpec {
         Ok(DiskSpec {
             path: PathBuf::from(path),
             read_only: opts == Some("ro"),
+            shared: opts == Some("shared"),
         })
     }
 }
@@ -576,6 +580,9 @@ mod tests {
         let d: DiskSpec = "b,c.img,ro".parse().unwrap();
         assert_eq!((d.path.to_str(), d.read_only), (Some("b,c.img"), true));
         assert!("a.img,shared-ish".parse::<DiskSpec>().is_err());
+        let d: DiskSpec = "a.img,shared".parse().unwrap();
+        assert!(d.shared && !d.read_only);
+        assert!(!"a.img".parse::<DiskSpec>().unwrap().shared);
         assert!(",ro".parse::<DiskSpec>().is_err());
         let cfg = BootConfig {
             kernel: PathBuf::from("k"),

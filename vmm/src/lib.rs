@@ -18,6 +18,7 @@ pub mod netio;
 pub mod nondet;
 pub mod record;
 pub mod replay;
+pub mod shared_disk;
 pub mod snapshot;
 pub mod stats;
 pub mod stop;

@@ -256,6 +256,10 @@ pub enum DoorError {
     /// The side cannot go on (the arbiter refused, the channel failed).
     #[error("{0}")]
     Ft(String),
+    /// This side was fenced off a shared resource by a newer side (a
+    /// shared disk's fence names another live side): it stops itself.
+    #[error("fenced: {0}")]
+    Fenced(String),
     /// The log could not be decoded.
     #[error("log {path}: {source}")]
     Log {
@@ -276,15 +280,20 @@ pub enum DoorError {
 
 impl DoorError {
     /// The exit status vmft ends with for this error: 3 when another side
-    /// is live (a lost claim), 4 for a divergence, 1 for anything else.
+    /// is live (a lost claim), 4 for a divergence, 5 when fenced off a
+    /// shared disk, 1 for anything else.
     pub fn exit_status(&self) -> u8 {
         match self {
             DoorError::LostClaim { .. } => 3,
             DoorError::Divergence { .. } | DoorError::FinalDivergence { .. } => 4,
+            DoorError::Fenced(_) => 5,
             _ => 1,
         }
     }
 }
+
+/// Shared-disk reads logged at one exit, in order: (disk index, data).
+pub type DiskReads = Vec<(u8, Vec<u8>)>;
 
 /// The interface through which every nondeterministic value that the
 /// monitor hands the guest enters the VM (see the module documentation for
@@ -375,6 +384,11 @@ pub trait Recorder {
     /// Log that transmitted frames were written up to `offset` of the
     /// framed transmit stream.
     fn net_released(&mut self, offset: u64) -> Result<(), DoorError>;
+    /// Log data the guest read from shared disk `disk` during exit `pos`.
+    fn disk_read(&mut self, pos: u64, disk: u8, data: Vec<u8>) -> Result<(), DoorError>;
+    /// Log that the shared-disk write stream reached the disk up to
+    /// `offset`.
+    fn disk_released(&mut self, offset: u64) -> Result<(), DoorError>;
     /// Statistics of the recording.
     fn stats(&self) -> crate::record::RecordStats;
 }
@@ -391,6 +405,10 @@ pub trait Replayer {
     /// The log ended and the gate let this side go live: the live door to
     /// run on from here (once; the replay is over).
     fn take_live(&mut self) -> Option<LiveDoor>;
+    /// The shared-disk reads logged at exit `pos`, in order (disk index,
+    /// data); `None` if the door has just gone live (the log ended before
+    /// them: the devices read the disks themselves).
+    fn disk_reads(&mut self, pos: u64) -> Result<Option<DiskReads>, DoorError>;
 }
 
 /// Something from outside the VM for the live door.

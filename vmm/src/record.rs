@@ -334,6 +334,14 @@ impl Recorder for RecordDoor {
         self.write(&Entry::NetReleased { offset }).map(|_| ())
     }
 
+    fn disk_read(&mut self, pos: u64, disk: u8, data: Vec<u8>) -> Result<(), DoorError> {
+        self.write(&Entry::DiskRead { pos, disk, data }).map(|_| ())
+    }
+
+    fn disk_released(&mut self, offset: u64) -> Result<(), DoorError> {
+        self.write(&Entry::DiskReleased { offset }).map(|_| ())
+    }
+
     fn stats(&self) -> RecordStats {
         self.stats.clone()
     }
@@ -454,11 +462,23 @@ pub fn config_hash(src: &VmSource) -> Result<String, ConfigError> {
         }
     }
     // Disks: each one's access and contents (the backup must hold the same
-    // bytes as the primary; separate copies are compared here).
+    // bytes as the primary; separate copies are compared here). A shared
+    // disk is outside the VM: its size only (reads come from the log, and
+    // the image moves on after a recording).
     for d in src.disks() {
         h.update(b"\0disk\0");
-        h.update([d.read_only as u8]);
-        hash_file(&mut h, &d.path)?;
+        h.update([d.read_only as u8, d.shared as u8]);
+        if d.shared {
+            let len = std::fs::metadata(&d.path)
+                .map_err(|source| ConfigError::Read {
+                    path: d.path.display().to_string(),
+                    source,
+                })?
+                .len();
+            h.update(len.to_le_bytes());
+        } else {
+            hash_file(&mut h, &d.path)?;
+        }
     }
     // Network cards: the guest sees their MACs (each side has its own tap).
     for n in src.nets() {

@@ -31,10 +31,11 @@ fn entry_pos(e: &Entry) -> u64 {
         | Entry::Interrupt { pos, .. }
         | Entry::Check { pos, .. }
         | Entry::NetRx { pos, .. }
+        | Entry::DiskRead { pos, .. }
         | Entry::End { pos, .. } => *pos,
         Entry::Epoch(e) => e.pos,
         Entry::EpochPages { pos, .. } => *pos,
-        Entry::Released { .. } | Entry::NetReleased { .. } => 0,
+        Entry::Released { .. } | Entry::NetReleased { .. } | Entry::DiskReleased { .. } => 0,
     }
 }
 
@@ -89,6 +90,7 @@ pub struct ReplayDoor {
     on_released: Option<Box<dyn FnMut(u64) + Send>>,
     /// Told each released transmit-stream offset the log carries.
     on_net_released: Option<Box<dyn FnMut(u64) + Send>>,
+    on_disk_released: Option<Box<dyn FnMut(u64) + Send>>,
     gone_live_at: Option<u64>,
     last_clock_ns: u64,
     /// Where the console's input stream goes on after the input replayed
@@ -131,6 +133,12 @@ impl ReplayDoor {
     /// ([`Entry::NetReleased`]), as soon as it is read.
     pub fn on_net_released(&mut self, f: Box<dyn FnMut(u64) + Send>) {
         self.on_net_released = Some(f);
+    }
+
+    /// Tell `f` every released shared-disk write-stream offset the log
+    /// carries ([`Entry::DiskReleased`]), as soon as it is read.
+    pub fn on_disk_released(&mut self, f: Box<dyn FnMut(u64) + Send>) {
+        self.on_disk_released = Some(f);
     }
 
     /// The exit at which the backup went live, if it did.
@@ -193,6 +201,7 @@ impl ReplayDoor {
             gate: None,
             on_released: None,
             on_net_released: None,
+            on_disk_released: None,
             gone_live_at: None,
             last_clock_ns: 0,
             input_next: None,
@@ -272,6 +281,11 @@ impl ReplayDoor {
                     }
                     Some(Entry::NetReleased { offset }) => {
                         if let Some(f) = self.on_net_released.as_mut() {
+                            f(offset);
+                        }
+                    }
+                    Some(Entry::DiskReleased { offset }) => {
+                        if let Some(f) = self.on_disk_released.as_mut() {
                             f(offset);
                         }
                     }
@@ -584,6 +598,21 @@ impl Replayer for ReplayDoor {
             self.peek()?,
             Some(Item::Entry(Entry::End { pos: p, reason: r, .. })) if *p == pos && r == reason
         ))
+    }
+
+    fn disk_reads(&mut self, pos: u64) -> Result<Option<crate::nondet::DiskReads>, DoorError> {
+        let mut reads = Vec::new();
+        while let Some(e) = self.take_if(pos, |e| matches!(e, Entry::DiskRead { .. }))? {
+            if let Entry::DiskRead { disk, data, .. } = e {
+                reads.push((disk, data));
+            }
+        }
+        // The log ended here and the door went live: the device reads the
+        // disk itself from now on (nothing read at this exit was logged).
+        if reads.is_empty() && self.live_now().is_some() {
+            return Ok(None);
+        }
+        Ok(Some(reads))
     }
 
     fn take_live(&mut self) -> Option<LiveDoor> {

@@ -24,6 +24,8 @@ pub struct Stats {
     pub frames_received: u64,
     /// Network frames the guest transmitted.
     pub frames_sent: u64,
+    /// Bytes of the shared disks' write stream.
+    pub shared_disk_bytes: u64,
     /// Time inside KVM_RUN.
     pub in_guest: Duration,
     /// Time the guest was idle (HLT) waiting for an event.
@@ -45,6 +47,7 @@ impl Default for Stats {
             input_bytes: 0,
             frames_received: 0,
             frames_sent: 0,
+            shared_disk_bytes: 0,
             in_guest: Duration::ZERO,
             idle: Duration::ZERO,
             init_at: None,
@@ -115,6 +118,13 @@ impl Stats {
                 s,
                 "  network frames: {} received, {} sent",
                 self.frames_received, self.frames_sent
+            );
+        }
+        if self.shared_disk_bytes > 0 {
+            let _ = writeln!(
+                s,
+                "  shared-disk write stream: {} bytes",
+                self.shared_disk_bytes
             );
         }
         s

@@ -5,6 +5,10 @@
 //! the same state and the same bytes (no disk data in the log), and a
 //! replay without the disk, or with a disk of other contents, is refused.
 //!
+//! A shared disk (`PATH,shared`) is outside the VM: a recording logs what
+//! the guest read, so its replay needs no particular contents and writes
+//! nothing.
+//!
 //! One boot for the file: a snapshot at the ready marker, taken with a
 //! throwaway blank disk (nothing is written before the ready marker, so a
 //! fresh blank image is the disk as it was at the snapshot).
@@ -139,6 +143,72 @@ fn a_recording_with_a_disk_replays_on_its_own_copy_to_the_same_state_and_bytes()
         .arg(&log)
         .arg("--disk")
         .arg(&a); // a has the blocks written already
+    let out = output_within(cmd, 120);
+    let (_, stderr) = texts(&out);
+    assert!(!out.status.success());
+    assert!(stderr.contains("another VM configuration"), "{stderr}");
+}
+
+#[test]
+fn a_recording_with_a_shared_disk_replays_from_the_log_alone() {
+    if !require_kvm() {
+        return;
+    }
+    let snap = disk_snapshot();
+    let dir = tempfile::tempdir().unwrap();
+    let a = blank_disk(&dir.path().join("shared.img"));
+    let log = dir.path().join("shared.log");
+    let shared = |p: &Path| format!("{},shared", p.display());
+    let mut cmd = vmft();
+    cmd.args(["record", "--no-stdin", "--restore"])
+        .arg(snap)
+        .arg("--disk")
+        .arg(shared(&a))
+        .arg("--log")
+        .arg(&log);
+    let out = output_within(cmd, 600);
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("VMFT-DONE status=0"), "{stdout}");
+    if let Some(p) = disk_problem(&a, MIB) {
+        panic!("the shared image is wrong after the recording: {p}\n{stdout}");
+    }
+    let recorded = digest(&stderr).expect("the recording prints its digest");
+
+    // The image has moved on since (it holds the blocks already), and
+    // another image of that size is blank: either way the replay takes
+    // what the guest read from the log, and writes neither.
+    let after = std::fs::read(&a).unwrap();
+    let b = blank_disk(&dir.path().join("other.img"));
+    for img in [&a, &b] {
+        let before = std::fs::read(img).unwrap();
+        let mut cmd = vmft();
+        cmd.args(["replay", "--log"])
+            .arg(&log)
+            .arg("--disk")
+            .arg(shared(img));
+        let out = output_within(cmd, 600);
+        let (_, stderr) = texts(&out);
+        assert!(
+            out.status.success(),
+            "replay on {} failed:\n{stderr}",
+            img.display()
+        );
+        assert_eq!(digest(&stderr), Some(recorded.clone()), "{stderr}");
+        assert!(
+            std::fs::read(img).unwrap() == before,
+            "the replay wrote to {}",
+            img.display()
+        );
+    }
+    assert!(std::fs::read(&a).unwrap() == after);
+
+    // A separate disk is another configuration: refused.
+    let mut cmd = vmft();
+    cmd.args(["replay", "--log"])
+        .arg(&log)
+        .arg("--disk")
+        .arg(&b);
     let out = output_within(cmd, 120);
     let (_, stderr) = texts(&out);
     assert!(!out.status.success());

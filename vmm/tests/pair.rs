@@ -1037,6 +1037,101 @@ fn with_separate_disks_kill_9_of_the_primary_loses_no_write() {
 }
 
 #[test]
+fn with_a_shared_disk_a_paused_primary_is_fenced_and_no_write_is_lost() {
+    if !require_kvm() {
+        return;
+    }
+    let _one = serial();
+    let seed = seed("VMFT_PAIR_SEED");
+    let mut rng = Rng(seed ^ 0x5ade);
+    let dir = tempfile::tempdir().unwrap();
+    let img = blank_disk(&dir.path().join("shared.img"));
+    let shared: OsString = format!("{},shared", img.display()).into();
+    let mut c = Cluster::start(Opts {
+        guest: Guest::Restore(disk_snapshot()),
+        primary_args: vec!["--disk".into(), shared.clone()],
+        backup_args: vec!["--disk".into(), shared],
+        timeout_ms: 1500,
+        ..Opts::default()
+    });
+    c.start_primary();
+    // Pause while it writes or while it reads back (2 lines per MiB).
+    let k = rng.range(1, 2 * DISK_MIB - 1) as usize;
+    let disk_lines = |c: &Cluster| -> Vec<String> {
+        c.console
+            .stdout_lines()
+            .into_iter()
+            .map(|(_, l)| l)
+            .filter(|l| l.starts_with("disk "))
+            .collect()
+    };
+    c.wait_for(&format!("{k} disk lines on the console"), 300, |c| {
+        disk_lines(c).len() >= k
+    });
+    c.primary().signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    c.wait_for(
+        "the backup to go live while the primary is stopped",
+        120,
+        |c| c.backup.stderr().contains("claim won: the backup is LIVE"),
+    );
+    // The backup owns the disk now: the fence names it.
+    let fence = std::fs::read_to_string(format!("{}.vmft-fence", img.display())).unwrap();
+    c.check(
+        fence.contains("backup:"),
+        format!("after the takeover the fence holds {fence:?}, not the backup"),
+    );
+    // Let the live backup write for a while before the primary wakes up
+    // holding writes it believes acknowledged.
+    c.wait_for(
+        "a new disk line from the live backup, 5 s stopped",
+        300,
+        |c| stopped.elapsed() >= Duration::from_secs(5) && disk_lines(c).len() > k,
+    );
+    c.primary().signal(libc::SIGCONT);
+    let st = c.wait_exit(Who::Primary, 120);
+    let err = c.primary().stderr();
+    c.check(
+        matches!(st.code(), Some(3) | Some(5)),
+        format!("the woken primary exited {st}, not 3 (lost the claim) or 5 (fenced)"),
+    );
+    c.check(
+        !err.contains("claim won"),
+        "the woken primary claims to have won",
+    );
+    let st = c.wait_exit(Who::Console, 300);
+    c.check(st.code() == Some(0), format!("the console exited {st}"));
+    let lines = disk_lines(&c);
+    let mut want: Vec<String> = (1..=DISK_MIB)
+        .map(|m| format!("disk {m} written"))
+        .collect();
+    want.extend((1..=DISK_MIB).map(|m| format!("disk {m} sum=")));
+    want.push(format!("disk done mib={DISK_MIB} sum="));
+    c.check(
+        lines.len() == want.len()
+            && lines
+                .iter()
+                .zip(&want)
+                .all(|(l, w)| l.starts_with(w.as_str())),
+        format!("the console's disk lines are not each once, in order: {lines:?}"),
+    );
+    if let Some(problem) = disk_problem(&img, DISK_MIB) {
+        c.check(false, format!("the shared disk is wrong: {problem}"));
+    }
+    let st = c.wait_exit(Who::Backup, 60);
+    c.check(st.success(), format!("the backup exited {st}"));
+    println!(
+        "pair: shared disk: the primary paused after {k} lines, woke up and stopped ({}); \
+         the disk holds all {DISK_MIB} MiB",
+        if err.contains("fenced") {
+            "fenced"
+        } else {
+            "lost the claim"
+        }
+    );
+}
+
+#[test]
 fn kill_9_of_the_backup_the_primary_wins_and_finishes() {
     if !require_kvm() {
         return;

@@ -94,6 +94,7 @@ fn run_to(cfg: &BootConfig, ft: FtMode, console: Box<dyn io::Write + Send>) -> O
         cfg,
         RunOptions {
             net: None,
+            shared_disk: None,
             ft,
             snapshot_on_ready: None,
             console_in: None,
@@ -164,6 +165,7 @@ fn disk(mib: u64) {
         cfg.disks = vec![vmm::boot::DiskSpec {
             path: img,
             read_only: false,
+            shared: false,
         }];
         let lines = Lines::default();
         let ft = if recorded {

@@ -154,9 +154,17 @@ pub fn ft(args: FtArgs, stop: StopHandle) -> Result<u8> {
     let mut vm_args: Vec<String> = Vec::new();
     // Separate disks (VMware FT's default): the backup gets its own copy,
     // next to the original, and executes the same reads and writes on it.
+    // A shared disk is the same image for both sides.
     let mut primary_disks: Vec<String> = Vec::new();
     let mut backup_disks: Vec<String> = Vec::new();
     for d in &args.boot.disks {
+        if d.shared {
+            // One image for both: only the live side writes it.
+            let arg = format!("{},shared", d.path.display());
+            primary_disks.extend(["--disk".into(), arg.clone()]);
+            backup_disks.extend(["--disk".into(), arg]);
+            continue;
+        }
         let mut copy = d.path.clone().into_os_string();
         copy.push(".vmft-backup");
         let copy = PathBuf::from(copy);

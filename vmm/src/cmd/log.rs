@@ -53,11 +53,14 @@ pub fn show_log(args: LogArgs) -> Result<()> {
                 | Entry::Interrupt { pos, .. }
                 | Entry::Check { pos, .. }
                 | Entry::NetRx { pos, .. }
+                | Entry::DiskRead { pos, .. }
                 | Entry::End { pos, .. } => (*pos, *pos),
                 Entry::Epoch(e) => (e.pos, e.pos),
                 Entry::EpochPages { pos, .. } => (*pos, *pos),
                 // Not tied to an exit: shown with any range.
-                Entry::Released { .. } | Entry::NetReleased { .. } => (args.from, args.from),
+                Entry::Released { .. } | Entry::NetReleased { .. } | Entry::DiskReleased { .. } => {
+                    (args.from, args.from)
+                }
             };
             if hi < args.from || lo > args.to {
                 continue;

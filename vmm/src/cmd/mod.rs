@@ -40,9 +40,11 @@ pub struct BootArgs {
     /// (the default initramfs's; any name with --initrd).
     #[arg(long, default_value = DEFAULT_WORKLOAD)]
     pub workload: String,
-    /// A disk for the guest: a raw image, PATH or PATH,ro (repeat for more;
-    /// the first is /dev/vda). Under FT each side has its own identical copy.
-    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    /// A disk for the guest: a raw image, PATH, PATH,ro or PATH,shared
+    /// (repeat for more; the first is /dev/vda). Under FT each side has its
+    /// own identical copy, or, shared, both reach one image: only the live
+    /// side writes it, writes wait for the backup's ack, reads are logged.
+    #[arg(long = "disk", value_name = "PATH[,ro|,shared]")]
     pub disks: Vec<vmm::boot::DiskSpec>,
     /// A network card on the host tap device NAME (it must exist, on a
     /// bridge; vmft brings it up), with the guest's MAC (default

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use ft_log::channel::{load_token_file, BackupListener, ChannelConfig, PrimaryLink};
+use ft_log::channel::{load_token_file, BackupListener, ChannelConfig, PrimaryHandle, PrimaryLink};
 use vmm::console::{read_token_file, ConsoleLink, Hello, Role as ConsoleRole};
 use vmm::ft::claim::{ArbiterAddr, Claimant};
 use vmm::ft::console_side::ConsoleSide;
@@ -25,6 +25,7 @@ use vmm::ft::pair::{BackupHooks, ChannelSink, OnWon, PrimaryHooks, PrimaryStats,
 use vmm::nondet::InputSource;
 use vmm::record::{config_hash, log_header, recorder_id, VmSource};
 use vmm::replay::ReplayDoor;
+use vmm::shared_disk::{Fences, SharedDisks};
 use vmm::stop::StopHandle;
 use vmm::stop::StopReason;
 use vmm::vm::{AfterTakeover, FtMode, LogSink, RunOptions, Vm};
@@ -168,6 +169,37 @@ fn channel_config(pair: &PairArgs, secret: Vec<u8>, hash: String) -> ChannelConf
     )
 }
 
+/// How a held output stream learns that the backup has the log up to a
+/// barrier. A backup that is gone acknowledges nothing more: the waiter
+/// sleeps until the claim's outcome turns the release mode Free or Halt.
+fn ack_waiter(handle: &PrimaryHandle) -> Box<dyn Fn(u64, Duration) -> bool + Send> {
+    let acks = handle.clone();
+    Box::new(move |barrier, t| match acks.wait_acked(barrier, t) {
+        Ok(acked) => acked,
+        Err(_) => {
+            std::thread::sleep(t);
+            false
+        }
+    })
+}
+
+/// The shared disks of `source`, if it has any, with their fences for a
+/// side of `generation` named `me`.
+fn shared_disks(
+    source: &VmSource,
+    generation: u64,
+    me: &str,
+) -> Result<Option<(SharedDisks, Fences)>> {
+    let disks = SharedDisks::open(source.disks()).context("cannot open the shared disk")?;
+    if !disks.any() {
+        return Ok(None);
+    }
+    let fences = disks
+        .fences(generation, me)
+        .context("cannot open the shared disk's fence")?;
+    Ok(Some((disks, fences)))
+}
+
 fn stdout_release() -> Box<dyn Release> {
     Box::new(ToWriter(io::stdout()))
 }
@@ -201,6 +233,11 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     let dropped = Arc::new(AtomicBool::new(false));
     let unprotected = dropped.clone();
     let claimant = Claimant::new(pair.arbiter.clone(), arbiter_token(&pair)?, "primary")?;
+    let shared = shared_disks(&source, generation, &claimant.identity())?;
+    if let Some((_, fences)) = &shared {
+        // Sides of older pairs may no longer write.
+        fences.join().context("cannot use the shared disk")?;
+    }
     let console = console_side(
         &pair,
         generation,
@@ -213,40 +250,27 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
             s.request(StopReason::Escape);
         });
     }
-    let acks = handle.clone();
     let release: Box<dyn Release> = match &console {
         Some(c) => Box::new(c.clone()),
         None => stdout_release(),
     };
-    let held = HeldOutput::start(
-        0,
-        release,
-        Box::new(move |barrier, t| match acks.wait_acked(barrier, t) {
-            Ok(acked) => acked,
-            // The backup is gone: wait for the claim's outcome (the mode
-            // turns Free or Halt) without spinning.
-            Err(_) => {
-                std::thread::sleep(t);
-                false
-            }
-        }),
-    );
+    let held = HeldOutput::start(0, release, ack_waiter(&handle));
     // Frames the guest transmits are outputs too: held like console output.
-    let net_held = match tap {
-        Some(tap) => {
-            let acks = handle.clone();
-            let held = HeldOutput::start(
-                0,
-                Box::new(vmm::netio::TapSink::new(tap.clone())),
-                Box::new(move |barrier, t| match acks.wait_acked(barrier, t) {
-                    Ok(acked) => acked,
-                    Err(_) => {
-                        std::thread::sleep(t);
-                        false
-                    }
-                }),
-            );
-            Some((tap, held))
+    let net_held = tap.map(|tap| {
+        let held = HeldOutput::start(
+            0,
+            Box::new(vmm::netio::TapSink::new(tap.clone())),
+            ack_waiter(&handle),
+        );
+        (tap, held)
+    });
+    // So are its writes to shared disks, behind the disks' fences.
+    let disk_held = match shared {
+        Some((disks, fences)) => {
+            let sink = disks.sink_fenced(fences.clone());
+            let fenced = sink.fenced_flag();
+            let held = HeldOutput::start(0, Box::new(sink), ack_waiter(&handle));
+            Some((disks, fences, fenced, held))
         }
         None => None,
     };
@@ -267,6 +291,9 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     if let Some((_, held)) = &net_held {
         hooks = hooks.with_net(held.clone());
     }
+    if let Some((_, fences, _, held)) = &disk_held {
+        hooks = hooks.with_shared_disks(held.clone(), fences.clone());
+    }
     let (console_in, _raw) = match &console {
         Some(c) => (Some(Box::new(c.input()) as Box<dyn InputSource>), None),
         None => console_input(pair.no_stdin, &stop),
@@ -276,8 +303,17 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
         out: Box::new(held.capture()),
         live_out: None,
     });
+    let shared_disk = disk_held
+        .as_ref()
+        .map(|(disks, _, fenced, held)| vmm::vm::SharedDiskIo {
+            disks: disks.clone(),
+            out: Box::new(held.capture()),
+            live_out: None,
+            fenced: Some(fenced.clone()),
+        });
     let opts = RunOptions {
         net,
+        shared_disk,
         ft: FtMode::Record {
             log: LogSink::Stream {
                 sink: Box::new(ChannelSink::new(link.clone(), dropped)),
@@ -300,6 +336,9 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     if let Some((_, h)) = &net_held {
         h.mark(handle.sent());
     }
+    if let Some((_, _, _, h)) = &disk_held {
+        h.mark(handle.sent());
+    }
     // A clean end closes the channel with End (the backup replays to the
     // end entry and stops); after an error the link is dropped without End,
     // so the backup takes over.
@@ -315,6 +354,14 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
         if !h.drain(Duration::from_secs(30)) {
             eprintln!(
                 "vmft: warning: some transmitted frames were never acknowledged by the backup"
+            );
+        }
+    }
+    if let (Ok(_), Some((_, _, _, h))) = (&result, &disk_held) {
+        if !h.drain(Duration::from_secs(30)) {
+            eprintln!(
+                "vmft: warning: some shared-disk writes were never acknowledged by the backup \
+                 (the backup writes them if it goes live)"
             );
         }
     }
@@ -419,6 +466,7 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
     let t = tail.clone();
     door.on_released(Box::new(move |off| t.set_released(off)));
     let claimant = Claimant::new(pair.arbiter.clone(), arbiter_token(&pair)?, "backup")?;
+    let claimant_id = claimant.identity();
     let console = console_side(&pair, generation, ConsoleRole::Backup, &claimant.identity())?;
     if let Some(c) = &console {
         let s = stop.clone();
@@ -442,6 +490,27 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
         }
         None => (stdout_release(), None),
     };
+    // Shared disks: the primary's writes not known to be written, kept;
+    // written (behind the fences, claimed first) if this side goes live.
+    let disk_tail = match shared_disks(&source, generation, &claimant_id)? {
+        Some((disks, fences)) => {
+            let tail = OutputTail::new(0);
+            let t = tail.clone();
+            door.on_disk_released(Box::new(move |off| t.set_released(off)));
+            let sink = disks.sink_fenced(fences.clone());
+            let fenced = sink.fenced_flag();
+            Some((disks, fences, sink, fenced, tail))
+        }
+        None => None,
+    };
+    let shared_disk = disk_tail
+        .as_ref()
+        .map(|(disks, _, _, fenced, tail)| vmm::vm::SharedDiskIo {
+            disks: disks.clone(),
+            out: Box::new(tail.clone()),
+            live_out: None,
+            fenced: Some(fenced.clone()),
+        });
     let net_tail = match tap {
         Some(tap) => {
             let tail = OutputTail::new(0);
@@ -452,6 +521,8 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
         None => None,
     };
     let mut takeover = TakeOver {
+        disk: disk_tail
+            .map(|(_, fences, sink, _, tail)| (tail, Box::new(sink) as Box<dyn Release>, fences)),
         net: net_tail.as_ref().map(|(tap, tail)| {
             (
                 tail.clone(),
@@ -478,6 +549,7 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
     });
     let opts = RunOptions {
         net,
+        shared_disk,
         ft: FtMode::Replay {
             door: Box::new(door),
             go_live: true,

@@ -54,6 +54,7 @@ pub fn record(args: RecordArgs, stop: StopHandle) -> Result<()> {
     let net = super::live_net(source.nets())?;
     let opts = RunOptions {
         net,
+        shared_disk: None,
         ft: FtMode::Record {
             log: LogSink::File(args.log.clone()),
             header,

@@ -160,6 +160,7 @@ pub fn replay(args: ReplayArgs, stop: StopHandle) -> Result<()> {
     };
     let opts = RunOptions {
         net,
+        shared_disk: None,
         ft: FtMode::Replay {
             then: AfterTakeover::Live,
             door: Box::new(door),

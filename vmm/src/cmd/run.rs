@@ -40,6 +40,7 @@ pub fn run(args: RunArgs, stop: StopHandle) -> Result<()> {
     let net = super::live_net(&nets)?;
     let opts = RunOptions {
         net,
+        shared_disk: None,
         ft: FtMode::Live,
         snapshot_on_ready: args.snapshot_on_ready.clone(),
         console_in,

@@ -24,7 +24,8 @@ use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
 use super::pic::Pic;
-use super::virtio::{MmioError, MmioTransport, Net, VirtioDevice, MMIO_WINDOW};
+use super::virtio::{Block, MmioError, MmioTransport, Net, VirtioDevice, MMIO_WINDOW};
+use crate::shared_disk::SharedView;
 use crate::snapshot::{Decoder, Encoder, SnapshotError};
 
 /// Guest-physical address of the first device window.
@@ -124,6 +125,8 @@ pub struct MmioBus {
     /// The slot of the first network card (found once, at `add`: the exit
     /// path asks for it at every boundary).
     net: Option<usize>,
+    /// The slots of shared disks (found at `add`).
+    shared: Vec<usize>,
 }
 
 impl fmt::Debug for MmioBus {
@@ -150,6 +153,11 @@ impl MmioBus {
         let mut dev = dev;
         if self.net.is_none() && dev.as_any_mut().is::<MmioTransport<Net>>() {
             self.net = Some(self.slots.len());
+        }
+        if let Some(b) = dev.as_any_mut().downcast_mut::<MmioTransport<Block>>() {
+            if b.device_mut().shared_view().is_some() {
+                self.shared.push(self.slots.len());
+            }
         }
         self.slots.push(Slot { base, irq, dev });
         Ok((base, irq))
@@ -206,6 +214,26 @@ impl MmioBus {
             .dev
             .as_any_mut()
             .downcast_mut::<MmioTransport<Net>>()
+    }
+
+    /// The views of the shared disks, in `--disk` order.
+    pub fn shared_views(&mut self) -> impl Iterator<Item = &mut SharedView> {
+        let shared = &self.shared;
+        self.slots
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| shared.contains(i))
+            .filter_map(|(_, s)| {
+                s.dev
+                    .as_any_mut()
+                    .downcast_mut::<MmioTransport<Block>>()
+                    .and_then(|b| b.device_mut().shared_view())
+            })
+    }
+
+    /// Whether a disk is shared.
+    pub fn has_shared(&self) -> bool {
+        !self.shared.is_empty()
     }
 
     /// Hand every device's interrupt level to the PIC.

@@ -26,8 +26,9 @@ use ft_log::InputCursor;
 use super::claim::Claimant;
 use super::console_side::{ConsoleSide, InputConfirmer};
 use super::output::{HeldOutput, OutputTail, Release, ReleaseMode, MAX_HELD};
-use crate::nondet::{Door, DoorError};
+use crate::nondet::{Door, DoorError, Recorder};
 use crate::replay::LogEnd;
+use crate::shared_disk::Fences;
 use crate::vm::PairHooks;
 
 /// Note on stderr, prefixed like every vmft message.
@@ -114,10 +115,53 @@ pub struct PrimaryHooks {
     sample_at: Instant,
     console: Option<ConsoleSide>,
     inputs: InputConfirmer,
-    /// The guest's transmitted frames, held like console output.
-    net: Option<HeldOutput>,
-    logged_net_released: u64,
-    last_net_entry: Instant,
+    /// Outputs besides the console (transmitted frames, shared-disk
+    /// writes), held like console output.
+    streams: Vec<HeldStream>,
+    /// The shared disks' fences, claimed when this side wins the VM.
+    fences: Option<Fences>,
+}
+
+/// What a held stream is: says which entry logs how far it was released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamKind {
+    Net,
+    Disk,
+}
+
+/// An output stream besides the console, held for the output rule.
+struct HeldStream {
+    kind: StreamKind,
+    held: HeldOutput,
+    /// The released offset last logged.
+    logged: u64,
+    last_entry: Instant,
+}
+
+impl HeldStream {
+    fn new(kind: StreamKind, held: HeldOutput) -> Self {
+        HeldStream {
+            kind,
+            held,
+            logged: 0,
+            last_entry: Instant::now(),
+        }
+    }
+
+    /// Log how far the stream was released (at most every 20 ms): a
+    /// takeover re-sends from there.
+    fn log_released(&mut self, door: &mut dyn Recorder) -> Result<(), DoorError> {
+        let sent = self.held.released();
+        if sent > self.logged && self.last_entry.elapsed() >= Duration::from_millis(20) {
+            match self.kind {
+                StreamKind::Net => door.net_released(sent)?,
+                StreamKind::Disk => door.disk_released(sent)?,
+            }
+            self.logged = sent;
+            self.last_entry = Instant::now();
+        }
+        Ok(())
+    }
 }
 
 impl PrimaryHooks {
@@ -148,9 +192,8 @@ impl PrimaryHooks {
             sample_at: Instant::now(),
             console: None,
             inputs: InputConfirmer::default(),
-            net: None,
-            logged_net_released: 0,
-            last_net_entry: Instant::now(),
+            streams: Vec::new(),
+            fences: None,
         }
     }
 
@@ -158,14 +201,24 @@ impl PrimaryHooks {
     /// [`crate::netio`]) are held in `net` until the backup acknowledged
     /// the log behind them, as console output is.
     pub fn with_net(mut self, net: HeldOutput) -> Self {
-        self.net = Some(net);
+        self.streams.push(HeldStream::new(StreamKind::Net, net));
+        self
+    }
+
+    /// The guest's writes to shared disks (the write stream of
+    /// [`crate::shared_disk`]) are held in `disk` until the backup
+    /// acknowledged the log behind them; `fences` are claimed if this
+    /// side wins the VM after its backup failed.
+    pub fn with_shared_disks(mut self, disk: HeldOutput, fences: Fences) -> Self {
+        self.streams.push(HeldStream::new(StreamKind::Disk, disk));
+        self.fences = Some(fences);
         self
     }
 
     fn set_release_mode(&self, mode: ReleaseMode) {
         self.held.set_mode(mode);
-        if let Some(n) = &self.net {
-            n.set_mode(mode);
+        for s in &self.streams {
+            s.held.set_mode(mode);
         }
     }
 
@@ -194,6 +247,13 @@ impl PrimaryHooks {
         match decision {
             Decision::Won => {
                 self.dropped.store(true, Ordering::Release);
+                // Shared disks: fence the backup off before writing freely.
+                if let Some(f) = &self.fences {
+                    if let Err(e) = f.claim() {
+                        self.set_release_mode(ReleaseMode::Halt);
+                        return Err(DoorError::Fenced(e.to_string()));
+                    }
+                }
                 self.set_release_mode(ReleaseMode::Free);
                 self.protection = Protection::Unprotected;
                 note("claim won: the VM continues here, UNPROTECTED (no backup)");
@@ -225,8 +285,8 @@ impl PairHooks for PrimaryHooks {
             if self.held.has_unmarked() {
                 self.held.mark(0);
             }
-            if let Some(net) = self.net.as_ref().filter(|n| n.has_unmarked()) {
-                net.mark(0);
+            for s in self.streams.iter().filter(|s| s.held.has_unmarked()) {
+                s.held.mark(0);
             }
             if let Some(console) = &self.console {
                 console.confirm_logged(door.input_logged());
@@ -235,9 +295,9 @@ impl PairHooks for PrimaryHooks {
         }
         self.handle.set_position(pos);
         // The output rule: output of this exit waits for the log through it.
-        if let Some(net) = self.net.as_ref().filter(|n| n.has_unmarked()) {
+        for s in self.streams.iter().filter(|s| s.held.has_unmarked()) {
             let barrier = door.barrier()?;
-            net.mark(barrier);
+            s.held.mark(barrier);
         }
         if self.held.has_unmarked() {
             let barrier = door.barrier()?;
@@ -273,16 +333,9 @@ impl PairHooks for PrimaryHooks {
             self.logged_released = released;
             self.last_released_entry = Instant::now();
         }
-        // Likewise for frames: a takeover re-sends from there.
-        if let Some(net) = &self.net {
-            let sent = net.released();
-            if sent > self.logged_net_released
-                && self.last_net_entry.elapsed() >= Duration::from_millis(20)
-            {
-                door.net_released(sent)?;
-                self.logged_net_released = sent;
-                self.last_net_entry = Instant::now();
-            }
+        // Likewise for frames and shared-disk writes.
+        for s in &mut self.streams {
+            s.log_released(door)?;
         }
         if let PeerState::Failed { reason } = self.handle.peer_state() {
             return self.backup_failed(&reason);
@@ -373,6 +426,10 @@ pub struct TakeOver {
     /// The backup's copy of transmitted frames not known to be sent, and
     /// its own tap to send them on once live.
     pub net: Option<(OutputTail, Box<dyn Release>)>,
+    /// The backup's copy of shared-disk writes not known to be written,
+    /// the sink that writes them once live, and the disks' fences (claimed
+    /// first, so a primary that wakes up can no longer write).
+    pub disk: Option<(OutputTail, Box<dyn Release>, Fences)>,
 }
 
 /// Told, once the backup won its claim, where the console's input stream
@@ -405,6 +462,18 @@ impl TakeOver {
         let decision = claim(&mut self.claimant, &self.vm, self.generation)?;
         match decision {
             Decision::Won => {
+                if let Some((tail, sink, fences)) = self.disk.take() {
+                    fences
+                        .claim()
+                        .map_err(|e| DoorError::Fenced(e.to_string()))?;
+                    let from = tail
+                        .go_live(sink)
+                        .map_err(|e| DoorError::Ft(format!("writing shared-disk writes: {e}")))?;
+                    tracing::info!(
+                        from,
+                        "shared-disk writes the primary may not have made written"
+                    );
+                }
                 if let Some(f) = self.on_won.take() {
                     f(end.input_next);
                 }

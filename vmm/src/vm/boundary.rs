@@ -7,9 +7,11 @@ use std::io::Write;
 use std::time::Instant;
 
 use super::{Vm, VmError};
+use crate::devices::mmio::MmioBus;
 use crate::devices::serial::ConsoleEvent;
 use crate::memory::memory_digest;
-use crate::nondet::Mode;
+use crate::nondet::{Door, DoorError, Mode};
+use crate::shared_disk::ViewMode;
 use crate::vcpu::fingerprint;
 
 impl Vm {
@@ -162,6 +164,107 @@ impl Vm {
             }
         }
         Ok(())
+    }
+
+    /// Replaying, before an MMIO write (a notify may read a shared disk):
+    /// hand the shared disks' views the bytes the primary read at `pos`.
+    /// If the door goes live here instead, the views read the images.
+    pub(super) fn supply_disk_reads(
+        bus: &mut MmioBus,
+        door: &mut dyn Door,
+        pos: u64,
+    ) -> Result<(), VmError> {
+        if !bus.has_shared() {
+            return Ok(());
+        }
+        let Some(replayer) = door.replayer() else {
+            return Ok(());
+        };
+        match replayer.disk_reads(pos)? {
+            Some(reads) => {
+                let mut views: Vec<_> = bus.shared_views().collect();
+                for (disk, data) in reads {
+                    match views.iter_mut().find(|v| v.disk() == disk) {
+                        Some(v) => v.supply(data),
+                        None => {
+                            return Err(DoorError::Divergence {
+                                exit: pos,
+                                primary: format!("read {} bytes of shared disk {disk}", data.len()),
+                                backup: "has no such shared disk".into(),
+                            }
+                            .into())
+                        }
+                    }
+                }
+            }
+            None => {
+                for v in bus.shared_views() {
+                    v.set_mode(ViewMode::Direct);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After an MMIO write: the shared disks' reads go to the log
+    /// (recording), their writes to the write stream; replaying, a read
+    /// the log did not hold is a divergence.
+    pub(super) fn shared_disk_io(&mut self, pos: u64) -> Result<(), VmError> {
+        if !self.devices.mmio.has_shared() {
+            return Ok(());
+        }
+        let mut reads = Vec::new();
+        let mut writes = Vec::new();
+        let mut divergence = None;
+        for v in self.devices.mmio.shared_views() {
+            for data in v.take_reads() {
+                reads.push((v.disk(), data));
+            }
+            writes.extend(v.take_writes());
+            if divergence.is_none() {
+                divergence = v.take_divergence();
+            }
+        }
+        if let Some(backup) = divergence {
+            return Err(DoorError::Divergence {
+                exit: pos,
+                primary: "logged the shared-disk reads of this exit".into(),
+                backup,
+            }
+            .into());
+        }
+        if !reads.is_empty() {
+            let Some(rec) = self.door.recorder() else {
+                return Err(VmError::Devices(
+                    "a shared disk kept reads for a log, but this VM does not record".into(),
+                ));
+            };
+            for (disk, data) in reads {
+                rec.disk_read(pos, disk, data)?;
+            }
+        }
+        if !writes.is_empty() {
+            self.stats.shared_disk_bytes += writes.len() as u64;
+            if let Some(sd) = self.shared_disk.as_mut() {
+                sd.out
+                    .write_all(&writes)
+                    .map_err(|e| VmError::Devices(format!("shared-disk write stream: {e}")))?;
+            }
+        }
+        self.check_fence()
+    }
+
+    /// Stop if this side was fenced off a shared disk (exit status 5).
+    pub(super) fn check_fence(&self) -> Result<(), VmError> {
+        match self
+            .shared_disk
+            .as_ref()
+            .and_then(|s| s.fenced.as_ref())
+            .and_then(|f| f.get())
+        {
+            Some(why) => Err(DoorError::Fenced(why).into()),
+            None => Ok(()),
+        }
     }
 
     /// The boundary after a guest-caused exit (or any stop, live).

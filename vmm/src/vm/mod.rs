@@ -44,6 +44,7 @@ use crate::memory::decode_memory;
 use crate::nondet::{Door, DoorError, ExitCounter, LiveDoor, Position, PositionSource};
 use crate::record::{RecordDoor, RecordStats};
 use crate::replay::ReplayDoor;
+use crate::shared_disk::{FencedFlag, ReleaseNow, SharedDisks, ViewMode};
 use crate::snapshot::{self, Decoder, SnapshotError};
 use crate::stats::Stats;
 use crate::stop::StopHandle;
@@ -281,6 +282,44 @@ pub struct RunOptions {
     pub pair: Option<Box<dyn PairHooks>>,
     /// The host side of the network card, if the VM has one.
     pub net: Option<NetIo>,
+    /// The host side of the shared disks. `None`: built from the disk
+    /// list, writing the images directly (or, replaying, only once live).
+    pub shared_disk: Option<SharedDiskIo>,
+}
+
+/// The host side of the shared disks (see [`crate::shared_disk`]).
+pub struct SharedDiskIo {
+    /// The shared disks, opened.
+    pub disks: SharedDisks,
+    /// Where the write stream goes: the images when live, held for the
+    /// output rule on a primary, kept for a takeover on a backup.
+    pub out: Box<dyn Write + Send>,
+    /// Switched to at a takeover, if `out` does not switch by itself.
+    pub live_out: Option<Box<dyn Write + Send>>,
+    /// Set when the sink was fenced off: the run stops (exit status 5).
+    pub fenced: Option<FencedFlag>,
+}
+
+impl SharedDiskIo {
+    /// Shared disks written directly by this process; replaying, written
+    /// only from a takeover on.
+    pub fn direct(disks: SharedDisks, replaying: bool) -> Self {
+        let sink = || Box::new(ReleaseNow::new(disks.sink(Vec::new()))) as Box<dyn Write + Send>;
+        let (out, live_out) = if replaying {
+            (
+                Box::new(std::io::sink()) as Box<dyn Write + Send>,
+                Some(sink()),
+            )
+        } else {
+            (sink(), None)
+        };
+        SharedDiskIo {
+            disks,
+            out,
+            live_out,
+            fenced: None,
+        }
+    }
 }
 
 /// The host side of a network card.
@@ -330,6 +369,8 @@ pub struct Vm {
     net: Option<NetIo>,
     /// The MAC of the network card (announced at a takeover).
     net_mac: Option<[u8; 6]>,
+    /// The shared disks' host side.
+    shared_disk: Option<SharedDiskIo>,
     epoch_pages: EpochPages,
     clock_start: Instant,
     clock_base_ns: u64,
@@ -439,6 +480,7 @@ impl Vm {
             live_console,
             net_mac,
             net: opts.net,
+            shared_disk: opts.shared_disk,
             epoch_pages: EpochPages::default(),
             vmfd,
             clock_start: Instant::now(),
@@ -455,8 +497,24 @@ impl Vm {
         })
     }
 
+    /// The shared disks' host side: as given, or opened from `disks`.
+    fn open_shared_disks(disks: &[DiskSpec], opts: &mut RunOptions) -> Result<(), VmError> {
+        if opts.shared_disk.is_none() && disks.iter().any(|d| d.shared) {
+            let opened = SharedDisks::open(disks).map_err(|e| VmError::Devices(e.to_string()))?;
+            let replaying = matches!(opts.ft, FtMode::Replay { .. });
+            opts.shared_disk = Some(SharedDiskIo::direct(opened, replaying));
+        }
+        Ok(())
+    }
+
     /// The MMIO devices for `disks`, in order.
-    fn mmio_bus(disks: &[DiskSpec], nets: &[NetSpec], mem_mib: u64) -> Result<MmioBus, VmError> {
+    fn mmio_bus(
+        disks: &[DiskSpec],
+        nets: &[NetSpec],
+        mem_mib: u64,
+        shared: Option<&SharedDiskIo>,
+        mode: ViewMode,
+    ) -> Result<MmioBus, VmError> {
         let mut bus = MmioBus::new();
         if (!disks.is_empty() || !nets.is_empty())
             && (mem_mib << 20) > crate::devices::mmio::MAX_RAM_BYTES
@@ -472,7 +530,18 @@ impl Vm {
                 detail,
             };
             let id = format!("vmft-disk{i}");
-            let block = Block::open(&d.path, d.read_only, id.as_bytes()).map_err(|e| match e {
+            let view = match shared {
+                Some(s) if d.shared => s.disks.view(i).map_err(|e| err(e.to_string()))?,
+                _ => None,
+            };
+            let block = match view {
+                Some(mut view) => {
+                    view.set_mode(mode);
+                    Block::shared(view, id.as_bytes())
+                }
+                None => Block::open(&d.path, d.read_only, id.as_bytes()),
+            }
+            .map_err(|e| match e {
                 // The path is named once, by this error.
                 BlockError::Open { source, .. } => err(source.to_string()),
                 e => err(e.to_string()),
@@ -510,7 +579,15 @@ impl Vm {
             .set_fpu(&boot::boot_fpu())
             .map_err(kvm_err("SET_FPU"))?;
         let kicker = vcpu.arm_kick()?;
-        let bus = Self::mmio_bus(&cfg.disks, &cfg.nets, cfg.mem_mib)?;
+        let mut opts = opts;
+        Self::open_shared_disks(&cfg.disks, &mut opts)?;
+        let bus = Self::mmio_bus(
+            &cfg.disks,
+            &cfg.nets,
+            cfg.mem_mib,
+            opts.shared_disk.as_ref(),
+            ViewMode::of(&opts.ft),
+        )?;
         let devices = Devices::with_mmio(ConsoleOut::new(opts.console_out), bus);
         let opts = RunOptions {
             console_out: Box::new(std::io::sink()),
@@ -568,7 +645,15 @@ impl Vm {
             console_out: Box::new(std::io::sink()),
             ..opts
         };
-        let bus = Self::mmio_bus(disks, nets, mem_mib)?;
+        let mut opts = opts;
+        Self::open_shared_disks(disks, &mut opts)?;
+        let bus = Self::mmio_bus(
+            disks,
+            nets,
+            mem_mib,
+            opts.shared_disk.as_ref(),
+            ViewMode::of(&opts.ft),
+        )?;
         let devices = Devices::decode(&mut d, ConsoleOut::new(console), bus)?;
         let mem = boot::create_memory(mem_mib)?;
         decode_memory(&mut d, &mem, (mem_mib << 20) as usize)?;

@@ -20,6 +20,7 @@ use crate::emulate;
 use crate::nondet::LiveDoor;
 use crate::nondet::{Mode, Wake};
 use crate::record::{log_header, RecordDoor, VmSource};
+use crate::shared_disk::ViewMode;
 use crate::watchdog::ProgressWatchdog;
 
 /// Tell the progress watchdog about a port exit (and console output: a
@@ -152,10 +153,12 @@ impl Vm {
                     let pos = self.positions.exit().exit;
                     self.stats.exit("mmio_write");
                     self.door.exit(pos, rec)?;
+                    Self::supply_disk_reads(&mut self.devices.mmio, self.door.as_mut(), pos)?;
                     if !self.devices.mmio_write(addr, data, &self.mem)? {
                         debug!(addr = format!("{addr:#x}"), "MMIO write with no device");
                     }
                     self.transmit_frames()?;
+                    self.shared_disk_io(pos)?;
                 }
                 Ok(VcpuExit::Hlt) => {
                     self.stats.exit("hlt");
@@ -278,6 +281,16 @@ impl Vm {
             "live"
         );
         let mut live = live;
+        // Shared disks: read the images from now on (the gate wrote the
+        // writes the primary may not have written before letting go).
+        for v in self.devices.mmio.shared_views() {
+            v.set_mode(ViewMode::Direct);
+        }
+        if let Some(sd) = self.shared_disk.as_mut() {
+            if let Some(out) = sd.live_out.take() {
+                sd.out = out;
+            }
+        }
         if let Some(out) = self.net.as_mut().and_then(|n| n.live_out.take()) {
             if let Some(n) = self.net.as_mut() {
                 n.out = out;

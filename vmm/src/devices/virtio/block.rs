@@ -88,6 +88,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{HostError, QueueRun, VirtioDevice};
+use crate::shared_disk::{SharedView, ViewError};
 use crate::snapshot::{Decoder, Encoder, SnapshotError};
 
 /// Bytes in a sector, the unit of the capacity and of request offsets.
@@ -160,10 +161,18 @@ pub struct BlockStats {
     pub host_errors: u64,
 }
 
+/// Where a disk's data is: an image of this side's own, or a shared one
+/// seen through [`SharedView`].
+#[derive(Debug)]
+enum Backing {
+    Own(File),
+    Shared(Box<SharedView>),
+}
+
 /// The virtio-blk device model.
 #[derive(Debug)]
 pub struct Block {
-    file: File,
+    backing: Backing,
     /// Capacity in sectors (the image size rounded down).
     capacity: u64,
     read_only: bool,
@@ -242,14 +251,36 @@ impl Block {
     /// `read_only`), whose GET_ID answers `id` (at most 20 bytes, padded
     /// with zeros). The ID must be the same on primary and backup, so it
     /// must not be derived from the local path.
-    pub fn new(mut file: File, read_only: bool, id: &[u8]) -> Result<Self, BlockError> {
+    pub fn new(file: File, read_only: bool, id: &[u8]) -> Result<Self, BlockError> {
+        Self::with_backing(Backing::Own(file), read_only, id)
+    }
+
+    /// A device over a shared disk (see [`crate::shared_disk`]): reads and
+    /// writes go through `view`.
+    pub fn shared(view: SharedView, id: &[u8]) -> Result<Self, BlockError> {
+        Self::with_backing(Backing::Shared(Box::new(view)), false, id)
+    }
+
+    /// The shared disk's view, if this disk is shared.
+    pub fn shared_view(&mut self) -> Option<&mut SharedView> {
+        match &mut self.backing {
+            Backing::Shared(v) => Some(v),
+            Backing::Own(_) => None,
+        }
+    }
+
+    fn with_backing(mut backing: Backing, read_only: bool, id: &[u8]) -> Result<Self, BlockError> {
         if id.len() > ID_BYTES {
             return Err(BlockError::IdTooLong(id.len()));
         }
         let mut padded = [0u8; ID_BYTES];
         padded[..id.len()].copy_from_slice(id);
         // Seeking to the end measures regular files and block devices alike.
-        let bytes = file.seek(SeekFrom::End(0)).map_err(BlockError::Size)?;
+        let bytes = match &mut backing {
+            Backing::Own(file) => file.seek(SeekFrom::End(0)),
+            Backing::Shared(view) => view.size(),
+        }
+        .map_err(BlockError::Size)?;
         if !bytes.is_multiple_of(SECTOR_SIZE) {
             warn!(
                 bytes,
@@ -257,7 +288,7 @@ impl Block {
             );
         }
         Ok(Block {
-            file,
+            backing,
             capacity: bytes / SECTOR_SIZE,
             read_only,
             id: padded,
@@ -427,8 +458,24 @@ impl Block {
         };
         // len <= MAX_REQUEST_BYTES: fits usize and u32.
         let mut buf = vec![0u8; len as usize];
-        if let Err(e) = self.file.read_exact_at(&mut buf, offset) {
-            return Outcome::host(format!("reading {len} bytes at sector {sector}"), e);
+        match &mut self.backing {
+            Backing::Own(file) => {
+                if let Err(e) = file.read_exact_at(&mut buf, offset) {
+                    return Outcome::host(format!("reading {len} bytes at sector {sector}"), e);
+                }
+            }
+            Backing::Shared(view) => match view.read(offset, &mut buf) {
+                Ok(()) => {}
+                Err(ViewError::Io { source, .. }) => {
+                    return Outcome::host(format!("reading {len} bytes at sector {sector}"), source)
+                }
+                // Replaying without the primary's bytes: the view keeps the
+                // divergence for the run loop to report.
+                Err(e) => {
+                    view.diverged(e.to_string());
+                    return Outcome::status(S_IOERR);
+                }
+            },
         }
         if !scatter(mem, &s.writable, 0, &buf) {
             return Outcome::status(S_IOERR);
@@ -449,11 +496,21 @@ impl Block {
         if !gather(mem, &s.readable, HEADER_BYTES, &mut buf) {
             return Outcome::status(S_IOERR);
         }
-        if let Err(e) = self.file.write_all_at(&buf, offset) {
+        let file = match &mut self.backing {
+            Backing::Own(file) => file,
+            // An output: on its way to the image through the write stream
+            // (synced there before it counts as written).
+            Backing::Shared(view) => {
+                view.write(offset, &buf);
+                self.stats.writes += 1;
+                return Outcome::ok(0);
+            }
+        };
+        if let Err(e) = file.write_all_at(&buf, offset) {
             return Outcome::host(format!("writing {len} bytes at sector {sector}"), e);
         }
         if !self.flush_negotiated {
-            if let Err(e) = self.file.sync_data() {
+            if let Err(e) = file.sync_data() {
                 return Outcome::host(format!("syncing the write at sector {sector}"), e);
             }
         }
@@ -462,8 +519,9 @@ impl Block {
     }
 
     fn flush(&mut self) -> Outcome {
-        if !self.read_only {
-            if let Err(e) = self.file.sync_data() {
+        // A shared disk's writes are synced by the write stream's sink.
+        if let (false, Backing::Own(file)) = (self.read_only, &self.backing) {
+            if let Err(e) = file.sync_data() {
                 return Outcome::host("flushing".into(), e);
             }
         }

@@ -1,0 +1,972 @@
+//! Shared disks (`--disk PATH,shared`): one image that both sides of a pair
+//! can reach, written only by the live side.
+//!
+//! With separate disks each side has its own copy and executes the same
+//! requests on it, so a disk is internal state. A shared disk is outside
+//! the VM, like the console: what the guest writes to it is **output**, and
+//! what it reads is **input** (the backup cannot read an image that the
+//! primary has already changed). Three parts:
+//!
+//! - **The device's view** ([`SharedView`], inside the virtio-blk model):
+//!   a read is served from the image with the writes not yet on it laid
+//!   over (a cache of sectors, dropped once the write reached the image);
+//!   recording, the bytes read are kept for the log (`DiskRead`);
+//!   replaying, they come from the log instead of the image. A write is
+//!   cached and handed on as a record of the **write stream**.
+//! - **The write stream**: records `len u32 | disk u8 | seq u64 | offset
+//!   u64 | data` (little-endian; `len` counts what follows it), one per
+//!   guest write, in guest order. On a primary it is held like console
+//!   output ([`crate::ft::output::HeldOutput`]) and released to
+//!   [`DiskSink`] once the backup acknowledged the log behind it; a backup
+//!   keeps the part the primary may not have written
+//!   ([`crate::ft::output::OutputTail`], from the last `DiskReleased`
+//!   offset) and writes it again when it goes live. Writes are idempotent
+//!   and the tail is written in order, so writing a record twice is
+//!   harmless.
+//! - **The fence** ([`Fence`]): a side that was stopped (SIGSTOP, a long
+//!   pause) may wake holding writes it believes acknowledged, after the
+//!   other side went live and wrote newer data. The file `PATH.vmft-fence`
+//!   holds `generation owner`: the pair's generation and the claimant that
+//!   won the VM (`-` before any claim). Every release of writes takes an
+//!   exclusive `flock` on it, checks that no other side owns this
+//!   generation and that no newer generation has spoken, writes, and
+//!   unlocks, so a fenced side's late write never reaches the image; it
+//!   stops itself instead (exit status 5).
+
+use std::collections::BTreeMap;
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+
+use crate::ft::output::Release;
+
+/// Bytes in a sector: the unit of the view's cache.
+const SECTOR: u64 = 512;
+/// Bytes of a write record's head after its length: disk, seq, offset.
+const RECORD_HEAD: usize = 1 + 8 + 8;
+/// Largest record accepted by the decoder (a request is at most 1 MiB).
+const MAX_RECORD: usize = RECORD_HEAD + (1 << 20);
+
+/// Errors of shared disks.
+#[derive(Debug, Error)]
+pub enum SharedDiskError {
+    /// The image or its fence file cannot be opened.
+    #[error("shared disk {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The fence file is unreadable or holds something else.
+    #[error("shared disk fence {path}: {detail}")]
+    BadFence {
+        /// The fence file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A newer side owns the disk: this side must not write.
+    #[error("shared disk {path}: fenced: {holder} (this side: generation {generation}, {me})")]
+    Fenced {
+        /// The fence file.
+        path: PathBuf,
+        /// Who holds it.
+        holder: String,
+        /// This side's generation.
+        generation: u64,
+        /// This side.
+        me: String,
+    },
+    /// Reading, writing or syncing the fence or the image failed.
+    #[error("shared disk {path}: {what}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The step.
+        what: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// One record of the write stream.
+pub fn write_record(disk: u8, seq: u64, offset: u64, data: &[u8]) -> Vec<u8> {
+    let len = (RECORD_HEAD + data.len()) as u32;
+    let mut r = Vec::with_capacity(4 + len as usize);
+    r.extend_from_slice(&len.to_le_bytes());
+    r.push(disk);
+    r.extend_from_slice(&seq.to_le_bytes());
+    r.extend_from_slice(&offset.to_le_bytes());
+    r.extend_from_slice(data);
+    r
+}
+
+/// A decoded write record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteRecord {
+    /// The disk's index (`--disk` order).
+    pub disk: u8,
+    /// The view's number for this write (from 1).
+    pub seq: u64,
+    /// Byte offset in the image.
+    pub offset: u64,
+    /// The bytes written.
+    pub data: Vec<u8>,
+}
+
+/// Splits the write stream, given in pieces of any size, into records.
+#[derive(Debug, Default)]
+pub struct RecordDecoder {
+    buf: Vec<u8>,
+}
+
+impl RecordDecoder {
+    /// Add bytes of the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole record; an error if the stream cannot be a write
+    /// stream (a length no record has).
+    pub fn next_record(&mut self) -> io::Result<Option<WriteRecord>> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(self.buf[..4].try_into().unwrap()) as usize;
+        if !(RECORD_HEAD..=MAX_RECORD).contains(&len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("shared-disk write stream: a record of {len} bytes"),
+            ));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let b = &self.buf[4..4 + len];
+        let rec = WriteRecord {
+            disk: b[0],
+            seq: u64::from_le_bytes(b[1..9].try_into().unwrap()),
+            offset: u64::from_le_bytes(b[9..17].try_into().unwrap()),
+            data: b[RECORD_HEAD..].to_vec(),
+        };
+        self.buf.drain(..4 + len);
+        Ok(Some(rec))
+    }
+
+    /// Bytes of an unfinished record.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// The fence of a shared disk: who may write it (see the module docs).
+#[derive(Debug)]
+pub struct Fence {
+    file: File,
+    path: PathBuf,
+    generation: u64,
+    me: String,
+}
+
+/// What a fence file holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Holder {
+    generation: u64,
+    /// The claimant that won `generation`, if any did.
+    owner: Option<String>,
+}
+
+/// An exclusive `flock`, released when dropped.
+struct Locked<'a>(&'a File);
+
+impl<'a> Locked<'a> {
+    fn take(file: &'a File) -> io::Result<Self> {
+        loop {
+            // SAFETY: flock on a file descriptor this File owns; no memory
+            // is passed.
+            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            if r == 0 {
+                return Ok(Locked(file));
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        // SAFETY: as in `take`; unlocking a lock this descriptor holds.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+impl Fence {
+    /// The fence file of `image`.
+    pub fn path_of(image: &Path) -> PathBuf {
+        let mut p = image.as_os_str().to_owned();
+        p.push(".vmft-fence");
+        PathBuf::from(p)
+    }
+
+    /// Open (creating) the fence of `image` for a side of `generation`
+    /// whose claimant identity is `me`.
+    pub fn open(image: &Path, generation: u64, me: &str) -> Result<Fence, SharedDiskError> {
+        let path = Self::path_of(image);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|source| SharedDiskError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Fence {
+            file,
+            path,
+            generation,
+            me: me.to_string(),
+        })
+    }
+
+    fn io(&self, what: &'static str) -> impl FnOnce(io::Error) -> SharedDiskError + '_ {
+        move |source| SharedDiskError::Io {
+            path: self.path.clone(),
+            what,
+            source,
+        }
+    }
+
+    fn read(&self) -> Result<Option<Holder>, SharedDiskError> {
+        let mut text = String::new();
+        let mut f = &self.file;
+        f.seek(SeekFrom::Start(0))
+            .and_then(|_| f.read_to_string(&mut text))
+            .map_err(self.io("reading the fence"))?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let bad = || SharedDiskError::BadFence {
+            path: self.path.clone(),
+            detail: format!("holds {text:?}, not \"GENERATION OWNER\""),
+        };
+        let (g, owner) = text.split_once(' ').ok_or_else(bad)?;
+        Ok(Some(Holder {
+            generation: g.parse().map_err(|_| bad())?,
+            owner: (owner != "-").then(|| owner.to_string()),
+        }))
+    }
+
+    fn store(&self, owner: Option<&str>) -> Result<(), SharedDiskError> {
+        let line = format!("{} {}\n", self.generation, owner.unwrap_or("-"));
+        self.file
+            .set_len(0)
+            .and_then(|_| self.file.write_all_at(line.as_bytes(), 0))
+            .and_then(|_| self.file.sync_data())
+            .map_err(self.io("writing the fence"))
+    }
+
+    /// Whether this side may write, given what the fence holds.
+    fn check(&self, holder: &Option<Holder>) -> Result<(), SharedDiskError> {
+        let fenced = |holder: String| SharedDiskError::Fenced {
+            path: self.path.clone(),
+            holder,
+            generation: self.generation,
+            me: self.me.clone(),
+        };
+        match holder {
+            None => Ok(()),
+            Some(h) if h.generation > self.generation => Err(fenced(format!(
+                "generation {} has spoken since",
+                h.generation
+            ))),
+            Some(Holder {
+                generation,
+                owner: Some(o),
+            }) if *generation == self.generation && *o != self.me => {
+                Err(fenced(format!("{o} won generation {generation}")))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// A pair of this generation forms: record it, so that sides of older
+    /// generations are fenced off; refused if a newer one has spoken.
+    pub fn join(&self) -> Result<(), SharedDiskError> {
+        let _l = Locked::take(&self.file).map_err(self.io("locking the fence"))?;
+        let holder = self.read()?;
+        self.check(&holder)?;
+        match holder {
+            Some(h) if h.generation == self.generation => Ok(()),
+            _ => self.store(None),
+        }
+    }
+
+    /// This side won the claim for its generation: from now on only it
+    /// may write.
+    pub fn claim(&self) -> Result<(), SharedDiskError> {
+        let _l = Locked::take(&self.file).map_err(self.io("locking the fence"))?;
+        let holder = self.read()?;
+        self.check(&holder)?;
+        self.store(Some(&self.me))
+    }
+
+    /// Run `write` while holding the fence, if this side may still write.
+    pub fn write<T>(
+        &self,
+        write: impl FnOnce() -> Result<T, SharedDiskError>,
+    ) -> Result<T, SharedDiskError> {
+        let _l = Locked::take(&self.file).map_err(self.io("locking the fence"))?;
+        self.check(&self.read()?)?;
+        write()
+    }
+}
+
+/// One shared disk, as opened by a monitor.
+#[derive(Debug)]
+struct Disk {
+    path: PathBuf,
+    file: File,
+    /// The seq of the last write that reached the image.
+    applied: Arc<AtomicU64>,
+}
+
+/// The shared disks of a VM: what the devices' views and the write
+/// stream's sink share.
+#[derive(Debug, Clone, Default)]
+pub struct SharedDisks {
+    /// By `--disk` index; `None` for a disk that is not shared.
+    disks: Vec<Option<Arc<Disk>>>,
+}
+
+impl SharedDisks {
+    /// Open the shared disks among `specs` (read and write).
+    pub fn open(specs: &[crate::boot::DiskSpec]) -> Result<SharedDisks, SharedDiskError> {
+        let mut disks = Vec::new();
+        for s in specs {
+            if !s.shared {
+                disks.push(None);
+                continue;
+            }
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&s.path)
+                .map_err(|source| SharedDiskError::Open {
+                    path: s.path.clone(),
+                    source,
+                })?;
+            disks.push(Some(Arc::new(Disk {
+                path: s.path.clone(),
+                file,
+                applied: Arc::new(AtomicU64::new(0)),
+            })));
+        }
+        Ok(SharedDisks { disks })
+    }
+
+    /// Whether any disk is shared.
+    pub fn any(&self) -> bool {
+        self.disks.iter().any(Option::is_some)
+    }
+
+    /// The images of the shared disks.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.disks
+            .iter()
+            .flatten()
+            .map(|d| d.path.clone())
+            .collect()
+    }
+
+    /// The device's view of disk `index`, if it is shared.
+    pub fn view(&self, index: usize) -> Result<Option<SharedView>, SharedDiskError> {
+        let Some(Some(d)) = self.disks.get(index) else {
+            return Ok(None);
+        };
+        let file = d.file.try_clone().map_err(|source| SharedDiskError::Io {
+            path: d.path.clone(),
+            what: "opening the image for reading",
+            source,
+        })?;
+        Ok(Some(SharedView::new(index as u8, file, d.applied.clone())))
+    }
+
+    /// The fences of the shared disks for a side of `generation` whose
+    /// claimant identity is `me`.
+    pub fn fences(&self, generation: u64, me: &str) -> Result<Fences, SharedDiskError> {
+        let fences = self
+            .paths()
+            .iter()
+            .map(|p| Fence::open(p, generation, me))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Fences(Arc::new(fences)))
+    }
+
+    /// A sink that writes the stream's records to the images, holding
+    /// `fences` (see [`SharedDisks::fences`]) if this side is one of a
+    /// pair.
+    pub fn sink(&self, fences: Vec<Fence>) -> DiskSink {
+        self.sink_fenced(Fences(Arc::new(fences)))
+    }
+
+    /// As [`SharedDisks::sink`], with fences shared with the side's hooks.
+    pub fn sink_fenced(&self, fences: Fences) -> DiskSink {
+        DiskSink {
+            disks: self.clone(),
+            fences,
+            decoder: RecordDecoder::default(),
+            fenced: Arc::new(Mutex::new(None)),
+        }
+    }
+}
+
+/// The fences of a side's shared disks: claimed by the side's hooks when
+/// it wins the VM, held by its [`DiskSink`] at every write.
+#[derive(Clone, Debug, Default)]
+pub struct Fences(Arc<Vec<Fence>>);
+
+impl Fences {
+    /// This side won the claim: only it may write from now on.
+    pub fn claim(&self) -> Result<(), SharedDiskError> {
+        self.0.iter().try_for_each(Fence::claim)
+    }
+
+    /// A pair of this generation forms: older generations are fenced off.
+    pub fn join(&self) -> Result<(), SharedDiskError> {
+        self.0.iter().try_for_each(Fence::join)
+    }
+}
+
+/// Writes the write stream to the images (see the module docs).
+pub struct DiskSink {
+    disks: SharedDisks,
+    fences: Fences,
+    decoder: RecordDecoder,
+    fenced: Arc<Mutex<Option<String>>>,
+}
+
+/// Why a [`DiskSink`] stopped writing, if it was fenced off.
+#[derive(Clone, Debug, Default)]
+pub struct FencedFlag(Arc<Mutex<Option<String>>>);
+
+impl FencedFlag {
+    /// The fence's message, once the sink was refused.
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl DiskSink {
+    /// Where the sink says it was fenced off.
+    pub fn fenced_flag(&self) -> FencedFlag {
+        FencedFlag(self.fenced.clone())
+    }
+
+    fn apply(&mut self, records: &[WriteRecord]) -> Result<(), SharedDiskError> {
+        for r in records {
+            let Some(Some(d)) = self.disks.disks.get(r.disk as usize) else {
+                return Err(SharedDiskError::Io {
+                    path: PathBuf::from(format!("disk {}", r.disk)),
+                    what: "a write record for a disk that is not shared",
+                    source: io::Error::from(io::ErrorKind::InvalidData),
+                });
+            };
+            d.file
+                .write_all_at(&r.data, r.offset)
+                .map_err(|source| SharedDiskError::Io {
+                    path: d.path.clone(),
+                    what: "writing",
+                    source,
+                })?;
+        }
+        // Durable before the writes count as done (a flush the guest saw
+        // complete relies on the log until here).
+        for d in self.disks.disks.iter().flatten() {
+            d.file.sync_data().map_err(|source| SharedDiskError::Io {
+                path: d.path.clone(),
+                what: "syncing",
+                source,
+            })?;
+        }
+        for r in records {
+            if let Some(Some(d)) = self.disks.disks.get(r.disk as usize) {
+                d.applied.fetch_max(r.seq, Ordering::AcqRel);
+            }
+        }
+        Ok(())
+    }
+
+    fn release_records(&mut self, bytes: &[u8]) -> Result<(), SharedDiskError> {
+        self.decoder.push(bytes);
+        let mut records = Vec::new();
+        while let Some(r) = self
+            .decoder
+            .next_record()
+            .map_err(|source| SharedDiskError::Io {
+                path: PathBuf::from("the write stream"),
+                what: "decoding",
+                source,
+            })?
+        {
+            records.push(r);
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        // Every fence is held while writing (a side fenced off one disk
+        // writes none).
+        fn under(
+            fences: &[Fence],
+            f: &mut dyn FnMut() -> Result<(), SharedDiskError>,
+        ) -> Result<(), SharedDiskError> {
+            match fences.split_first() {
+                None => f(),
+                Some((first, rest)) => first.write(|| under(rest, f)),
+            }
+        }
+        let fences = self.fences.0.clone();
+        under(&fences, &mut || self.apply(&records))
+    }
+}
+
+impl Release for DiskSink {
+    fn release(&mut self, _offset: u64, bytes: &[u8]) -> io::Result<()> {
+        if let Some(why) = self
+            .fenced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Err(io::Error::other(why));
+        }
+        self.release_records(bytes).map_err(|e| {
+            let msg = e.to_string();
+            if matches!(e, SharedDiskError::Fenced { .. }) {
+                tracing::error!("{msg}: this side writes nothing more");
+                *self.fenced.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg.clone());
+            }
+            io::Error::other(msg)
+        })
+    }
+}
+
+/// A [`Release`] used as a plain writer: each write is released at once
+/// (a VM without a backup writes its shared disks directly).
+pub struct ReleaseNow<R: Release> {
+    sink: R,
+    offset: u64,
+}
+
+impl<R: Release> ReleaseNow<R> {
+    /// Release through `sink`.
+    pub fn new(sink: R) -> Self {
+        ReleaseNow { sink, offset: 0 }
+    }
+}
+
+impl<R: Release> Write for ReleaseNow<R> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.sink.release(self.offset, buf)?;
+        self.offset += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where a view's reads come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViewMode {
+    /// The image, with writes not yet on it laid over.
+    Direct,
+    /// As `Direct`, and the bytes read are kept for the log.
+    Record,
+    /// The log: the primary's bytes, handed in before the exit.
+    Replay,
+}
+
+impl ViewMode {
+    /// The mode a VM in `ft` starts in.
+    pub fn of(ft: &crate::vm::FtMode) -> ViewMode {
+        match ft {
+            crate::vm::FtMode::Live => ViewMode::Direct,
+            crate::vm::FtMode::Record { .. } => ViewMode::Record,
+            crate::vm::FtMode::Replay { .. } => ViewMode::Replay,
+        }
+    }
+}
+
+/// A read the view could not serve.
+#[derive(Debug, Error)]
+pub enum ViewError {
+    /// Replaying, the log holds no (or other) data for this read.
+    #[error("the log has no data for a read of {len} bytes at byte {offset} of shared disk {disk}{}", .found.map(|f| format!(" (it holds {f} bytes)")).unwrap_or_default())]
+    NotLogged {
+        /// The disk.
+        disk: u8,
+        /// Byte offset.
+        offset: u64,
+        /// Bytes asked for.
+        len: usize,
+        /// Bytes the next logged read holds, if there is one.
+        found: Option<usize>,
+    },
+    /// Reading the image failed.
+    #[error("reading {len} bytes at byte {offset}: {source}")]
+    Io {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes asked for.
+        len: usize,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// The virtio-blk device's view of a shared disk (see the module docs).
+#[derive(Debug)]
+pub struct SharedView {
+    disk: u8,
+    file: File,
+    mode: ViewMode,
+    /// Sectors written and perhaps not yet on the image: the data and the
+    /// seq of the write that left it.
+    cache: BTreeMap<u64, (u64, Box<[u8]>)>,
+    /// Seq of the last write (writes are numbered from 1).
+    seq: u64,
+    /// Seq of the last write on the image (set by the sink).
+    applied: Arc<AtomicU64>,
+    /// Replaying: the logged reads of this exit, in order.
+    supplied: VecDeque<Vec<u8>>,
+    /// Recording: the reads of this exit, for the log.
+    read_log: Vec<Vec<u8>>,
+    /// Write records not yet taken by the VM.
+    writes: Vec<u8>,
+    /// Replaying: a read the log had no data for.
+    diverged: Option<String>,
+}
+
+impl SharedView {
+    fn new(disk: u8, file: File, applied: Arc<AtomicU64>) -> Self {
+        SharedView {
+            disk,
+            file,
+            mode: ViewMode::Direct,
+            cache: BTreeMap::new(),
+            seq: 0,
+            applied,
+            supplied: VecDeque::new(),
+            read_log: Vec::new(),
+            writes: Vec::new(),
+            diverged: None,
+        }
+    }
+
+    /// The image's size in bytes.
+    pub fn size(&mut self) -> io::Result<u64> {
+        self.file.seek(SeekFrom::End(0))
+    }
+
+    /// Note that this exit's replay went wrong (kept for the run loop).
+    pub fn diverged(&mut self, why: String) {
+        self.diverged.get_or_insert(why);
+    }
+
+    /// Replaying: what went wrong at this exit, if anything (a read the log
+    /// had no data for, or logged reads left over); clears it.
+    pub fn take_divergence(&mut self) -> Option<String> {
+        let left = self.supplied.len();
+        self.supplied.clear();
+        match self.diverged.take() {
+            Some(why) => Some(why),
+            None if left > 0 => Some(format!(
+                "the log holds {left} more read(s) of shared disk {} than the device made",
+                self.disk
+            )),
+            None => None,
+        }
+    }
+
+    /// The disk's index.
+    pub fn disk(&self) -> u8 {
+        self.disk
+    }
+
+    /// Where reads come from from now on.
+    pub fn set_mode(&mut self, mode: ViewMode) {
+        self.mode = mode;
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> ViewMode {
+        self.mode
+    }
+
+    /// Replaying: the data of this exit's reads, in order.
+    pub fn supply(&mut self, data: Vec<u8>) {
+        self.supplied.push_back(data);
+    }
+
+    /// Recording: this exit's reads, for the log.
+    pub fn take_reads(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.read_log)
+    }
+
+    /// The write records of this exit, for the write stream.
+    pub fn take_writes(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.writes)
+    }
+
+    /// Drop cached sectors whose last write is on the image.
+    fn prune(&mut self) {
+        let applied = self.applied.load(Ordering::Acquire);
+        self.cache.retain(|_, (seq, _)| *seq > applied);
+    }
+
+    /// Read `buf.len()` bytes (whole sectors) at byte `offset`.
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ViewError> {
+        if self.mode == ViewMode::Replay {
+            return match self.supplied.pop_front() {
+                Some(d) if d.len() == buf.len() => {
+                    buf.copy_from_slice(&d);
+                    Ok(())
+                }
+                other => Err(ViewError::NotLogged {
+                    disk: self.disk,
+                    offset,
+                    len: buf.len(),
+                    found: other.map(|d| d.len()),
+                }),
+            };
+        }
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|source| ViewError::Io {
+                offset,
+                len: buf.len(),
+                source,
+            })?;
+        self.prune();
+        let first = offset / SECTOR;
+        let last = (offset + buf.len() as u64).div_ceil(SECTOR);
+        for (sector, (_, data)) in self.cache.range(first..last) {
+            let at = ((sector - first) * SECTOR) as usize;
+            buf[at..at + SECTOR as usize].copy_from_slice(data);
+        }
+        if self.mode == ViewMode::Record {
+            self.read_log.push(buf.to_vec());
+        }
+        Ok(())
+    }
+
+    /// Write `data` (whole sectors) at byte `offset`: cached until it is
+    /// on the image, and handed on as a record of the write stream.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        self.seq += 1;
+        if self.mode != ViewMode::Replay {
+            // Replaying, reads come from the log: no cache needed.
+            for (i, chunk) in data.chunks(SECTOR as usize).enumerate() {
+                self.cache
+                    .insert(offset / SECTOR + i as u64, (self.seq, chunk.into()));
+            }
+        }
+        self.writes
+            .extend_from_slice(&write_record(self.disk, self.seq, offset, data));
+    }
+
+    /// Writes made and not yet on the image (for statistics and tests).
+    pub fn cached_sectors(&self) -> usize {
+        self.cache.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::DiskSpec;
+
+    fn image(bytes: usize) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(bytes as u64).unwrap();
+        f
+    }
+
+    fn spec(path: &Path) -> DiskSpec {
+        DiskSpec {
+            path: path.to_owned(),
+            read_only: false,
+            shared: true,
+        }
+    }
+
+    #[test]
+    fn records_cross_piece_boundaries_and_bad_lengths_are_refused() {
+        let mut stream = write_record(1, 7, 4096, &[9u8; 1024]);
+        stream.extend(write_record(0, 8, 0, &[1u8; 512]));
+        let mut d = RecordDecoder::default();
+        let mut got = Vec::new();
+        for piece in stream.chunks(100) {
+            d.push(piece);
+            while let Some(r) = d.next_record().unwrap() {
+                got.push(r);
+            }
+        }
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].disk, got[0].seq, got[0].offset), (1, 7, 4096));
+        assert_eq!(got[0].data, vec![9u8; 1024]);
+        assert_eq!((got[1].disk, got[1].seq, got[1].data.len()), (0, 8, 512));
+        assert_eq!(d.pending(), 0);
+        let mut bad = RecordDecoder::default();
+        bad.push(&3u32.to_le_bytes());
+        assert!(bad.next_record().is_err());
+    }
+
+    #[test]
+    fn a_read_sees_writes_not_yet_on_the_image_and_only_until_they_are() {
+        let img = image(64 << 10);
+        let disks = SharedDisks::open(&[spec(img.path())]).unwrap();
+        let mut view = disks.view(0).unwrap().unwrap();
+        view.set_mode(ViewMode::Record);
+        view.write(1024, &[5u8; 1024]);
+        let mut buf = vec![0u8; 2048];
+        view.read(512, &mut buf).unwrap();
+        assert_eq!(&buf[..512], &[0u8; 512]);
+        assert_eq!(&buf[512..1536], &[5u8; 1024]);
+        assert_eq!(&buf[1536..], &[0u8; 512]);
+        // Nothing reached the image yet.
+        let mut on_disk = vec![0u8; 1024];
+        img.as_file().read_exact_at(&mut on_disk, 1024).unwrap();
+        assert_eq!(on_disk, vec![0u8; 1024]);
+        // The sink writes the record; the cache lets go of it.
+        let stream = view.take_writes();
+        let mut sink = disks.sink(Vec::new());
+        sink.release(0, &stream).unwrap();
+        img.as_file().read_exact_at(&mut on_disk, 1024).unwrap();
+        assert_eq!(on_disk, vec![5u8; 1024]);
+        view.read(1024, &mut buf[..512]).unwrap();
+        assert_eq!(view.cached_sectors(), 0);
+        // Recording keeps every read for the log, in order.
+        assert_eq!(view.take_reads().len(), 2);
+    }
+
+    #[test]
+    fn a_later_write_wins_over_an_earlier_one_still_held() {
+        let img = image(8 << 10);
+        let disks = SharedDisks::open(&[spec(img.path())]).unwrap();
+        let mut view = disks.view(0).unwrap().unwrap();
+        view.write(0, &[1u8; 1024]);
+        let first = view.take_writes();
+        view.write(512, &[2u8; 512]);
+        let second = view.take_writes();
+        // Only the first write is on the image: the read still needs the
+        // second from the cache.
+        let mut sink = disks.sink(Vec::new());
+        sink.release(0, &first).unwrap();
+        let mut buf = vec![0u8; 1024];
+        view.read(0, &mut buf).unwrap();
+        assert_eq!(&buf[..512], &[1u8; 512]);
+        assert_eq!(&buf[512..], &[2u8; 512]);
+        sink.release(first.len() as u64, &second).unwrap();
+        view.read(0, &mut buf).unwrap();
+        assert_eq!(&buf[512..], &[2u8; 512]);
+        assert_eq!(view.cached_sectors(), 0);
+    }
+
+    #[test]
+    fn replaying_reads_come_from_the_log_and_a_missing_one_is_named() {
+        let img = image(8 << 10);
+        img.as_file().write_all_at(&[7u8; 512], 0).unwrap();
+        let disks = SharedDisks::open(&[spec(img.path())]).unwrap();
+        let mut view = disks.view(0).unwrap().unwrap();
+        view.set_mode(ViewMode::Replay);
+        view.supply(vec![3u8; 512]);
+        let mut buf = vec![0u8; 512];
+        view.read(0, &mut buf).unwrap();
+        assert_eq!(buf, vec![3u8; 512], "the log's bytes, not the image's");
+        let e = view.read(0, &mut buf).unwrap_err().to_string();
+        assert!(
+            e.contains("no data for a read of 512 bytes at byte 0"),
+            "{e}"
+        );
+        view.supply(vec![3u8; 1024]);
+        let e = view.read(0, &mut buf).unwrap_err().to_string();
+        assert!(e.contains("holds 1024 bytes"), "{e}");
+        // Replaying caches nothing, but still numbers and streams writes.
+        view.write(0, &[1u8; 512]);
+        assert_eq!(view.cached_sectors(), 0);
+        assert!(!view.take_writes().is_empty());
+    }
+
+    #[test]
+    fn the_fence_lets_one_claimant_of_the_newest_generation_write() {
+        let img = image(4096);
+        let old = Fence::open(img.path(), 10, "primary:1:a").unwrap();
+        let backup = Fence::open(img.path(), 10, "backup:2:b").unwrap();
+        old.join().unwrap();
+        // Before any claim both sides of generation 10 may write.
+        old.write(|| Ok(())).unwrap();
+        backup.claim().unwrap();
+        // The old primary woke up: it is fenced, and says by whom.
+        let e = old.write(|| Ok(())).unwrap_err();
+        assert!(matches!(e, SharedDiskError::Fenced { .. }), "{e}");
+        assert!(
+            e.to_string().contains("backup:2:b won generation 10"),
+            "{e}"
+        );
+        assert!(old.claim().is_err());
+        backup.write(|| Ok(())).unwrap();
+        // A newer pair fences generation 10 altogether.
+        let newer = Fence::open(img.path(), 11, "primary:3:c").unwrap();
+        newer.join().unwrap();
+        let e = backup.write(|| Ok(())).unwrap_err().to_string();
+        assert!(e.contains("generation 11 has spoken"), "{e}");
+        assert!(old.join().is_err(), "an older pair cannot form");
+    }
+
+    #[test]
+    fn a_fenced_sink_writes_nothing_and_keeps_refusing() {
+        let img = image(4096);
+        let disks = SharedDisks::open(&[spec(img.path())]).unwrap();
+        let mut view = disks.view(0).unwrap().unwrap();
+        let mine = Fence::open(img.path(), 5, "primary:1:a").unwrap();
+        mine.join().unwrap();
+        let mut sink = disks.sink(vec![mine]);
+        let flag = sink.fenced_flag();
+        Fence::open(img.path(), 5, "backup:2:b")
+            .unwrap()
+            .claim()
+            .unwrap();
+        view.write(0, &[9u8; 512]);
+        assert!(sink.release(0, &view.take_writes()).is_err());
+        let mut on_disk = vec![0u8; 512];
+        img.as_file().read_exact_at(&mut on_disk, 0).unwrap();
+        assert_eq!(on_disk, vec![0u8; 512], "a fenced write never lands");
+        assert!(flag.get().unwrap().contains("fenced"));
+        assert!(sink.release(0, &[]).is_err());
+    }
+
+    #[test]
+    fn a_bad_fence_file_is_named() {
+        let img = image(4096);
+        std::fs::write(Fence::path_of(img.path()), "garbage").unwrap();
+        let f = Fence::open(img.path(), 1, "x").unwrap();
+        let e = f.join().unwrap_err().to_string();
+        assert!(e.contains(".vmft-fence") && e.contains("garbage"), "{e}");
+    }
+}
