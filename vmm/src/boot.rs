@@ -214,9 +214,12 @@ impl std::str::FromStr for DiskSpec {
     fn from_str(s: &str) -> Result<Self, String> {
         let (path, opts) = match s.rsplit_once(',') {
             Some((p, o)) if ["ro", "rw", "shared"].contains(&o) => (p, Some(o)),
+            // An existing file whose name has a comma is that file.
+            Some(_) if Path::new(s).is_file() => (s, None),
             Some((_, o)) if !o.contains('/') => {
                 return Err(format!(
-                    "unknown disk option {o:?} in {s:?} (PATH, PATH,ro, PATH,rw or PATH,shared)"
+                    "unknown disk option {o:?} in {s:?} (PATH, PATH,ro, PATH,rw or PATH,shared; \
+                     no file {s:?} exists either)"
                 ))
             }
             _ => (s, None),
@@ -580,6 +583,13 @@ mod tests {
         let d: DiskSpec = "b,c.img,ro".parse().unwrap();
         assert_eq!((d.path.to_str(), d.read_only), (Some("b,c.img"), true));
         assert!("a.img,shared-ish".parse::<DiskSpec>().is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let comma = dir.path().join("a,b.img");
+        std::fs::write(&comma, b"").unwrap();
+        let d: DiskSpec = comma.to_str().unwrap().parse().unwrap();
+        assert_eq!((d.path, d.read_only, d.shared), (comma.clone(), false, false));
+        let e = format!("{}x", comma.display()).parse::<DiskSpec>().unwrap_err();
+        assert!(e.contains("no file"), "{e}");
         let d: DiskSpec = "a.img,shared".parse().unwrap();
         assert!(d.shared && !d.read_only);
         assert!(!"a.img".parse::<DiskSpec>().unwrap().shared);

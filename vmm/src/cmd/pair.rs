@@ -494,7 +494,7 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
     // written (behind the fences, claimed first) if this side goes live.
     let disk_tail = match shared_disks(&source, generation, &claimant_id)? {
         Some((disks, fences)) => {
-            let tail = OutputTail::new(0);
+            let tail = OutputTail::for_records(0);
             let t = tail.clone();
             door.on_disk_released(Box::new(move |off| t.set_released(off)));
             let sink = disks.sink_fenced(fences.clone());
@@ -513,7 +513,7 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
         });
     let net_tail = match tap {
         Some(tap) => {
-            let tail = OutputTail::new(0);
+            let tail = OutputTail::for_records(0);
             let t = tail.clone();
             door.on_net_released(Box::new(move |off| t.set_released(off)));
             Some((tap, tail))

@@ -319,6 +319,11 @@ struct Tail {
     buf: VecDeque<u8>,
     /// After going live: where output goes.
     live: Option<Box<dyn Release>>,
+    /// A stream of records (frames, disk writes): never cut, since a cut
+    /// record cannot be decoded and a lost disk write is lost data.
+    records: bool,
+    /// Said that a record tail grew past [`MAX_TAIL`].
+    warned: bool,
 }
 
 /// Largest tail kept (bytes): more than this unreleased means the primary
@@ -326,14 +331,28 @@ struct Tail {
 pub const MAX_TAIL: usize = 64 << 20;
 
 impl OutputTail {
-    /// A tail for a stream starting at `start`.
+    /// A tail for the console's byte stream starting at `start`.
     pub fn new(start: u64) -> Self {
+        Self::build(start, false)
+    }
+
+    /// A tail for a stream of records (transmitted frames, shared-disk
+    /// writes) starting at `start`: kept whole however long it gets (the
+    /// primary's held output is bounded, so this only grows if the
+    /// primary stops logging what it released).
+    pub fn for_records(start: u64) -> Self {
+        Self::build(start, true)
+    }
+
+    fn build(start: u64, records: bool) -> Self {
         OutputTail {
             inner: Arc::new(Mutex::new(Tail {
                 released: start,
                 next: start,
                 buf: VecDeque::new(),
                 live: None,
+                records,
+                warned: false,
             })),
         }
     }
@@ -374,7 +393,14 @@ impl Tail {
             let drop = ((self.released - first) as usize).min(self.buf.len());
             self.buf.drain(..drop);
         }
-        if self.buf.len() > MAX_TAIL {
+        if self.buf.len() > MAX_TAIL && self.records {
+            if !std::mem::replace(&mut self.warned, true) {
+                tracing::warn!(
+                    "the backup keeps {} bytes of records the primary has not said it released",
+                    self.buf.len()
+                );
+            }
+        } else if self.buf.len() > MAX_TAIL {
             let extra = self.buf.len() - MAX_TAIL;
             tracing::error!(
                 "the primary released no console output for {} bytes: dropping the oldest {extra} \
@@ -506,6 +532,26 @@ mod tests {
         held.mark(6);
         std::thread::sleep(Duration::from_millis(150));
         assert_eq!(out.text(), "a", "a halted side released output");
+    }
+
+    #[test]
+    fn a_record_tail_is_never_cut() {
+        let mut tail = OutputTail::for_records(0);
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..(MAX_TAIL >> 20) + 2 {
+            tail.write_all(&chunk).unwrap();
+        }
+        let (from, kept) = tail.kept();
+        assert_eq!(from, 0);
+        assert_eq!(kept.len(), MAX_TAIL + (2 << 20));
+        tail.set_released(1 << 20);
+        assert_eq!(tail.kept().0, 1 << 20);
+        // The console's tail is cut past the limit instead.
+        let mut console = OutputTail::new(0);
+        for _ in 0..(MAX_TAIL >> 20) + 2 {
+            console.write_all(&chunk).unwrap();
+        }
+        assert_eq!(console.kept().1.len(), MAX_TAIL);
     }
 
     #[test]

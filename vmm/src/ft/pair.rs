@@ -302,14 +302,14 @@ impl PairHooks for PrimaryHooks {
         if self.held.has_unmarked() {
             let barrier = door.barrier()?;
             self.held.mark(barrier);
-            // Held output is bounded: past MAX_HELD the guest waits for the
-            // releaser (back-pressure, never a silent drop).
-            while self.held.held() > MAX_HELD {
-                if let PeerState::Failed { reason } = self.handle.peer_state() {
-                    return self.backup_failed(&reason);
-                }
-                std::thread::sleep(Duration::from_millis(1));
+        }
+        // Held output is bounded, each stream: past MAX_HELD the guest waits
+        // for the releaser (back-pressure, never a silent drop).
+        while self.held.held() > MAX_HELD || self.streams.iter().any(|s| s.held.held() > MAX_HELD) {
+            if let PeerState::Failed { reason } = self.handle.peer_state() {
+                return self.backup_failed(&reason);
             }
+            std::thread::sleep(Duration::from_millis(1));
         }
         // Input typed at the console is confirmed once the backup has it.
         if let Some(console) = &self.console {
