@@ -587,8 +587,13 @@ mod tests {
         let comma = dir.path().join("a,b.img");
         std::fs::write(&comma, b"").unwrap();
         let d: DiskSpec = comma.to_str().unwrap().parse().unwrap();
-        assert_eq!((d.path, d.read_only, d.shared), (comma.clone(), false, false));
-        let e = format!("{}x", comma.display()).parse::<DiskSpec>().unwrap_err();
+        assert_eq!(
+            (d.path, d.read_only, d.shared),
+            (comma.clone(), false, false)
+        );
+        let e = format!("{}x", comma.display())
+            .parse::<DiskSpec>()
+            .unwrap_err();
         assert!(e.contains("no file"), "{e}");
         let d: DiskSpec = "a.img,shared".parse().unwrap();
         assert!(d.shared && !d.read_only);

@@ -5,6 +5,7 @@
 //! ([`nondet::Door`]) where record and replay hook in. See
 //! `docs/ARCHITECTURE.md` for the data path and which module owns what.
 
+pub mod api;
 pub mod boot;
 pub mod console;
 pub mod deadline;

@@ -47,6 +47,9 @@ enum Command {
     Console(cmd::console::ConsoleArgs),
     /// Print the entries of a log (optionally only those around some exits).
     Log(cmd::log::LogArgs),
+    /// What the primaries and backups on this machine say: role, state, protection, lag, log rate,
+    /// output delay, last failover (from their control sockets).
+    Status(cmd::status::StatusArgs),
     /// Build the default guest image if needed and print its paths.
     Image,
 }
@@ -126,6 +129,7 @@ fn main() -> ExitCode {
         Command::Primary(args) => cmd::pair::primary(args, stop),
         Command::Backup(args) => cmd::pair::backup(args, stop),
         Command::Log(args) => cmd::log::show_log(args),
+        Command::Status(args) => cmd::status::status(args),
         Command::Console(_) | Command::Ft(_) => unreachable!("handled above"),
         Command::Image => image::default_image()
             .map(|img| {

@@ -479,6 +479,7 @@ impl Cluster {
             adata,
         };
         let mut cmd = vmft();
+        cmd.env("XDG_RUNTIME_DIR", dir.path());
         cmd.args(["backup", "--listen", "127.0.0.1:0"])
             .args(s.side_args(&s.token))
             .args(&opts.backup_args);
@@ -518,7 +519,8 @@ impl Cluster {
         let mut cmd = vmft();
         cmd.args(["primary", "--backup", backup])
             .args(self.s.side_args(&token))
-            .args(&self.s.primary_args);
+            .args(&self.s.primary_args)
+            .env("XDG_RUNTIME_DIR", self.dir.path());
         self.primary = Some(Proc::spawn("primary", cmd));
     }
 
@@ -534,6 +536,46 @@ impl Cluster {
 
     fn primary(&mut self) -> &mut Proc {
         self.primary.as_mut().expect("the primary was started")
+    }
+
+    /// `vmft status --json` for the monitors of this cluster (their
+    /// control sockets are in the cluster's runtime directory): one JSON
+    /// line per monitor that answers, as (role, line).
+    fn status(&self) -> Vec<(String, String)> {
+        let out = vmft()
+            .args(["status", "--json"])
+            .env("XDG_RUNTIME_DIR", self.dir.path())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                let role = if l.contains("\"role\":\"primary\"") {
+                    "primary"
+                } else {
+                    "backup"
+                };
+                (role.to_string(), l.to_string())
+            })
+            .collect()
+    }
+
+    /// The status line of `role`, waiting up to `secs` for one that
+    /// contains every piece of `want`.
+    fn wait_status(&mut self, role: &str, want: &[&str], secs: u64) -> String {
+        let what = format!("vmft status to show the {role} with {want:?}");
+        let mut last = String::new();
+        self.wait_for(&what, secs, |c| {
+            match c.status().into_iter().find(|(r, _)| r == role) {
+                Some((_, l)) => {
+                    let ok = want.iter().all(|w| l.contains(w));
+                    last = l;
+                    ok
+                }
+                None => false,
+            }
+        });
+        last
     }
 
     /// Every process's stderr and stdout, and the console's transcript.
@@ -1142,6 +1184,29 @@ fn kill_9_of_the_backup_the_primary_wins_and_finishes() {
     c.wait_for("10 ticker lines on the console", 180, |c| {
         c.ticker_lines().len() >= 10
     });
+    // The operator's view of a live pair: both sides, protected.
+    let p = c.wait_status(
+        "primary",
+        &["\"state\":\"protected\"", "\"lag_exits\":"],
+        30,
+    );
+    let b = c.wait_status(
+        "backup",
+        &["\"state\":\"replaying\"", "\"protected\":true"],
+        30,
+    );
+    let generation = |l: &str| {
+        l.split("\"generation\":")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .map(str::to_string)
+    };
+    c.check(
+        generation(&p).is_some()
+            && generation(&p) == generation(&b)
+            && generation(&p) != Some("0".into()),
+        format!("the two sides show different generations: {p} / {b}"),
+    );
     let killed = c.backup.kill9();
     c.wait_for("the primary to claim and win", 120, |c| {
         c.primary()
@@ -1152,6 +1217,16 @@ fn kill_9_of_the_backup_the_primary_wins_and_finishes() {
         .primary()
         .stderr_line_time("claim won")
         .map(|t| t.saturating_duration_since(killed));
+    // A failed-over single primary: unprotected, and it says why.
+    c.wait_status(
+        "primary",
+        &[
+            "\"state\":\"unprotected\"",
+            "\"protected\":false",
+            "\"failed\":\"backup\"",
+        ],
+        30,
+    );
     println!(
         "pair: kill -9 of the backup: the primary won its claim {:.3} s later",
         won.map(secs).unwrap_or(f64::NAN)
@@ -1203,6 +1278,17 @@ fn a_paused_primary_is_fenced() {
     println!(
         "pair: SIGSTOP of the primary (timeout 1.5 s): the backup won its claim {:.3} s later",
         won.map(secs).unwrap_or(f64::NAN)
+    );
+    // The operator's view: the backup runs the VM alone (the stopped
+    // primary does not answer; `vmft status` skips it after its timeout).
+    c.wait_status(
+        "backup",
+        &[
+            "\"state\":\"live\"",
+            "\"protected\":false",
+            "\"failed\":\"primary\"",
+        ],
+        60,
     );
     // Stay stopped well past the timeout, and until the backup's output
     // has reached the console.

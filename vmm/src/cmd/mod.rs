@@ -8,6 +8,7 @@ pub mod pair;
 pub mod record;
 pub mod replay;
 pub mod run;
+pub mod status;
 
 use std::io;
 use std::path::PathBuf;

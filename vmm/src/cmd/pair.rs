@@ -17,11 +17,13 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use ft_log::channel::{load_token_file, BackupListener, ChannelConfig, PrimaryHandle, PrimaryLink};
+use vmm::api::ApiServer;
 use vmm::console::{read_token_file, ConsoleLink, Hello, Role as ConsoleRole};
 use vmm::ft::claim::{ArbiterAddr, Claimant};
 use vmm::ft::console_side::ConsoleSide;
 use vmm::ft::output::{HeldOutput, OutputTail, Release, ToWriter};
 use vmm::ft::pair::{BackupHooks, ChannelSink, OnWon, PrimaryHooks, PrimaryStats, TakeOver};
+use vmm::ft::status::{Role, State, StatusBoard};
 use vmm::nondet::InputSource;
 use vmm::record::{config_hash, log_header, recorder_id, VmSource};
 use vmm::replay::ReplayDoor;
@@ -69,6 +71,28 @@ pub struct PairArgs {
     /// it, the live side uses its own stdout and stdin.
     #[arg(long, value_name = "ADDR")]
     pub console: Option<String>,
+    /// The control socket (HTTP/JSON; `vmft status` reads it). Default:
+    /// $XDG_RUNTIME_DIR/vmft/VM-ROLE-PID.sock (/run/vmft/ for root).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// Also serve the status as Prometheus metrics on ADDR (GET /metrics).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+}
+
+/// Serve `board` on the control socket (and the metrics address).
+fn start_api(pair: &PairArgs, role: &str, board: &StatusBoard) -> Result<ApiServer> {
+    let path = pair
+        .api_sock
+        .clone()
+        .unwrap_or_else(|| vmm::api::default_path(&pair.vm, role));
+    let server = ApiServer::start(&path, board.clone())?;
+    eprintln!("vmft: control socket at {}", path.display());
+    if let Some(addr) = &pair.metrics {
+        let bound = vmm::api::serve_metrics(addr, board.clone())?;
+        eprintln!("vmft: Prometheus metrics at http://{bound}/metrics");
+    }
+    Ok(server)
 }
 
 /// Connect to the console endpoint, if one is given.
@@ -228,6 +252,8 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     let link = PrimaryLink::connect(args.backup.as_str(), &cfg)
         .with_context(|| format!("cannot connect to the backup at {}", args.backup))?;
     eprintln!("vmft: connected to the backup; the VM is protected");
+    let board = StatusBoard::new(&pair.vm, Role::Primary, Some(args.backup.clone()));
+    let _api = start_api(&pair, "primary", &board)?;
     let handle = link.handle();
     let link = Arc::new(Mutex::new(Some(link)));
     let dropped = Arc::new(AtomicBool::new(false));
@@ -285,6 +311,7 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
         args.max_lag_exits,
         stats.clone(),
     );
+    hooks = hooks.with_status(board.clone());
     if let Some(c) = &console {
         hooks = hooks.with_console(c.clone());
     }
@@ -330,6 +357,9 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     };
     let mut vm = Vm::start(&source, opts).context("cannot start the VM")?;
     let result = vm.run();
+    if result.is_ok() {
+        board.set_state(State::Stopped);
+    }
     // The end entry is in the log: release the last output once the backup
     // has it, then close the channel cleanly.
     held.mark(handle.sent());
@@ -439,6 +469,8 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
             .unwrap_or_else(|_| args.listen.clone())
     );
     let cfg = channel_config(&pair, secret, hash.clone());
+    let board = StatusBoard::new(&pair.vm, Role::Backup, None);
+    let _api = start_api(&pair, "backup", &board)?;
     // A peer that fails the handshake (no secret, garbage, another VM) is
     // refused and the backup keeps waiting for its primary.
     let link = loop {
@@ -448,6 +480,8 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
         }
     };
     let generation = link.generation();
+    board.set_generation(generation);
+    board.set_state(State::Replaying);
     eprintln!("vmft: the primary connected: generation {generation}; replaying");
     let mut door = ReplayDoor::from_reader(Box::new(link.log_reader()), "the channel".into())
         .context("cannot read the primary's log")?;
@@ -521,6 +555,7 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
         None => None,
     };
     let mut takeover = TakeOver {
+        status: Some(board.clone()),
         disk: disk_tail
             .map(|(_, fences, sink, _, tail)| (tail, Box::new(sink) as Box<dyn Release>, fences)),
         net: net_tail.as_ref().map(|(tap, tail)| {
@@ -567,12 +602,17 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
         console_out: Box::new(tail),
         stop: stop.clone(),
         pair: Some(Box::new(match &console {
-            Some(c) => BackupHooks::new(link.clone()).with_console(c.clone(), went_live.clone()),
-            None => BackupHooks::new(link.clone()),
+            Some(c) => BackupHooks::new(link.clone())
+                .with_status(board.clone())
+                .with_console(c.clone(), went_live.clone()),
+            None => BackupHooks::new(link.clone()).with_status(board.clone()),
         })),
     };
     let mut vm = Vm::start(&source, opts).context("cannot start the VM")?;
     let result = vm.run();
+    if result.is_ok() {
+        board.set_state(State::Stopped);
+    }
     if pair.stats {
         eprint!("{}", vm.stats.report(vm.unknown_ports()));
         eprintln!("vmft pair statistics (backup)\n  {:?}", link.stats());

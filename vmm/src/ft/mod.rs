@@ -6,9 +6,11 @@
 //! - [`output`]: the output rule (held output on the primary, the backup's
 //!   unreleased tail);
 //! - [`pair`]: the primary's and the backup's boundary hooks, the channel
-//!   as the primary's log sink, the backup's gate before going live.
+//!   as the primary's log sink, the backup's gate before going live;
+//! - [`status`]: the operator's view of a side (served by [`crate::api`]).
 
 pub mod claim;
 pub mod console_side;
 pub mod output;
 pub mod pair;
+pub mod status;

@@ -289,6 +289,12 @@ impl HeldOutput {
         false
     }
 
+    /// The delays of the last `n` released chunks.
+    pub fn recent_delays(&self, n: usize) -> Vec<Duration> {
+        let d = self.shared.delays.lock().unwrap_or_else(|e| e.into_inner());
+        d[d.len().saturating_sub(n)..].to_vec()
+    }
+
     /// Statistics so far.
     pub fn stats(&self) -> OutputStats {
         OutputStats {

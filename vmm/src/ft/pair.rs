@@ -26,6 +26,7 @@ use ft_log::InputCursor;
 use super::claim::Claimant;
 use super::console_side::{ConsoleSide, InputConfirmer};
 use super::output::{HeldOutput, OutputTail, Release, ReleaseMode, MAX_HELD};
+use super::status::{State, StatusBoard};
 use crate::nondet::{Door, DoorError, Recorder};
 use crate::replay::LogEnd;
 use crate::shared_disk::Fences;
@@ -120,6 +121,8 @@ pub struct PrimaryHooks {
     streams: Vec<HeldStream>,
     /// The shared disks' fences, claimed when this side wins the VM.
     fences: Option<Fences>,
+    /// The operator's view of this side.
+    status: Option<StatusBoard>,
 }
 
 /// What a held stream is: says which entry logs how far it was released.
@@ -194,7 +197,16 @@ impl PrimaryHooks {
             inputs: InputConfirmer::default(),
             streams: Vec::new(),
             fences: None,
+            status: None,
         }
+    }
+
+    /// Keep `status` up to date (state, lag, log rate, output delay).
+    pub fn with_status(mut self, status: StatusBoard) -> Self {
+        status.set_generation(self.generation);
+        status.set_state(State::Protected);
+        self.status = Some(status);
+        self
     }
 
     /// The guest's transmitted frames (the framed stream of
@@ -239,6 +251,7 @@ impl PrimaryHooks {
     }
 
     fn backup_failed(&mut self, reason: &str) -> Result<(), DoorError> {
+        let detected = Instant::now();
         note(&format!(
             "the backup is gone ({reason}): claiming {} generation {} at the arbiter",
             self.vm, self.generation
@@ -256,11 +269,18 @@ impl PrimaryHooks {
                 }
                 self.set_release_mode(ReleaseMode::Free);
                 self.protection = Protection::Unprotected;
+                if let Some(s) = &self.status {
+                    s.set_state(State::Unprotected);
+                    s.failover("backup", reason, detected.elapsed());
+                }
                 note("claim won: the VM continues here, UNPROTECTED (no backup)");
                 Ok(())
             }
             Decision::Lost { owner } => {
                 self.set_release_mode(ReleaseMode::Halt);
+                if let Some(s) = &self.status {
+                    s.set_state(State::Halted);
+                }
                 note(&format!(
                     "claim lost to {owner}: another side is live; halting without releasing output"
                 ));
@@ -345,6 +365,12 @@ impl PairHooks for PrimaryHooks {
         let lag = pos.saturating_sub(applied);
         if self.sample_at.elapsed() >= Duration::from_millis(100) {
             self.sample_at = Instant::now();
+            if let Some(s) = &self.status {
+                let sent = self.handle.sent();
+                s.progress(pos, sent);
+                s.follow(lag, sent.saturating_sub(self.handle.acked()));
+                s.output_delays(&self.held.recent_delays(1000));
+            }
             self.stats
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -376,6 +402,8 @@ pub struct BackupHooks {
     /// backup confirms console input as soon as it has it (nothing more
     /// can keep it), or the console would stop taking keys.
     console: Option<(ConsoleSide, Arc<AtomicBool>)>,
+    /// The operator's view of this side, and when it was last updated.
+    status: Option<(StatusBoard, Instant)>,
 }
 
 impl BackupHooks {
@@ -384,7 +412,14 @@ impl BackupHooks {
         BackupHooks {
             link,
             console: None,
+            status: None,
         }
+    }
+
+    /// Keep `status`'s progress up to date (its state is the gate's).
+    pub fn with_status(mut self, status: StatusBoard) -> Self {
+        self.status = Some((status, Instant::now()));
+        self
     }
 
     /// Once `live` is set, confirm the console's input as it arrives.
@@ -397,6 +432,12 @@ impl BackupHooks {
 impl PairHooks for BackupHooks {
     fn boundary(&mut self, _door: &mut dyn Door, pos: u64) -> Result<(), DoorError> {
         self.link.set_applied(pos);
+        if let Some((status, at)) = &mut self.status {
+            if at.elapsed() >= Duration::from_millis(100) {
+                *at = Instant::now();
+                status.progress(pos, self.link.stats().bytes_received);
+            }
+        }
         if let Some((console, live)) = &self.console {
             if live.load(Ordering::Acquire) {
                 console.confirm_logged(u64::MAX);
@@ -430,6 +471,8 @@ pub struct TakeOver {
     /// the sink that writes them once live, and the disks' fences (claimed
     /// first, so a primary that wakes up can no longer write).
     pub disk: Option<(OutputTail, Box<dyn Release>, Fences)>,
+    /// The operator's view of this side.
+    pub status: Option<StatusBoard>,
 }
 
 /// Told, once the backup won its claim, where the console's input stream
@@ -459,7 +502,17 @@ impl TakeOver {
             "the primary is gone ({why}); replayed everything received (exit {pos}): claiming {} generation {}",
             self.vm, self.generation
         ));
+        let detected = Instant::now();
         let decision = claim(&mut self.claimant, &self.vm, self.generation)?;
+        if let Some(s) = &self.status {
+            match &decision {
+                Decision::Won => {
+                    s.set_state(State::Live);
+                    s.failover("primary", &why, detected.elapsed());
+                }
+                Decision::Lost { .. } => s.set_state(State::Halted),
+            }
+        }
         match decision {
             Decision::Won => {
                 if let Some((tail, sink, fences)) = self.disk.take() {
