@@ -903,3 +903,78 @@ fn token_file_is_trimmed_and_an_empty_one_refused() {
     let e = PrimaryLink::connect("127.0.0.1:9", &c).err().unwrap();
     assert!(matches!(e, ChannelError::Config(_)), "{e}");
 }
+
+/// Re-protection: the backup dials a running primary's join listener.
+fn join_pair(
+    p: &ChannelConfig,
+    b: &ChannelConfig,
+) -> (
+    Result<PrimaryLink, ChannelError>,
+    Result<BackupLink, ChannelError>,
+) {
+    let l = JoinListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let pc = p.clone();
+    let t = thread::spawn(move || l.accept(&pc));
+    let b = BackupLink::join(addr, b);
+    (t.join().unwrap(), b)
+}
+
+#[test]
+fn a_joining_backup_dials_the_primary_and_the_session_is_the_same() {
+    let p = cfg()
+        .with_generation(77)
+        .with_hello(b"state follows".to_vec());
+    let (primary, backup) = join_pair(&p, &cfg());
+    let (mut primary, backup) = (primary.unwrap(), backup.unwrap());
+    assert_eq!(backup.generation(), 77);
+    assert_eq!(backup.peer().role, Role::Primary);
+    assert_eq!(backup.peer().hello, b"state follows");
+    assert_eq!(primary.peer().role, Role::Backup);
+    let reader = drain(&backup);
+    let log = sample_log();
+    for piece in log.chunks(1000) {
+        primary.write(piece).unwrap();
+    }
+    primary.finish().unwrap();
+    assert_eq!(reader.join().unwrap(), log);
+    assert_eq!(backup.end_state(), Some(EndState::Clean));
+}
+
+#[test]
+fn a_joining_backup_with_the_wrong_secret_is_refused_and_the_primary_keeps_listening() {
+    let l = JoinListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = thread::spawn(move || {
+        let first = l.accept(&cfg());
+        let second = l.accept(&cfg());
+        (first, second)
+    });
+    let mut wrong = cfg();
+    wrong.secret = b"not the secret".to_vec();
+    let e = BackupLink::join(addr, &wrong).err().expect("refused");
+    assert!(
+        matches!(e, ChannelError::AuthFailed | ChannelError::AuthRefused),
+        "{e}"
+    );
+    let good = BackupLink::join(addr, &cfg()).unwrap();
+    let (first, second) = t.join().unwrap();
+    assert!(first.is_err());
+    let mut primary = second.unwrap();
+    primary.write(b"x").unwrap();
+    primary.finish().unwrap();
+    assert_eq!(good.wait_end(ms(5000)), Some(EndState::Clean));
+}
+
+#[test]
+fn joining_a_primary_that_does_not_listen_gives_up_at_the_deadline() {
+    let addr = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut c = cfg();
+    c.connect_deadline = ms(300);
+    let e = BackupLink::join(addr, &c).err().expect("nobody listens");
+    assert!(matches!(e, ChannelError::Connect { .. }), "{e}");
+    assert!(e.to_string().contains(&addr.to_string()), "{e}");
+}

@@ -172,7 +172,7 @@ impl BackupListener {
                 return Err(e);
             }
         };
-        BackupLink::start(stream, session, cfg)
+        BackupLink::start_on(stream, session, cfg)
     }
 }
 
@@ -185,7 +185,8 @@ pub struct BackupLink {
 }
 
 impl BackupLink {
-    fn start(
+    /// Start the link's threads on a connection whose handshake is done.
+    pub(super) fn start_on(
         stream: TcpStream,
         session: handshake::Session,
         cfg: &ChannelConfig,

@@ -2,7 +2,9 @@
 //! with acknowledgements, heartbeats and flow control.
 //!
 //! The primary dials ([`PrimaryLink::connect`]), the backup listens
-//! ([`BackupListener::bind`], [`BackupListener::accept`]). The log's bytes
+//! ([`BackupListener::bind`], [`BackupListener::accept`]); for
+//! re-protection a new backup dials a running primary instead
+//! ([`BackupLink::join`], [`JoinListener`]), with the same exchange. The log's bytes
 //! (what [`crate::LogWriter`] produces: header, then frames) travel as
 //! `Data` messages; the backup exposes them as a [`std::io::Read`]
 //! ([`LogReader`]) that the replayer reads like a file.
@@ -94,6 +96,7 @@
 
 mod backup;
 mod handshake;
+mod join;
 mod primary;
 mod wire;
 
@@ -106,6 +109,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use backup::{BackupLink, BackupListener, LogReader};
+pub use join::JoinListener;
 pub use primary::{PrimaryHandle, PrimaryLink};
 pub use wire::{MAGIC, MAX_HANDSHAKE, MAX_MESSAGE, NONCE_LEN, PROTOCOL_VERSION, TAG_LEN};
 

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -168,12 +168,6 @@ pub struct PrimaryHandle {
     shared: Arc<Shared>,
 }
 
-fn resolve(addr: &impl ToSocketAddrs) -> Result<Vec<SocketAddr>, ChannelError> {
-    addr.to_socket_addrs()
-        .map(|a| a.collect())
-        .map_err(|e| io_err("resolving the backup's address", e))
-}
-
 impl PrimaryLink {
     /// Dial the backup at `addr`, retrying refused or timed-out attempts
     /// ([`ChannelConfig::connect_timeout`] each) until
@@ -185,37 +179,7 @@ impl PrimaryLink {
         cfg: &ChannelConfig,
     ) -> Result<PrimaryLink, ChannelError> {
         cfg.validate()?;
-        let start = Instant::now();
-        let deadline = start + cfg.connect_deadline;
-        let mut stream = 'connected: loop {
-            let addrs = resolve(&addr)?;
-            let mut last = std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "the address resolves to nothing",
-            );
-            for a in &addrs {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let t = cfg.connect_timeout.min(left).max(Duration::from_millis(1));
-                match TcpStream::connect_timeout(a, t) {
-                    Ok(s) => break 'connected s,
-                    Err(e) => last = e,
-                }
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(ChannelError::Connect {
-                    addr: addrs
-                        .iter()
-                        .map(|a| a.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    waited: now - start,
-                    source: last,
-                });
-            }
-            debug!(error = %last, "channel: backup not reachable yet, retrying");
-            std::thread::sleep(Duration::from_millis(100).min(deadline - now));
-        };
+        let mut stream = super::join::dial(&addr, cfg, "backup")?;
         let _ = stream.set_nodelay(true);
         let t = Some(cfg.handshake_timeout);
         stream
@@ -223,10 +187,11 @@ impl PrimaryLink {
             .and_then(|_| stream.set_write_timeout(t))
             .map_err(|e| io_err("setting socket timeouts", e))?;
         let session = handshake::primary(&mut stream, cfg)?;
-        Self::start(stream, session, cfg)
+        Self::start_on(stream, session, cfg)
     }
 
-    fn start(
+    /// Start the link's threads on a connection whose handshake is done.
+    pub(super) fn start_on(
         stream: TcpStream,
         session: handshake::Session,
         cfg: &ChannelConfig,
