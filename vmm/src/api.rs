@@ -100,12 +100,26 @@ impl ApiServer {
             source,
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(bind_err)?;
+            use std::os::unix::fs::DirBuilderExt;
+            // Only this user reaches the sockets it creates a directory for.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(bind_err)?;
         }
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(bind_err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is there",
+                )));
+            }
             if UnixStream::connect(path).is_ok() {
                 return Err(ApiError::InUse(path.to_owned()));
             }
+            // A socket nobody answers on: a killed monitor's.
             std::fs::remove_file(path).map_err(bind_err)?;
         }
         let listener = UnixListener::bind(path).map_err(bind_err)?;
@@ -208,9 +222,13 @@ fn serve(conn: &mut (impl Read + Write), board: &StatusBoard) {
 fn read_request(conn: &mut impl Read) -> Result<(String, String), String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
+    let deadline = std::time::Instant::now() + REQUEST_TIMEOUT;
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
         if buf.len() > MAX_REQUEST {
             return Err("request too large".into());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err("request not complete within 2 s".into());
         }
         match conn.read(&mut chunk) {
             Ok(0) => return Err("connection closed inside the request".into()),
@@ -309,7 +327,9 @@ mod tests {
     fn metrics_unknown_routes_methods_and_garbage() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.sock");
-        let _server = ApiServer::start(&path, StatusBoard::new("db", Role::Primary, None)).unwrap();
+        let board = StatusBoard::new("db", Role::Primary, None);
+        board.set_state(State::Protected);
+        let _server = ApiServer::start(&path, board).unwrap();
         let m = ask(&path, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(m.starts_with("HTTP/1.1 200 OK"), "{m}");
         assert!(
@@ -340,6 +360,18 @@ mod tests {
         drop(UnixListener::bind(&path).unwrap());
         let _second = ApiServer::start(&path, board).unwrap();
         assert!(query(&path).is_ok());
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_socket_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notes.txt");
+        std::fs::write(&path, "keep me").unwrap();
+        let e = ApiServer::start(&path, StatusBoard::new("db", Role::Primary, None))
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
     }
 
     #[test]

@@ -292,8 +292,14 @@ impl DoorError {
     }
 }
 
-/// Shared-disk reads logged at one exit, in order: (disk index, data).
-pub type DiskReads = Vec<(u8, Vec<u8>)>;
+/// The shared-disk reads logged at one exit.
+#[derive(Debug, Default)]
+pub struct DiskReadsAt {
+    /// In order: (disk index, data).
+    pub reads: Vec<(u8, Vec<u8>)>,
+    /// The log ended within the exit and the door went live.
+    pub live: bool,
+}
 
 /// The interface through which every nondeterministic value that the
 /// monitor hands the guest enters the VM (see the module documentation for
@@ -405,10 +411,10 @@ pub trait Replayer {
     /// The log ended and the gate let this side go live: the live door to
     /// run on from here (once; the replay is over).
     fn take_live(&mut self) -> Option<LiveDoor>;
-    /// The shared-disk reads logged at exit `pos`, in order (disk index,
-    /// data); `None` if the door has just gone live (the log ended before
-    /// them: the devices read the disks themselves).
-    fn disk_reads(&mut self, pos: u64) -> Result<Option<DiskReads>, DoorError>;
+    /// The shared-disk reads logged at exit `pos`, in order, and whether
+    /// the door went live there (the log ended within the exit: the
+    /// devices read the images themselves for the reads it did not log).
+    fn disk_reads(&mut self, pos: u64) -> Result<DiskReadsAt, DoorError>;
 }
 
 /// Something from outside the VM for the live door.

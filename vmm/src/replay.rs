@@ -600,19 +600,25 @@ impl Replayer for ReplayDoor {
         ))
     }
 
-    fn disk_reads(&mut self, pos: u64) -> Result<Option<crate::nondet::DiskReads>, DoorError> {
-        let mut reads = Vec::new();
+    fn disk_reads(&mut self, pos: u64) -> Result<crate::nondet::DiskReadsAt, DoorError> {
+        let mut at = crate::nondet::DiskReadsAt::default();
+        if self.live_now().is_some() {
+            at.live = true;
+            return Ok(at);
+        }
         while let Some(e) = self.take_if(pos, |e| matches!(e, Entry::DiskRead { .. }))? {
             if let Entry::DiskRead { disk, data, .. } = e {
-                reads.push((disk, data));
+                at.reads.push((disk, data));
             }
         }
-        // The log ended here and the door went live: the device reads the
-        // disk itself from now on (nothing read at this exit was logged).
-        if reads.is_empty() && self.live_now().is_some() {
-            return Ok(None);
+        // The log ends here, maybe after only some of this exit's reads
+        // (the primary died within the exit): go live now, so the rest
+        // are read from the images.
+        if self.peek()?.is_none() {
+            self.log_ended(pos)?;
+            at.live = true;
         }
-        Ok(Some(reads))
+        Ok(at)
     }
 
     fn take_live(&mut self) -> Option<LiveDoor> {
@@ -628,6 +634,7 @@ impl Replayer for ReplayDoor {
 mod tests {
     use super::*;
     use crate::nondet::LiveDoor;
+    use crate::nondet::{Recorder, Replayer};
     use crate::record::RecordDoor;
     use crate::vcpu::Kicker;
 
@@ -799,6 +806,58 @@ mod tests {
         // The VM then takes the live door over, once.
         assert!(p.take_live().is_some(), "the live door is handed over");
         assert!(p.take_live().is_none(), "only once");
+    }
+
+    #[test]
+    fn a_log_cut_within_an_exits_disk_reads_goes_live_there_with_what_it_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.log");
+        let live = LiveDoor::new(0, None, Kicker::for_current_thread());
+        let mut r = RecordDoor::create(&path, &header(), live).unwrap();
+        r.exit(1, out(0x43, 0x34)).unwrap();
+        r.disk_read(1, 0, vec![1u8; 512]).unwrap();
+        r.exit(2, out(0x43, 0x35)).unwrap();
+        r.disk_read(2, 0, vec![2u8; 512]).unwrap();
+        r.disk_read(2, 1, vec![3u8; 1024]).unwrap();
+        r.finish(2, "reset", &mut || "d".into()).unwrap();
+        drop(r);
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, frames) = ft_log::decode_all(&bytes).unwrap();
+        let kinds: Vec<_> = frames.iter().map(|f| f.entry.kind()).collect();
+        // Cut after the first read of exit 2: its second read is not logged.
+        let second = kinds.iter().rposition(|k| *k == "disk-read").unwrap();
+        let cut = dir.path().join("cut.log");
+        std::fs::write(&cut, &bytes[..frames[second].offset as usize]).unwrap();
+
+        // Whole: every read at its exit, and not live.
+        let mut p = ReplayDoor::open(&path).unwrap();
+        p.exit(1, out(0x43, 0x34)).unwrap();
+        let at = p.disk_reads(1).unwrap();
+        assert_eq!((at.reads.len(), at.live), (1, false));
+        p.exit(2, out(0x43, 0x35)).unwrap();
+        let at = p.disk_reads(2).unwrap();
+        assert_eq!(at.reads, vec![(0, vec![2u8; 512]), (1, vec![3u8; 1024])]);
+        assert!(!at.live);
+
+        // Cut: the read it has, and live from there (a backup).
+        let mut p = ReplayDoor::open(&cut).unwrap();
+        p.go_live_on_end(LiveDoor::new(0, None, Kicker::for_current_thread()));
+        p.exit(1, out(0x43, 0x34)).unwrap();
+        assert!(!p.disk_reads(1).unwrap().live);
+        p.exit(2, out(0x43, 0x35)).unwrap();
+        let at = p.disk_reads(2).unwrap();
+        assert_eq!(at.reads, vec![(0, vec![2u8; 512])]);
+        assert!(at.live, "the log ended within exit 2");
+        assert_eq!(p.gone_live_at(), Some(2));
+        // A replay with no live door reports where the log stopped.
+        let mut p = ReplayDoor::open(&cut).unwrap();
+        p.exit(1, out(0x43, 0x34)).unwrap();
+        p.disk_reads(1).unwrap();
+        p.exit(2, out(0x43, 0x35)).unwrap();
+        assert!(matches!(
+            p.disk_reads(2),
+            Err(DoorError::LogEnded { exit: 2 })
+        ));
     }
 
     #[test]

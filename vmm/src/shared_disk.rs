@@ -36,7 +36,7 @@
 use std::collections::BTreeMap;
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -168,9 +168,13 @@ impl RecordDecoder {
 }
 
 /// The fence of a shared disk: who may write it (see the module docs).
+///
+/// One open file per fence; its mutex makes the threads of one process
+/// (the hooks that claim, the sink that writes) take turns, since `flock`
+/// only excludes other open files.
 #[derive(Debug)]
 pub struct Fence {
-    file: File,
+    file: Mutex<File>,
     path: PathBuf,
     generation: u64,
     me: String,
@@ -184,22 +188,41 @@ struct Holder {
     owner: Option<String>,
 }
 
+/// How often a side waiting for the fence says so.
+const FENCE_WAIT_NOTE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// An exclusive `flock`, released when dropped.
 struct Locked<'a>(&'a File);
 
 impl<'a> Locked<'a> {
-    fn take(file: &'a File) -> io::Result<Self> {
+    /// Wait for the lock. A holder that never lets go (a process stopped
+    /// inside a write) keeps this side waiting: no write ever gets past
+    /// the fence, and the wait is said every few seconds.
+    fn take(file: &'a File, path: &Path) -> io::Result<Self> {
+        let started = std::time::Instant::now();
+        let mut said = started;
         loop {
             // SAFETY: flock on a file descriptor this File owns; no memory
             // is passed.
-            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
             if r == 0 {
                 return Ok(Locked(file));
             }
             let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+            match e.raw_os_error() {
+                Some(libc::EWOULDBLOCK) | Some(libc::EINTR) => {}
+                _ => return Err(e),
             }
+            if said.elapsed() >= FENCE_WAIT_NOTE {
+                said = std::time::Instant::now();
+                tracing::warn!(
+                    "waiting {:.0} s for the fence {}: another process holds it (a side \
+                     stopped inside a write?); nothing is written until it lets go or dies",
+                    started.elapsed().as_secs_f64(),
+                    path.display()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
     }
 }
@@ -234,7 +257,7 @@ impl Fence {
                 source,
             })?;
         Ok(Fence {
-            file,
+            file: Mutex::new(file),
             path,
             generation,
             me: me.to_string(),
@@ -249,33 +272,39 @@ impl Fence {
         }
     }
 
-    fn read(&self) -> Result<Option<Holder>, SharedDiskError> {
-        let mut text = String::new();
-        let mut f = &self.file;
-        f.seek(SeekFrom::Start(0))
-            .and_then(|_| f.read_to_string(&mut text))
+    /// What the fence holds: its first line. An empty file (never joined)
+    /// holds nothing; anything unreadable fences everyone (fail closed).
+    fn read(&self, file: &File) -> Result<Option<Holder>, SharedDiskError> {
+        let mut buf = vec![0u8; 512];
+        let n = file
+            .read_at(&mut buf, 0)
             .map_err(self.io("reading the fence"))?;
-        let text = text.trim();
-        if text.is_empty() {
+        let text = String::from_utf8_lossy(&buf[..n]);
+        if text.trim().is_empty() {
             return Ok(None);
         }
+        let line = text.lines().next().unwrap_or("").trim();
         let bad = || SharedDiskError::BadFence {
             path: self.path.clone(),
-            detail: format!("holds {text:?}, not \"GENERATION OWNER\""),
+            detail: format!("holds {line:?}, not \"GENERATION OWNER\""),
         };
-        let (g, owner) = text.split_once(' ').ok_or_else(bad)?;
+        let (g, owner) = line.split_once(' ').ok_or_else(bad)?;
+        if owner.is_empty() || owner.contains(' ') {
+            return Err(bad());
+        }
         Ok(Some(Holder {
             generation: g.parse().map_err(|_| bad())?,
             owner: (owner != "-").then(|| owner.to_string()),
         }))
     }
 
-    fn store(&self, owner: Option<&str>) -> Result<(), SharedDiskError> {
+    /// Write the fence's line, then cut what an older, longer line left:
+    /// a crash in between leaves the new line first (never an empty file).
+    fn store(&self, file: &File, owner: Option<&str>) -> Result<(), SharedDiskError> {
         let line = format!("{} {}\n", self.generation, owner.unwrap_or("-"));
-        self.file
-            .set_len(0)
-            .and_then(|_| self.file.write_all_at(line.as_bytes(), 0))
-            .and_then(|_| self.file.sync_data())
+        file.write_all_at(line.as_bytes(), 0)
+            .and_then(|_| file.set_len(line.len() as u64))
+            .and_then(|_| file.sync_data())
             .map_err(self.io("writing the fence"))
     }
 
@@ -303,25 +332,37 @@ impl Fence {
         }
     }
 
+    /// Run `f` on the fence's file, holding it (this process's threads
+    /// in turn, other processes by `flock`).
+    fn locked<T>(
+        &self,
+        f: impl FnOnce(&File) -> Result<T, SharedDiskError>,
+    ) -> Result<T, SharedDiskError> {
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let _l = Locked::take(&file, &self.path).map_err(self.io("locking the fence"))?;
+        f(&file)
+    }
+
     /// A pair of this generation forms: record it, so that sides of older
     /// generations are fenced off; refused if a newer one has spoken.
     pub fn join(&self) -> Result<(), SharedDiskError> {
-        let _l = Locked::take(&self.file).map_err(self.io("locking the fence"))?;
-        let holder = self.read()?;
-        self.check(&holder)?;
-        match holder {
-            Some(h) if h.generation == self.generation => Ok(()),
-            _ => self.store(None),
-        }
+        self.locked(|file| {
+            let holder = self.read(file)?;
+            self.check(&holder)?;
+            match holder {
+                Some(h) if h.generation == self.generation => Ok(()),
+                _ => self.store(file, None),
+            }
+        })
     }
 
     /// This side won the claim for its generation: from now on only it
     /// may write.
     pub fn claim(&self) -> Result<(), SharedDiskError> {
-        let _l = Locked::take(&self.file).map_err(self.io("locking the fence"))?;
-        let holder = self.read()?;
-        self.check(&holder)?;
-        self.store(Some(&self.me))
+        self.locked(|file| {
+            self.check(&self.read(file)?)?;
+            self.store(file, Some(&self.me))
+        })
     }
 
     /// Run `write` while holding the fence, if this side may still write.
@@ -329,9 +370,10 @@ impl Fence {
         &self,
         write: impl FnOnce() -> Result<T, SharedDiskError>,
     ) -> Result<T, SharedDiskError> {
-        let _l = Locked::take(&self.file).map_err(self.io("locking the fence"))?;
-        self.check(&self.read()?)?;
-        write()
+        self.locked(|file| {
+            self.check(&self.read(file)?)?;
+            write()
+        })
     }
 }
 
@@ -369,6 +411,19 @@ impl SharedDisks {
                     path: s.path.clone(),
                     source,
                 })?;
+            // The fence is a file next to the image, on the filesystem
+            // both sides reach: a device node has no such place.
+            let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+            if !is_file {
+                return Err(SharedDiskError::Open {
+                    path: s.path.clone(),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "a shared disk must be a regular file on a filesystem both sides \
+                         reach (its fence file lives next to it)",
+                    ),
+                });
+            }
             disks.push(Some(Arc::new(Disk {
                 path: s.path.clone(),
                 file,
@@ -456,16 +511,27 @@ pub struct DiskSink {
     disks: SharedDisks,
     fences: Fences,
     decoder: RecordDecoder,
-    fenced: Arc<Mutex<Option<String>>>,
+    fenced: Arc<Mutex<Option<SinkFailure>>>,
 }
 
-/// Why a [`DiskSink`] stopped writing, if it was fenced off.
+/// Why a [`DiskSink`] stopped writing, once it did: fenced off (exit
+/// status 5), or a write that failed (the VM stops, so that the backup,
+/// which kept the write, takes over and writes it).
 #[derive(Clone, Debug, Default)]
-pub struct FencedFlag(Arc<Mutex<Option<String>>>);
+pub struct FencedFlag(Arc<Mutex<Option<SinkFailure>>>);
+
+/// A [`DiskSink`]'s failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SinkFailure {
+    /// Fenced off by a newer side (rather than an I/O error).
+    pub fenced: bool,
+    /// What happened.
+    pub message: String,
+}
 
 impl FencedFlag {
-    /// The fence's message, once the sink was refused.
-    pub fn get(&self) -> Option<String> {
+    /// The failure, once the sink failed.
+    pub fn get(&self) -> Option<SinkFailure> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -495,7 +561,13 @@ impl DiskSink {
         }
         // Durable before the writes count as done (a flush the guest saw
         // complete relies on the log until here).
-        for d in self.disks.disks.iter().flatten() {
+        let mut written: Vec<u8> = records.iter().map(|r| r.disk).collect();
+        written.sort_unstable();
+        written.dedup();
+        for d in written
+            .iter()
+            .filter_map(|&i| self.disks.disks.get(i as usize).and_then(Option::as_ref))
+        {
             d.file.sync_data().map_err(|source| SharedDiskError::Io {
                 path: d.path.clone(),
                 what: "syncing",
@@ -544,21 +616,26 @@ impl DiskSink {
 }
 
 impl Release for DiskSink {
+    /// Write whole records. After a failure nothing more is written (the
+    /// stream is ordered: a later write must not land without an earlier
+    /// one).
     fn release(&mut self, _offset: u64, bytes: &[u8]) -> io::Result<()> {
-        if let Some(why) = self
+        let failed = self
             .fenced
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
-            return Err(io::Error::other(why));
+            .clone();
+        if let Some(f) = failed {
+            return Err(io::Error::other(f.message));
         }
         self.release_records(bytes).map_err(|e| {
-            let msg = e.to_string();
-            if matches!(e, SharedDiskError::Fenced { .. }) {
-                tracing::error!("{msg}: this side writes nothing more");
-                *self.fenced.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg.clone());
-            }
+            let failure = SinkFailure {
+                fenced: matches!(e, SharedDiskError::Fenced { .. }),
+                message: e.to_string(),
+            };
+            tracing::error!("{}: this side writes nothing more", failure.message);
+            let msg = failure.message.clone();
+            *self.fenced.lock().unwrap_or_else(|e| e.into_inner()) = Some(failure);
             io::Error::other(msg)
         })
     }
@@ -730,6 +807,10 @@ impl SharedView {
 
     /// The write records of this exit, for the write stream.
     pub fn take_writes(&mut self) -> Vec<u8> {
+        // Replaying, the cache only served the exit that wrote it.
+        if self.mode == ViewMode::Replay {
+            self.cache.clear();
+        }
         std::mem::take(&mut self.writes)
     }
 
@@ -741,7 +822,9 @@ impl SharedView {
 
     /// Read `buf.len()` bytes (whole sectors) at byte `offset`.
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ViewError> {
-        if self.mode == ViewMode::Replay {
+        // The log's bytes first: replaying, and at the exit where a backup
+        // goes live with only part of that exit's reads logged.
+        if self.mode == ViewMode::Replay || !self.supplied.is_empty() {
             return match self.supplied.pop_front() {
                 Some(d) if d.len() == buf.len() => {
                     buf.copy_from_slice(&d);
@@ -755,6 +838,9 @@ impl SharedView {
                 }),
             };
         }
+        // Prune before reading the image: a write that reaches the image
+        // after the read keeps its cached copy until the next read.
+        self.prune();
         self.file
             .read_exact_at(buf, offset)
             .map_err(|source| ViewError::Io {
@@ -762,7 +848,6 @@ impl SharedView {
                 len: buf.len(),
                 source,
             })?;
-        self.prune();
         let first = offset / SECTOR;
         let last = (offset + buf.len() as u64).div_ceil(SECTOR);
         for (sector, (_, data)) in self.cache.range(first..last) {
@@ -779,12 +864,12 @@ impl SharedView {
     /// on the image, and handed on as a record of the write stream.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         self.seq += 1;
-        if self.mode != ViewMode::Replay {
-            // Replaying, reads come from the log: no cache needed.
-            for (i, chunk) in data.chunks(SECTOR as usize).enumerate() {
-                self.cache
-                    .insert(offset / SECTOR + i as u64, (self.seq, chunk.into()));
-            }
+        // Cached in every mode: replaying, only until the end of the exit
+        // (reads come from the log), in case the backup goes live within
+        // it and reads the image for the rest of it.
+        for (i, chunk) in data.chunks(SECTOR as usize).enumerate() {
+            self.cache
+                .insert(offset / SECTOR + i as u64, (self.seq, chunk.into()));
         }
         self.writes
             .extend_from_slice(&write_record(self.disk, self.seq, offset, data));
@@ -907,10 +992,56 @@ mod tests {
         view.supply(vec![3u8; 1024]);
         let e = view.read(0, &mut buf).unwrap_err().to_string();
         assert!(e.contains("holds 1024 bytes"), "{e}");
-        // Replaying caches nothing, but still numbers and streams writes.
+        // Replaying, a write is cached only until the end of its exit,
+        // and still numbered and streamed.
         view.write(0, &[1u8; 512]);
-        assert_eq!(view.cached_sectors(), 0);
+        assert_eq!(view.cached_sectors(), 1);
         assert!(!view.take_writes().is_empty());
+        assert_eq!(view.cached_sectors(), 0);
+    }
+
+    #[test]
+    fn going_live_within_an_exit_reads_the_logged_bytes_then_the_image_and_its_writes() {
+        let img = image(8 << 10);
+        let disks = SharedDisks::open(&[spec(img.path())]).unwrap();
+        let mut view = disks.view(0).unwrap().unwrap();
+        view.set_mode(ViewMode::Replay);
+        // Earlier in the exit, replaying: a write (not on the image yet).
+        view.write(1024, &[6u8; 512]);
+        // The log held one of the exit's reads; then the side went live.
+        view.supply(vec![4u8; 512]);
+        view.set_mode(ViewMode::Direct);
+        let mut buf = vec![0u8; 512];
+        view.read(0, &mut buf).unwrap();
+        assert_eq!(buf, vec![4u8; 512], "the logged read first");
+        view.read(1024, &mut buf).unwrap();
+        assert_eq!(buf, vec![6u8; 512], "then the image, with the exit's write");
+        assert_eq!(view.take_writes().len(), 4 + RECORD_HEAD + 512);
+        assert_eq!(view.cached_sectors(), 1, "kept until it is on the image");
+    }
+
+    #[test]
+    fn a_fence_line_is_read_from_its_first_line_and_an_unreadable_one_fences() {
+        let img = image(4096);
+        let path = Fence::path_of(img.path());
+        let f = Fence::open(img.path(), 12, "backup:2:b").unwrap();
+        // What a crash between writing a shorter line and cutting the old
+        // one leaves: the new line first.
+        std::fs::write(&path, "12 -\nrimary:1:a\n").unwrap();
+        f.write(|| Ok(())).unwrap();
+        f.claim().unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "12 backup:2:b\n");
+        std::fs::write(&path, "12 a b\n").unwrap();
+        assert!(matches!(
+            f.write(|| Ok(())),
+            Err(SharedDiskError::BadFence { .. })
+        ));
+    }
+
+    #[test]
+    fn a_shared_disk_must_be_a_regular_file() {
+        let e = SharedDisks::open(&[spec(Path::new("/dev/null"))]).unwrap_err();
+        assert!(e.to_string().contains("regular file"), "{e}");
     }
 
     #[test]
@@ -957,7 +1088,8 @@ mod tests {
         let mut on_disk = vec![0u8; 512];
         img.as_file().read_exact_at(&mut on_disk, 0).unwrap();
         assert_eq!(on_disk, vec![0u8; 512], "a fenced write never lands");
-        assert!(flag.get().unwrap().contains("fenced"));
+        let f = flag.get().unwrap();
+        assert!(f.fenced && f.message.contains("fenced"), "{f:?}");
         assert!(sink.release(0, &[]).is_err());
     }
 

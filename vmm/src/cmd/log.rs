@@ -90,6 +90,16 @@ pub fn show_log(args: LogArgs) -> Result<()> {
                     fr.seq,
                     pages.len()
                 ),
+                Entry::DiskRead { pos, disk, data } => println!(
+                    "#{} shared disk {disk} read at exit {pos}: {} bytes",
+                    fr.seq,
+                    data.len()
+                ),
+                Entry::NetRx { pos, frame } => println!(
+                    "#{} frame received at exit {pos}: {} bytes",
+                    fr.seq,
+                    frame.len()
+                ),
                 other => println!("#{} {other:?}", fr.seq),
             }
         }

@@ -247,23 +247,25 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
         "vmft: primary of {} generation {generation}: connecting to the backup at {}",
         pair.vm, args.backup
     );
-    // The tap first: a missing or busy one must not cost a failover.
+    // Everything that can fail on this side before the pair forms: a
+    // missing or busy tap, an unusable shared disk or control socket must
+    // not cost a failover.
     let tap = super::open_tap(source.nets())?;
-    let link = PrimaryLink::connect(args.backup.as_str(), &cfg)
-        .with_context(|| format!("cannot connect to the backup at {}", args.backup))?;
-    eprintln!("vmft: connected to the backup; the VM is protected");
-    let board = StatusBoard::new(&pair.vm, Role::Primary, Some(args.backup.clone()));
-    let _api = start_api(&pair, "primary", &board)?;
-    let handle = link.handle();
-    let link = Arc::new(Mutex::new(Some(link)));
-    let dropped = Arc::new(AtomicBool::new(false));
-    let unprotected = dropped.clone();
     let claimant = Claimant::new(pair.arbiter.clone(), arbiter_token(&pair)?, "primary")?;
     let shared = shared_disks(&source, generation, &claimant.identity())?;
     if let Some((_, fences)) = &shared {
         // Sides of older pairs may no longer write.
         fences.join().context("cannot use the shared disk")?;
     }
+    let board = StatusBoard::new(&pair.vm, Role::Primary, Some(args.backup.clone()));
+    let _api = start_api(&pair, "primary", &board)?;
+    let link = PrimaryLink::connect(args.backup.as_str(), &cfg)
+        .with_context(|| format!("cannot connect to the backup at {}", args.backup))?;
+    eprintln!("vmft: connected to the backup; the VM is protected");
+    let handle = link.handle();
+    let link = Arc::new(Mutex::new(Some(link)));
+    let dropped = Arc::new(AtomicBool::new(false));
+    let unprotected = dropped.clone();
     let console = console_side(
         &pair,
         generation,
@@ -295,7 +297,7 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
         Some((disks, fences)) => {
             let sink = disks.sink_fenced(fences.clone());
             let fenced = sink.fenced_flag();
-            let held = HeldOutput::start(0, Box::new(sink), ack_waiter(&handle));
+            let held = HeldOutput::start_strict(0, Box::new(sink), ack_waiter(&handle));
             Some((disks, fences, fenced, held))
         }
         None => None,
@@ -357,9 +359,11 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     };
     let mut vm = Vm::start(&source, opts).context("cannot start the VM")?;
     let result = vm.run();
-    if result.is_ok() {
-        board.set_state(State::Stopped);
-    }
+    board.set_state(if result.is_ok() {
+        State::Stopped
+    } else {
+        State::Halted
+    });
     // The end entry is in the log: release the last output once the backup
     // has it, then close the channel cleanly.
     held.mark(handle.sent());
@@ -387,12 +391,22 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
             );
         }
     }
-    if let (Ok(_), Some((_, _, _, h))) = (&result, &disk_held) {
+    if let (Ok(_), Some((_, _, fenced, h))) = (&result, &disk_held) {
         if !h.drain(Duration::from_secs(30)) {
+            // The run ended cleanly, so the guest writes nothing more: the
+            // last writes are written now (a backup that goes live instead
+            // writes the same bytes; the fence keeps one writer at a time).
             eprintln!(
-                "vmft: warning: some shared-disk writes were never acknowledged by the backup \
-                 (the backup writes them if it goes live)"
+                "vmft: the backup did not acknowledge the last shared-disk writes; writing them"
             );
+            h.set_mode(vmm::ft::output::ReleaseMode::Free);
+            if !h.drain(Duration::from_secs(30)) {
+                let why = fenced.get().map(|f| f.message).unwrap_or_default();
+                bail!(
+                    "{} bytes of shared-disk writes were not written: {why}",
+                    h.held()
+                );
+            }
         }
     }
     if pair.stats {
@@ -612,6 +626,8 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
     let result = vm.run();
     if result.is_ok() {
         board.set_state(State::Stopped);
+    } else if board.snapshot().state != State::Halted {
+        board.set_state(State::Halted);
     }
     if pair.stats {
         eprint!("{}", vm.stats.report(vm.unknown_ports()));

@@ -87,6 +87,9 @@ struct Shared {
     marked_end: AtomicU64,
 }
 
+/// Most release delays kept for statistics.
+const MAX_DELAYS: usize = 100_000;
+
 /// Most output held at once before the guest is made to wait (bytes).
 pub const MAX_HELD: u64 = 8 << 20;
 
@@ -133,8 +136,29 @@ impl HeldOutput {
     /// from `acked` (and may block in it up to the timeout it is given).
     pub fn start(
         start: u64,
+        sink: Box<dyn Release>,
+        acked: Box<dyn Fn(u64, Duration) -> bool + Send>,
+    ) -> HeldOutput {
+        Self::spawn(start, sink, acked, false)
+    }
+
+    /// As [`HeldOutput::start`], for a stream whose every chunk must land
+    /// (shared-disk writes): a chunk the sink refuses is not counted as
+    /// released, and nothing after it is released (the sink says why to
+    /// whoever stops the VM; the backup keeps the chunk and writes it).
+    pub fn start_strict(
+        start: u64,
+        sink: Box<dyn Release>,
+        acked: Box<dyn Fn(u64, Duration) -> bool + Send>,
+    ) -> HeldOutput {
+        Self::spawn(start, sink, acked, true)
+    }
+
+    fn spawn(
+        start: u64,
         mut sink: Box<dyn Release>,
         acked: Box<dyn Fn(u64, Duration) -> bool + Send>,
+        strict: bool,
     ) -> HeldOutput {
         let shared = Arc::new(Shared {
             captured: Mutex::new(Captured {
@@ -191,16 +215,30 @@ impl HeldOutput {
                     continue;
                 };
                 if let Err(e) = sink.release(c.offset, &c.bytes) {
-                    tracing::warn!("releasing console output failed: {e}");
+                    if strict {
+                        tracing::error!(
+                            offset = c.offset,
+                            "releasing held output failed ({e}): nothing more is released"
+                        );
+                        s.mode.store(ReleaseMode::Halt as u8, Ordering::Release);
+                        s.queue
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push_front(c);
+                        continue;
+                    }
+                    tracing::warn!("releasing held output failed: {e}");
                 }
                 s.held_bytes
                     .fetch_sub(c.bytes.len() as u64, Ordering::AcqRel);
                 s.released
                     .store(c.offset + c.bytes.len() as u64, Ordering::Release);
-                s.delays
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(c.captured.elapsed());
+                let mut delays = s.delays.lock().unwrap_or_else(|e| e.into_inner());
+                // Bounded: the recent past is what figures are made of.
+                if delays.len() >= MAX_DELAYS {
+                    delays.drain(..MAX_DELAYS / 2);
+                }
+                delays.push(c.captured.elapsed());
             })
             .expect("spawn the output releaser");
         HeldOutput { shared }
@@ -538,6 +576,39 @@ mod tests {
         held.mark(6);
         std::thread::sleep(Duration::from_millis(150));
         assert_eq!(out.text(), "a", "a halted side released output");
+    }
+
+    #[test]
+    fn a_strict_stream_does_not_count_a_refused_chunk_as_released() {
+        struct Refuse(Arc<Mutex<Vec<u64>>>);
+        impl Release for Refuse {
+            fn release(&mut self, offset: u64, _bytes: &[u8]) -> io::Result<()> {
+                self.0.lock().unwrap().push(offset);
+                if offset >= 3 {
+                    return Err(io::Error::other("disk full"));
+                }
+                Ok(())
+            }
+        }
+        let tried = Arc::new(Mutex::new(Vec::new()));
+        let held =
+            HeldOutput::start_strict(0, Box::new(Refuse(tried.clone())), Box::new(|_, _| true));
+        let mut cap = held.capture();
+        cap.write_all(b"abc").unwrap();
+        held.mark(1);
+        assert!(wait_until(|| held.released() == 3));
+        cap.write_all(b"def").unwrap();
+        held.mark(2);
+        cap.write_all(b"ghi").unwrap();
+        held.mark(3);
+        assert!(wait_until(|| tried.lock().unwrap().contains(&3)));
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(held.released(), 3, "the refused chunk is not released");
+        assert_eq!(
+            *tried.lock().unwrap(),
+            vec![0, 3],
+            "nothing after it is tried"
+        );
     }
 
     #[test]

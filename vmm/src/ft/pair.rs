@@ -271,6 +271,7 @@ impl PrimaryHooks {
                 self.protection = Protection::Unprotected;
                 if let Some(s) = &self.status {
                     s.set_state(State::Unprotected);
+                    s.unfollow();
                     s.failover("backup", reason, detected.elapsed());
                 }
                 note("claim won: the VM continues here, UNPROTECTED (no backup)");
@@ -300,6 +301,12 @@ impl PairHooks for PrimaryHooks {
             return Err(DoorError::Ft("the primary's door does not record".into()));
         };
         if self.protection == Protection::Unprotected {
+            if let Some(s) = self.status.as_ref() {
+                if self.sample_at.elapsed() >= Duration::from_millis(100) {
+                    self.sample_at = Instant::now();
+                    s.progress(pos, self.handle.sent());
+                }
+            }
             // No backup: output is released at once (ReleaseMode::Free) and
             // input is safe as soon as it is handed to the guest.
             if self.held.has_unmarked() {
@@ -504,14 +511,9 @@ impl TakeOver {
         ));
         let detected = Instant::now();
         let decision = claim(&mut self.claimant, &self.vm, self.generation)?;
-        if let Some(s) = &self.status {
-            match &decision {
-                Decision::Won => {
-                    s.set_state(State::Live);
-                    s.failover("primary", &why, detected.elapsed());
-                }
-                Decision::Lost { .. } => s.set_state(State::Halted),
-            }
+        let claimed = detected.elapsed();
+        if let (Some(s), Decision::Lost { .. }) = (&self.status, &decision) {
+            s.set_state(State::Halted);
         }
         match decision {
             Decision::Won => {
@@ -538,6 +540,10 @@ impl TakeOver {
                     .tail
                     .go_live(sink)
                     .map_err(|e| DoorError::Ft(format!("re-sending console output: {e}")))?;
+                if let Some(s) = &self.status {
+                    s.set_state(State::Live);
+                    s.failover("primary", &why, claimed);
+                }
                 note(&format!(
                     "claim won: the backup is LIVE from exit {pos} (console output re-sent from byte {from})"
                 ));

@@ -128,10 +128,8 @@ const RATE_INTERVAL: Duration = Duration::from_millis(500);
 impl StatusBoard {
     /// The board of a `role` side of `vm`, talking to `peer`.
     pub fn new(vm: &str, role: Role, peer: Option<String>) -> Self {
-        let state = match role {
-            Role::Primary => State::Protected,
-            Role::Backup => State::Waiting,
-        };
+        // Waiting for the peer until the pair forms.
+        let state = State::Waiting;
         StatusBoard {
             inner: Arc::new(Mutex::new(Board {
                 status: MonitorStatus {
@@ -223,6 +221,14 @@ impl StatusBoard {
         });
     }
 
+    /// Primary: no backup follows any more.
+    pub fn unfollow(&self) {
+        self.with(|b| {
+            b.status.lag_exits = None;
+            b.status.unacked_bytes = None;
+        });
+    }
+
     /// Primary: recent output delays added by the rule.
     pub fn output_delays(&self, delays: &[Duration]) {
         if delays.is_empty() {
@@ -305,24 +311,24 @@ pub fn prometheus(s: &MonitorStatus) -> String {
     }
     if let Some((p50, p99)) = s.output_delay_ms {
         metric(
-            "output_delay_p50_ms",
+            "output_delay_p50_seconds",
             "gauge",
             "Recent median delay the output rule added.",
-            p50,
+            p50 / 1000.0,
         );
         metric(
-            "output_delay_p99_ms",
+            "output_delay_p99_seconds",
             "gauge",
             "Recent 99th-percentile delay the output rule added.",
-            p99,
+            p99 / 1000.0,
         );
     }
     if let Some(f) = &s.last_failover {
         metric(
-            "last_failover_unix_ms",
+            "last_failover_timestamp_seconds",
             "gauge",
-            "When this side last won a claim after a failure.",
-            f.at_unix_ms as f64,
+            "When this side last won a claim after a failure (Unix time).",
+            f.at_unix_ms as f64 / 1000.0,
         );
     }
     metric(
@@ -345,15 +351,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_primary_starts_protected_and_a_failover_is_recorded() {
+    fn a_primary_is_protected_once_the_pair_forms_and_a_failover_is_recorded() {
         let b = StatusBoard::new("db", Role::Primary, Some("10.0.0.2:7000".into()));
+        let s = b.snapshot();
+        assert_eq!((s.state, s.protected), (State::Waiting, false));
         b.set_generation(42);
+        b.set_state(State::Protected);
         let s = b.snapshot();
         assert_eq!(
             (s.state, s.protected, s.generation),
             (State::Protected, true, 42)
         );
+        b.follow(5, 10);
         b.set_state(State::Unprotected);
+        b.unfollow();
         b.failover(
             "backup",
             "no heartbeat for 2000 ms",
@@ -361,6 +372,7 @@ mod tests {
         );
         let s = b.snapshot();
         assert!(!s.protected);
+        assert_eq!((s.lag_exits, s.unacked_bytes), (None, None));
         let f = s.last_failover.unwrap();
         assert_eq!((f.failed.as_str(), f.claim_ms), ("backup", 12));
     }
@@ -378,6 +390,7 @@ mod tests {
     #[test]
     fn the_status_round_trips_through_json() {
         let b = StatusBoard::new("db", Role::Primary, None);
+        b.set_state(State::Protected);
         b.progress(100, 4096);
         b.follow(3, 512);
         b.output_delays(&[Duration::from_millis(1), Duration::from_millis(3)]);

@@ -180,8 +180,10 @@ impl Vm {
         let Some(replayer) = door.replayer() else {
             return Ok(());
         };
-        match replayer.disk_reads(pos)? {
-            Some(reads) => {
+        let at = replayer.disk_reads(pos)?;
+        {
+            let reads = at.reads;
+            {
                 let mut views: Vec<_> = bus.shared_views().collect();
                 for (disk, data) in reads {
                     match views.iter_mut().find(|v| v.disk() == disk) {
@@ -197,10 +199,12 @@ impl Vm {
                     }
                 }
             }
-            None => {
-                for v in bus.shared_views() {
-                    v.set_mode(ViewMode::Direct);
-                }
+        }
+        // The log ended within this exit and the door went live: the
+        // reads it did not log come from the images.
+        if at.live {
+            for v in bus.shared_views() {
+                v.set_mode(ViewMode::Direct);
             }
         }
         Ok(())
@@ -246,15 +250,18 @@ impl Vm {
         if !writes.is_empty() {
             self.stats.shared_disk_bytes += writes.len() as u64;
             if let Some(sd) = self.shared_disk.as_mut() {
-                sd.out
-                    .write_all(&writes)
-                    .map_err(|e| VmError::Devices(format!("shared-disk write stream: {e}")))?;
+                if let Err(e) = sd.out.write_all(&writes) {
+                    // A live side writes through: say fenced if it was.
+                    self.check_fence()?;
+                    return Err(VmError::Devices(format!("shared-disk write stream: {e}")));
+                }
             }
         }
         self.check_fence()
     }
 
-    /// Stop if this side was fenced off a shared disk (exit status 5).
+    /// Stop if this side was fenced off a shared disk (exit status 5), or
+    /// a write to one failed (the backup, which kept it, takes over).
     pub(super) fn check_fence(&self) -> Result<(), VmError> {
         match self
             .shared_disk
@@ -262,13 +269,18 @@ impl Vm {
             .and_then(|s| s.fenced.as_ref())
             .and_then(|f| f.get())
         {
-            Some(why) => Err(DoorError::Fenced(why).into()),
+            Some(f) if f.fenced => Err(DoorError::Fenced(f.message).into()),
+            Some(f) => Err(VmError::Devices(format!(
+                "writing a shared disk failed: {}",
+                f.message
+            ))),
             None => Ok(()),
         }
     }
 
     /// The boundary after a guest-caused exit (or any stop, live).
     pub(super) fn boundary(&mut self) -> Result<(), VmError> {
+        self.check_fence()?;
         self.deliver()?;
         let pos = self.positions.now().exit;
         let (vcpu, mem) = (&self.vcpu, &self.mem);
