@@ -14,7 +14,15 @@ pub const DEFAULT_WORKLOAD: &str = "counter";
 /// The workloads of the default initramfs (`guest-images/initramfs/workloads/`;
 /// a unit test keeps the two in step).
 pub const WORKLOADS: &[&str] = &[
-    "compute", "counter", "disk", "echo", "net", "shell", "sleep", "ticker",
+    "compute",
+    "concurrent",
+    "counter",
+    "disk",
+    "echo",
+    "net",
+    "shell",
+    "sleep",
+    "ticker",
 ];
 
 /// Refuse a workload the default initramfs does not have, before anything
@@ -39,6 +47,47 @@ pub const CLEARED_CPU_FEATURES: &str =
     "tsc,rdrand,rdseed,xsave,avx,avx2,avx512f,smap,smep,umip,pku,\
 fsgsbase,rdpid,popcnt,cx16,movbe,bmi1,bmi2,erms,fsrm,abm";
 
+/// glibc features (names of `glibc.cpu.hwcaps`) that guest user programs
+/// must not use: every vector extension beyond SSE.
+///
+/// Guest user code runs natively here with the host's XCR0 loaded, so
+/// CPUID and XGETBV show it AVX and AVX-512 whatever the monitor or the
+/// guest kernel says (measured: XGETBV in a guest process gives 0xe7, also
+/// after the monitor set CR4.OSXSAVE and XCR0 = x87|SSE in the vCPU), and
+/// glibc picks AVX2/EVEX versions of `memcpy`,
+/// `strlen`, `strcmp` and the like. The guest kernel, which must not use
+/// XSAVE (`clearcpuid=xsave`), saves only the FXSAVE state at a context
+/// switch: x87 and the low 128 bits of XMM0-15. The upper halves of the
+/// YMM/ZMM registers, ZMM16-31 and the opmask registers are shared by all
+/// guest processes, so one process preempted in a vector loop resumes with
+/// another's values (busybox crashed reading a thread pointer its
+/// start-up `memcpy` had copied as zeros). The kernel passes
+/// `GLIBC_TUNABLES=...` on the command line to init as an environment
+/// variable, which every process inherits; glibc then uses its SSE
+/// versions. The names are glibc's (2.36 and later); unknown ones are
+/// ignored. Programs that issue AVX instructions themselves are not
+/// covered.
+pub const GLIBC_HWCAPS_OFF: &[&str] = &[
+    "AVX",
+    "AVX2",
+    "AVX512F",
+    "AVX512VL",
+    "AVX512BW",
+    "AVX512DQ",
+    "AVX512CD",
+    "AVX512ER",
+    "AVX512PF",
+    "FMA",
+    "FMA4",
+    "AVX_Fast_Unaligned_Load",
+];
+
+/// The `GLIBC_TUNABLES=` entry of the command line (see [`GLIBC_HWCAPS_OFF`]).
+pub fn glibc_tunables() -> String {
+    let off: Vec<String> = GLIBC_HWCAPS_OFF.iter().map(|f| format!("-{f}")).collect();
+    format!("GLIBC_TUNABLES=glibc.cpu.hwcaps={}", off.join(","))
+}
+
 /// The base kernel command line of every vmft guest.
 pub fn base_cmdline() -> String {
     [
@@ -58,6 +107,7 @@ pub fn base_cmdline() -> String {
         "lpj=1000000",
         "mitigations=off",
         "no_timer_check",
+        &glibc_tunables(),
     ]
     .join(" ")
 }
@@ -171,6 +221,21 @@ mod tests {
         let cleared: Vec<&str> = CLEARED_CPU_FEATURES.split(',').collect();
         for f in ["tsc", "rdrand", "rdseed", "cx16", "smap", "popcnt", "xsave"] {
             assert!(cleared.contains(&f), "{f} not cleared");
+        }
+        // Guest user space keeps off vector state its kernel does not save.
+        let tunables = c
+            .split(' ')
+            .find_map(|a| a.strip_prefix("GLIBC_TUNABLES=glibc.cpu.hwcaps="))
+            .expect("GLIBC_TUNABLES on the command line");
+        let off: Vec<&str> = tunables.split(',').collect();
+        for f in [
+            "-AVX",
+            "-AVX2",
+            "-AVX512F",
+            "-AVX512VL",
+            "-AVX_Fast_Unaligned_Load",
+        ] {
+            assert!(off.contains(&f), "{f} missing from {tunables}");
         }
         assert!(c.len() < crate::boot::CMDLINE_MAX);
         // The kernel parses clearcpuid= into a 128-byte buffer.
