@@ -72,7 +72,8 @@ pub struct PairArgs {
     #[arg(long, value_name = "ADDR")]
     pub console: Option<String>,
     /// The control socket (HTTP/JSON; `vmft status` reads it). Default:
-    /// $XDG_RUNTIME_DIR/vmft/VM-ROLE-PID.sock (/run/vmft/ for root).
+    /// VM-ROLE-PID.sock in $XDG_RUNTIME_DIR/vmft, else /run/vmft for root
+    /// or /tmp/vmft-UID.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
     /// Also serve the status as Prometheus metrics on ADDR (GET /metrics).

@@ -12,7 +12,8 @@ use vmm::ft::status::MonitorStatus;
 #[derive(Args)]
 pub struct StatusArgs {
     /// Ask this monitor (repeat for more). Default: every control socket
-    /// in the default directory ($XDG_RUNTIME_DIR/vmft, /run/vmft for root).
+    /// in the default directory ($XDG_RUNTIME_DIR/vmft, else /run/vmft for
+    /// root or /tmp/vmft-UID).
     #[arg(long = "api-sock", value_name = "PATH")]
     pub api_socks: Vec<PathBuf>,
     /// One JSON object per monitor, one per line, for tools.
