@@ -14,7 +14,17 @@ pub const DEFAULT_WORKLOAD: &str = "counter";
 /// The workloads of the default initramfs (`guest-images/initramfs/workloads/`;
 /// a unit test keeps the two in step).
 pub const WORKLOADS: &[&str] = &[
-    "compute", "counter", "disk", "echo", "net", "shell", "sleep", "ticker",
+    "compute",
+    "counter",
+    "disk",
+    "echo",
+    "net-all",
+    "net-echo",
+    "net-sink",
+    "net-source",
+    "shell",
+    "sleep",
+    "ticker",
 ];
 
 /// Refuse a workload the default initramfs does not have, before anything
@@ -186,7 +196,9 @@ mod tests {
         let dir = guest_images_dir().join("initramfs/workloads");
         let mut found: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_type().unwrap().is_file()) // not lib/: sourced helpers
+            .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         found.sort();
         assert_eq!(found, WORKLOADS, "update image::WORKLOADS");

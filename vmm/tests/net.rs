@@ -1,4 +1,4 @@
-//! The guest on a network, end to end: the default guest's `net` workload
+//! The guest on a network, end to end: the default guest's `net-echo` workload
 //! (eth0 at 10.77.0.50/24, a TCP echo server on port 7000) behind
 //! `vmft --net tap=tap0,mac=...`, reached by a client on a LAN of network
 //! namespaces (see `netns`).
@@ -56,7 +56,7 @@ use vmm::devices::virtio::tap::Tap;
 /// The guest's MAC (both sides of a pair: it is the card's) and address.
 const GUEST_MAC: [u8; 6] = [0x02, 0x76, 0x6d, 0x66, 0x74, 0x01];
 const GUEST_IP: [u8; 4] = [10, 77, 0, 50];
-/// The `net` workload's echo server.
+/// The `net-echo` workload's echo server.
 const ECHO_PORT: u16 = 7000;
 /// The tap of every host that runs the guest.
 const TAP: &str = "tap0";
@@ -614,7 +614,7 @@ impl World {
     /// `false` when the guest itself failed to start it because a freshly
     /// executed busybox crashed in its start-up (a known, open defect: a
     /// segfault reading a thread-local pointer right after eth0 comes up,
-    /// seen in about one restore of the `net` snapshot in four, with and
+    /// seen in about one restore of the `net` (now `net-echo`) snapshot in four, with and
     /// without FT); the caller retries the round and says so.
     fn wait_for_server(&mut self, who: &str) -> bool {
         let t0 = Instant::now();
@@ -782,7 +782,7 @@ extern "C" fn remove_snapshot_dir() {
     }
 }
 
-/// A snapshot of the default guest running `net` (vmft.ip=10.77.0.50/24,
+/// A snapshot of the default guest running `net-echo` (vmft.ip=10.77.0.50/24,
 /// vmft.count=0: forever) with `--net` [`net_opt`], at its ready marker:
 /// eth0 is not configured yet, the workload does that after a restore.
 /// Booted in a namespace of its own, with a tap in no bridge.
@@ -800,7 +800,7 @@ fn net_snapshot() -> &'static Path {
         make_tap(&ns, TAP, None);
         let (kernel, initrd) = image();
         let mut cmd = ns.exec(vmft_bin());
-        cmd.args(["run", "--workload", "net", "--append"])
+        cmd.args(["run", "--workload", "net-echo", "--append"])
             .arg(format!("vmft.ip={}/24 vmft.count=0", fmt_ip(&GUEST_IP)))
             .args(["--net", &net_opt(), "--no-stdin", "--snapshot-on-ready"])
             .arg(&snap)
@@ -1057,7 +1057,7 @@ fn the_echo_client_tells_a_faithful_server_from_a_repeating_or_resetting_one() {
 #[test]
 fn ticks_problem_catches_lost_repeated_and_failed_output() {
     let good =
-        "VMFT-READY workload=net\r\nnet: eth0 up at 10.77.0.50/24\r\nnet: echo server on 7000\r\n\
+        "VMFT-READY workload=net-echo\r\nnet: eth0 up at 10.77.0.50/24\r\nnet: echo server on 7000\r\n\
                 net tick 1\r\n[    3.1] a kernel line\r\nnet tick 2\r\nnet tick 3\r\n";
     assert_eq!(ticks_problem(good), None);
     assert!(ticks_problem(&good.replace("net tick 2\r\n", "")).is_some());
