@@ -85,17 +85,6 @@ fn secs(d: Duration) -> f64 {
 
 // ---------------------------------------------------------------- hosts
 
-/// Make the persistent tap `name` in `ns` (as a host does for its guest:
-/// `ip tuntap add dev NAME mode tap vnet_hdr`), put it in `bridge` if
-/// given, and bring it up. The monitor attaches to it by name.
-fn make_tap(ns: &Netns, name: &str, bridge: Option<&str>) {
-    ns.ip(&["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"]);
-    if let Some(br) = bridge {
-        ns.ip(&["link", "set", name, "master", br]);
-    }
-    ns.ip(&["link", "set", name, "up"]);
-}
-
 // ---------------------------------------------------------------- processes
 
 /// When the first line of `cap` containing `needle` arrived.
@@ -326,7 +315,10 @@ impl EchoClient {
         let t0 = Instant::now();
         let mut errors = Vec::new();
         loop {
-            match ns.enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(10))) {
+            match ns
+                .enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(10)))
+                .unwrap()
+            {
                 Ok(s) => return Ok(s),
                 Err(e) => errors.push(format!("{:.1} s: {e}", secs(t0.elapsed()))),
             }
@@ -527,8 +519,11 @@ struct World {
 
 impl World {
     fn new(roles: &[&str]) -> World {
-        let mut lan = Lan::new();
-        let hosts = roles.iter().map(|r| (r.to_string(), lan.host(r))).collect();
+        let mut lan = Lan::new().unwrap();
+        let hosts = roles
+            .iter()
+            .map(|r| (r.to_string(), lan.host(r).unwrap()))
+            .collect();
         World {
             procs: Vec::new(),
             client: None,
@@ -582,22 +577,25 @@ impl World {
             s += &format!("===== {}\n", c.describe());
         }
         for (role, h) in &self.hosts {
-            let links = h.ns().try_ip(&["-s", "link", "show"]).unwrap_or_else(|e| e);
+            let links = h
+                .ns()
+                .ip(&["-s", "link", "show"])
+                .unwrap_or_else(|e| e.to_string());
             s += &format!(
                 "===== host {role} ({}), br0 learned the guest on {:?}:\n{links}",
                 fmt_ip(&h.addr()),
-                h.port_of(&GUEST_MAC)
+                h.port_of(&GUEST_MAC).ok().flatten()
             );
         }
         let switch = self
             .lan
             .switch()
-            .try_ip(&["-s", "link", "show"])
-            .unwrap_or_else(|e| e);
+            .ip(&["-s", "link", "show"])
+            .unwrap_or_else(|e| e.to_string());
         s += &format!(
             "===== switch: the guest's MAC {} is on port {:?}:\n{switch}",
             fmt_mac(&GUEST_MAC),
-            self.lan.port_of(&GUEST_MAC)
+            self.lan.port_of(&GUEST_MAC).ok().flatten()
         );
         s
     }
@@ -796,8 +794,8 @@ fn net_snapshot() -> &'static Path {
             dir
         });
         let snap = dir.join("net.snap");
-        let ns = Netns::new("snap");
-        make_tap(&ns, TAP, None);
+        let ns = Netns::new("snap").unwrap();
+        ns.make_tap(TAP, None).unwrap();
         let (kernel, initrd) = image();
         let mut cmd = ns.exec(vmft_bin());
         cmd.args(["run", "--workload", "net-echo", "--append"])
@@ -902,11 +900,11 @@ fn a_persistent_tap_in_the_host_bridge_reaches_the_lan() {
     if !require_net() {
         return;
     }
-    let mut lan = Lan::new();
-    let vm = lan.host("vm");
-    let client = lan.host("client");
-    make_tap(vm.ns(), TAP, Some("br0"));
-    let detail = vm.ns().ip(&["-d", "link", "show", "dev", TAP]);
+    let mut lan = Lan::new().unwrap();
+    let vm = lan.host("vm").unwrap();
+    let client = lan.host("client").unwrap();
+    vm.ns().make_tap(TAP, Some("br0")).unwrap();
+    let detail = vm.ns().ip(&["-d", "link", "show", "dev", TAP]).unwrap();
     assert!(
         detail.contains("master br0")
             && detail.contains("tun type tap")
@@ -914,7 +912,7 @@ fn a_persistent_tap_in_the_host_bridge_reaches_the_lan() {
         "{detail}"
     );
     for round in 1..=2 {
-        let tap = vm.ns().enter(|| Tap::open(TAP)).unwrap();
+        let tap = vm.ns().enter(|| Tap::open(TAP)).unwrap().unwrap();
         assert_eq!(tap.name(), TAP);
         let answer = resolve_through(&tap, client.addr());
         assert_eq!(
@@ -922,10 +920,10 @@ fn a_persistent_tap_in_the_host_bridge_reaches_the_lan() {
             Some(client.mac()),
             "round {round}: no ARP answer from the client through the persistent tap"
         );
-        assert_eq!(vm.port_of(&GUEST_MAC).as_deref(), Some(TAP));
-        assert_eq!(lan.port_of(&GUEST_MAC).as_deref(), Some(vm.port()));
+        assert_eq!(vm.port_of(&GUEST_MAC).unwrap().as_deref(), Some(TAP));
+        assert_eq!(lan.port_of(&GUEST_MAC).unwrap().as_deref(), Some(vm.port()));
         drop(tap);
-        let still = vm.ns().try_ip(&["link", "show", "dev", TAP]);
+        let still = vm.ns().ip(&["link", "show", "dev", TAP]);
         assert!(
             still.is_ok(),
             "the persistent tap went with its opener: {still:?}"
@@ -951,7 +949,7 @@ fn a_persistent_tap_in_the_host_bridge_reaches_the_lan() {
 /// line, except that it repeats line `repeat` and resets the connection
 /// (SO_LINGER 0) after line `reset`, when given.
 fn echo_server(ns: &Netns, addr: SocketAddr, repeat: Option<usize>, reset: Option<usize>) {
-    let listener = ns.enter(|| TcpListener::bind(addr)).unwrap();
+    let listener = ns.enter(|| TcpListener::bind(addr)).unwrap().unwrap();
     thread::spawn(move || {
         let Ok((s, _)) = listener.accept() else {
             return;
@@ -1004,9 +1002,9 @@ fn the_echo_client_tells_a_faithful_server_from_a_repeating_or_resetting_one() {
     if !require_net() {
         return;
     }
-    let mut lan = Lan::new();
-    let server = lan.host("server");
-    let client = lan.host("client");
+    let mut lan = Lan::new().unwrap();
+    let server = lan.host("server").unwrap();
+    let client = lan.host("client").unwrap();
     let lines = 60;
     for (port, repeat, reset) in [
         (7000, None, None),
@@ -1100,7 +1098,7 @@ fn a_client_on_the_lan_talks_to_the_guest_echo_server() {
     }
     let _one = serial();
     let mut w = World::new(&["vm", "client"]);
-    make_tap(w.host("vm").ns(), TAP, Some("br0"));
+    w.host("vm").ns().make_tap(TAP, Some("br0")).unwrap();
     let args: Vec<OsString> = vec![
         "run".into(),
         "--restore".into(),
@@ -1130,10 +1128,14 @@ fn a_client_on_the_lan_talks_to_the_guest_echo_server() {
         s.max_gap_line
     );
     println!("net: bare: the guest printed {}", guest_clock(w.p("vm")));
-    let tap = w.host("vm").ns().ip(&["-s", "link", "show", "dev", TAP]);
+    let tap = w
+        .host("vm")
+        .ns()
+        .ip(&["-s", "link", "show", "dev", TAP])
+        .unwrap();
     println!("net: bare: the monitor's tap after the test:\n{tap}");
     // The guest's MAC sits behind the monitor's tap.
-    let port = w.host("vm").port_of(&GUEST_MAC);
+    let port = w.host("vm").port_of(&GUEST_MAC).unwrap();
     w.check(
         port.as_deref() == Some(TAP),
         format!("the vm host's bridge learned the guest on {port:?}, not {TAP}"),
@@ -1162,7 +1164,7 @@ fn a_recording_with_network_traffic_replays_to_the_same_state() {
     }
     let _one = serial();
     let mut w = World::new(&["vm", "client"]);
-    make_tap(w.host("vm").ns(), TAP, Some("br0"));
+    w.host("vm").ns().make_tap(TAP, Some("br0")).unwrap();
     let log = w.dir.path().join("net.log");
     let args: Vec<OsString> = vec![
         "record".into(),
@@ -1281,7 +1283,7 @@ fn rounds() -> u64 {
 fn ft_round(seed: u64, round: u64, kill_after: usize, extra: Duration) -> Option<Duration> {
     let mut w = World::new(&["primary", "backup", "client", "services"]);
     for side in ["primary", "backup"] {
-        make_tap(w.host(side).ns(), TAP, Some("br0"));
+        w.host(side).ns().make_tap(TAP, Some("br0")).unwrap();
     }
     let dir = w.dir.path().to_path_buf();
     let token = dir.join("channel.token");
@@ -1409,7 +1411,7 @@ fn ft_round(seed: u64, round: u64, kill_after: usize, extra: Duration) -> Option
         ),
     );
     // The switch sends the guest's traffic to the backup's host now.
-    let port = w.lan.port_of(&GUEST_MAC);
+    let port = w.lan.port_of(&GUEST_MAC).unwrap();
     let backup_port = w.host("backup").port().to_string();
     w.check(
         port.as_deref() == Some(backup_port.as_str()),
