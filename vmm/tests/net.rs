@@ -1,7 +1,7 @@
-//! The guest on a network, end to end: the default guest's `net-echo` workload
-//! (eth0 at 10.77.0.50/24, a TCP echo server on port 7000) behind
-//! `vmft --net tap=tap0,mac=...`, reached by a client on a LAN of network
-//! namespaces (see `netns`).
+//! The guest on a network, end to end: the default guest's `net-all`
+//! workload (eth0 at 10.77.0.50/24; TCP echo on 7000, sink on 7001,
+//! source on 7002) behind `vmft --net tap=tap0,mac=...`, reached by
+//! clients on a LAN of network namespaces (`vmm::lab::netns`).
 //!
 //! ```text
 //! (a) bare                        (b) fault-tolerant pair
@@ -28,9 +28,13 @@
 //! file). The client keeps a TCP connection to the echo server and sends
 //! numbered lines; every line must come back exactly once, in order,
 //! without a reset, also across a kill -9 of the primary (the longest
-//! wait for an echo is printed). The FT test kills the primary in
+//! wait for an echo is printed). The FT echo test kills the primary in
 //! `VMFT_NET_ROUNDS` rounds (default 3), each on a fresh LAN and pair;
-//! `VMFT_NET_SEED` repeats a printed seed.
+//! `VMFT_NET_SEED` repeats a printed seed. Stream clients send a stream
+//! to the sink and read one from the source, side by side, and compare
+//! count and SHA-256 with what the guest prints: while recording (then
+//! replayed) and across a kill -9 of the primary mid-stream
+//! (`VMFT_NET_STREAM_ROUNDS`, default 1).
 //!
 //! Needs root, /dev/net/tun and iproute2 (`netns::require_net`,
 //! `VMFT_SKIP_NET=1` skips on purpose) and /dev/kvm for the VM tests
@@ -44,7 +48,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -56,12 +60,20 @@ use vmm::devices::virtio::tap::Tap;
 /// The guest's MAC (both sides of a pair: it is the card's) and address.
 const GUEST_MAC: [u8; 6] = [0x02, 0x76, 0x6d, 0x66, 0x74, 0x01];
 const GUEST_IP: [u8; 4] = [10, 77, 0, 50];
-/// The `net-echo` workload's echo server.
+/// The guest's servers (workload `net-all`): echo, sink, source.
 const ECHO_PORT: u16 = 7000;
+const SINK_PORT: u16 = 7001;
+const SOURCE_PORT: u16 = 7002;
 /// The tap of every host that runs the guest.
 const TAP: &str = "tap0";
-/// The workload's marker once the server listens.
-const SERVER_UP: &str = "net: echo server on 7000";
+/// The workload's marker once the last of its servers listens.
+const SERVER_UP: &str = "net: source server on 7002";
+/// Stream sizes: while recording; across a failover (at about 0.2-0.3
+/// Mbit/s of emulated guest network, each stream takes 10-20 s).
+const RECORD_SINK_BYTES: u64 = 60_000;
+const RECORD_SOURCE_LINES: u64 = 10_000;
+const FT_SINK_BYTES: u64 = 240_000;
+const FT_SOURCE_LINES: u64 = 40_000;
 /// The channel's failure timeout and heartbeat.
 const TIMEOUT_MS: u64 = 2000;
 const HEARTBEAT_MS: u64 = 100;
@@ -504,6 +516,332 @@ impl Drop for EchoClient {
     }
 }
 
+// ---------------------------------------------------------------- stream clients
+
+/// Byte `i` of what a sink client sends: a function of the offset alone,
+/// not periodic over a TCP segment, so a lost, repeated or misplaced
+/// segment changes the checksum.
+fn sink_byte(i: u64) -> u8 {
+    (i.wrapping_mul(2_654_435_761) >> 11) as u8
+}
+
+/// What the guest's source sends for a request of `k` lines: `seq 1 k`.
+fn seq_bytes(k: u64) -> Vec<u8> {
+    (1..=k)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .collect()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The line the guest prints (and the sink returns) for a stream of
+/// `data`: `net-sink: bytes=N sum=SHA256`, or the source's
+/// `net-source: bytes=N sum=SHA256 lines=K`.
+fn stream_line(kind: &str, data: &[u8], lines: Option<u64>) -> String {
+    let mut l = format!("{kind}: bytes={} sum={}", data.len(), sha256_hex(data));
+    if let Some(k) = lines {
+        l += &format!(" lines={k}");
+    }
+    l
+}
+
+/// One TCP stream to or from the guest on a thread: to the sink (send
+/// every byte, half-close, read the guest's answer) or from the source
+/// (ask for K lines, read until the close). The thread ends with what
+/// it read, or with the first error (a reset, a broken pipe).
+struct StreamClient {
+    what: &'static str,
+    stream: TcpStream,
+    /// Bytes sent (sink) or received (source) so far.
+    progress: Arc<AtomicU64>,
+    thread: Option<JoinHandle<Result<Vec<u8>, String>>>,
+}
+
+impl StreamClient {
+    /// Send `bytes` bytes of [`sink_byte`] to the guest's sink from `ns`.
+    /// The send buffer is kept small, so that what the client has sent
+    /// is close to what reached the guest.
+    fn sink(ns: &Netns, bytes: u64) -> Result<StreamClient, String> {
+        let stream = EchoClient::connect(
+            ns,
+            SocketAddr::from((GUEST_IP, SINK_PORT)),
+            Duration::from_secs(90),
+        )?;
+        set_sndbuf(&stream, 16 * 1024);
+        let progress = Arc::new(AtomicU64::new(0));
+        let (mut s, p) = (stream.try_clone().unwrap(), progress.clone());
+        let thread = thread::spawn(move || {
+            let mut chunk = Vec::with_capacity(4096);
+            let mut at = 0u64;
+            while at < bytes {
+                chunk.clear();
+                chunk.extend((at..bytes.min(at + 4096)).map(sink_byte));
+                s.write_all(&chunk)
+                    .map_err(|e| format!("sending at byte {at}: {e} (kind {:?})", e.kind()))?;
+                at += chunk.len() as u64;
+                p.store(at, Ordering::SeqCst);
+            }
+            s.shutdown(Shutdown::Write)
+                .map_err(|e| format!("half-closing after {at} bytes: {e}"))?;
+            let mut answer = Vec::new();
+            std::io::Read::read_to_end(&mut s, &mut answer)
+                .map_err(|e| format!("reading the sink's answer: {e} (kind {:?})", e.kind()))?;
+            Ok(answer)
+        });
+        Ok(StreamClient {
+            what: "sink",
+            stream,
+            progress,
+            thread: Some(thread),
+        })
+    }
+
+    /// Ask the guest's source for `lines` lines from `ns` and read them.
+    fn source(ns: &Netns, lines: u64) -> Result<StreamClient, String> {
+        let stream = EchoClient::connect(
+            ns,
+            SocketAddr::from((GUEST_IP, SOURCE_PORT)),
+            Duration::from_secs(90),
+        )?;
+        let progress = Arc::new(AtomicU64::new(0));
+        let (mut s, p) = (stream.try_clone().unwrap(), progress.clone());
+        let thread = thread::spawn(move || {
+            s.write_all(format!("{lines}\n").as_bytes())
+                .map_err(|e| format!("sending the request: {e}"))?;
+            let mut data = Vec::new();
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match std::io::Read::read(&mut s, &mut buf) {
+                    Ok(0) => return Ok(data),
+                    Ok(n) => {
+                        data.extend_from_slice(&buf[..n]);
+                        p.store(data.len() as u64, Ordering::SeqCst);
+                    }
+                    Err(e) => {
+                        return Err(format!(
+                            "reading after {} bytes: {e} (kind {:?})",
+                            data.len(),
+                            e.kind()
+                        ))
+                    }
+                }
+            }
+        });
+        Ok(StreamClient {
+            what: "source",
+            stream,
+            progress,
+            thread: Some(thread),
+        })
+    }
+
+    fn progress(&self) -> u64 {
+        self.progress.load(Ordering::SeqCst)
+    }
+
+    fn is_finished(&self) -> bool {
+        match &self.thread {
+            Some(t) => t.is_finished(),
+            None => true,
+        }
+    }
+
+    /// Wait up to `limit` for the stream's end; what it read, or why not.
+    fn finish(&mut self, limit: Duration) -> Result<Vec<u8>, String> {
+        let t0 = Instant::now();
+        while !self.is_finished() && t0.elapsed() < limit {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let late = !self.is_finished();
+        // Unblock a thread still waiting.
+        let _ = self.stream.shutdown(Shutdown::Both);
+        let got = self.thread.take().expect("finished once").join().unwrap();
+        if late {
+            return Err(format!(
+                "the {} stream did not end within {limit:?} ({} bytes so far)",
+                self.what,
+                self.progress()
+            ));
+        }
+        got
+    }
+}
+
+impl Drop for StreamClient {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// Limit the socket's send buffer (the kernel doubles the figure).
+fn set_sndbuf(s: &TcpStream, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt reads one c_int from the pointer, which is live
+    // for the call; the fd is s's open socket.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            &bytes as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "SO_SNDBUF: {}", std::io::Error::last_os_error());
+}
+
+/// The lines of a guest transcript that show a user process of the guest
+/// crashing: the known busybox fault right after an exec (the kernel's
+/// "segfault at 0 ..." or "traps: ... general protection fault ...", the
+/// shell's "Segmentation fault").
+fn crash_lines(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|l| {
+            l.contains("segfault at ")
+                || l.contains("general protection fault")
+                || l.contains("Segmentation fault")
+        })
+        .collect()
+}
+
+/// How many lines of `text` (a console transcript) are exactly `line`.
+fn count_lines(text: &str, line: &str) -> usize {
+    text.lines()
+        .filter(|l| strip_ansi(l).trim_end_matches('\r') == line)
+        .count()
+}
+
+/// A stream to the guest's sink and one from its source, side by side,
+/// from host "client", with what each must carry.
+struct Streams {
+    sink: StreamClient,
+    source: StreamClient,
+    sink_data: Vec<u8>,
+    source_lines: u64,
+    source_data: Vec<u8>,
+    started: Instant,
+}
+
+impl Streams {
+    /// Start the stream from the source, and once its first bytes came,
+    /// the one to the sink (the guest receives much faster than it sends,
+    /// so the sink's stream, started first, would be over before the
+    /// source's has begun).
+    fn start(w: &mut World, sink_bytes: u64, source_lines: u64) -> Streams {
+        let started = Instant::now();
+        let source = StreamClient::source(w.host("client").ns(), source_lines);
+        let source = source.unwrap_or_else(|e| {
+            w.check(false, format!("connecting to the source: {e}"));
+            unreachable!()
+        });
+        w.wait_for("the source's first bytes", 300, |_| {
+            source.progress() > 0 || source.is_finished()
+        });
+        let sink = StreamClient::sink(w.host("client").ns(), sink_bytes);
+        let sink = sink.unwrap_or_else(|e| {
+            w.check(false, format!("connecting to the sink: {e}"));
+            unreachable!()
+        });
+        Streams {
+            sink,
+            source,
+            sink_data: (0..sink_bytes).map(sink_byte).collect(),
+            source_lines,
+            source_data: seq_bytes(source_lines),
+            started,
+        }
+    }
+
+    /// Whether the stream to the sink is at least `pct` per cent sent
+    /// (the source's has begun), or either has ended.
+    fn past(&self, pct: u64) -> bool {
+        let sink = self.sink.progress() * 100 >= self.sink_data.len() as u64 * pct;
+        sink || self.sink.is_finished() || self.source.is_finished()
+    }
+
+    /// Wait for both streams' ends, then check every byte: the sink's
+    /// answer is the count and SHA-256 of what the client sent, the
+    /// source's stream is exactly `seq 1 K` followed by the close, and the
+    /// guest printed each stream's line exactly once on the transcript of
+    /// process `who`. Returns how long the streams took; `None` when
+    /// something failed and the guest shows the known busybox crash (a
+    /// freshly exec'd busybox segfaulting in its start-up, see
+    /// [`World::wait_for_server`]): the caller retries, saying RETRY.
+    fn check(mut self, w: &mut World, who: &str, limit: Duration) -> Option<Duration> {
+        let sink = self.sink.finish(limit);
+        let source = self.source.finish(limit);
+        let took = self.started.elapsed();
+        let sink_line = stream_line("net-sink", &self.sink_data, None);
+        let source_line = stream_line("net-source", &self.source_data, Some(self.source_lines));
+        let mut problems = Vec::new();
+        match &sink {
+            Ok(answer) if *answer == format!("{sink_line}\n").into_bytes() => {}
+            Ok(answer) => problems.push(format!(
+                "the sink answered {:?}, not {sink_line:?}: bytes lost, repeated or reordered",
+                String::from_utf8_lossy(answer)
+            )),
+            Err(e) => problems.push(format!("the stream to the sink: {e}")),
+        }
+        match &source {
+            Ok(data) if *data == self.source_data => {}
+            Ok(data) => {
+                let first_diff = data
+                    .iter()
+                    .zip(&self.source_data)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(data.len().min(self.source_data.len()));
+                problems.push(format!(
+                    "the source's stream is {} bytes (sha256 {}), not the {} of `seq 1 {}` \
+                     (sha256 {}); first difference at byte {first_diff}",
+                    data.len(),
+                    sha256_hex(data),
+                    self.source_data.len(),
+                    self.source_lines,
+                    sha256_hex(&self.source_data)
+                ))
+            }
+            Err(e) => problems.push(format!("the stream from the source: {e}")),
+        }
+        if problems.is_empty() {
+            for line in [&sink_line, &source_line] {
+                let kind = line.split(' ').next().unwrap_or_default().to_string();
+                w.wait_for(&format!("the guest's {kind} line"), 120, |w| {
+                    w.p(who).stdout().contains(&kind)
+                });
+                let n = count_lines(&w.p(who).stdout(), line);
+                if n != 1 {
+                    problems.push(format!(
+                        "the guest's line {line:?} is printed {n} times, not once"
+                    ));
+                }
+            }
+        }
+        let out = w.p(who).stdout();
+        for retry in out.lines().filter(|l| l.contains("net: retry: ")) {
+            println!("net: RETRY in the guest (known busybox crash, not FT): {retry}");
+        }
+        if problems.is_empty() {
+            return Some(took);
+        }
+        if !crash_lines(&out).is_empty() {
+            println!(
+                "net: RETRY: the streams failed and the guest shows the known busybox crash \
+                 (not FT): {}",
+                problems.join("; ")
+            );
+            return None;
+        }
+        w.check(false, problems.join("\n"));
+        None
+    }
+}
+
 // ---------------------------------------------------------------- a world
 
 /// The processes, the client and the network of one test. Dropped in
@@ -608,12 +946,13 @@ impl World {
         }
     }
 
-    /// Wait for the guest's echo server, as printed by process `who`.
-    /// `false` when the guest itself failed to start it because a freshly
+    /// Wait for the guest's servers, as printed by process `who`. `false`
+    /// when the guest itself failed to start one because a freshly
     /// executed busybox crashed in its start-up (a known, open defect: a
-    /// segfault reading a thread-local pointer right after eth0 comes up,
-    /// seen in about one restore of the `net` (now `net-echo`) snapshot in four, with and
-    /// without FT); the caller retries the round and says so.
+    /// segfault reading a thread-local pointer, or a general protection
+    /// fault, right after eth0 comes up, seen in about one restore of the
+    /// snapshot in four, with and without FT); the caller retries the
+    /// round and says so. Fails at once when a vital process exits.
     fn wait_for_server(&mut self, who: &str) -> bool {
         let t0 = Instant::now();
         loop {
@@ -621,20 +960,25 @@ impl World {
             if out.contains(SERVER_UP) {
                 return true;
             }
-            if out.contains("segfault at 0") && out.contains("does not listen") {
+            if out.contains("does not listen") && !crash_lines(&out).is_empty() {
                 println!(
-                    "net: RETRY: the guest crashed while starting its echo server (known defect, \
-                     not FT: a busybox segfault after eth0 comes up):\n{}",
-                    out.lines()
-                        .filter(|l| l.contains("segfault"))
-                        .collect::<Vec<_>>()
-                        .join("\n")
+                    "net: RETRY: the guest crashed while starting its servers (known defect, \
+                     not FT: a freshly exec'd busybox faults after eth0 comes up):\n{}",
+                    crash_lines(&out).join("\n")
                 );
                 return false;
             }
+            let dead = self.procs.iter_mut().find_map(|p| {
+                let st = p.poll()?;
+                p.vital.then(|| format!("the {} exited ({st})", p.name))
+            });
+            if let Some(dead) = dead {
+                let r = self.report();
+                panic!("waiting for the guest's servers: {dead}\n{r}");
+            }
             if t0.elapsed() > Duration::from_secs(300) {
                 let r = self.report();
-                panic!("the guest's echo server: not within 300 s\n{r}");
+                panic!("the guest's servers: not within 300 s\n{r}");
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -780,7 +1124,8 @@ extern "C" fn remove_snapshot_dir() {
     }
 }
 
-/// A snapshot of the default guest running `net-echo` (vmft.ip=10.77.0.50/24,
+/// A snapshot of the default guest running `net-all` (echo, sink and source
+/// servers: one boot for every test here; vmft.ip=10.77.0.50/24,
 /// vmft.count=0: forever) with `--net` [`net_opt`], at its ready marker:
 /// eth0 is not configured yet, the workload does that after a restore.
 /// Booted in a namespace of its own, with a tap in no bridge.
@@ -798,7 +1143,7 @@ fn net_snapshot() -> &'static Path {
         ns.make_tap(TAP, None).unwrap();
         let (kernel, initrd) = image();
         let mut cmd = ns.exec(vmft_bin());
-        cmd.args(["run", "--workload", "net-echo", "--append"])
+        cmd.args(["run", "--workload", "net-all", "--append"])
             .arg(format!("vmft.ip={}/24 vmft.count=0", fmt_ip(&GUEST_IP)))
             .args(["--net", &net_opt(), "--no-stdin", "--snapshot-on-ready"])
             .arg(&snap)
@@ -1055,7 +1400,8 @@ fn the_echo_client_tells_a_faithful_server_from_a_repeating_or_resetting_one() {
 #[test]
 fn ticks_problem_catches_lost_repeated_and_failed_output() {
     let good =
-        "VMFT-READY workload=net-echo\r\nnet: eth0 up at 10.77.0.50/24\r\nnet: echo server on 7000\r\n\
+        "VMFT-READY workload=net-all\r\nnet: eth0 up at 10.77.0.50/24\r\nnet: echo server on 7000\r\n\
+         net: sink server on 7001\r\nnet: source server on 7002\r\n\
                 net tick 1\r\n[    3.1] a kernel line\r\nnet tick 2\r\nnet tick 3\r\n";
     assert_eq!(ticks_problem(good), None);
     assert!(ticks_problem(&good.replace("net tick 2\r\n", "")).is_some());
@@ -1155,14 +1501,29 @@ fn a_client_on_the_lan_talks_to_the_guest_echo_server() {
     );
 }
 
-/// A recording of the guest serving a TCP client replays, with no network
-/// at all, to the same final state: received frames come from the log.
+/// A recording of the guest serving TCP clients (echo lines, then a
+/// stream to the sink and one from the source, side by side) replays,
+/// with no network at all, to the same final state and the same
+/// checksum lines: received frames come from the log.
 #[test]
-fn a_recording_with_network_traffic_replays_to_the_same_state() {
+fn a_recording_with_echo_sink_and_source_traffic_replays_to_the_same_state() {
     if !require_net() || !require_kvm() {
         return;
     }
     let _one = serial();
+    let mut tries = 0;
+    while record_round().is_none() {
+        tries += 1;
+        assert!(
+            tries < 3,
+            "the guest crashed starting a program {tries} times in a row"
+        );
+    }
+}
+
+/// One recording and its replay; `None` when the guest crashed starting
+/// a program (the known busybox defect).
+fn record_round() -> Option<()> {
     let mut w = World::new(&["vm", "client"]);
     w.host("vm").ns().make_tap(TAP, Some("br0")).unwrap();
     let log = w.dir.path().join("net.log");
@@ -1184,6 +1545,16 @@ fn a_recording_with_network_traffic_replays_to_the_same_state() {
         s.problem.is_none() && s.echoed == s.sent,
         format!("the recorded guest's echo is wrong: {s:?}"),
     );
+    // Then a stream into the guest and one out of it, side by side.
+    let streams = Streams::start(&mut w, RECORD_SINK_BYTES, RECORD_SOURCE_LINES);
+    let took = streams.check(&mut w, "vm", Duration::from_secs(300))?;
+    let guest_lines: Vec<String> = w
+        .p("vm")
+        .stdout()
+        .lines()
+        .map(|l| l.trim_end_matches('\r').to_string())
+        .filter(|l| l.starts_with("net-sink: ") || l.starts_with("net-source: "))
+        .collect();
     w.p("vm").signal(libc::SIGTERM);
     let st = w.wait_exit("vm", 60);
     let err = w.p("vm").stderr();
@@ -1194,9 +1565,12 @@ fn a_recording_with_network_traffic_replays_to_the_same_state() {
         .map(str::to_string);
     w.check(recorded.is_some(), "the recording prints its digest");
     // The replay needs no tap: only the MAC of the card.
+    let serial = w.dir.path().join("replay-serial.txt");
     let out = Command::new(vmft_bin())
         .args(["replay", "--net", &net_opt(), "--log"])
         .arg(&log)
+        .arg("--serial-out")
+        .arg(&serial)
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -1209,10 +1583,24 @@ fn a_recording_with_network_traffic_replays_to_the_same_state() {
         out.status.success() && replayed == recorded,
         format!("the replay ended otherwise:\n{rerr}"),
     );
+    // The replayed guest computed the same counts and checksums.
+    let rout = std::fs::read_to_string(&serial).unwrap_or_default();
+    for line in &guest_lines {
+        let n = count_lines(&rout, line);
+        w.check(
+            n == 1,
+            format!("the replay printed {line:?} {n} times, not once"),
+        );
+    }
     println!(
-        "net: record/replay: {} lines echoed while recording; the replay ends in the same state",
-        s.echoed
+        "net: record/replay: {} lines echoed, {RECORD_SINK_BYTES} bytes to the sink and \
+         {RECORD_SOURCE_LINES} lines from the source in {:.1} s while recording; the replay \
+         ends in the same state and prints the same {} checksum lines",
+        s.echoed,
+        secs(took),
+        guest_lines.len()
     );
+    Some(())
 }
 
 /// (b) The pair on the LAN: a client keeps a TCP connection to the
@@ -1227,7 +1615,7 @@ fn a_tcp_connection_to_the_guest_survives_kill_9_of_the_primary() {
     }
     let _one = serial();
     let seed = seed("VMFT_NET_SEED");
-    let rounds = rounds();
+    let rounds = rounds("VMFT_NET_ROUNDS", 3);
     let mut rng = Rng(seed);
     println!(
         "net: FT: {rounds} rounds of kill -9 of the primary, seed {seed} (VMFT_NET_SEED={seed} repeats them)"
@@ -1263,16 +1651,114 @@ fn a_tcp_connection_to_the_guest_survives_kill_9_of_the_primary() {
     );
 }
 
-/// Rounds of the FT test: `VMFT_NET_ROUNDS`, default 3.
-fn rounds() -> u64 {
-    match std::env::var("VMFT_NET_ROUNDS") {
+/// (c) TCP streams across a failover: the client sends a stream to the
+/// guest's sink and reads one from its source, side by side, and the
+/// primary is killed (kill -9) once a random 15-45 % of the sink's stream
+/// is sent (the source's began first), both unfinished. Both
+/// connections stay open across the failover: the sink's answer is the
+/// count and SHA-256 of every byte sent, the source's stream is exactly
+/// `seq 1 K` followed by its close, and the console shows each stream's
+/// checksum line once. `VMFT_NET_STREAM_ROUNDS` rounds (default 1).
+#[test]
+fn tcp_streams_to_and_from_the_guest_survive_kill_9_of_the_primary() {
+    if !require_net() || !require_kvm() {
+        return;
+    }
+    let _one = serial();
+    let seed = seed("VMFT_NET_SEED");
+    let rounds = rounds("VMFT_NET_STREAM_ROUNDS", 1);
+    let mut rng = Rng(seed);
+    println!(
+        "net: streams: {rounds} rounds of kill -9 of the primary mid-stream, seed {seed} (VMFT_NET_SEED={seed} repeats them)"
+    );
+    for round in 1..=rounds {
+        let pct = rng.range(15, 45);
+        println!(
+            "net: streams: round {round}/{rounds} (seed {seed}): kill -9 of the primary once {pct} % of the sink's stream is sent"
+        );
+        let mut tries = 0;
+        while stream_round(seed, round, pct).is_none() {
+            tries += 1;
+            assert!(
+                tries < 3,
+                "round {round}: the guest crashed while starting its server {tries} times in a row"
+            );
+        }
+    }
+}
+
+/// One round of the stream test on a fresh LAN and pair; `None` when the
+/// guest crashed starting its servers.
+fn stream_round(seed: u64, round: u64, pct: u64) -> Option<()> {
+    let mut w = start_pair()?;
+    let streams = Streams::start(&mut w, FT_SINK_BYTES, FT_SOURCE_LINES);
+    w.wait_for(&format!("{pct} % of the sink's stream sent"), 300, |_| {
+        streams.past(pct)
+    });
+    let (sink_at, source_at) = (streams.sink.progress(), streams.source.progress());
+    w.check(
+        !streams.sink.is_finished()
+            && !streams.source.is_finished()
+            && sink_at < FT_SINK_BYTES
+            && source_at < streams.source_data.len() as u64,
+        format!(
+            "round {round} (seed {seed}): a stream ended before the kill ({sink_at} bytes sent \
+             to the sink, {source_at} received from the source): not a kill mid-stream"
+        ),
+    );
+    let killed = w.p("primary").kill9();
+    w.wait_for("the backup to go live", 120, |w| {
+        w.p("backup")
+            .stderr()
+            .contains("claim won: the backup is LIVE")
+    });
+    let claim = w
+        .p("backup")
+        .stderr_line_time("claim won: the backup is LIVE")
+        .map(|t| t.saturating_duration_since(killed));
+    let took = streams.check(&mut w, "console", Duration::from_secs(600))?;
+    let port = w.lan.port_of(&GUEST_MAC).unwrap();
+    let backup_port = w.host("backup").port().to_string();
+    w.check(
+        port.as_deref() == Some(backup_port.as_str()),
+        format!(
+            "the LAN's switch has the guest's MAC on {port:?}, not the backup's port {backup_port}"
+        ),
+    );
+    let problem = ticks_problem(&w.p("console").stdout());
+    w.check(
+        problem.is_none(),
+        format!("the console's transcript: {}", problem.unwrap_or_default()),
+    );
+    println!(
+        "net: streams: round {round} (seed {seed}): killed with {sink_at} of {FT_SINK_BYTES} bytes \
+         sent to the sink and {source_at} of {} received from the source; claim won {:.3} s after \
+         the kill; both streams complete and exact after {:.1} s, each checksum line printed once",
+        seq_bytes(FT_SOURCE_LINES).len(),
+        claim.map(secs).unwrap_or(f64::NAN),
+        secs(took)
+    );
+    w.p("console").vital = false;
+    w.p("backup").signal(libc::SIGTERM);
+    let st = w.wait_exit("backup", 60);
+    w.check(
+        st.code() == Some(0),
+        format!("the live backup exited {st} after SIGTERM, not 0"),
+    );
+    Some(())
+}
+
+/// Rounds of an FT test: the number in the environment variable `var`,
+/// else `default`.
+fn rounds(var: &str, default: u64) -> u64 {
+    match std::env::var(var) {
         Ok(s) => s
             .trim()
             .parse()
             .ok()
             .filter(|&n| n > 0)
-            .unwrap_or_else(|| panic!("VMFT_NET_ROUNDS={s:?} is not a positive number")),
-        Err(_) => 3,
+            .unwrap_or_else(|| panic!("{var}={s:?} is not a positive number")),
+        Err(_) => default,
     }
 }
 
@@ -1280,7 +1766,11 @@ fn rounds() -> u64 {
 /// of the primary once `kill_after` lines were echoed and `extra` more
 /// passed, the checks, a clean stop. Returns the longest wait for the
 /// echo of a line that was not echoed yet at the kill.
-fn ft_round(seed: u64, round: u64, kill_after: usize, extra: Duration) -> Option<Duration> {
+/// A fresh LAN with the pair on it (arbiter and console in "services",
+/// backup and primary restored from the snapshot, each with its tap), up
+/// to the guest's servers listening; `None` when the guest crashed
+/// starting them (see [`World::wait_for_server`]).
+fn start_pair() -> Option<World> {
     let mut w = World::new(&["primary", "backup", "client", "services"]);
     for side in ["primary", "backup"] {
         w.host(side).ns().make_tap(TAP, Some("br0")).unwrap();
@@ -1372,6 +1862,11 @@ fn ft_round(seed: u64, round: u64, kill_after: usize, extra: Duration) -> Option
     if !w.wait_for_server("console") {
         return None;
     }
+    Some(w)
+}
+
+fn ft_round(seed: u64, round: u64, kill_after: usize, extra: Duration) -> Option<Duration> {
+    let mut w = start_pair()?;
 
     w.start_client("client", Duration::from_millis(50), None);
     w.wait_for(&format!("{kill_after} lines echoed"), 300, |w| {
