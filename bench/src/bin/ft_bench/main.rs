@@ -10,10 +10,11 @@
 //! workload on a blank image, bare, recorded, and as an FT pair (processes
 //! on loopback, a disk copy each): write and read-back MB/s.
 //! `cargo run --release -p bench --bin ft_bench -- net [sink-kB] [source-lines] [round-trips] [rounds]`
-//! (as root): the guest's network, bare `vmft run` against an FT pair
-//! (`vmft primary`/`backup`, arbiter, console) on network namespaces: TCP
-//! receive and transmit Mbit/s, one-byte round trips per second, the log's
-//! rate and the output delay added by the rule (see `net.rs`).
+//! (as root): the guest's network, bare `vmft run`, `vmft record` and an FT
+//! pair (`vmft primary`/`backup`, arbiter, console) on network namespaces,
+//! in rounds of one each: TCP receive and transmit Mbit/s, one-byte round
+//! trips per second, the log's rate and the output delay added by the rule
+//! (see `net.rs`).
 
 mod net;
 mod procs;

@@ -1,9 +1,10 @@
-//! `ft_bench net`: the guest's network, FT pair against the bare VM in one
-//! run, on a LAN of network namespaces (`vmm::lab::netns`) as
-//! `vmm/tests/net.rs` builds it: TCP receive and transmit rates (the
-//! `net-sink` and `net-source` servers), request/response round trips of
-//! one byte on one connection (`net-echo`), the log's rate while each
-//! runs, and the output delay the output rule adds.
+//! `ft_bench net`: the guest's network, FT pair against the bare VM (and
+//! against a recording without a backup) in one run, on a LAN of network
+//! namespaces (`vmm::lab::netns`) as `vmm/tests/net.rs` builds it: TCP
+//! receive and transmit rates (the `net-sink` and `net-source` servers),
+//! request/response round trips of one byte on one connection
+//! (`net-echo`), the log's rate while each runs, and the round trip FT
+//! minus bare and minus record (the output rule's delay).
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -168,15 +169,26 @@ fn log_bytes(primary: &Netns, backup_addr: &str) -> Result<u64> {
         .sum())
 }
 
-/// The three phases, one after the other, from the client's namespace;
-/// with `log` (primary's namespace, backup's address), the log bytes of
-/// each phase.
-fn measure(client: &Netns, sizes: Sizes, log: Option<(&Netns, &str)>) -> Result<Figures> {
+/// Where a run's log bytes can be read.
+enum LogProbe<'a> {
+    /// No log (bare).
+    None,
+    /// A log file (`vmft record`): its size.
+    File(&'a Path),
+    /// The channel of a primary (its namespace, the backup's address).
+    Channel(&'a Netns, &'a str),
+}
+
+/// The three phases, one after the other, from the client's namespace,
+/// with the log bytes of each phase when there is a log.
+fn measure(client: &Netns, sizes: Sizes, log: LogProbe) -> Result<Figures> {
     let mut f = Figures::default();
     let mut marks = Vec::new();
     let mut mark = || -> Result<()> {
-        if let Some((ns, addr)) = log {
-            marks.push(log_bytes(ns, addr)?);
+        match log {
+            LogProbe::None => {}
+            LogProbe::File(p) => marks.push(std::fs::metadata(p)?.len()),
+            LogProbe::Channel(ns, addr) => marks.push(log_bytes(ns, addr)?),
         }
         Ok(())
     };
@@ -232,28 +244,39 @@ fn with_retries<T>(what: &str, mut start: impl FnMut() -> Result<Option<T>>) -> 
     bail!("{what}: the guest crashed starting its servers three times")
 }
 
-fn bare(snap: &Path, sizes: Sizes) -> Result<Figures> {
-    with_retries("bare", || {
+/// One monitor on its own: `vmft run` (bare), or `vmft record` to a log
+/// file when `record` names one (recording without a backup: what
+/// recording alone changes, without the channel and the output rule).
+fn single(snap: &Path, sizes: Sizes, record: Option<&Path>) -> Result<Figures> {
+    let what = if record.is_some() { "record" } else { "bare" };
+    with_retries(what, || {
         let mut lan = Lan::with_prefix(PREFIX)?;
         let vm = lan.host("vm")?;
         let client = lan.host("client")?;
         vm.ns().make_tap(TAP, Some("br0"))?;
         let mut cmd = vm.ns().exec(&sibling("vmft")?.to_string_lossy());
-        cmd.arg("run")
+        cmd.arg(if record.is_some() { "record" } else { "run" })
             .arg("--restore")
             .arg(snap)
             .args(["--net", &net_opt(), "--no-stdin"]);
+        if let Some(log) = record {
+            cmd.arg("--log").arg(log);
+        }
         let mut p = Proc::spawn("vm", cmd)?;
         match p.wait_line(SERVERS_UP, Duration::from_secs(300), crashed_starting) {
             Ok(_) => {}
             Err(_) if crashed_starting(&p.text()) => return Ok(None),
             Err(e) => return Err(e),
         }
-        info!("bare: the guest serves; measuring");
-        let f = measure(client.ns(), sizes, None)?;
+        info!("{what}: the guest serves; measuring");
+        let probe = match record {
+            Some(log) => LogProbe::File(log),
+            None => LogProbe::None,
+        };
+        let f = measure(client.ns(), sizes, probe)?;
         let st = p.stop(Duration::from_secs(60))?;
         if !st.success() {
-            bail!("the bare vmft exited {st} after SIGTERM");
+            bail!("the {what} vmft exited {st} after SIGTERM");
         }
         Ok(Some(f))
     })
@@ -311,7 +334,7 @@ fn ft(dir: &Path, snap: &Path, sizes: Sizes) -> Result<(Figures, String)> {
         let f = measure(
             client.ns(),
             sizes,
-            Some((primary.ns(), pair.backup_addr.as_str())),
+            LogProbe::Channel(primary.ns(), pair.backup_addr.as_str()),
         )?;
         pair.stop()?;
         let text = pair.primary.text();
@@ -339,10 +362,11 @@ fn mean(v: &[Duration]) -> Duration {
     v.iter().sum::<Duration>() / v.len() as u32
 }
 
-/// The whole bench: one snapshot, then `rounds` times a bare run and an
-/// FT run, one after the other (so that load from elsewhere on the
-/// machine falls on both alike), and the table: one row per measure and
-/// round, FT against the bare run of the same round.
+/// The whole bench: one snapshot, then `rounds` times a bare run, a
+/// recording without a backup and an FT run, one after the other (so
+/// that load from elsewhere on the machine falls on all alike), and the
+/// table: one row per measure and round, FT against the bare run and the
+/// recording of the same round.
 pub fn run(sizes: Sizes, rounds: usize) -> Result<()> {
     if let Some(why) = net_problem() {
         bail!("the network bench needs root, /dev/net/tun and iproute2: {why}");
@@ -353,33 +377,44 @@ pub fn run(sizes: Sizes, rounds: usize) -> Result<()> {
     let mut results = Vec::new();
     for round in 1..=rounds {
         info!("round {round}/{rounds}: bare");
-        let b = bare(&snap, sizes).context("bare run")?;
+        let b = single(&snap, sizes, None).context("bare run")?;
+        info!("round {round}/{rounds}: record");
+        let log = dir.path().join(format!("record-{round}.log"));
+        let r = single(&snap, sizes, Some(&log)).context("recording")?;
+        let _ = std::fs::remove_file(&log);
         info!("round {round}/{rounds}: FT");
         let (f, delay) = ft(dir.path(), &snap, sizes).context("FT run")?;
-        results.push((b, f, delay));
+        results.push((b, r, f, delay));
     }
     let p99 = |v: &[Duration]| bench::percentile(v, 99.0);
     let p50 = |v: &[Duration]| bench::percentile(v, 50.0);
     let rr_rate = |x: &Figures| x.rr.len() as f64 / x.rr_total.as_secs_f64();
-    println!("| measure | round | bare | FT | FT/bare | log Mbit/s (FT) |");
-    println!("| --- | --- | --- | --- | --- | --- |");
-    let row = |name: &str, round: usize, b: f64, f: f64, log: String| {
+    println!(
+        "| measure | round | bare | record | FT | FT/bare | FT/record | log Mbit/s (record, FT) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let row = |name: &str, round: usize, v: [f64; 3], log: String| {
         println!(
-            "| {name} | {round} | {b:.3} | {f:.3} | {:.2} | {log} |",
-            f / b
+            "| {name} | {round} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} | {log} |",
+            v[0],
+            v[1],
+            v[2],
+            v[2] / v[0],
+            v[2] / v[1]
         );
     };
-    for (i, (b, f, _)) in results.iter().enumerate() {
-        let log = f.log.ok_or_else(|| anyhow!("no log figures"))?;
+    for (i, (b, r, f, _)) in results.iter().enumerate() {
+        let rl = r.log.ok_or_else(|| anyhow!("no log figures"))?;
+        let fl = f.log.ok_or_else(|| anyhow!("no log figures"))?;
+        let runs = [b, r, f];
         row(
             &format!(
                 "TCP receive, net-sink ({} kB), Mbit/s",
                 sizes.sink_bytes / 1000
             ),
             i + 1,
-            mbit(sizes.sink_bytes, b.sink),
-            mbit(sizes.sink_bytes, f.sink),
-            format!("{:.2}", mbit(log[0], f.sink)),
+            runs.map(|x| mbit(sizes.sink_bytes, x.sink)),
+            format!("{:.2}, {:.2}", mbit(rl[0], r.sink), mbit(fl[0], f.sink)),
         );
         row(
             &format!(
@@ -387,9 +422,8 @@ pub fn run(sizes: Sizes, rounds: usize) -> Result<()> {
                 b.source_bytes / 1000
             ),
             i + 1,
-            mbit(b.source_bytes, b.source),
-            mbit(f.source_bytes, f.source),
-            format!("{:.2}", mbit(log[1], f.source)),
+            runs.map(|x| mbit(x.source_bytes, x.source)),
+            format!("{:.2}, {:.2}", mbit(rl[1], r.source), mbit(fl[1], f.source)),
         );
         row(
             &format!(
@@ -397,9 +431,12 @@ pub fn run(sizes: Sizes, rounds: usize) -> Result<()> {
                 sizes.round_trips
             ),
             i + 1,
-            rr_rate(b),
-            rr_rate(f),
-            format!("{:.2}", mbit(log[2], f.rr_total)),
+            runs.map(rr_rate),
+            format!(
+                "{:.2}, {:.2}",
+                mbit(rl[2], r.rr_total),
+                mbit(fl[2], f.rr_total)
+            ),
         );
         for (name, pick) in [
             ("mean", mean as fn(&[Duration]) -> Duration),
@@ -409,23 +446,28 @@ pub fn run(sizes: Sizes, rounds: usize) -> Result<()> {
             row(
                 &format!("round trip {name}, ms"),
                 i + 1,
-                ms(pick(&b.rr)),
-                ms(pick(&f.rr)),
+                runs.map(|x| ms(pick(&x.rr))),
                 String::new(),
             );
         }
     }
     println!();
-    for (i, (b, f, delay)) in results.iter().enumerate() {
+    for (i, (b, r, f, delay)) in results.iter().enumerate() {
+        let d = |x: &Figures, pick: fn(&[Duration]) -> Duration| ms(pick(&f.rr)) - ms(pick(&x.rr));
         println!(
-            "Round {}: round trip FT minus bare (the output rule's delay, if nothing else differs): \
-             mean {:.2} ms, p50 {:.2} ms, p99 {:.2} ms; the primary's own measure (console \
-             output, whole run): {delay}",
+            "Round {}: round trip FT minus bare: mean {:.2} ms, p99 {:.2} ms; FT minus record \
+             (the channel and the output rule): mean {:.2} ms, p99 {:.2} ms; the primary's own \
+             measure (console output, whole run): {delay}",
             i + 1,
-            ms(mean(&f.rr)) - ms(mean(&b.rr)),
-            ms(p50(&f.rr)) - ms(p50(&b.rr)),
-            ms(p99(&f.rr)) - ms(p99(&b.rr)),
+            d(b, mean),
+            d(b, p99_of),
+            d(r, mean),
+            d(r, p99_of),
         );
     }
     Ok(())
+}
+
+fn p99_of(v: &[Duration]) -> Duration {
+    bench::percentile(v, 99.0)
 }
