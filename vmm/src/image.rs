@@ -19,7 +19,10 @@ pub const WORKLOADS: &[&str] = &[
     "counter",
     "disk",
     "echo",
-    "net",
+    "net-all",
+    "net-echo",
+    "net-sink",
+    "net-source",
     "shell",
     "sleep",
     "ticker",
@@ -251,7 +254,9 @@ mod tests {
         let dir = guest_images_dir().join("initramfs/workloads");
         let mut found: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_type().unwrap().is_file()) // not lib/: sourced helpers
+            .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         found.sort();
         assert_eq!(found, WORKLOADS, "update image::WORKLOADS");

@@ -14,6 +14,7 @@ pub mod emulate;
 pub mod epoch;
 pub mod ft;
 pub mod image;
+pub mod lab;
 pub mod memory;
 pub mod netio;
 pub mod nondet;

@@ -12,7 +12,7 @@ mod netns;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use netns::{fmt_ip, list_netns, net_gate, require_net, Lan, SUBNET};
+use netns::{fmt_ip, list_netns, net_gate, require_net, Lan, NetnsError, SUBNET};
 use vmm::devices::virtio::net::{gratuitous_arp, MAX_FRAME_BYTES};
 use vmm::devices::virtio::tap::{Tap, TapError, TapStep};
 
@@ -263,10 +263,10 @@ fn arp_through_the_tap_reaches_the_client_and_its_answer_comes_back() {
     if !require_net() {
         return;
     }
-    let mut lan = Lan::new();
-    let primary = lan.host("primary");
-    let client = lan.host("client");
-    let mut guest = Guest::new(primary.open_tap("vmft0"));
+    let mut lan = Lan::new().unwrap();
+    let primary = lan.host("primary").unwrap();
+    let client = lan.host("client").unwrap();
+    let mut guest = Guest::new(primary.open_tap("vmft0").unwrap());
     assert_eq!(guest.tap.name(), "vmft0");
     let mac = guest.resolve(client.addr());
     assert_eq!(
@@ -276,8 +276,14 @@ fn arp_through_the_tap_reaches_the_client_and_its_answer_comes_back() {
         fmt_ip(&client.addr())
     );
     // Both bridges learned where the guest is.
-    assert_eq!(primary.port_of(&GUEST_MAC).as_deref(), Some("vmft0"));
-    assert_eq!(lan.port_of(&GUEST_MAC).as_deref(), Some(primary.port()));
+    assert_eq!(
+        primary.port_of(&GUEST_MAC).unwrap().as_deref(),
+        Some("vmft0")
+    );
+    assert_eq!(
+        lan.port_of(&GUEST_MAC).unwrap().as_deref(),
+        Some(primary.port())
+    );
 }
 
 #[test]
@@ -285,10 +291,10 @@ fn a_hand_made_ping_gets_its_echo_reply() {
     if !require_net() {
         return;
     }
-    let mut lan = Lan::new();
-    let primary = lan.host("primary");
-    let client = lan.host("client");
-    let mut guest = Guest::new(primary.open_tap("vmft0"));
+    let mut lan = Lan::new().unwrap();
+    let primary = lan.host("primary").unwrap();
+    let client = lan.host("client").unwrap();
+    let mut guest = Guest::new(primary.open_tap("vmft0").unwrap());
     let client_mac = guest.resolve(client.addr()).expect("client's MAC");
     let data = b"vmft ping through a tap".to_vec();
     let request = ipv4(GUEST_IP, client.addr(), 1, &icmp_echo(8, 0x7666, 1, &data));
@@ -308,10 +314,10 @@ fn a_frame_longer_than_the_read_buffer_is_skipped_not_cut() {
     if !require_net() {
         return;
     }
-    let mut lan = Lan::new();
-    let primary = lan.host("primary");
-    let client = lan.host("client");
-    let tap = primary.open_tap("vmft0");
+    let mut lan = Lan::new().unwrap();
+    let primary = lan.host("primary").unwrap();
+    let client = lan.host("client").unwrap();
+    let tap = primary.open_tap("vmft0").unwrap();
     let ask = Arp {
         op: 1,
         sha: GUEST_MAC,
@@ -343,18 +349,18 @@ fn the_failover_announcement_moves_the_guest_to_the_backup_port() {
     if !require_net() {
         return;
     }
-    let mut lan = Lan::new();
-    let primary_host = lan.host("primary");
-    let backup_host = lan.host("backup");
-    let client = lan.host("client");
+    let mut lan = Lan::new().unwrap();
+    let primary_host = lan.host("primary").unwrap();
+    let backup_host = lan.host("backup").unwrap();
+    let client = lan.host("client").unwrap();
     // Both sides have a tap for the same guest (same MAC); only the
     // primary's guest speaks.
-    let mut primary = Guest::new(primary_host.open_tap("vmft0"));
-    let mut backup = Guest::new(backup_host.open_tap("vmft0"));
+    let mut primary = Guest::new(primary_host.open_tap("vmft0").unwrap());
+    let mut backup = Guest::new(backup_host.open_tap("vmft0").unwrap());
     // The client learns the guest's address from the guest's question.
     assert_eq!(primary.resolve(client.addr()), Some(client.mac()));
     assert_eq!(
-        lan.port_of(&GUEST_MAC).as_deref(),
+        lan.port_of(&GUEST_MAC).unwrap().as_deref(),
         Some(primary_host.port())
     );
 
@@ -383,17 +389,23 @@ fn the_failover_announcement_moves_the_guest_to_the_backup_port() {
     let announcement = gratuitous_arp(GUEST_MAC, None);
     backup.send(&announcement);
     let deadline = Instant::now() + PATIENCE;
-    while lan.port_of(&GUEST_MAC).as_deref() != Some(backup_host.port()) {
+    while lan.port_of(&GUEST_MAC).unwrap().as_deref() != Some(backup_host.port()) {
         assert!(
             Instant::now() < deadline,
             "the switch did not learn the new port"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(backup_host.port_of(&GUEST_MAC).as_deref(), Some("vmft0"));
+    assert_eq!(
+        backup_host.port_of(&GUEST_MAC).unwrap().as_deref(),
+        Some("vmft0")
+    );
     // The primary's side saw the broadcast announcement come in through
     // its uplink; its bridge now sends the guest's frames to the LAN.
-    assert_eq!(primary_host.port_of(&GUEST_MAC).as_deref(), Some("uplink"));
+    assert_eq!(
+        primary_host.port_of(&GUEST_MAC).unwrap().as_deref(),
+        Some("uplink")
+    );
 
     // The client's next datagram, unchanged (same MAC, same neighbour
     // entry), reaches the backup's tap and not the primary's.
@@ -412,20 +424,20 @@ fn the_kernel_names_a_tap_opened_without_a_name() {
     if !require_net() {
         return;
     }
-    let host = netns::Netns::new("naming");
+    let host = netns::Netns::new("naming").unwrap();
     let tap = host.open_tap("").unwrap();
     assert!(tap.name().starts_with("tap"), "{}", tap.name());
-    let links = host.ip(&["-o", "link", "show", "dev", tap.name()]);
+    let links = host.ip(&["-o", "link", "show", "dev", tap.name()]).unwrap();
     assert!(links.contains("UP"), "{links}");
     // Opened again by name while the first is open: busy.
     let name = tap.name().to_string();
     let err = host.open_tap(&name).unwrap_err();
     let busy = match &err {
-        TapError::Io {
+        NetnsError::Tap(TapError::Io {
             step: TapStep::SetIff,
             source,
             ..
-        } => source.raw_os_error() == Some(libc::EBUSY),
+        }) => source.raw_os_error() == Some(libc::EBUSY),
         _ => false,
     };
     assert!(busy, "{err}");
@@ -435,7 +447,7 @@ fn the_kernel_names_a_tap_opened_without_a_name() {
     );
     drop(tap);
     // Not persistent: gone with its descriptor.
-    assert!(host.try_ip(&["link", "show", "dev", &name]).is_err());
+    assert!(host.ip(&["link", "show", "dev", &name]).is_err());
 }
 
 #[test]
@@ -443,17 +455,18 @@ fn tap_errors_name_the_tap_and_the_step() {
     if !require_net() {
         return;
     }
-    let host = netns::Netns::new("errors");
-    host.ip(&["link", "add", "notatap", "type", "bridge"]);
+    let host = netns::Netns::new("errors").unwrap();
+    host.ip(&["link", "add", "notatap", "type", "bridge"])
+        .unwrap();
     let err = host.open_tap("notatap").unwrap_err();
     let text = err.to_string();
     assert!(
         matches!(
             err,
-            TapError::Io {
+            NetnsError::Tap(TapError::Io {
                 step: TapStep::SetIff,
                 ..
-            }
+            })
         ),
         "{text}"
     );
@@ -468,10 +481,10 @@ fn everything_is_removed_on_drop_and_on_panic() {
         return;
     }
     let build = || {
-        let mut lan = Lan::new();
-        let a = lan.host("a");
-        let b = lan.host("b");
-        let tap = a.open_tap("vmft0");
+        let mut lan = Lan::new().unwrap();
+        let a = lan.host("a").unwrap();
+        let b = lan.host("b").unwrap();
+        let tap = a.open_tap("vmft0").unwrap();
         let names = vec![
             lan.switch().name().to_string(),
             a.ns().name().to_string(),
@@ -523,7 +536,7 @@ fn vmft_refuses_a_tap_that_does_not_exist_or_is_busy() {
     if !require_net() {
         return;
     }
-    let host = netns::Netns::new("vmft-taps");
+    let host = netns::Netns::new("vmft-taps").unwrap();
     // No such tap: named, with what to do, before anything boots.
     let (ok, err) = vmft_with_tap(&host, "nosuchtap");
     assert!(!ok);

@@ -37,7 +37,8 @@ pub struct BootArgs {
     /// Extra kernel command line, appended to the defaults.
     #[arg(long)]
     pub append: Option<String>,
-    /// Workload the default guest runs: compute, concurrent, counter, disk, echo, net, shell, sleep or ticker
+    /// Workload the default guest runs: compute, concurrent, counter, disk, echo, net-all,
+    /// net-echo, net-sink, net-source, shell, sleep or ticker
     /// (the default initramfs's; any name with --initrd).
     #[arg(long, default_value = DEFAULT_WORKLOAD)]
     pub workload: String,

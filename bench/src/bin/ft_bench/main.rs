@@ -7,7 +7,17 @@
 //! bare and recorded, one after the other, with record/bare and kicks per
 //! second of each (a change that kicks the vCPU needlessly shows at once).
 //! `cargo run --release -p bench --bin ft_bench -- disk [MiB]`: the `disk`
-//! workload on a blank image, bare and recorded: write and read-back MB/s.
+//! workload on a blank image, bare, recorded, and as an FT pair (processes
+//! on loopback, a disk copy each): write and read-back MB/s.
+//! `cargo run --release -p bench --bin ft_bench -- net [sink-kB] [source-lines] [round-trips] [rounds]`
+//! (as root): the guest's network, bare `vmft run`, `vmft record` and an FT
+//! pair (`vmft primary`/`backup`, arbiter, console) on network namespaces,
+//! in rounds of one each: TCP receive and transmit Mbit/s, one-byte round
+//! trips per second, the log's rate and the output delay added by the rule
+//! (see `net.rs`).
+
+mod net;
+mod procs;
 
 use std::io;
 use std::path::Path;
@@ -148,22 +158,45 @@ fn quick() {
     );
 }
 
-/// The `disk` workload on a blank image, bare and recorded, in one run:
-/// write and read-back MB/s from the guest's console lines.
+/// The `disk` workload on a blank image, bare, recorded and as an FT pair
+/// (`vmft primary`/`backup` with an arbiter and a console, on loopback,
+/// each side with its own copy of the blank image), in one run: write and
+/// read-back MB/s from the guest's console lines.
 fn disk(mib: u64) {
     let dir = tempfile::tempdir().unwrap();
     println!("| run | write MB/s | read MB/s | write ratio | read ratio | log Mbit/s (whole run) | digest |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
-    let mut bare_rates = None;
-    for recorded in [false, true] {
-        let img = dir.path().join(format!("disk-{recorded}.img"));
+    let blank = |name: &str| {
+        let img = dir.path().join(name);
         std::fs::File::create(&img)
             .unwrap()
             .set_len((mib + 1) << 20)
             .unwrap();
+        img
+    };
+    let rates = |ready: Instant, written: Instant, read: Instant| {
+        let w = mib as f64 * 1.048576 / (written - ready).as_secs_f64();
+        let r = mib as f64 * 1.048576 / (read - written).as_secs_f64();
+        (w, r)
+    };
+    let mut bare_rates = None;
+    let mut row = |name: &str, (w, r): (f64, f64), log: String, digest: &str| {
+        let (wr, rr) = match bare_rates {
+            None => {
+                bare_rates = Some((w, r));
+                (1.0, 1.0)
+            }
+            Some((bw, br)) => (w / bw, r / br),
+        };
+        println!(
+            "| {name} | {w:.2} | {r:.2} | {wr:.2} | {rr:.2} | {log} | {} |",
+            &digest[..16.min(digest.len())]
+        );
+    };
+    for recorded in [false, true] {
         let mut cfg = config("disk", mib);
         cfg.disks = vec![vmm::boot::DiskSpec {
-            path: img,
+            path: blank(&format!("disk-{recorded}.img")),
             read_only: false,
             shared: false,
         }];
@@ -179,15 +212,6 @@ fn disk(mib: u64) {
             .at(&format!("disk {mib} written"))
             .expect("all written");
         let read = lines.at("disk done").expect("read back");
-        let w = mib as f64 * 1.048576 / (written - ready).as_secs_f64();
-        let r = mib as f64 * 1.048576 / (read - written).as_secs_f64();
-        let (wr, rr) = match bare_rates {
-            None => {
-                bare_rates = Some((w, r));
-                (1.0, 1.0)
-            }
-            Some((bw, br)) => (w / bw, r / br),
-        };
         let log = out
             .record
             .as_ref()
@@ -198,15 +222,100 @@ fn disk(mib: u64) {
                 )
             })
             .unwrap_or_default();
-        println!(
-            "| {} | {w:.2} | {r:.2} | {wr:.2} | {rr:.2} | {log} | {} |",
-            if recorded { "record" } else { "bare" },
-            &out.digest[..16]
-        );
+        let name = if recorded { "record" } else { "bare" };
+        row(name, rates(ready, written, read), log, &out.digest);
+    }
+    let images = (blank("disk-ft-primary.img"), blank("disk-ft-backup.img"));
+    match disk_ft(mib, dir.path(), images) {
+        Ok((times, log, digest)) => row("FT pair", rates(times.0, times.1, times.2), log, &digest),
+        Err(e) => println!("| FT pair | failed: {e:#} | | | | | |"),
     }
 }
 
+/// The `disk` workload under FT as separate processes on loopback; when
+/// the guest printed its ready, last-written and done lines, the log rate
+/// over the primary's run, and the final digest.
+fn disk_ft(
+    mib: u64,
+    dir: &Path,
+    (primary_img, backup_img): (std::path::PathBuf, std::path::PathBuf),
+) -> anyhow::Result<((Instant, Instant, Instant), String, String)> {
+    use procs::{Pair, Place};
+    use std::ffi::OsString;
+    let local = |program: &Path| std::process::Command::new(program);
+    let place = Place {
+        command: &local,
+        ip: "127.0.0.1".into(),
+    };
+    let side: Vec<OsString> = vec![
+        "--workload".into(),
+        "disk".into(),
+        "--append".into(),
+        format!("vmft.count={mib}").into(),
+    ];
+    let t0 = Instant::now();
+    let mut pair = Pair::start(
+        dir,
+        &place,
+        &place,
+        &place,
+        &side,
+        &["--disk".into(), backup_img.into()],
+        &["--disk".into(), primary_img.into()],
+    )?;
+    let long = Duration::from_secs(900);
+    let ready = pair.console.wait_line("VMFT-READY", long, |_| false)?.at;
+    let written = pair
+        .console
+        .wait_line(&format!("disk {mib} written"), long, |_| false)?
+        .at;
+    let read = pair.console.wait_line("disk done", long, |_| false)?.at;
+    let end = pair
+        .primary
+        .wait_line("final state digest", Duration::from_secs(120), |_| false)?;
+    let wall = end.at - t0;
+    let text = pair.primary.text();
+    let digest = end.text.rsplit(' ').next().unwrap_or_default().to_string();
+    let sent = text
+        .lines()
+        .find_map(|l| {
+            let rest = &l[l.find("bytes_sent: ")? + "bytes_sent: ".len()..];
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(0);
+    let log = format!("{:.2}", sent as f64 * 8.0 / wall.as_secs_f64() / 1e6);
+    Ok(((ready, written, read), log, digest))
+}
+
 fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    if std::env::args().nth(1).as_deref() == Some("net") {
+        let arg = |i: usize, default: u64| {
+            std::env::args()
+                .nth(i)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(default)
+        };
+        let sizes = net::Sizes {
+            sink_bytes: arg(2, 400) * 1000,
+            source_lines: arg(3, 60_000),
+            round_trips: arg(4, 300) as usize,
+        };
+        if let Err(e) = net::run(sizes, arg(5, 2) as usize) {
+            eprintln!("ft_bench net: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if std::env::args().nth(1).as_deref() == Some("quick") {
         return quick();
     }
