@@ -15,6 +15,8 @@
 //! in rounds of one each: TCP receive and transmit Mbit/s, one-byte round
 //! trips per second, the log's rate and the output delay added by the rule
 //! (see `net.rs`).
+//! `cargo run --release -p bench --bin ft_bench -- io` (as root): both
+//! device tables in one run, `disk 4` then `net` with its defaults.
 
 mod net;
 mod procs;
@@ -318,6 +320,21 @@ fn main() {
     }
     if std::env::args().nth(1).as_deref() == Some("quick") {
         return quick();
+    }
+    if std::env::args().nth(1).as_deref() == Some("io") {
+        // The devices under FT in one command: the disk table, then the
+        // network table (as root: it builds network namespaces).
+        disk(4);
+        let sizes = net::Sizes {
+            sink_bytes: 400_000,
+            source_lines: 60_000,
+            round_trips: 300,
+        };
+        if let Err(e) = net::run(sizes, 2) {
+            eprintln!("ft_bench io: {e:#}");
+            std::process::exit(1);
+        }
+        return;
     }
     if std::env::args().nth(1).as_deref() == Some("disk") {
         let mib = std::env::args()
