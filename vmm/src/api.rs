@@ -123,21 +123,13 @@ impl ApiServer {
             std::fs::remove_file(path).map_err(bind_err)?;
         }
         let listener = UnixListener::bind(path).map_err(bind_err)?;
-        std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    match conn {
-                        Ok(mut c) => {
-                            let _ = c.set_read_timeout(Some(REQUEST_TIMEOUT));
-                            let _ = c.set_write_timeout(Some(REQUEST_TIMEOUT));
-                            serve(&mut c, &board);
-                        }
-                        Err(e) => tracing::debug!("control socket: accept: {e}"),
-                    }
-                }
-            })
-            .map_err(bind_err)?;
+        spawn_server("api", board, move || {
+            let (c, _) = listener.accept()?;
+            c.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+            c.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+            Ok(c)
+        })
+        .map_err(bind_err)?;
         Ok(ApiServer {
             path: path.to_owned(),
         })
@@ -165,22 +157,32 @@ pub fn serve_metrics(addr: &str, board: StatusBoard) -> Result<std::net::SocketA
     let addrs: Vec<_> = addr.to_socket_addrs().map_err(bind_err)?.collect();
     let listener = TcpListener::bind(&addrs[..]).map_err(bind_err)?;
     let local = listener.local_addr().map_err(bind_err)?;
+    spawn_server("metrics", board, move || {
+        let (c, _) = listener.accept()?;
+        c.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+        c.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+        Ok(c)
+    })
+    .map_err(bind_err)?;
+    Ok(local)
+}
+
+/// A thread named `name` that serves `board` to each connection `accept`
+/// hands it, one at a time.
+fn spawn_server<C: Read + Write>(
+    name: &str,
+    board: StatusBoard,
+    mut accept: impl FnMut() -> io::Result<C> + Send + 'static,
+) -> io::Result<()> {
     std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(mut c) => {
-                        let _ = c.set_read_timeout(Some(REQUEST_TIMEOUT));
-                        let _ = c.set_write_timeout(Some(REQUEST_TIMEOUT));
-                        serve(&mut c, &board);
-                    }
-                    Err(e) => tracing::debug!("metrics: accept: {e}"),
-                }
+        .name(name.to_string())
+        .spawn(move || loop {
+            match accept() {
+                Ok(mut c) => serve(&mut c, &board),
+                Err(e) => tracing::debug!("control socket: accept: {e}"),
             }
         })
-        .map_err(bind_err)?;
-    Ok(local)
+        .map(|_| ())
 }
 
 /// Read one request from `conn` and answer it.
