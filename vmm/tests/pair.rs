@@ -1019,6 +1019,35 @@ fn disk_snapshot() -> &'static Path {
     })
 }
 
+/// The `disk` lines on the console.
+fn disk_lines(c: &Cluster) -> Vec<String> {
+    c.console
+        .stdout_lines()
+        .into_iter()
+        .map(|(_, l)| l)
+        .filter(|l| l.starts_with("disk "))
+        .collect()
+}
+
+/// The console shows the whole `disk` workload: each MiB written, each
+/// read back with its sum, the end line; each once, in order.
+fn expect_disk_lines(c: &mut Cluster) {
+    let lines = disk_lines(c);
+    let mut want: Vec<String> = (1..=DISK_MIB)
+        .map(|m| format!("disk {m} written"))
+        .collect();
+    want.extend((1..=DISK_MIB).map(|m| format!("disk {m} sum=")));
+    want.push(format!("disk done mib={DISK_MIB} sum="));
+    c.check(
+        lines.len() == want.len()
+            && lines
+                .iter()
+                .zip(&want)
+                .all(|(l, w)| l.starts_with(w.as_str())),
+        format!("the console's disk lines are not each once, in order: {lines:?}"),
+    );
+}
+
 #[test]
 fn with_separate_disks_kill_9_of_the_primary_loses_no_write() {
     if !require_kvm() {
@@ -1039,14 +1068,6 @@ fn with_separate_disks_kill_9_of_the_primary_loses_no_write() {
     c.start_primary();
     // Kill while it writes or while it reads back (2 lines per MiB).
     let k = rng.range(1, 2 * DISK_MIB - 1) as usize;
-    let disk_lines = |c: &Cluster| -> Vec<String> {
-        c.console
-            .stdout_lines()
-            .into_iter()
-            .map(|(_, l)| l)
-            .filter(|l| l.starts_with("disk "))
-            .collect()
-    };
     c.wait_for(&format!("{k} disk lines on the console"), 300, |c| {
         disk_lines(c).len() >= k
     });
@@ -1056,20 +1077,7 @@ fn with_separate_disks_kill_9_of_the_primary_loses_no_write() {
     });
     let st = c.wait_exit(Who::Console, 300);
     c.check(st.code() == Some(0), format!("the console exited {st}"));
-    let lines = disk_lines(&c);
-    let mut want: Vec<String> = (1..=DISK_MIB)
-        .map(|m| format!("disk {m} written"))
-        .collect();
-    want.extend((1..=DISK_MIB).map(|m| format!("disk {m} sum=")));
-    want.push(format!("disk done mib={DISK_MIB} sum="));
-    c.check(
-        lines.len() == want.len()
-            && lines
-                .iter()
-                .zip(&want)
-                .all(|(l, w)| l.starts_with(w.as_str())),
-        format!("the console's disk lines are not each once, in order: {lines:?}"),
-    );
+    expect_disk_lines(&mut c);
     if let Some(problem) = disk_problem(&b, DISK_MIB) {
         c.check(false, format!("the backup's disk is wrong: {problem}"));
     }
@@ -1099,14 +1107,6 @@ fn with_a_shared_disk_a_paused_primary_is_fenced_and_no_write_is_lost() {
     c.start_primary();
     // Pause while it writes or while it reads back (2 lines per MiB).
     let k = rng.range(1, 2 * DISK_MIB - 1) as usize;
-    let disk_lines = |c: &Cluster| -> Vec<String> {
-        c.console
-            .stdout_lines()
-            .into_iter()
-            .map(|(_, l)| l)
-            .filter(|l| l.starts_with("disk "))
-            .collect()
-    };
     c.wait_for(&format!("{k} disk lines on the console"), 300, |c| {
         disk_lines(c).len() >= k
     });
@@ -1127,20 +1127,7 @@ fn with_a_shared_disk_a_paused_primary_is_fenced_and_no_write_is_lost() {
     c.check(st.code() == Some(0), format!("the console exited {st}"));
     let st = c.wait_exit(Who::Backup, 60);
     c.check(st.success(), format!("the backup exited {st}"));
-    let lines = disk_lines(&c);
-    let mut want: Vec<String> = (1..=DISK_MIB)
-        .map(|m| format!("disk {m} written"))
-        .collect();
-    want.extend((1..=DISK_MIB).map(|m| format!("disk {m} sum=")));
-    want.push(format!("disk done mib={DISK_MIB} sum="));
-    c.check(
-        lines.len() == want.len()
-            && lines
-                .iter()
-                .zip(&want)
-                .all(|(l, w)| l.starts_with(w.as_str())),
-        format!("the console's disk lines are not each once, in order: {lines:?}"),
-    );
+    expect_disk_lines(&mut c);
     if let Some(problem) = disk_problem(&img, DISK_MIB) {
         c.check(false, format!("the shared disk is wrong: {problem}"));
     }
