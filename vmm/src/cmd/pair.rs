@@ -253,7 +253,10 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     // not cost a failover.
     let tap = super::open_tap(source.nets())?;
     let claimant = Claimant::new(pair.arbiter.clone(), arbiter_token(&pair)?, "primary")?;
-    let shared = shared_disks(&source, generation, &claimant.identity())?;
+    let claimant_id = claimant.identity();
+    // Shared with the hooks: the clean end may have to claim too.
+    let claimant = Arc::new(Mutex::new(claimant));
+    let shared = shared_disks(&source, generation, &claimant_id)?;
     if let Some((_, fences)) = &shared {
         // Sides of older pairs may no longer write.
         fences.join().context("cannot use the shared disk")?;
@@ -267,12 +270,7 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     let link = Arc::new(Mutex::new(Some(link)));
     let dropped = Arc::new(AtomicBool::new(false));
     let unprotected = dropped.clone();
-    let console = console_side(
-        &pair,
-        generation,
-        ConsoleRole::Primary,
-        &claimant.identity(),
-    )?;
+    let console = console_side(&pair, generation, ConsoleRole::Primary, &claimant_id)?;
     if let Some(c) = &console {
         let s = stop.clone();
         c.on_stop(move || {
@@ -309,7 +307,7 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
         generation,
         handle.clone(),
         held.clone(),
-        claimant,
+        claimant.clone(),
         dropped.clone(),
         args.max_lag_exits,
         stats.clone(),
@@ -392,21 +390,38 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
             );
         }
     }
-    if let (Ok(_), Some((_, _, fenced, h))) = (&result, &disk_held) {
+    if let (Ok(_), Some((_, fences, fenced, h))) = (&result, &disk_held) {
         if !h.drain(Duration::from_secs(30)) {
-            // The run ended cleanly, so the guest writes nothing more: the
-            // last writes are written now (a backup that goes live instead
-            // writes the same bytes; the fence keeps one writer at a time).
+            // The backup did not acknowledge the last writes: either it is
+            // gone (then this side claims the VM and writes them) or it
+            // will go live (then it wins the claim and writes them itself).
             eprintln!(
-                "vmft: the backup did not acknowledge the last shared-disk writes; writing them"
+                "vmft: the backup did not acknowledge the last shared-disk writes: claiming \
+                 {} generation {generation} to write them",
+                pair.vm
             );
-            h.set_mode(vmm::ft::output::ReleaseMode::Free);
-            if !h.drain(Duration::from_secs(30)) {
-                let why = fenced.get().map(|f| f.message).unwrap_or_default();
-                bail!(
-                    "{} bytes of shared-disk writes were not written: {why}",
-                    h.held()
-                );
+            match vmm::ft::pair::claim_shared(&claimant, &pair.vm, generation)? {
+                arbiter::Decision::Won => {
+                    fences
+                        .claim()
+                        .context("cannot take the shared disk's fence")?;
+                    h.set_mode(vmm::ft::output::ReleaseMode::Free);
+                    if !h.drain(Duration::from_secs(30)) {
+                        let why = fenced.get().map(|f| f.message).unwrap_or_default();
+                        bail!(
+                            "{} bytes of shared-disk writes were not written: {why}",
+                            h.held()
+                        );
+                    }
+                }
+                arbiter::Decision::Lost { owner } => {
+                    return Err(vmm::nondet::DoorError::LostClaim {
+                        vm: pair.vm.clone(),
+                        generation,
+                        owner,
+                    })
+                    .context("the backup went live and writes the last shared-disk writes");
+                }
             }
         }
     }

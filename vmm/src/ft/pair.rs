@@ -45,6 +45,20 @@ fn claim(claimant: &mut Claimant, vm: &str, generation: u64) -> Result<Decision,
         .map_err(|e| DoorError::Ft(e.to_string()))
 }
 
+/// Claim (`vm`, `generation`) with a claimant the primary's hooks share
+/// (the same identity: a side that already won wins again).
+pub fn claim_shared(
+    claimant: &Mutex<Claimant>,
+    vm: &str,
+    generation: u64,
+) -> Result<Decision, DoorError> {
+    claim(
+        &mut claimant.lock().unwrap_or_else(|e| e.into_inner()),
+        vm,
+        generation,
+    )
+}
+
 /// The primary's log sink: log bytes go to the channel. After the backup is
 /// gone (and the claim won) the log is dropped: the VM runs unprotected.
 pub struct ChannelSink {
@@ -106,7 +120,7 @@ pub struct PrimaryHooks {
     generation: u64,
     handle: PrimaryHandle,
     held: HeldOutput,
-    claimant: Claimant,
+    claimant: Arc<Mutex<Claimant>>,
     dropped: Arc<AtomicBool>,
     protection: Protection,
     logged_released: u64,
@@ -175,7 +189,7 @@ impl PrimaryHooks {
         generation: u64,
         handle: PrimaryHandle,
         held: HeldOutput,
-        claimant: Claimant,
+        claimant: Arc<Mutex<Claimant>>,
         dropped: Arc<AtomicBool>,
         max_lag_exits: u64,
         stats: Arc<Mutex<PrimaryStats>>,
@@ -256,7 +270,7 @@ impl PrimaryHooks {
             "the backup is gone ({reason}): claiming {} generation {} at the arbiter",
             self.vm, self.generation
         ));
-        let decision = claim(&mut self.claimant, &self.vm, self.generation)?;
+        let decision = claim_shared(&self.claimant, &self.vm, self.generation)?;
         match decision {
             Decision::Won => {
                 self.dropped.store(true, Ordering::Release);
