@@ -181,23 +181,18 @@ impl Vm {
             return Ok(());
         };
         let at = replayer.disk_reads(pos)?;
-        {
-            let reads = at.reads;
-            {
-                let mut views: Vec<_> = bus.shared_views().collect();
-                for (disk, data) in reads {
-                    match views.iter_mut().find(|v| v.disk() == disk) {
-                        Some(v) => v.supply(data),
-                        None => {
-                            return Err(DoorError::Divergence {
-                                exit: pos,
-                                primary: format!("read {} bytes of shared disk {disk}", data.len()),
-                                backup: "has no such shared disk".into(),
-                            }
-                            .into())
-                        }
+        if !at.reads.is_empty() {
+            let mut views: Vec<_> = bus.shared_views().collect();
+            for (disk, data) in at.reads {
+                let Some(v) = views.iter_mut().find(|v| v.disk() == disk) else {
+                    return Err(DoorError::Divergence {
+                        exit: pos,
+                        primary: format!("read {} bytes of shared disk {disk}", data.len()),
+                        backup: "has no such shared disk".into(),
                     }
-                }
+                    .into());
+                };
+                v.supply(data);
             }
         }
         // The log ended within this exit and the door went live: the

@@ -562,7 +562,7 @@ impl Vm {
     }
 
     /// Create a VM and load the kernel for a fresh boot.
-    pub fn boot(cfg: &BootConfig, opts: RunOptions) -> Result<Vm, VmError> {
+    pub fn boot(cfg: &BootConfig, mut opts: RunOptions) -> Result<Vm, VmError> {
         let mem = boot::create_memory(cfg.mem_mib)?;
         let info = boot::load(&mem, cfg)?;
         info!(entry = format!("{:#x}", info.entry), format = ?info.format, "kernel loaded");
@@ -579,7 +579,6 @@ impl Vm {
             .set_fpu(&boot::boot_fpu())
             .map_err(kvm_err("SET_FPU"))?;
         let kicker = vcpu.arm_kick()?;
-        let mut opts = opts;
         Self::open_shared_disks(&cfg.disks, &mut opts)?;
         let bus = Self::mmio_bus(
             &cfg.disks,
@@ -641,11 +640,10 @@ impl Vm {
         let exits = d.u64()?;
         let vstate = VcpuState::decode(&mut d)?;
         let console = opts.console_out;
-        let opts = RunOptions {
+        let mut opts = RunOptions {
             console_out: Box::new(std::io::sink()),
             ..opts
         };
-        let mut opts = opts;
         Self::open_shared_disks(disks, &mut opts)?;
         let bus = Self::mmio_bus(
             disks,
