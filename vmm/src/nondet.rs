@@ -368,6 +368,11 @@ pub trait Door {
     fn recorder(&mut self) -> Option<&mut dyn Recorder> {
         None
     }
+    /// The live door inside this one (live or recording), to go on from
+    /// (re-protection); the rest of this door, its log, is dropped.
+    fn into_live(self: Box<Self>) -> Option<LiveDoor> {
+        None
+    }
     /// The replaying role of this door, if it replays.
     fn replayer(&mut self) -> Option<&mut dyn Replayer> {
         None
@@ -543,6 +548,10 @@ impl LiveDoor {
 }
 
 impl Door for LiveDoor {
+    fn into_live(self: Box<Self>) -> Option<LiveDoor> {
+        Some(*self)
+    }
+
     fn mode(&self) -> Mode {
         Mode::Live
     }

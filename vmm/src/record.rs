@@ -101,6 +101,13 @@ impl RecordDoor {
         })
     }
 
+    /// Count console input from `n` bytes already handed to the guest
+    /// (a recording that continues a run: re-protection).
+    pub fn with_input_logged(mut self, n: u64) -> Self {
+        self.input_logged = n;
+        self
+    }
+
     fn flush_exits(&mut self) -> Result<(), DoorError> {
         if self.exits.is_empty() {
             return Ok(());
@@ -160,6 +167,14 @@ fn write_error(path: &str, err: WriteError) -> DoorError {
 impl Door for RecordDoor {
     fn mode(&self) -> Mode {
         Mode::Record
+    }
+
+    fn into_live(self: Box<Self>) -> Option<LiveDoor> {
+        let mut this = *self;
+        let _ = this.flush();
+        // Dropping `this` flushes again: its stand-in door has nothing.
+        let stand_in = LiveDoor::new(0, None, crate::vcpu::Kicker::for_current_thread());
+        Some(std::mem::replace(&mut this.live, stand_in))
     }
 
     fn exit(&mut self, pos: u64, rec: ExitRecord) -> Result<(), DoorError> {
@@ -444,6 +459,9 @@ fn read(path: &Path) -> Result<Vec<u8>, ConfigError> {
 pub fn config_hash(src: &VmSource) -> Result<String, ConfigError> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
+    if let VmSource::Restore { snapshot, .. } = src {
+        return config_hash_of_state(&read(snapshot)?, src.disks(), src.nets());
+    }
     match src {
         VmSource::Boot(cfg) => {
             h.update(b"vmft-config-v2\0boot\0");
@@ -456,16 +474,37 @@ pub fn config_hash(src: &VmSource) -> Result<String, ConfigError> {
             h.update(cfg.mem_mib.to_le_bytes());
             h.update(cfg.cmdline.as_bytes());
         }
-        VmSource::Restore { snapshot, .. } => {
-            h.update(b"vmft-config-v2\0snapshot\0");
-            h.update(read(snapshot)?);
-        }
+        VmSource::Restore { .. } => unreachable!("hashed above"),
     }
+    hash_devices(h, src.disks(), src.nets())
+}
+
+/// [`config_hash`] of a VM restored from the snapshot file `state` (its
+/// bytes), with `disks` and `nets`.
+pub fn config_hash_of_state(
+    state: &[u8],
+    disks: &[crate::boot::DiskSpec],
+    nets: &[crate::boot::NetSpec],
+) -> Result<String, ConfigError> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"vmft-config-v2\0snapshot\0");
+    h.update(state);
+    hash_devices(h, disks, nets)
+}
+
+/// The devices' part of [`config_hash`], and the hash.
+fn hash_devices(
+    mut h: sha2::Sha256,
+    disks: &[crate::boot::DiskSpec],
+    nets: &[crate::boot::NetSpec],
+) -> Result<String, ConfigError> {
+    use sha2::Digest;
     // Disks: each one's access and contents (the backup must hold the same
     // bytes as the primary; separate copies are compared here). A shared
     // disk is outside the VM: its size only (reads come from the log, and
     // the image moves on after a recording).
-    for d in src.disks() {
+    for d in disks {
         h.update(b"\0disk\0");
         h.update([d.read_only as u8, d.shared as u8]);
         if d.shared {
@@ -481,7 +520,7 @@ pub fn config_hash(src: &VmSource) -> Result<String, ConfigError> {
         }
     }
     // Network cards: the guest sees their MACs (each side has its own tap).
-    for n in src.nets() {
+    for n in nets {
         h.update(b"\0net\0");
         h.update(n.mac);
     }

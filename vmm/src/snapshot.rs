@@ -228,6 +228,29 @@ pub fn write_file(path: &Path, body: &[u8]) -> Result<(), SnapshotError> {
     std::fs::rename(&tmp, path).map_err(io)
 }
 
+/// A snapshot file's bytes for `body` (what [`write_file`] writes).
+pub fn file_bytes(body: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(body.len() + 24);
+    b.extend_from_slice(MAGIC);
+    b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    b.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    b.extend_from_slice(body);
+    b.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    b
+}
+
+/// Write a snapshot file's `bytes` (received whole, e.g. in a state
+/// transfer) to `path`, atomically; [`read_file`] verifies them.
+pub fn write_file_bytes(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    let io = |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
 /// Read and verify a snapshot file; returns the body.
 pub fn read_file(path: &Path) -> Result<Vec<u8>, SnapshotError> {
     let p = || path.to_path_buf();

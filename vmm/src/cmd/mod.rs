@@ -23,7 +23,7 @@ use vmm::stop::{StopHandle, StopReason};
 use vmm::terminal::{EscapeReader, RawTerminal, ESCAPE_HELP};
 use vmm::vm::VmExit;
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct BootArgs {
     /// Kernel: uncompressed vmlinux ELF (default) or bzImage.
     #[arg(long)]

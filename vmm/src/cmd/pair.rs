@@ -16,13 +16,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use ft_log::channel::{load_token_file, BackupListener, ChannelConfig, PrimaryHandle, PrimaryLink};
+use ft_log::channel::{
+    load_token_file, BackupLink, BackupListener, ChannelConfig, JoinListener, PrimaryLink,
+};
 use vmm::api::ApiServer;
 use vmm::console::{read_token_file, ConsoleLink, Hello, Role as ConsoleRole};
 use vmm::ft::claim::{ArbiterAddr, Claimant};
 use vmm::ft::console_side::ConsoleSide;
 use vmm::ft::output::{HeldOutput, OutputTail, Release, ToWriter};
-use vmm::ft::pair::{BackupHooks, ChannelSink, OnWon, PrimaryHooks, PrimaryStats, TakeOver};
+use vmm::ft::pair::{BackupHooks, LogLink, OnWon, PrimaryHooks, PrimaryStats, TakeOver};
 use vmm::ft::status::{Role, State, StatusBoard};
 use vmm::nondet::InputSource;
 use vmm::record::{config_hash, log_header, recorder_id, VmSource};
@@ -127,6 +129,10 @@ pub struct PrimaryArgs {
     /// The backup's listening address.
     #[arg(long)]
     pub backup: String,
+    /// Accept a new backup here (`vmft backup --join ADDR`) once the first
+    /// one is lost: re-protection by a state transfer.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
     #[command(flatten)]
     pub pair: PairArgs,
     #[command(flatten)]
@@ -146,8 +152,13 @@ pub struct PrimaryArgs {
 #[derive(Args)]
 pub struct BackupArgs {
     /// Where to wait for the primary.
-    #[arg(long)]
-    pub listen: String,
+    #[arg(long, required_unless_present = "join")]
+    pub listen: Option<String>,
+    /// Join a running primary instead (`vmft primary --listen ADDR`): it
+    /// sends its state, then its log (re-protection). The VM comes from
+    /// the primary: kernel and `--restore` are not used.
+    #[arg(long, value_name = "ADDR", conflicts_with = "listen")]
+    pub join: Option<String>,
     /// Once live, record for a future backup: the log goes to FILE and the
     /// state at the takeover to FILE.snap (`vmft replay --restore
     /// FILE.snap --log FILE` replays the run after the failover).
@@ -194,11 +205,25 @@ fn channel_config(pair: &PairArgs, secret: Vec<u8>, hash: String) -> ChannelConf
     )
 }
 
+/// The configuration hash both sides offer in a join's handshake: the
+/// joining backup learns the real one from the state transfer.
+fn join_hash(vm: &str) -> String {
+    format!("join:{vm}")
+}
+
+/// The channel configuration for joins, from the pair's `cfg`.
+fn join_config(pair: &PairArgs, cfg: ChannelConfig) -> ChannelConfig {
+    ChannelConfig {
+        config_hash: join_hash(&pair.vm),
+        ..cfg
+    }
+}
+
 /// How a held output stream learns that the backup has the log up to a
 /// barrier. A backup that is gone acknowledges nothing more: the waiter
 /// sleeps until the claim's outcome turns the release mode Free or Halt.
-fn ack_waiter(handle: &PrimaryHandle) -> Box<dyn Fn(u64, Duration) -> bool + Send> {
-    let acks = handle.clone();
+fn ack_waiter(link: &LogLink) -> Box<dyn Fn(u64, Duration) -> bool + Send> {
+    let acks = link.clone();
     Box::new(move |barrier, t| match acks.wait_acked(barrier, t) {
         Ok(acked) => acked,
         Err(_) => {
@@ -263,13 +288,27 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     }
     let board = StatusBoard::new(&pair.vm, Role::Primary, Some(args.backup.clone()));
     let _api = start_api(&pair, "primary", &board)?;
+    // Joining backups: the listener is bound now, so a busy address is
+    // found before the pair forms.
+    let joins = match &args.listen {
+        Some(addr) => {
+            let l = JoinListener::bind(addr.as_str())
+                .with_context(|| format!("cannot listen for joining backups on {addr}"))?;
+            eprintln!(
+                "vmft: a new backup can join on {}",
+                l.local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| addr.clone())
+            );
+            Some(l)
+        }
+        None => None,
+    };
+    let join_cfg = cfg.clone().with_hello(Vec::new());
     let link = PrimaryLink::connect(args.backup.as_str(), &cfg)
         .with_context(|| format!("cannot connect to the backup at {}", args.backup))?;
     eprintln!("vmft: connected to the backup; the VM is protected");
-    let handle = link.handle();
-    let link = Arc::new(Mutex::new(Some(link)));
-    let dropped = Arc::new(AtomicBool::new(false));
-    let unprotected = dropped.clone();
+    let link = LogLink::new(link);
     let console = console_side(&pair, generation, ConsoleRole::Primary, &claimant_id)?;
     if let Some(c) = &console {
         let s = stop.clone();
@@ -281,13 +320,13 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
         Some(c) => Box::new(c.clone()),
         None => stdout_release(),
     };
-    let held = HeldOutput::start(0, release, ack_waiter(&handle));
+    let held = HeldOutput::start(0, release, ack_waiter(&link));
     // Frames the guest transmits are outputs too: held like console output.
     let net_held = tap.map(|tap| {
         let held = HeldOutput::start(
             0,
             Box::new(vmm::netio::TapSink::new(tap.clone())),
-            ack_waiter(&handle),
+            ack_waiter(&link),
         );
         (tap, held)
     });
@@ -296,7 +335,7 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
         Some((disks, fences)) => {
             let sink = disks.sink_fenced(fences.clone());
             let fenced = sink.fenced_flag();
-            let held = HeldOutput::start_strict(0, Box::new(sink), ack_waiter(&handle));
+            let held = HeldOutput::start_strict(0, Box::new(sink), ack_waiter(&link));
             Some((disks, fences, fenced, held))
         }
         None => None,
@@ -305,14 +344,16 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     let mut hooks = PrimaryHooks::new(
         pair.vm.clone(),
         generation,
-        handle.clone(),
+        link.clone(),
         held.clone(),
         claimant.clone(),
-        dropped.clone(),
         args.max_lag_exits,
         stats.clone(),
     );
     hooks = hooks.with_status(board.clone());
+    if let Some(l) = joins {
+        hooks = hooks.with_joins(l, join_config(&pair, join_cfg));
+    }
     if let Some(c) = &console {
         hooks = hooks.with_console(c.clone());
     }
@@ -344,7 +385,7 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
         shared_disk,
         ft: FtMode::Record {
             log: LogSink::Stream {
-                sink: Box::new(ChannelSink::new(link.clone(), dropped)),
+                sink: Box::new(link.sink()),
                 name: format!("the channel to {}", args.backup),
             },
             header,
@@ -365,19 +406,19 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     });
     // The end entry is in the log: release the last output once the backup
     // has it, then close the channel cleanly.
-    held.mark(handle.sent());
+    held.mark(link.sent());
     if let Some((_, h)) = &net_held {
-        h.mark(handle.sent());
+        h.mark(link.sent());
     }
     if let Some((_, _, _, h)) = &disk_held {
-        h.mark(handle.sent());
+        h.mark(link.sent());
     }
     // A clean end closes the channel with End (the backup replays to the
     // end entry and stops); after an error the link is dropped without End,
     // so the backup takes over.
-    let link = link.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let finished = match (&result, link) {
-        (Ok(_), Some(l)) if !unprotected.load(Ordering::Acquire) => Some(l.finish()),
+    let unprotected = link.is_dropped();
+    let finished = match (&result, link.take()) {
+        (Ok(_), Some(l)) if !unprotected => Some(l.finish()),
         _ => None,
     };
     if result.is_ok() && !held.drain(Duration::from_secs(30)) {
@@ -427,7 +468,7 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     }
     if pair.stats {
         eprint!("{}", vm.stats.report(vm.unknown_ports()));
-        let ls = handle.stats();
+        let ls = link.stats();
         let ps = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
         eprintln!("vmft pair statistics (primary)\n  {ls:?}\n  {ps:?}");
         let os = held.stats();
@@ -465,7 +506,11 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
 /// when it fails.
 pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
     let pair = args.pair.clone();
-    let source = vm_source(&pair, args.boot)?;
+    if let Some(addr) = args.join.clone() {
+        return join(args, &addr, stop);
+    }
+    let listen = args.listen.clone().unwrap_or_default();
+    let source = vm_source(&pair, args.boot.clone())?;
     if let Some(log) = &args.takeover_log {
         // A takeover log starts from the state at the takeover; a writable
         // disk would have to be copied at that instant too, which this
@@ -488,19 +533,19 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
     // before the pair forms; read from and written to only once live.
     let tap = super::open_tap(source.nets())?;
     let secret = load_token_file(&pair.token_file)?;
-    let listener = BackupListener::bind(args.listen.as_str())
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = BackupListener::bind(listen.as_str())
+        .with_context(|| format!("cannot listen on {listen}"))?;
     eprintln!(
         "vmft: backup of {}: waiting for the primary on {}",
         pair.vm,
         listener
             .local_addr()
             .map(|a| a.to_string())
-            .unwrap_or_else(|_| args.listen.clone())
+            .unwrap_or_else(|_| listen.clone())
     );
     let cfg = channel_config(&pair, secret, hash.clone());
     let board = StatusBoard::new(&pair.vm, Role::Backup, None);
-    let _api = start_api(&pair, "backup", &board)?;
+    let api = start_api(&pair, "backup", &board)?;
     // A peer that fails the handshake (no secret, garbage, another VM) is
     // refused and the backup keeps waiting for its primary.
     let link = loop {
@@ -509,11 +554,168 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
             Err(e) => eprintln!("vmft: refused a connection: {e}; still waiting for the primary"),
         }
     };
+    eprintln!(
+        "vmft: the primary connected: generation {}; replaying",
+        link.generation()
+    );
+    let reader = link.log_reader();
+    follow(
+        args,
+        Following {
+            source,
+            hash,
+            tap,
+            link,
+            reader: Box::new(reader),
+            board,
+            _api: api,
+            offsets: Default::default(),
+        },
+        stop,
+    )
+}
+
+/// Where a backup's copies of the output streams begin.
+#[derive(Debug, Clone, Copy, Default)]
+struct Offsets {
+    console: u64,
+    frames: u64,
+    disk: u64,
+}
+
+/// A backup whose pair has formed, ready to replay.
+struct Following {
+    /// What the VM starts from.
+    source: VmSource,
+    /// Its configuration hash (the log's must agree).
+    hash: String,
+    /// The backup's own tap.
+    tap: Option<Arc<vmm::devices::virtio::Tap>>,
+    link: Arc<BackupLink>,
+    /// The log.
+    reader: Box<dyn io::Read + Send>,
+    board: StatusBoard,
+    _api: ApiServer,
+    offsets: Offsets,
+}
+
+/// `vmft backup --join`: dial the running primary, receive its state, then
+/// follow its log like any backup.
+fn join(args: BackupArgs, addr: &str, stop: StopHandle) -> Result<()> {
+    let pair = args.pair.clone();
+    if args.boot.disks.iter().any(|d| !d.read_only) {
+        bail!(
+            "--join with a writable --disk is not supported yet (the state transfer does not \
+             carry disk blocks): use read-only disks"
+        );
+    }
+    if args.takeover_log.is_some() {
+        bail!("--join and --takeover-log cannot be combined yet");
+    }
+    let tap = super::open_tap(&args.boot.nets)?;
+    let secret = load_token_file(&pair.token_file)?;
+    let cfg = join_config(&pair, channel_config(&pair, secret, String::new()));
+    let board = StatusBoard::new(&pair.vm, Role::Backup, Some(addr.to_string()));
+    let api = start_api(&pair, "backup", &board)?;
+    eprintln!("vmft: backup of {}: joining the primary at {addr}", pair.vm);
+    let link = Arc::new(
+        BackupLink::join(addr, &cfg)
+            .with_context(|| format!("cannot join the primary at {addr}"))?,
+    );
+    let generation = link.generation();
+    board.set_generation(generation);
+    board.set_state(State::Transfer);
+    let t0 = std::time::Instant::now();
+    let mut reader = link.log_reader();
+    let mut last = t0;
+    let (head, state) = vmm::ft::transfer::receive(&mut reader, &mut |n, total| {
+        if last.elapsed() >= Duration::from_millis(500) || n == total {
+            last = std::time::Instant::now();
+            board.transfer(vmm::ft::status::TransferStatus {
+                generation,
+                bytes: n,
+                total,
+                rounds: 1,
+                pause_ms: 0.0,
+                done: n == total,
+            });
+            eprintln!(
+                "vmft: state transfer: {} of {} MB ({:.0} MB/s)",
+                n >> 20,
+                total >> 20,
+                n as f64 / 1e6 / t0.elapsed().as_secs_f64().max(1e-3)
+            );
+        }
+    })
+    .with_context(|| {
+        format!(
+            "the primary at {addr} did not send its state (it may have a backup already, \
+             or it failed)"
+        )
+    })?;
+    if head.generation != generation {
+        bail!(
+            "the state is for generation {}, the link for {generation}",
+            head.generation
+        );
+    }
+    let dir = vmm::api::default_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let snap = dir.join(format!("{}-joined-{}.snap", pair.vm, std::process::id()));
+    vmm::snapshot::write_file_bytes(&snap, &state)
+        .with_context(|| format!("cannot keep the state in {}", snap.display()))?;
+    drop(state);
+    let source = VmSource::Restore {
+        snapshot: snap.clone(),
+        disks: args.boot.disks.clone(),
+        nets: args.boot.nets.clone(),
+    };
+    let hash = config_hash(&source).context("cannot start the backup")?;
+    eprintln!(
+        "vmft: state received ({} MB in {:.1} s): generation {generation}; replaying",
+        head.total() >> 20,
+        t0.elapsed().as_secs_f64()
+    );
+    let offsets = Offsets {
+        console: head.console,
+        frames: head.frames,
+        disk: head.disk,
+    };
+    let r = follow(
+        args,
+        Following {
+            source,
+            hash,
+            tap,
+            link,
+            reader: Box::new(reader),
+            board,
+            _api: api,
+            offsets,
+        },
+        stop,
+    );
+    let _ = std::fs::remove_file(&snap);
+    r
+}
+
+/// Replay the log of a formed pair, and take over when the primary fails.
+fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
+    let pair = args.pair.clone();
+    let Following {
+        source,
+        hash,
+        tap,
+        link,
+        reader,
+        board,
+        _api,
+        offsets,
+    } = f;
     let generation = link.generation();
     board.set_generation(generation);
     board.set_state(State::Replaying);
-    eprintln!("vmft: the primary connected: generation {generation}; replaying");
-    let mut door = ReplayDoor::from_reader(Box::new(link.log_reader()), "the channel".into())
+    let mut door = ReplayDoor::from_reader(reader, "the channel".into())
         .context("cannot read the primary's log")?;
     let h = door.header().clone();
     if h.recorder != recorder_id() {
@@ -526,7 +728,7 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
     if h.config_hash != hash {
         bail!("the primary's log is for another VM configuration");
     }
-    let tail = OutputTail::new(0);
+    let tail = OutputTail::new(offsets.console);
     let t = tail.clone();
     door.on_released(Box::new(move |off| t.set_released(off)));
     let claimant = Claimant::new(pair.arbiter.clone(), arbiter_token(&pair)?, "backup")?;
@@ -558,7 +760,7 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
     // written (behind the fences, claimed first) if this side goes live.
     let disk_tail = match shared_disks(&source, generation, &claimant_id)? {
         Some((disks, fences)) => {
-            let tail = OutputTail::for_records(0);
+            let tail = OutputTail::for_records(offsets.disk);
             let t = tail.clone();
             door.on_disk_released(Box::new(move |off| t.set_released(off)));
             let sink = disks.sink_fenced(fences.clone());
@@ -577,7 +779,7 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
         });
     let net_tail = match tap {
         Some(tap) => {
-            let tail = OutputTail::for_records(0);
+            let tail = OutputTail::for_records(offsets.frames);
             let t = tail.clone();
             door.on_net_released(Box::new(move |off| t.set_released(off)));
             Some((tap, tail))

@@ -72,6 +72,7 @@ fn table(rows: &[MonitorStatus]) -> String {
         "LOG",
         "OUT-DELAY p50/p99",
         "LAST FAILOVER",
+        "TRANSFER",
         "PID",
     ];
     let mut cells: Vec<Vec<String>> = vec![head.iter().map(|s| s.to_string()).collect()];
@@ -94,6 +95,16 @@ fn table(rows: &[MonitorStatus]) -> String {
             s.last_failover
                 .as_ref()
                 .map(|f| format!("{} failed, claim {} ms", f.failed, f.claim_ms))
+                .unwrap_or_else(|| "-".into()),
+            s.transfer
+                .as_ref()
+                .map(|t| {
+                    if t.done {
+                        format!("done, pause {:.0} ms", t.pause_ms)
+                    } else {
+                        format!("{}/{} MB", t.bytes >> 20, t.total >> 20)
+                    }
+                })
                 .unwrap_or_else(|| "-".into()),
             s.pid.to_string(),
         ]);

@@ -52,6 +52,13 @@ impl ConsoleSide {
         self.with(|l| l.announce_claim(generation));
     }
 
+    /// This side is now the primary of a new pair, `generation`
+    /// (re-protection): say hello again, so its output counts as the new
+    /// pair's.
+    pub fn rehello(&self, generation: u64) {
+        self.with(|l| l.rehello(generation, crate::console::Role::Primary));
+    }
+
     /// The guest has had the console's input up to `next` (the log says
     /// so): take input from there on, not from where this side began.
     pub fn resume_input(&self, next: InputCursor) {

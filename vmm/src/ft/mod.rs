@@ -7,10 +7,13 @@
 //!   unreleased tail);
 //! - [`pair`]: the primary's and the backup's boundary hooks, the channel
 //!   as the primary's log sink, the backup's gate before going live;
-//! - [`status`]: the operator's view of a side (served by [`crate::api`]).
+//! - [`status`]: the operator's view of a side (served by [`crate::api`]);
+//! - [`transfer`]: re-protection's state transfer (what precedes the log
+//!   on a joining backup's link).
 
 pub mod claim;
 pub mod console_side;
 pub mod output;
 pub mod pair;
 pub mod status;
+pub mod transfer;

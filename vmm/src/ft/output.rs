@@ -298,6 +298,16 @@ impl HeldOutput {
         self.shared.wake.notify_all();
     }
 
+    /// The stream's end: the offset after every byte captured so far.
+    pub fn end(&self) -> u64 {
+        let c = self
+            .shared
+            .captured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        c.offset + c.bytes.len() as u64
+    }
+
     /// Bytes queued and not yet released.
     pub fn held(&self) -> u64 {
         self.shared.held_bytes.load(Ordering::Acquire)

@@ -15,18 +15,22 @@
 //! ```
 
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arbiter::Decision;
-use ft_log::channel::{BackupLink, EndState, PeerState, PrimaryHandle, PrimaryLink};
+use ft_log::channel::{
+    BackupLink, ChannelConfig, ChannelError, EndState, JoinListener, LinkStats, PeerState,
+    PrimaryHandle, PrimaryLink,
+};
 use ft_log::InputCursor;
 
 use super::claim::Claimant;
 use super::console_side::{ConsoleSide, InputConfirmer};
 use super::output::{HeldOutput, OutputTail, Release, ReleaseMode, MAX_HELD};
-use super::status::{State, StatusBoard};
+use super::status::{State, StatusBoard, TransferStatus};
+use super::transfer::{self, TransferHead};
 use crate::nondet::{Door, DoorError, Recorder};
 use crate::replay::LogEnd;
 use crate::shared_disk::Fences;
@@ -59,33 +63,182 @@ pub fn claim_shared(
     )
 }
 
-/// The primary's log sink: log bytes go to the channel. After the backup is
-/// gone (and the claim won) the log is dropped: the VM runs unprotected.
-pub struct ChannelSink {
-    link: Arc<Mutex<Option<PrimaryLink>>>,
-    dropped: Arc<AtomicBool>,
+/// The primary's logging link, shared by its log sink, its hooks and its
+/// output releasers. Re-protection replaces it: the new link first carries
+/// the state transfer (`base` bytes, [`super::transfer`]) and then the
+/// log, so a log offset (a barrier) is the link offset minus `base`.
+/// While the transfer is sent, the log waits here (`deferred`).
+#[derive(Clone)]
+pub struct LogLink {
+    inner: Arc<Mutex<LinkState>>,
 }
 
-impl ChannelSink {
-    /// A sink writing to `link`; `dropped` turns it off.
-    pub fn new(link: Arc<Mutex<Option<PrimaryLink>>>, dropped: Arc<AtomicBool>) -> Self {
-        ChannelSink { link, dropped }
+struct LinkState {
+    /// Where log bytes are written (`None` while a transfer is sent, or
+    /// once taken for the clean end).
+    link: Option<PrimaryLink>,
+    /// The current link's view for other threads.
+    handle: PrimaryHandle,
+    /// Link bytes before the log.
+    base: u64,
+    /// Log bytes waiting for the state transfer to be sent.
+    deferred: Option<Vec<u8>>,
+    /// The backup is gone and the claim won: log bytes are dropped.
+    dropped: bool,
+}
+
+impl LogLink {
+    /// The log goes to `link` from its first byte.
+    pub fn new(link: PrimaryLink) -> Self {
+        LogLink {
+            inner: Arc::new(Mutex::new(LinkState {
+                handle: link.handle(),
+                link: Some(link),
+                base: 0,
+                deferred: None,
+                dropped: false,
+            })),
+        }
     }
+
+    fn with<T>(&self, f: impl FnOnce(&mut LinkState) -> T) -> T {
+        f(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn view(&self) -> (PrimaryHandle, u64) {
+        self.with(|s| (s.handle.clone(), s.base))
+    }
+
+    /// The log sink writing to this link.
+    pub fn sink(&self) -> ChannelSink {
+        ChannelSink { link: self.clone() }
+    }
+
+    /// Log bytes the backup acknowledged.
+    pub fn acked(&self) -> u64 {
+        let (h, base) = self.view();
+        h.acked().saturating_sub(base)
+    }
+
+    /// Log bytes sent.
+    pub fn sent(&self) -> u64 {
+        let (h, base) = self.view();
+        h.sent().saturating_sub(base)
+    }
+
+    /// Wait up to `timeout` for the backup to acknowledge the log up to
+    /// `barrier`.
+    pub fn wait_acked(&self, barrier: u64, timeout: Duration) -> Result<bool, ChannelError> {
+        let (h, base) = self.view();
+        h.wait_acked(base + barrier, timeout)
+    }
+
+    /// The backup's replay position (from acks and heartbeats).
+    pub fn backup_applied(&self) -> u64 {
+        self.view().0.backup_applied()
+    }
+
+    /// Whether the backup is alive, as far as the link knows.
+    pub fn peer_state(&self) -> PeerState {
+        self.view().0.peer_state()
+    }
+
+    /// The primary's position, for heartbeats.
+    pub fn set_position(&self, pos: u64) {
+        self.view().0.set_position(pos)
+    }
+
+    /// The link's counters.
+    pub fn stats(&self) -> LinkStats {
+        self.view().0.stats()
+    }
+
+    /// The backup is gone: drop log bytes from now on.
+    pub fn drop_log(&self) {
+        self.with(|s| {
+            s.dropped = true;
+            s.deferred = None;
+        })
+    }
+
+    /// Whether log bytes are dropped (no backup).
+    pub fn is_dropped(&self) -> bool {
+        self.with(|s| s.dropped)
+    }
+
+    /// Take the link (to end it cleanly).
+    pub fn take(&self) -> Option<PrimaryLink> {
+        self.with(|s| s.link.take())
+    }
+
+    /// A new backup joins on a link whose `handle` is given: log bytes wait
+    /// until the first `base` bytes (the state transfer) are sent.
+    fn begin(&self, handle: PrimaryHandle, base: u64) {
+        self.with(|s| {
+            s.handle = handle;
+            s.base = base;
+            s.link = None;
+            s.deferred = Some(Vec::new());
+            s.dropped = false;
+        })
+    }
+
+    /// The state transfer was sent on `link`: send the log that waited and
+    /// write the log to it from now on. False if the backup was given up
+    /// meanwhile.
+    fn complete(&self, mut link: PrimaryLink) -> bool {
+        self.with(|s| {
+            if s.dropped {
+                return false;
+            }
+            if let Some(d) = s.deferred.take() {
+                if let Err(e) = link.write(&d) {
+                    tracing::debug!("log bytes not sent: {e}");
+                }
+            }
+            s.link = Some(link);
+            true
+        })
+    }
+}
+
+/// The primary's log sink: log bytes go to the current [`LogLink`]. After
+/// the backup is gone (and the claim won) the log is dropped: the VM runs
+/// unprotected.
+pub struct ChannelSink {
+    link: LogLink,
 }
 
 impl Write for ChannelSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.dropped.load(Ordering::Acquire) {
-            return Ok(buf.len());
-        }
-        let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(l) = link.as_mut() {
-            // A failed backup is handled at the next boundary
-            // (PrimaryHooks): the bytes it will never see are dropped.
-            if let Err(e) = l.write(buf) {
-                tracing::debug!("log bytes not sent: {e}");
+        self.link.with(|s| {
+            if s.dropped {
+                return;
             }
-        }
+            if let Some(d) = s.deferred.as_mut() {
+                d.extend_from_slice(buf);
+            } else if let Some(l) = s.link.as_mut() {
+                // A failed backup is handled at the next boundary
+                // (PrimaryHooks): the bytes it will never see are dropped.
+                if let Err(e) = l.write(buf) {
+                    tracing::debug!("log bytes not sent: {e}");
+                }
+            }
+        });
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `link` as a byte sink, for the state transfer.
+struct LinkWriter<'a>(&'a mut PrimaryLink);
+
+impl Write for LinkWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf).map_err(io::Error::other)?;
         Ok(buf.len())
     }
 
@@ -118,10 +271,9 @@ pub struct PrimaryStats {
 pub struct PrimaryHooks {
     vm: String,
     generation: u64,
-    handle: PrimaryHandle,
+    link: LogLink,
     held: HeldOutput,
     claimant: Arc<Mutex<Claimant>>,
-    dropped: Arc<AtomicBool>,
     protection: Protection,
     logged_released: u64,
     last_released_entry: Instant,
@@ -137,6 +289,44 @@ pub struct PrimaryHooks {
     fences: Option<Fences>,
     /// The operator's view of this side.
     status: Option<StatusBoard>,
+    /// New backups waiting to join (re-protection).
+    joins: Option<Joins>,
+    /// Where the run loop handed the state over last (the new backup's
+    /// replay starts there: lag counts from it).
+    handover_pos: u64,
+}
+
+/// A joining backup, accepted and waiting for the state.
+struct Joiner {
+    link: PrimaryLink,
+    generation: u64,
+}
+
+/// New backups for this primary: accepted by a thread on the join
+/// listener, taken at a boundary while the primary runs unprotected.
+struct Joins {
+    pending: Arc<Mutex<Option<Joiner>>>,
+    /// The current generation: a joiner's is larger.
+    floor: Arc<AtomicU64>,
+    /// The state transfer being sent.
+    sender: Option<std::thread::JoinHandle<()>>,
+    /// When the last state hand-over began (for its pause).
+    started: Option<(Instant, TransferHead)>,
+}
+
+/// What the run loop needs to hand its state to a joining backup.
+pub struct JoinRequest {
+    /// The new pair's generation.
+    pub generation: u64,
+}
+
+/// A generation larger than `floor`: the time in nanoseconds, or one more.
+pub fn next_generation(floor: u64) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    now.max(floor + 1)
 }
 
 /// What a held stream is: says which entry logs how far it was released.
@@ -187,20 +377,18 @@ impl PrimaryHooks {
     pub fn new(
         vm: String,
         generation: u64,
-        handle: PrimaryHandle,
+        link: LogLink,
         held: HeldOutput,
         claimant: Arc<Mutex<Claimant>>,
-        dropped: Arc<AtomicBool>,
         max_lag_exits: u64,
         stats: Arc<Mutex<PrimaryStats>>,
     ) -> Self {
         PrimaryHooks {
             vm,
             generation,
-            handle,
+            link,
             held,
             claimant,
-            dropped,
             protection: Protection::Protected,
             logged_released: 0,
             last_released_entry: Instant::now(),
@@ -212,7 +400,50 @@ impl PrimaryHooks {
             streams: Vec::new(),
             fences: None,
             status: None,
+            joins: None,
+            handover_pos: 0,
         }
+    }
+
+    /// Accept new backups on `listener` (re-protection): each is given the
+    /// state when this side runs unprotected. `cfg` is the channel's
+    /// configuration for joins (its generation is chosen per joiner).
+    pub fn with_joins(mut self, listener: JoinListener, cfg: ChannelConfig) -> Self {
+        let pending: Arc<Mutex<Option<Joiner>>> = Arc::default();
+        let floor = Arc::new(AtomicU64::new(self.generation));
+        let (p, f) = (pending.clone(), floor.clone());
+        let spawned = std::thread::Builder::new()
+            .name("vmft-join".into())
+            .spawn(move || loop {
+                let generation = next_generation(f.load(Ordering::Acquire));
+                let cfg = cfg.clone().with_generation(generation);
+                match listener.accept(&cfg) {
+                    Ok(link) => {
+                        let mut slot = p.lock().unwrap_or_else(|e| e.into_inner());
+                        if slot.is_some() {
+                            note("a second backup asked to join while one waits: refused");
+                            continue;
+                        }
+                        note(&format!(
+                            "a new backup joins (generation {generation}): the state goes to it at the next boundary"
+                        ));
+                        f.store(generation, Ordering::Release);
+                        *slot = Some(Joiner { link, generation });
+                    }
+                    Err(e) => note(&format!("refused a joining backup: {e}")),
+                }
+            });
+        if let Err(e) = spawned {
+            note(&format!("cannot accept joining backups: {e}"));
+            return self;
+        }
+        self.joins = Some(Joins {
+            pending,
+            floor,
+            sender: None,
+            started: None,
+        });
+        self
     }
 
     /// Keep `status` up to date (state, lag, log rate, output delay).
@@ -273,7 +504,7 @@ impl PrimaryHooks {
         let decision = claim_shared(&self.claimant, &self.vm, self.generation)?;
         match decision {
             Decision::Won => {
-                self.dropped.store(true, Ordering::Release);
+                self.link.drop_log();
                 // Shared disks: fence the backup off before writing freely.
                 if let Some(f) = &self.fences {
                     if let Err(e) = f.claim() {
@@ -309,7 +540,159 @@ impl PrimaryHooks {
     }
 }
 
+impl PrimaryHooks {
+    /// The end offsets of the held streams of `kind`.
+    fn stream_end(&self, kind: StreamKind) -> u64 {
+        self.streams
+            .iter()
+            .find(|s| s.kind == kind)
+            .map_or(0, |s| s.held.end())
+    }
+
+    /// Send the state to the joining backup (a thread), the log after it.
+    fn start_sender(&mut self, joiner: Joiner, head: TransferHead, state: Vec<u8>) {
+        let Joiner { mut link, .. } = joiner;
+        let loglink = self.link.clone();
+        let status = self.status.clone();
+        let t0 = Instant::now();
+        let sender = std::thread::Builder::new()
+            .name("vmft-transfer".into())
+            .spawn(move || {
+                let mut last = Instant::now();
+                let r = transfer::send(&mut LinkWriter(&mut link), &head, &state, &mut |n| {
+                    if let Some(s) = &status {
+                        if last.elapsed() >= Duration::from_millis(100) {
+                            last = Instant::now();
+                            s.update_transfer(|t| t.bytes = n);
+                        }
+                    }
+                });
+                match r {
+                    Ok(()) if loglink.complete(link) => {
+                        if let Some(s) = &status {
+                            s.update_transfer(|t| {
+                                t.bytes = head.total();
+                                t.done = true;
+                            });
+                            s.set_state(State::Protected);
+                        }
+                        note(&format!(
+                            "state sent to the new backup ({} MB in {:.1} s): the VM is PROTECTED again (generation {})",
+                            head.total() >> 20,
+                            t0.elapsed().as_secs_f64(),
+                            head.generation
+                        ));
+                    }
+                    Ok(()) => note("the new backup was given up before its state was sent"),
+                    // The link fails with it: the boundary sees the backup
+                    // gone and claims the new generation.
+                    Err(e) => note(&format!("the state transfer to the new backup failed: {e}")),
+                }
+            });
+        match sender {
+            Ok(t) => {
+                if let Some(j) = self.joins.as_mut() {
+                    j.sender = Some(t);
+                }
+            }
+            Err(e) => note(&format!("cannot start the state transfer: {e}")),
+        }
+    }
+}
+
 impl PairHooks for PrimaryHooks {
+    fn join_waiting(&self) -> bool {
+        self.protection == Protection::Unprotected
+            && self.joins.as_ref().is_some_and(|j| {
+                j.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_some()
+            })
+    }
+
+    fn hand_over(
+        &mut self,
+        pos: u64,
+        state: Vec<u8>,
+    ) -> Result<(Box<dyn Write + Send>, String), DoorError> {
+        let joins = self
+            .joins
+            .as_mut()
+            .ok_or_else(|| DoorError::Ft("no backup joins this primary".into()))?;
+        let joiner = joins
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| DoorError::Ft("no joining backup waits".into()))?;
+        if let Some(t) = joins.sender.take() {
+            let _ = t.join();
+        }
+        let generation = joiner.generation;
+        joins.floor.fetch_max(generation, Ordering::AcqRel);
+        let joiner = joiner;
+        // What the guest wrote before the state is the unprotected run's:
+        // free. The new backup's copies start where the streams are now.
+        if self.held.has_unmarked() {
+            self.held.mark(0);
+        }
+        for s in self.streams.iter().filter(|s| s.held.has_unmarked()) {
+            s.held.mark(0);
+        }
+        let head = TransferHead {
+            generation,
+            console: self.held.end(),
+            frames: self.stream_end(StreamKind::Net),
+            disk: self.stream_end(StreamKind::Disk),
+            state_len: state.len() as u64,
+        };
+        if let Some(j) = self.joins.as_mut() {
+            j.started = Some((Instant::now(), head));
+        }
+        self.link.begin(joiner.link.handle(), head.total());
+        self.generation = generation;
+        self.protection = Protection::Protected;
+        self.handover_pos = pos;
+        self.inputs = InputConfirmer::default();
+        // Output from here on waits for the new backup's acks.
+        self.set_release_mode(ReleaseMode::Rule);
+        if let Some(c) = &self.console {
+            c.rehello(generation);
+        }
+        if let Some(s) = &self.status {
+            s.set_generation(generation);
+            s.set_state(State::Transfer);
+            s.transfer(TransferStatus {
+                generation,
+                bytes: 0,
+                total: head.total(),
+                rounds: 1,
+                pause_ms: 0.0,
+                done: false,
+            });
+        }
+        note(&format!(
+            "handing the state at exit {pos} to the new backup: {} MB, generation {generation}",
+            head.total() >> 20
+        ));
+        self.start_sender(joiner, head, state);
+        Ok((
+            Box::new(self.link.sink()),
+            "the channel to the joining backup".into(),
+        ))
+    }
+
+    fn resumed(&mut self, pause: Duration) {
+        if let Some(s) = &self.status {
+            s.update_transfer(|t| t.pause_ms = pause.as_secs_f64() * 1000.0);
+        }
+        note(&format!(
+            "the guest ran on after a pause of {:.0} ms for the state",
+            pause.as_secs_f64() * 1000.0
+        ));
+    }
+
     fn boundary(&mut self, door: &mut dyn Door, pos: u64) -> Result<(), DoorError> {
         let Some(door) = door.recorder() else {
             return Err(DoorError::Ft("the primary's door does not record".into()));
@@ -318,7 +701,7 @@ impl PairHooks for PrimaryHooks {
             if let Some(s) = self.status.as_ref() {
                 if self.sample_at.elapsed() >= Duration::from_millis(100) {
                     self.sample_at = Instant::now();
-                    s.progress(pos, self.handle.sent());
+                    s.progress(pos, self.link.sent());
                 }
             }
             // No backup: output is released at once (ReleaseMode::Free) and
@@ -334,7 +717,7 @@ impl PairHooks for PrimaryHooks {
             }
             return Ok(());
         }
-        self.handle.set_position(pos);
+        self.link.set_position(pos);
         // The output rule: output of this exit waits for the log through it.
         for s in self.streams.iter().filter(|s| s.held.has_unmarked()) {
             let barrier = door.barrier()?;
@@ -347,7 +730,7 @@ impl PairHooks for PrimaryHooks {
         // Held output is bounded, each stream: past MAX_HELD the guest waits
         // for the releaser (back-pressure, never a silent drop).
         while self.held.held() > MAX_HELD || self.streams.iter().any(|s| s.held.held() > MAX_HELD) {
-            if let PeerState::Failed { reason } = self.handle.peer_state() {
+            if let PeerState::Failed { reason } = self.link.peer_state() {
                 return self.backup_failed(&reason);
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -359,7 +742,7 @@ impl PairHooks for PrimaryHooks {
                 let barrier = door.barrier()?;
                 self.inputs.note(logged, barrier);
             }
-            if let Some(safe) = self.inputs.safe(self.handle.acked()) {
+            if let Some(safe) = self.inputs.safe(self.link.acked()) {
                 console.confirm_logged(safe);
             }
         }
@@ -378,18 +761,22 @@ impl PairHooks for PrimaryHooks {
         for s in &mut self.streams {
             s.log_released(door)?;
         }
-        if let PeerState::Failed { reason } = self.handle.peer_state() {
+        if let PeerState::Failed { reason } = self.link.peer_state() {
             return self.backup_failed(&reason);
         }
-        // Execution lag bound: the backup must not fall too far behind.
-        let applied = self.handle.backup_applied();
+        // Execution lag bound: the backup must not fall too far behind
+        // (a joining backup is not bound before it starts replaying).
+        let applied = self.link.backup_applied();
+        if applied < self.handover_pos {
+            return Ok(());
+        }
         let lag = pos.saturating_sub(applied);
         if self.sample_at.elapsed() >= Duration::from_millis(100) {
             self.sample_at = Instant::now();
             if let Some(s) = &self.status {
-                let sent = self.handle.sent();
+                let sent = self.link.sent();
                 s.progress(pos, sent);
-                s.follow(lag, sent.saturating_sub(self.handle.acked()));
+                s.follow(lag, sent.saturating_sub(self.link.acked()));
                 s.output_delays(&self.held.recent_delays(1000));
             }
             self.stats
@@ -401,8 +788,8 @@ impl PairHooks for PrimaryHooks {
         if lag > self.max_lag_exits {
             let t0 = Instant::now();
             door.barrier()?;
-            while pos.saturating_sub(self.handle.backup_applied()) > self.max_lag_exits / 2 {
-                if let PeerState::Failed { reason } = self.handle.peer_state() {
+            while pos.saturating_sub(self.link.backup_applied()) > self.max_lag_exits / 2 {
+                if let PeerState::Failed { reason } = self.link.peer_state() {
                     return self.backup_failed(&reason);
                 }
                 std::thread::sleep(Duration::from_micros(500));

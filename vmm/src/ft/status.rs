@@ -45,6 +45,9 @@ pub enum State {
     Replaying,
     /// A backup that took over: it runs alone.
     Live,
+    /// A state transfer to a joining backup runs (re-protection): the
+    /// joining backup receives, the primary sends. Not yet protected.
+    Transfer,
     /// Lost the claim or was fenced: it releases nothing more.
     Halted,
     /// The run ended.
@@ -69,6 +72,23 @@ pub struct Failover {
     pub reason: String,
     /// From the failure's detection to the claim won, ms.
     pub claim_ms: u64,
+}
+
+/// A state transfer to a joining backup (re-protection).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferStatus {
+    /// The generation the new pair forms with.
+    pub generation: u64,
+    /// Bytes of state moved so far.
+    pub bytes: u64,
+    /// Bytes of state in all.
+    pub total: u64,
+    /// Rounds of the transfer (1: stop-and-copy).
+    pub rounds: u32,
+    /// How long the guest was paused for it, ms (the primary's figure).
+    pub pause_ms: f64,
+    /// Whether it is over (the log follows the state).
+    pub done: bool,
 }
 
 /// One monitor's status.
@@ -105,6 +125,10 @@ pub struct MonitorStatus {
     pub output_delay_ms: Option<(f64, f64)>,
     /// The last failover, if any.
     pub last_failover: Option<Failover>,
+    /// The state transfer running or last done (re-protection).
+    pub transfer: Option<TransferStatus>,
+    /// Re-protections done by this side (new backups given the state).
+    pub reprotections: u64,
     /// Seconds since this process started its VM.
     pub uptime_s: f64,
 }
@@ -147,6 +171,8 @@ impl StatusBoard {
                     unacked_bytes: None,
                     output_delay_ms: None,
                     last_failover: None,
+                    transfer: None,
+                    reprotections: 0,
                     uptime_s: 0.0,
                 },
                 started: Instant::now(),
@@ -229,6 +255,25 @@ impl StatusBoard {
         });
     }
 
+    /// A state transfer begins (re-protection).
+    pub fn transfer(&self, t: TransferStatus) {
+        self.with(|b| b.status.transfer = Some(t));
+    }
+
+    /// Update the running transfer; once it is done, a primary counts a
+    /// re-protection.
+    pub fn update_transfer(&self, f: impl FnOnce(&mut TransferStatus)) {
+        self.with(|b| {
+            if let Some(t) = b.status.transfer.as_mut() {
+                let was = t.done;
+                f(t);
+                if t.done && !was && b.status.role == Role::Primary {
+                    b.status.reprotections += 1;
+                }
+            }
+        });
+    }
+
     /// Primary: recent output delays added by the rule.
     pub fn output_delays(&self, delays: &[Duration]) {
         if delays.is_empty() {
@@ -267,7 +312,14 @@ pub fn prometheus(s: &MonitorStatus) -> String {
         "live",
         "gauge",
         "1 if this side runs the VM (a primary, or a backup that took over).",
-        matches!(s.state, State::Protected | State::Unprotected | State::Live) as u8 as f64,
+        (matches!(s.state, State::Protected | State::Unprotected | State::Live)
+            || (s.state == State::Transfer && s.role == Role::Primary)) as u8 as f64,
+    );
+    metric(
+        "reprotections_total",
+        "counter",
+        "New backups given the state by this side.",
+        s.reprotections as f64,
     );
     metric(
         "generation",

@@ -264,6 +264,26 @@ pub enum LogSink {
 pub trait PairHooks: Send {
     /// One boundary.
     fn boundary(&mut self, door: &mut dyn Door, pos: u64) -> Result<(), DoorError>;
+
+    /// A new backup waits for the state (re-protection): the run loop
+    /// hands it over at this boundary ([`PairHooks::hand_over`]).
+    fn join_waiting(&self) -> bool {
+        false
+    }
+
+    /// The state at exit `pos` (a snapshot file's bytes) goes to the
+    /// waiting backup; returns where the log continues from this state on
+    /// (and its name in errors).
+    fn hand_over(
+        &mut self,
+        _pos: u64,
+        _state: Vec<u8>,
+    ) -> Result<(Box<dyn Write + Send>, String), DoorError> {
+        Err(DoorError::Ft("this side hands no state over".into()))
+    }
+
+    /// The guest runs again after a hand-over that paused it for `pause`.
+    fn resumed(&mut self, _pause: Duration) {}
 }
 
 /// Options of a run beyond the boot configuration.

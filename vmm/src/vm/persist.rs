@@ -32,15 +32,7 @@ impl Vm {
     /// Save a snapshot whose guest clock is `clock_ns`.
     pub(super) fn save_snapshot_at(&mut self, path: &Path, clock_ns: u64) -> Result<(), VmError> {
         let t0 = Instant::now();
-        let mut e = Encoder::new();
-        e.u64(self.mem_mib);
-        e.bytes(self.cmdline.as_bytes());
-        e.u64(clock_ns);
-        e.u64(self.positions.now().exit);
-        self.vcpu.save()?.encode(&mut e);
-        self.devices.encode(&mut e);
-        encode_memory(&mut e, mem_bytes(&self.mem));
-        let body = e.into_bytes();
+        let body = self.snapshot_body(clock_ns)?;
         snapshot::write_file(path, &body)?;
         info!(
             path = %path.display(),
@@ -49,6 +41,20 @@ impl Vm {
             "snapshot saved"
         );
         Ok(())
+    }
+
+    /// The snapshot body of the state now, with guest clock `clock_ns`
+    /// (settled first, see [`Vm::settle`]).
+    pub(super) fn snapshot_body(&mut self, clock_ns: u64) -> Result<Vec<u8>, VmError> {
+        let mut e = Encoder::new();
+        e.u64(self.mem_mib);
+        e.bytes(self.cmdline.as_bytes());
+        e.u64(clock_ns);
+        e.u64(self.positions.now().exit);
+        self.vcpu.save()?.encode(&mut e);
+        self.devices.encode(&mut e);
+        encode_memory(&mut e, mem_bytes(&self.mem));
+        Ok(e.into_bytes())
     }
 
     /// Let KVM finish a pending I/O instruction without running guest code

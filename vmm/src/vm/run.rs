@@ -17,11 +17,13 @@ use super::kvm::{kvm_err, set_memslots};
 use super::{takeover_snapshot_path, AfterTakeover, Vm, VmError, VmExit};
 use crate::deadline::{kick_after, KickInputs};
 use crate::emulate;
+use crate::nondet::DoorError;
 use crate::nondet::LiveDoor;
 use crate::nondet::{Mode, Wake};
-use crate::record::{log_header, RecordDoor, VmSource};
+use crate::record::{config_hash_of_state, log_header, recorder_id, RecordDoor, VmSource};
 use crate::shared_disk::ViewMode;
 use crate::watchdog::ProgressWatchdog;
+use ft_log::LogHeader;
 
 /// Tell the progress watchdog about a port exit (and console output: a
 /// write to COM1's data register); print its warning, once per stall.
@@ -91,6 +93,9 @@ impl Vm {
             }
             if let Some(pair) = self.pair.as_mut() {
                 pair.boundary(self.door.as_mut(), self.positions.now().exit)?;
+                if pair.join_waiting() {
+                    self.hand_over_state()?;
+                }
             }
             if let Some(end) = self.stop_point(counted)? {
                 return Ok(end);
@@ -353,6 +358,54 @@ impl Vm {
             log.display(),
             snap.display()
         );
+        Ok(())
+    }
+
+    /// A new backup waits for the state (re-protection): with the guest
+    /// paused at this boundary, take the state, give it to the pair hooks
+    /// (which send it, then the log), and record from this state on.
+    fn hand_over_state(&mut self) -> Result<(), VmError> {
+        let t0 = Instant::now();
+        let pos = self.positions.now().exit;
+        if self.door.mode() == Mode::Replay {
+            return Err(DoorError::Ft("a replaying side has no state to hand over".into()).into());
+        }
+        self.settle()?;
+        let input_logged = self.door.recorder().map_or(0, |r| r.input_logged());
+        let stand_in = Box::new(LiveDoor::new(0, None, self._kicker));
+        let live = std::mem::replace(&mut self.door, stand_in)
+            .into_live()
+            .ok_or_else(|| DoorError::Ft("the door has no live door to go on with".into()))?;
+        let body = self.snapshot_body(live.now_ns())?;
+        let state = crate::snapshot::file_bytes(&body);
+        drop(body);
+        let hash = config_hash_of_state(&state, &self.disks, &self.nets)
+            .map_err(|e| DoorError::Ft(format!("the state's configuration: {e}")))?;
+        let header = LogHeader {
+            kernel: String::new(),
+            initrd: None,
+            mem_mib: self.mem_mib,
+            cmdline: self.cmdline.clone(),
+            config_hash: hash,
+            recorder: recorder_id(),
+            snapshot: Some("(state transfer)".into()),
+        };
+        // The state holds every page written so far: epochs carry what is
+        // written from here on, whole at first.
+        set_memslots(&self.vmfd, &self.mem, KVM_MEM_LOG_DIRTY_PAGES, false)?;
+        self.epoch_pages = Default::default();
+        for v in self.devices.mmio.shared_views() {
+            v.set_mode(ViewMode::Record);
+        }
+        let pair = self
+            .pair
+            .as_mut()
+            .ok_or_else(|| DoorError::Ft("no pair to hand the state to".into()))?;
+        let (sink, name) = pair.hand_over(pos, state)?;
+        self.door = Box::new(
+            RecordDoor::to_writer(sink, name, &header, live)?.with_input_logged(input_logged),
+        );
+        pair.resumed(t0.elapsed());
         Ok(())
     }
 
