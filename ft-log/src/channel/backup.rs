@@ -91,6 +91,11 @@ impl BackupListener {
         Ok(BackupListener { listener })
     }
 
+    /// The socket, for another use of the same address.
+    pub(super) fn into_inner(self) -> TcpListener {
+        self.listener
+    }
+
     /// The address listened on.
     pub fn local_addr(&self) -> Result<SocketAddr, ChannelError> {
         self.listener

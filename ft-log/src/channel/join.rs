@@ -32,6 +32,14 @@ impl JoinListener {
         Ok(JoinListener { listener })
     }
 
+    /// Listen for joining backups where a backup listened for its primary:
+    /// a backup that went live keeps its address (re-protection).
+    pub fn from_backup_listener(l: super::BackupListener) -> JoinListener {
+        JoinListener {
+            listener: l.into_inner(),
+        }
+    }
+
     /// The address listened on.
     pub fn local_addr(&self) -> Result<SocketAddr, ChannelError> {
         self.listener

@@ -23,7 +23,7 @@ use vmm::api::ApiServer;
 use vmm::console::{read_token_file, ConsoleLink, Hello, Role as ConsoleRole};
 use vmm::ft::claim::{ArbiterAddr, Claimant};
 use vmm::ft::console_side::ConsoleSide;
-use vmm::ft::output::{HeldOutput, OutputTail, Release, ToWriter};
+use vmm::ft::output::{HeldOutput, IntoHeld, OutputTail, Release, ToWriter};
 use vmm::ft::pair::{BackupHooks, LogLink, OnWon, PrimaryHooks, PrimaryStats, TakeOver};
 use vmm::ft::status::{Role, State, StatusBoard};
 use vmm::nondet::InputSource;
@@ -157,7 +157,8 @@ pub struct BackupArgs {
     /// Join a running primary instead (`vmft primary --listen ADDR`): it
     /// sends its state, then its log (re-protection). The VM comes from
     /// the primary: kernel and `--restore` are not used.
-    #[arg(long, value_name = "ADDR", conflicts_with = "listen")]
+    /// With `--listen`: where new backups join once this side is live.
+    #[arg(long, value_name = "ADDR")]
     pub join: Option<String>,
     /// Once live, record for a future backup: the log goes to FILE and the
     /// state at the takeover to FILE.snap (`vmft replay --restore
@@ -543,7 +544,7 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
             .map(|a| a.to_string())
             .unwrap_or_else(|_| listen.clone())
     );
-    let cfg = channel_config(&pair, secret, hash.clone());
+    let cfg = channel_config(&pair, secret.clone(), hash.clone());
     let board = StatusBoard::new(&pair.vm, Role::Backup, None);
     let api = start_api(&pair, "backup", &board)?;
     // A peer that fails the handshake (no secret, garbage, another VM) is
@@ -570,6 +571,7 @@ pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
             board,
             _api: api,
             offsets: Default::default(),
+            joins: Some((JoinListener::from_backup_listener(listener), secret)),
         },
         stop,
     )
@@ -597,6 +599,9 @@ struct Following {
     board: StatusBoard,
     _api: ApiServer,
     offsets: Offsets,
+    /// Where new backups join once this side went live, and the channel's
+    /// secret for them.
+    joins: Option<(JoinListener, Vec<u8>)>,
 }
 
 /// `vmft backup --join`: dial the running primary, receive its state, then
@@ -614,6 +619,15 @@ fn join(args: BackupArgs, addr: &str, stop: StopHandle) -> Result<()> {
     }
     let tap = super::open_tap(&args.boot.nets)?;
     let secret = load_token_file(&pair.token_file)?;
+    // Where new backups join once this side is live.
+    let joins = match &args.listen {
+        Some(l) => Some((
+            JoinListener::bind(l.as_str())
+                .with_context(|| format!("cannot listen for joining backups on {l}"))?,
+            secret.clone(),
+        )),
+        None => None,
+    };
     let cfg = join_config(&pair, channel_config(&pair, secret, String::new()));
     let board = StatusBoard::new(&pair.vm, Role::Backup, Some(addr.to_string()));
     let api = start_api(&pair, "backup", &board)?;
@@ -692,6 +706,7 @@ fn join(args: BackupArgs, addr: &str, stop: StopHandle) -> Result<()> {
             board,
             _api: api,
             offsets,
+            joins,
         },
         stop,
     );
@@ -711,6 +726,7 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
         board,
         _api,
         offsets,
+        joins,
     } = f;
     let generation = link.generation();
     board.set_generation(generation);
@@ -733,7 +749,8 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
     door.on_released(Box::new(move |off| t.set_released(off)));
     let claimant = Claimant::new(pair.arbiter.clone(), arbiter_token(&pair)?, "backup")?;
     let claimant_id = claimant.identity();
-    let console = console_side(&pair, generation, ConsoleRole::Backup, &claimant.identity())?;
+    let claimant = Arc::new(Mutex::new(claimant));
+    let console = console_side(&pair, generation, ConsoleRole::Backup, &claimant_id)?;
     if let Some(c) = &console {
         let s = stop.clone();
         c.on_stop(move || {
@@ -755,6 +772,65 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
             (Box::new(c.clone()), Some(on_won))
         }
         None => (stdout_release(), None),
+    };
+    // Once live, a new backup may join (re-protection): output then goes
+    // through held output, free until a backup joins.
+    let promoted = Arc::new(AtomicBool::new(false));
+    let reprotect = match joins {
+        Some(_) if args.takeover_log.is_some() => {
+            eprintln!("vmft: with --takeover-log, no backup can join once this side is live");
+            None
+        }
+        Some(_) if source.disks().iter().any(|d| d.shared || !d.read_only) => {
+            eprintln!(
+                "vmft: with a writable disk, no backup can join once this side is live (the \
+                 state transfer does not carry disk blocks yet)"
+            );
+            None
+        }
+        Some((listener, secret)) => {
+            let loglink = LogLink::none();
+            let release: Box<dyn Release> = match &console {
+                Some(c) => Box::new(c.clone()),
+                None => stdout_release(),
+            };
+            let held = HeldOutput::start(0, release, ack_waiter(&loglink));
+            let net_held = tap.as_ref().map(|tap| {
+                HeldOutput::start(
+                    0,
+                    Box::new(vmm::netio::TapSink::new(tap.clone())),
+                    ack_waiter(&loglink),
+                )
+            });
+            let mut hooks = PrimaryHooks::new(
+                pair.vm.clone(),
+                generation,
+                loglink.clone(),
+                held.clone(),
+                claimant.clone(),
+                200_000,
+                Arc::default(),
+            )
+            .unprotected()
+            .with_status(board.clone())
+            .with_epoch_bound(Duration::from_millis(args.epoch_ms));
+            if let Some(c) = &console {
+                hooks = hooks.with_console(c.clone());
+            }
+            if let Some(h) = &net_held {
+                hooks = hooks.with_net(h.clone());
+            }
+            let kick = stop.clone();
+            let cfg = join_config(&pair, channel_config(&pair, secret, String::new()))
+                .with_on_failure(move || kick.kick());
+            hooks = hooks.with_joins(listener, cfg);
+            Some((loglink, held, net_held, hooks))
+        }
+        None => None,
+    };
+    let sink: Box<dyn Release> = match &reprotect {
+        Some((_, held, _, _)) => Box::new(IntoHeld(held.capture())),
+        None => sink,
     };
     // Shared disks: the primary's writes not known to be written, kept;
     // written (behind the fences, claimed first) if this side goes live.
@@ -791,11 +867,15 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
         disk: disk_tail
             .map(|(_, fences, sink, _, tail)| (tail, Box::new(sink) as Box<dyn Release>, fences)),
         net: net_tail.as_ref().map(|(tap, tail)| {
-            (
-                tail.clone(),
-                Box::new(vmm::netio::TapSink::new(tap.clone())) as Box<dyn Release>,
-            )
+            let sink: Box<dyn Release> = match &reprotect {
+                Some((_, _, Some(h), _)) => Box::new(IntoHeld(h.capture())),
+                _ => Box::new(vmm::netio::TapSink::new(tap.clone())),
+            };
+            (tail.clone(), sink)
         }),
+        held: reprotect.as_ref().map(|r| r.1.clone()),
+        net_held: reprotect.as_ref().and_then(|r| r.2.clone()),
+        live: Some(promoted.clone()),
         vm: pair.vm.clone(),
         generation,
         link: link.clone(),
@@ -814,6 +894,7 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
         out: Box::new(tail),
         live_out: None,
     });
+    let promoted_outputs;
     let opts = RunOptions {
         net,
         shared_disk,
@@ -833,11 +914,20 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
         console_in,
         console_out: Box::new(tail),
         stop: stop.clone(),
-        pair: Some(Box::new(match &console {
-            Some(c) => BackupHooks::new(link.clone())
-                .with_status(board.clone())
-                .with_console(c.clone(), went_live.clone()),
-            None => BackupHooks::new(link.clone()).with_status(board.clone()),
+        pair: Some(Box::new({
+            let mut hooks = BackupHooks::new(link.clone()).with_status(board.clone());
+            if let Some(c) = &console {
+                hooks = hooks.with_console(c.clone(), went_live.clone());
+            }
+            let (loglink, held, net_held) = match reprotect {
+                Some((loglink, held, net_held, primary)) => {
+                    hooks = hooks.then_primary(primary, promoted.clone());
+                    (Some(loglink), Some(held), net_held)
+                }
+                None => (None, None, None),
+            };
+            promoted_outputs = (loglink, held, net_held);
+            hooks
         })),
     };
     let mut vm = Vm::start(&source, opts).context("cannot start the VM")?;
@@ -846,6 +936,29 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
         board.set_state(State::Stopped);
     } else if board.snapshot().state != State::Halted {
         board.set_state(State::Halted);
+    }
+    // A side that went live and was joined by a new backup ends like a
+    // primary: the last output once the new backup has the end entry, then
+    // the channel closed cleanly (the new backup stops without a claim).
+    if let (Some(loglink), Some(held)) = (&promoted_outputs.0, &promoted_outputs.1) {
+        held.mark(loglink.sent());
+        if let Some(h) = &promoted_outputs.2 {
+            h.mark(loglink.sent());
+        }
+        let unprotected = loglink.is_dropped();
+        if let (Ok(_), Some(l), false) = (&result, loglink.take(), unprotected) {
+            if let Err(e) = l.finish() {
+                eprintln!("vmft: the channel to the new backup did not close cleanly: {e}");
+            }
+        }
+        if result.is_ok() && !held.drain(Duration::from_secs(30)) {
+            eprintln!(
+                "vmft: warning: some console output was never acknowledged by the new backup"
+            );
+        }
+        if let (Ok(_), Some(h)) = (&result, &promoted_outputs.2) {
+            h.drain(Duration::from_secs(30));
+        }
     }
     if pair.stats {
         eprint!("{}", vm.stats.report(vm.unknown_ports()));

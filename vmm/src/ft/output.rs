@@ -29,6 +29,17 @@ pub trait Release: Send {
     fn release(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()>;
 }
 
+/// Releases into held output (its capture): a backup that went live
+/// hands its tail and everything after it to held output, so that a
+/// later re-protection can hold it again.
+pub struct IntoHeld(pub Capture);
+
+impl Release for IntoHeld {
+    fn release(&mut self, _offset: u64, bytes: &[u8]) -> io::Result<()> {
+        self.0.write_all(bytes)
+    }
+}
+
 /// Releases to a plain writer (stdout), ignoring offsets.
 pub struct ToWriter<W: Write + Send>(pub W);
 
@@ -296,6 +307,27 @@ impl HeldOutput {
             .unwrap_or_else(|e| e.into_inner())
             .push_back(chunk);
         self.shared.wake.notify_all();
+    }
+
+    /// Start the stream at `offset` instead (a backup that went live
+    /// learns where its stream stands only then). Only before anything
+    /// was captured; false otherwise.
+    pub fn rebase(&self, offset: u64) -> bool {
+        let mut c = self
+            .shared
+            .captured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !c.bytes.is_empty() || c.offset != self.shared.marked_end.load(Ordering::Acquire) {
+            return false;
+        }
+        if self.released() != c.offset || self.held() != 0 {
+            return false;
+        }
+        c.offset = offset;
+        self.shared.released.store(offset, Ordering::Release);
+        self.shared.marked_end.store(offset, Ordering::Release);
+        true
     }
 
     /// The stream's end: the offset after every byte captured so far.

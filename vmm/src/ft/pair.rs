@@ -34,7 +34,7 @@ use super::transfer::{self, TransferHead};
 use crate::nondet::{Door, DoorError, Recorder};
 use crate::replay::LogEnd;
 use crate::shared_disk::Fences;
-use crate::vm::PairHooks;
+use crate::vm::{LogContinues, PairHooks};
 
 /// Note on stderr, prefixed like every vmft message.
 fn note(msg: &str) {
@@ -77,8 +77,9 @@ struct LinkState {
     /// Where log bytes are written (`None` while a transfer is sent, or
     /// once taken for the clean end).
     link: Option<PrimaryLink>,
-    /// The current link's view for other threads.
-    handle: PrimaryHandle,
+    /// The current link's view for other threads (none before the first
+    /// backup: a backup that went live).
+    handle: Option<PrimaryHandle>,
     /// Link bytes before the log.
     base: u64,
     /// Log bytes waiting for the state transfer to be sent.
@@ -92,7 +93,7 @@ impl LogLink {
     pub fn new(link: PrimaryLink) -> Self {
         LogLink {
             inner: Arc::new(Mutex::new(LinkState {
-                handle: link.handle(),
+                handle: Some(link.handle()),
                 link: Some(link),
                 base: 0,
                 deferred: None,
@@ -101,12 +102,26 @@ impl LogLink {
         }
     }
 
+    /// No link yet: log bytes are dropped until a backup joins (a backup
+    /// that went live and may be re-protected).
+    pub fn none() -> Self {
+        LogLink {
+            inner: Arc::new(Mutex::new(LinkState {
+                handle: None,
+                link: None,
+                base: 0,
+                deferred: None,
+                dropped: true,
+            })),
+        }
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut LinkState) -> T) -> T {
         f(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn view(&self) -> (PrimaryHandle, u64) {
-        self.with(|s| (s.handle.clone(), s.base))
+    fn view(&self) -> Option<(PrimaryHandle, u64)> {
+        self.with(|s| s.handle.clone().map(|h| (h, s.base)))
     }
 
     /// The log sink writing to this link.
@@ -116,41 +131,53 @@ impl LogLink {
 
     /// Log bytes the backup acknowledged.
     pub fn acked(&self) -> u64 {
-        let (h, base) = self.view();
-        h.acked().saturating_sub(base)
+        self.view()
+            .map_or(0, |(h, base)| h.acked().saturating_sub(base))
     }
 
     /// Log bytes sent.
     pub fn sent(&self) -> u64 {
-        let (h, base) = self.view();
-        h.sent().saturating_sub(base)
+        self.view()
+            .map_or(0, |(h, base)| h.sent().saturating_sub(base))
     }
 
     /// Wait up to `timeout` for the backup to acknowledge the log up to
     /// `barrier`.
     pub fn wait_acked(&self, barrier: u64, timeout: Duration) -> Result<bool, ChannelError> {
-        let (h, base) = self.view();
-        h.wait_acked(base + barrier, timeout)
+        match self.view() {
+            Some((h, base)) => h.wait_acked(base + barrier, timeout),
+            None => {
+                std::thread::sleep(timeout);
+                Ok(false)
+            }
+        }
     }
 
     /// The backup's replay position (from acks and heartbeats).
     pub fn backup_applied(&self) -> u64 {
-        self.view().0.backup_applied()
+        self.view().map_or(0, |(h, _)| h.backup_applied())
     }
 
     /// Whether the backup is alive, as far as the link knows.
     pub fn peer_state(&self) -> PeerState {
-        self.view().0.peer_state()
+        self.view().map_or(
+            PeerState::Failed {
+                reason: "no backup has joined".into(),
+            },
+            |(h, _)| h.peer_state(),
+        )
     }
 
     /// The primary's position, for heartbeats.
     pub fn set_position(&self, pos: u64) {
-        self.view().0.set_position(pos)
+        if let Some((h, _)) = self.view() {
+            h.set_position(pos)
+        }
     }
 
     /// The link's counters.
     pub fn stats(&self) -> LinkStats {
-        self.view().0.stats()
+        self.view().map(|(h, _)| h.stats()).unwrap_or_default()
     }
 
     /// The backup is gone: drop log bytes from now on.
@@ -175,7 +202,7 @@ impl LogLink {
     /// until the first `base` bytes (the state transfer) are sent.
     fn begin(&self, handle: PrimaryHandle, base: u64) {
         self.with(|s| {
-            s.handle = handle;
+            s.handle = Some(handle);
             s.base = base;
             s.link = None;
             s.deferred = Some(Vec::new());
@@ -291,6 +318,9 @@ pub struct PrimaryHooks {
     status: Option<StatusBoard>,
     /// New backups waiting to join (re-protection).
     joins: Option<Joins>,
+    /// Recording for a joined backup: longest exit-free stretch before an
+    /// epoch.
+    epoch_bound: Duration,
     /// Where the run loop handed the state over last (the new backup's
     /// replay starts there: lag counts from it).
     handover_pos: u64,
@@ -401,8 +431,23 @@ impl PrimaryHooks {
             fences: None,
             status: None,
             joins: None,
+            epoch_bound: Duration::from_millis(10),
             handover_pos: 0,
         }
+    }
+
+    /// Record with this epoch bound for a backup that joins.
+    pub fn with_epoch_bound(mut self, bound: Duration) -> Self {
+        self.epoch_bound = bound;
+        self
+    }
+
+    /// Start without a backup (a backup that went live): output is free
+    /// until a new backup joins. The status board is left as it is.
+    pub fn unprotected(mut self) -> Self {
+        self.protection = Protection::Unprotected;
+        self.set_release_mode(ReleaseMode::Free);
+        self
     }
 
     /// Accept new backups on `listener` (re-protection): each is given the
@@ -449,7 +494,9 @@ impl PrimaryHooks {
     /// Keep `status` up to date (state, lag, log rate, output delay).
     pub fn with_status(mut self, status: StatusBoard) -> Self {
         status.set_generation(self.generation);
-        status.set_state(State::Protected);
+        if self.protection == Protection::Protected {
+            status.set_state(State::Protected);
+        }
         self.status = Some(status);
         self
     }
@@ -567,8 +614,20 @@ impl PrimaryHooks {
                         }
                     }
                 });
+                let handle = link.handle();
                 match r {
                     Ok(()) if loglink.complete(link) => {
+                        // Protected once the backup has the whole state.
+                        loop {
+                            match handle.wait_acked(head.total(), Duration::from_millis(200)) {
+                                Ok(true) => break,
+                                Ok(false) => continue,
+                                Err(e) => {
+                                    note(&format!("the new backup failed before it had the state: {e}"));
+                                    return;
+                                }
+                            }
+                        }
                         if let Some(s) = &status {
                             s.update_transfer(|t| {
                                 t.bytes = head.total();
@@ -611,11 +670,7 @@ impl PairHooks for PrimaryHooks {
             })
     }
 
-    fn hand_over(
-        &mut self,
-        pos: u64,
-        state: Vec<u8>,
-    ) -> Result<(Box<dyn Write + Send>, String), DoorError> {
+    fn hand_over(&mut self, pos: u64, state: Vec<u8>) -> Result<LogContinues, DoorError> {
         let joins = self
             .joins
             .as_mut()
@@ -661,6 +716,7 @@ impl PairHooks for PrimaryHooks {
             c.rehello(generation);
         }
         if let Some(s) = &self.status {
+            s.set_role(super::status::Role::Primary);
             s.set_generation(generation);
             s.set_state(State::Transfer);
             s.transfer(TransferStatus {
@@ -677,10 +733,11 @@ impl PairHooks for PrimaryHooks {
             head.total() >> 20
         ));
         self.start_sender(joiner, head, state);
-        Ok((
-            Box::new(self.link.sink()),
-            "the channel to the joining backup".into(),
-        ))
+        Ok(LogContinues {
+            sink: Box::new(self.link.sink()),
+            name: "the channel to the joining backup".into(),
+            epoch_bound: self.epoch_bound,
+        })
     }
 
     fn resumed(&mut self, pause: Duration) {
@@ -694,9 +751,6 @@ impl PairHooks for PrimaryHooks {
     }
 
     fn boundary(&mut self, door: &mut dyn Door, pos: u64) -> Result<(), DoorError> {
-        let Some(door) = door.recorder() else {
-            return Err(DoorError::Ft("the primary's door does not record".into()));
-        };
         if self.protection == Protection::Unprotected {
             if let Some(s) = self.status.as_ref() {
                 if self.sample_at.elapsed() >= Duration::from_millis(100) {
@@ -713,10 +767,16 @@ impl PairHooks for PrimaryHooks {
                 s.held.mark(0);
             }
             if let Some(console) = &self.console {
-                console.confirm_logged(door.input_logged());
+                // Live without a log (a backup that went live): input is
+                // safe once the guest has it.
+                let logged = door.recorder().map_or(u64::MAX, |r| r.input_logged());
+                console.confirm_logged(logged);
             }
             return Ok(());
         }
+        let Some(door) = door.recorder() else {
+            return Err(DoorError::Ft("the primary's door does not record".into()));
+        };
         self.link.set_position(pos);
         // The output rule: output of this exit waits for the log through it.
         for s in self.streams.iter().filter(|s| s.held.has_unmarked()) {
@@ -812,6 +872,9 @@ pub struct BackupHooks {
     console: Option<(ConsoleSide, Arc<AtomicBool>)>,
     /// The operator's view of this side, and when it was last updated.
     status: Option<(StatusBoard, Instant)>,
+    /// What this side is once it went live (the flag): a primary without
+    /// a backup, which a new backup may join.
+    then: Option<(PrimaryHooks, Arc<AtomicBool>)>,
 }
 
 impl BackupHooks {
@@ -821,7 +884,29 @@ impl BackupHooks {
             link,
             console: None,
             status: None,
+            then: None,
         }
+    }
+
+    /// Once `live` is set (the claim won), be `primary` (built
+    /// [`PrimaryHooks::unprotected`]): a new backup may join.
+    pub fn then_primary(mut self, primary: PrimaryHooks, live: Arc<AtomicBool>) -> Self {
+        self.then = Some((primary, live));
+        self
+    }
+
+    fn primary(&self) -> Option<&PrimaryHooks> {
+        self.then
+            .as_ref()
+            .filter(|(_, live)| live.load(Ordering::Acquire))
+            .map(|(p, _)| p)
+    }
+
+    fn primary_mut(&mut self) -> Option<&mut PrimaryHooks> {
+        self.then
+            .as_mut()
+            .filter(|(_, live)| live.load(Ordering::Acquire))
+            .map(|(p, _)| p)
     }
 
     /// Keep `status`'s progress up to date (its state is the gate's).
@@ -838,7 +923,29 @@ impl BackupHooks {
 }
 
 impl PairHooks for BackupHooks {
-    fn boundary(&mut self, _door: &mut dyn Door, pos: u64) -> Result<(), DoorError> {
+    fn join_waiting(&self) -> bool {
+        self.primary().is_some_and(|p| p.join_waiting())
+    }
+
+    fn hand_over(&mut self, pos: u64, state: Vec<u8>) -> Result<LogContinues, DoorError> {
+        match self.primary_mut() {
+            Some(p) => p.hand_over(pos, state),
+            None => Err(DoorError::Ft(
+                "a replaying backup hands no state over".into(),
+            )),
+        }
+    }
+
+    fn resumed(&mut self, pause: Duration) {
+        if let Some(p) = self.primary_mut() {
+            p.resumed(pause);
+        }
+    }
+
+    fn boundary(&mut self, door: &mut dyn Door, pos: u64) -> Result<(), DoorError> {
+        if let Some(p) = self.primary_mut() {
+            return p.boundary(door, pos);
+        }
         self.link.set_applied(pos);
         if let Some((status, at)) = &mut self.status {
             if at.elapsed() >= Duration::from_millis(100) {
@@ -863,8 +970,8 @@ pub struct TakeOver {
     pub generation: u64,
     /// The channel (why did the log end?).
     pub link: Arc<BackupLink>,
-    /// The claimant.
-    pub claimant: Claimant,
+    /// The claimant (shared with the hooks this side has once live).
+    pub claimant: Arc<Mutex<Claimant>>,
     /// The backup's copy of unreleased output.
     pub tail: OutputTail,
     /// Where output goes once live.
@@ -881,6 +988,13 @@ pub struct TakeOver {
     pub disk: Option<(OutputTail, Box<dyn Release>, Fences)>,
     /// The operator's view of this side.
     pub status: Option<StatusBoard>,
+    /// Held output that the console output goes into once live (the sink
+    /// is [`super::output::IntoHeld`]): started where the tail stands.
+    pub held: Option<HeldOutput>,
+    /// Likewise for transmitted frames.
+    pub net_held: Option<HeldOutput>,
+    /// Set once the claim is won: the side's hooks become a primary's.
+    pub live: Option<Arc<AtomicBool>>,
 }
 
 /// Told, once the backup won its claim, where the console's input stream
@@ -911,7 +1025,7 @@ impl TakeOver {
             self.vm, self.generation
         ));
         let detected = Instant::now();
-        let decision = claim(&mut self.claimant, &self.vm, self.generation)?;
+        let decision = claim_shared(&self.claimant, &self.vm, self.generation)?;
         let claimed = detected.elapsed();
         if let (Some(s), Decision::Lost { .. }) = (&self.status, &decision) {
             s.set_state(State::Halted);
@@ -932,6 +1046,15 @@ impl TakeOver {
                 }
                 if let Some(f) = self.on_won.take() {
                     f(end.input_next);
+                }
+                if let Some(h) = &self.held {
+                    h.rebase(self.tail.kept().0);
+                }
+                if let (Some(h), Some((tail, _))) = (&self.net_held, &self.net) {
+                    h.rebase(tail.kept().0);
+                }
+                if let Some(l) = &self.live {
+                    l.store(true, Ordering::Release);
                 }
                 let sink = self
                     .sink

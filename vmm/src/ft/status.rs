@@ -202,6 +202,12 @@ impl StatusBoard {
         });
     }
 
+    /// This side's role changed (a backup that went live hands its state
+    /// to a new backup: it is that pair's primary).
+    pub fn set_role(&self, role: Role) {
+        self.with(|b| b.status.role = role);
+    }
+
     /// The pair formed with `generation`.
     pub fn set_generation(&self, generation: u64) {
         self.with(|b| b.status.generation = generation);

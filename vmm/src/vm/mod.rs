@@ -272,18 +272,24 @@ pub trait PairHooks: Send {
     }
 
     /// The state at exit `pos` (a snapshot file's bytes) goes to the
-    /// waiting backup; returns where the log continues from this state on
-    /// (and its name in errors).
-    fn hand_over(
-        &mut self,
-        _pos: u64,
-        _state: Vec<u8>,
-    ) -> Result<(Box<dyn Write + Send>, String), DoorError> {
+    /// waiting backup; returns where the log continues from this state on.
+    fn hand_over(&mut self, _pos: u64, _state: Vec<u8>) -> Result<LogContinues, DoorError> {
         Err(DoorError::Ft("this side hands no state over".into()))
     }
 
     /// The guest runs again after a hand-over that paused it for `pause`.
     fn resumed(&mut self, _pause: Duration) {}
+}
+
+/// Where a recording continues after a hand-over of the state to a new
+/// backup (re-protection).
+pub struct LogContinues {
+    /// The log's bytes.
+    pub sink: Box<dyn Write + Send>,
+    /// Its name in errors.
+    pub name: String,
+    /// Longest exit-free stretch before an epoch.
+    pub epoch_bound: Duration,
 }
 
 /// Options of a run beyond the boot configuration.

@@ -401,9 +401,11 @@ impl Vm {
             .pair
             .as_mut()
             .ok_or_else(|| DoorError::Ft("no pair to hand the state to".into()))?;
-        let (sink, name) = pair.hand_over(pos, state)?;
+        let next = pair.hand_over(pos, state)?;
+        self.epoch_bound = next.epoch_bound;
         self.door = Box::new(
-            RecordDoor::to_writer(sink, name, &header, live)?.with_input_logged(input_logged),
+            RecordDoor::to_writer(next.sink, next.name, &header, live)?
+                .with_input_logged(input_logged),
         );
         pair.resumed(t0.elapsed());
         Ok(())
