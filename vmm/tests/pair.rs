@@ -534,6 +534,17 @@ impl Cluster {
         });
     }
 
+    /// Start another backup with `extra` options (`--join ADDR`: a new
+    /// backup for a running side).
+    fn spawn_backup(&self, extra: &[&str]) -> Proc {
+        let mut cmd = vmft();
+        cmd.env("XDG_RUNTIME_DIR", self.dir.path());
+        cmd.arg("backup")
+            .args(extra)
+            .args(self.s.side_args(&self.s.token));
+        Proc::spawn("backup", cmd)
+    }
+
     fn primary(&mut self) -> &mut Proc {
         self.primary.as_mut().expect("the primary was started")
     }
@@ -1242,6 +1253,96 @@ fn kill_9_of_the_backup_the_primary_wins_and_finishes() {
     c.check(
         st.code() == Some(0),
         format!("the primary exited {st}, not 0"),
+    );
+}
+
+/// Re-protection (issue 10): the primary loses its backup and runs alone;
+/// a new backup joins it (`vmft backup --join`: the state, then the log of
+/// a new generation; `vmft status` shows the transfer); then the primary
+/// dies too and the new backup goes live. The console's transcript is
+/// complete, each line once and in order, across both failovers and the
+/// transfer.
+#[test]
+fn a_new_backup_joins_the_survivor_and_takes_over_when_it_dies_too() {
+    if !require_kvm() {
+        return;
+    }
+    let _one = serial();
+    let join = format!("127.0.0.1:{}", free_port());
+    let mut c = Cluster::start(Opts {
+        // Slow enough that the transfer can be seen in `vmft status`.
+        primary_args: vec![
+            "--listen".into(),
+            join.clone().into(),
+            "--transfer-mbps".into(),
+            "8".into(),
+        ],
+        ..Opts::default()
+    });
+    c.start_primary();
+    c.wait_for("3 ticker lines on the console", 180, |c| {
+        c.ticker_lines().len() >= 3
+    });
+    c.backup.kill9();
+    c.wait_for("the primary to win its claim", 120, |c| {
+        c.primary()
+            .stderr()
+            .contains("claim won: the VM continues here, UNPROTECTED")
+    });
+    let listen = format!("127.0.0.1:{}", free_port());
+    let joiner = c.spawn_backup(&["--join", &join, "--listen", &listen]);
+    drop(std::mem::replace(&mut c.backup, joiner));
+    // The operator sees the transfer while it runs.
+    c.wait_status(
+        "backup",
+        &["\"state\":\"transfer\"", "\"transfer\":{", "\"done\":false"],
+        60,
+    );
+    c.wait_for("the primary to be protected again", 120, |c| {
+        c.primary().stderr().contains("the VM is PROTECTED again")
+    });
+    c.wait_status(
+        "primary",
+        &["\"state\":\"protected\"", "\"reprotections\":1"],
+        30,
+    );
+    c.wait_status("backup", &["\"state\":\"replaying\""], 60);
+    let at = c.ticker_lines().len();
+    c.check(
+        at < 27,
+        format!("the workload had nearly ended ({at} lines) when the pair was protected again"),
+    );
+    c.wait_for("2 more lines from the re-protected pair", 120, |c| {
+        c.ticker_lines().len() >= at + 2
+    });
+    let killed = c.primary().kill9();
+    c.wait_for("the new backup to go live", 120, |c| {
+        c.backup.stderr().contains("the backup is LIVE")
+    });
+    let live = c
+        .backup
+        .stderr_line_time("the backup is LIVE")
+        .map(|t| t.saturating_duration_since(killed));
+    c.expect_complete_transcript(300);
+    let st = c.wait_exit(Who::Backup, 60);
+    c.check(
+        st.code() == Some(0),
+        format!("the new backup exited {st}, not 0"),
+    );
+    let pause = c
+        .primary()
+        .stderr()
+        .lines()
+        .find_map(|l| {
+            l.split("after a pause of ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    println!(
+        "pair: re-protection paused the guest {pause} ms; the new backup went live {:.3} s after kill -9 of the primary",
+        live.map(secs).unwrap_or(f64::NAN)
     );
 }
 

@@ -81,6 +81,17 @@ pub struct PairArgs {
     /// Also serve the status as Prometheus metrics on ADDR (GET /metrics).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+    /// Send a joining backup its state at most this fast, in MB/s
+    /// (default: as fast as the link goes).
+    #[arg(long, value_name = "MB_PER_S")]
+    pub transfer_mbps: Option<f64>,
+}
+
+impl PairArgs {
+    /// `--transfer-mbps` in bytes per second.
+    fn transfer_rate(&self) -> Option<u64> {
+        self.transfer_mbps.map(|m| (m * 1e6) as u64)
+    }
 }
 
 /// Serve `board` on the control socket (and the metrics address).
@@ -353,7 +364,10 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     );
     hooks = hooks.with_status(board.clone());
     if let Some(l) = joins {
-        hooks = hooks.with_joins(l, join_config(&pair, join_cfg));
+        hooks = hooks
+            .with_joins(l, join_config(&pair, join_cfg))
+            .with_transfer_rate(pair.transfer_rate())
+            .with_epoch_bound(Duration::from_millis(args.epoch_ms));
     }
     if let Some(c) = &console {
         hooks = hooks.with_console(c.clone());
@@ -823,7 +837,9 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
             let kick = stop.clone();
             let cfg = join_config(&pair, channel_config(&pair, secret, String::new()))
                 .with_on_failure(move || kick.kick());
-            hooks = hooks.with_joins(listener, cfg);
+            hooks = hooks
+                .with_joins(listener, cfg)
+                .with_transfer_rate(pair.transfer_rate());
             Some((loglink, held, net_held, hooks))
         }
         None => None,

@@ -321,6 +321,9 @@ pub struct PrimaryHooks {
     /// Recording for a joined backup: longest exit-free stretch before an
     /// epoch.
     epoch_bound: Duration,
+    /// Most bytes per second a state transfer sends (`None`: as fast as
+    /// the link takes them).
+    transfer_rate: Option<u64>,
     /// Where the run loop handed the state over last (the new backup's
     /// replay starts there: lag counts from it).
     handover_pos: u64,
@@ -432,8 +435,15 @@ impl PrimaryHooks {
             status: None,
             joins: None,
             epoch_bound: Duration::from_millis(10),
+            transfer_rate: None,
             handover_pos: 0,
         }
+    }
+
+    /// Send a joining backup its state at most `rate` bytes per second.
+    pub fn with_transfer_rate(mut self, rate: Option<u64>) -> Self {
+        self.transfer_rate = rate;
+        self
     }
 
     /// Record with this epoch bound for a backup that joins.
@@ -601,12 +611,13 @@ impl PrimaryHooks {
         let Joiner { mut link, .. } = joiner;
         let loglink = self.link.clone();
         let status = self.status.clone();
+        let rate = self.transfer_rate;
         let t0 = Instant::now();
         let sender = std::thread::Builder::new()
             .name("vmft-transfer".into())
             .spawn(move || {
                 let mut last = Instant::now();
-                let r = transfer::send(&mut LinkWriter(&mut link), &head, &state, &mut |n| {
+                let r = transfer::send(&mut LinkWriter(&mut link), &head, &state, rate, &mut |n| {
                     if let Some(s) = &status {
                         if last.elapsed() >= Duration::from_millis(100) {
                             last = Instant::now();

@@ -137,20 +137,28 @@ impl TransferHead {
     }
 }
 
-/// Send the head and `state` to `w`, calling `progress` with the bytes
-/// sent so far after each chunk.
+/// Send the head and `state` to `w`, at most `rate` bytes per second if
+/// given, calling `progress` with the bytes sent so far after each chunk.
 pub fn send(
     w: &mut dyn Write,
     head: &TransferHead,
     state: &[u8],
+    rate: Option<u64>,
     progress: &mut dyn FnMut(u64),
 ) -> io::Result<()> {
+    let t0 = std::time::Instant::now();
     w.write_all(&head.encode())?;
     let mut sent = HEAD_LEN as u64;
     for chunk in state.chunks(CHUNK) {
         w.write_all(chunk)?;
         sent += chunk.len() as u64;
         progress(sent);
+        if let Some(rate) = rate.filter(|r| *r > 0) {
+            let due = std::time::Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
     }
     w.flush()
 }
@@ -221,7 +229,7 @@ mod tests {
             .collect();
         let mut wire = Vec::new();
         let mut sent = Vec::new();
-        send(&mut wire, &head(), &state, &mut |n| sent.push(n)).unwrap();
+        send(&mut wire, &head(), &state, None, &mut |n| sent.push(n)).unwrap();
         wire.extend_from_slice(b"LOG");
         assert_eq!(sent.last().copied(), Some(head().total()));
         let mut r = io::Cursor::new(wire);
@@ -236,6 +244,19 @@ mod tests {
     }
 
     #[test]
+    fn a_rate_limit_spreads_the_transfer_out() {
+        let state = vec![3u8; 2 * CHUNK];
+        let h = TransferHead {
+            state_len: state.len() as u64,
+            ..head()
+        };
+        let t0 = std::time::Instant::now();
+        // 2 MiB at 8 MiB/s: at least a quarter of a second.
+        send(&mut io::sink(), &h, &state, Some(8 << 20), &mut |_| {}).unwrap();
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(240));
+    }
+
+    #[test]
     fn a_cut_transfer_says_how_far_it_got() {
         let state = vec![1u8; 1000];
         let h = TransferHead {
@@ -243,7 +264,7 @@ mod tests {
             ..head()
         };
         let mut wire = Vec::new();
-        send(&mut wire, &h, &state, &mut |_| {}).unwrap();
+        send(&mut wire, &h, &state, None, &mut |_| {}).unwrap();
         wire.truncate(HEAD_LEN + 600);
         let e = receive(&mut io::Cursor::new(wire), &mut |_, _| {}).unwrap_err();
         assert!(
