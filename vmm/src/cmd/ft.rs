@@ -46,6 +46,24 @@ pub struct FtArgs {
     /// Do not read typed input from stdin.
     #[arg(long)]
     pub no_stdin: bool,
+    /// Do not start a new backup after a failover (by default the side
+    /// left alone gets a new backup, by a state transfer).
+    #[arg(long)]
+    pub no_reprotect: bool,
+}
+
+/// What a side says on stderr that the supervisor acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SideEvent {
+    /// The side runs the VM alone: its peer failed and it won the claim.
+    Alone,
+}
+
+/// The sides' stderr lines that are events.
+fn side_event(line: &str) -> Option<SideEvent> {
+    (line.contains("claim won: the backup is LIVE")
+        || line.contains("claim won: the VM continues here, UNPROTECTED"))
+    .then_some(SideEvent::Alone)
 }
 
 /// A temporary directory removed on drop.
@@ -113,8 +131,13 @@ impl Drop for Children {
     }
 }
 
-/// Spawn `vmft <args>` with its stderr lines prefixed by `name`.
-fn spawn_side(name: &str, args: &[String]) -> Result<Child> {
+/// Spawn `vmft <args>` with its stderr lines prefixed by `name`; events
+/// among them go to `events`.
+fn spawn_side(
+    name: &str,
+    args: &[String],
+    events: std::sync::mpsc::Sender<(String, SideEvent)>,
+) -> Result<Child> {
     let exe = std::env::current_exe().context("cannot find the vmft binary")?;
     let mut child = Command::new(exe)
         .args(args)
@@ -128,6 +151,9 @@ fn spawn_side(name: &str, args: &[String]) -> Result<Child> {
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 eprint!("[{name}] {line}\r\n");
+                if let Some(e) = side_event(&line) {
+                    let _ = events.send((name.clone(), e));
+                }
             }
         });
     }
@@ -151,6 +177,7 @@ pub fn ft(args: FtArgs, stop: StopHandle) -> Result<u8> {
              or hosts (see docs/NETWORK.md)"
         );
     }
+    let writable = args.boot.disks.iter().any(|d| !d.read_only);
     let mut vm_args: Vec<String> = Vec::new();
     // Separate disks (VMware FT's default): the backup gets its own copy,
     // next to the original, and executes the same reads and writes on it.
@@ -278,28 +305,97 @@ pub fn ft(args: FtArgs, stop: StopHandle) -> Result<u8> {
         dir.0.display()
     );
     let children = Children(Arc::new(Mutex::new(Vec::new())));
+    let (events, side_events) = std::sync::mpsc::channel();
     let mut backup_args = vec!["backup".into(), "--listen".into(), backup_addr.clone()];
-    backup_args.extend(backup_disks);
-    let backup = spawn_side("backup", &common(&backup_args))?;
+    backup_args.extend(backup_disks.iter().cloned());
+    let backup = spawn_side("backup", &common(&backup_args), events.clone())?;
     children
         .0
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(("backup".into(), backup));
-    let mut primary_args = vec!["primary".into(), "--backup".into(), backup_addr.clone()];
+    // Where each side takes a new backup once it is alone.
+    let primary_join = format!("127.0.0.1:{}", free_port()?);
+    let mut primary_args = vec![
+        "primary".into(),
+        "--backup".into(),
+        backup_addr.clone(),
+        "--listen".into(),
+        primary_join.clone(),
+    ];
     primary_args.extend(primary_disks);
-    let primary = spawn_side("primary", &common(&primary_args))?;
+    let primary = spawn_side("primary", &common(&primary_args), events.clone())?;
     children
         .0
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(("primary".into(), primary));
+    // The side that runs the VM: the stop request goes to it.
+    let live = Arc::new(Mutex::new("primary".to_string()));
+
+    // Re-protection: a side left alone gets a new backup, which joins it
+    // and listens for the next one.
+    if args.no_reprotect || writable {
+        if writable && !args.no_reprotect {
+            eprintln!(
+                "vmft ft: no new backup after a failover: the state transfer does not carry \
+                 writable disks yet"
+            );
+        }
+    } else {
+        let joins: Arc<Mutex<Vec<(String, String)>>> = Arc::new(Mutex::new(vec![
+            ("primary".into(), primary_join),
+            ("backup".into(), backup_addr.clone()),
+        ]));
+        let (kids, live, common_args) = (children.0.clone(), live.clone(), common(&backup_disks));
+        std::thread::spawn(move || {
+            let mut n = 1;
+            for (name, SideEvent::Alone) in side_events {
+                *live.lock().unwrap_or_else(|e| e.into_inner()) = name.clone();
+                let Some(join) = joins
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, a)| a.clone())
+                else {
+                    continue;
+                };
+                n += 1;
+                let new = format!("backup-{n}");
+                let Ok(port) = free_port() else { continue };
+                let listen = format!("127.0.0.1:{port}");
+                let mut a: Vec<String> = vec![
+                    "backup".into(),
+                    "--join".into(),
+                    join.clone(),
+                    "--listen".into(),
+                    listen.clone(),
+                ];
+                a.extend(common_args.iter().cloned());
+                eprint!("vmft ft: {name} runs alone: starting {new}, which joins it at {join}\r\n");
+                match spawn_side(&new, &a, events.clone()) {
+                    Ok(child) => {
+                        kids.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((new.clone(), child));
+                        joins
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((new, listen));
+                    }
+                    Err(e) => eprint!("vmft ft: cannot start {new}: {e:#}\r\n"),
+                }
+            }
+        });
+    }
 
     // A stop signal to `vmft ft` stops the pair cleanly: pass it on to the
     // live side (the primary while it runs: it writes the end entry and the
     // backup replays to it; else the backup that took over). Children are
     // looked at under the lock, so a reaped child's pid is never signalled.
     let kids = children.0.clone();
+    let live_side = live.clone();
     stop.on_request(move |_| {
         let mut kids = kids.lock().unwrap_or_else(|e| e.into_inner());
         let running: Vec<(String, u32)> = kids
@@ -309,9 +405,11 @@ pub fn ft(args: FtArgs, stop: StopHandle) -> Result<u8> {
                 _ => None,
             })
             .collect();
+        let live = live_side.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let target = running
             .iter()
-            .find(|(n, _)| n == "primary")
+            .find(|(n, _)| *n == live)
+            .or_else(|| running.iter().find(|(n, _)| n == "primary"))
             .or_else(|| running.first());
         if let Some((_, pid)) = target {
             // SAFETY: kill on the pid of a child of this process that
