@@ -18,6 +18,7 @@ pub const WORKLOADS: &[&str] = &[
     "concurrent",
     "counter",
     "disk",
+    "drill",
     "echo",
     "net-all",
     "net-echo",

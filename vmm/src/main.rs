@@ -50,6 +50,10 @@ enum Command {
     /// What the primaries and backups on this machine say: role, state, protection, lag, log rate,
     /// output delay, last failover (from their control sockets).
     Status(cmd::status::StatusArgs),
+    /// Attack the whole system round after round (kill, stop, partition, arbiter faults), re-protect
+    /// after each failover, audit the console's transcript, and print a verdict (exit 0 only when
+    /// every invariant held).
+    Drill(cmd::drill::DrillArgs),
     /// Build the default guest image if needed and print its paths.
     Image,
 }
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
     let status = match cli.command {
         Command::Console(args) => Some(cmd::console::console(args)),
         Command::Ft(args) => Some(cmd::ft::ft(args, stop.clone())),
+        Command::Drill(args) => Some(cmd::drill::drill(args, stop.clone())),
         other => {
             cli_command = Some(other);
             None
@@ -130,7 +135,9 @@ fn main() -> ExitCode {
         Command::Backup(args) => cmd::pair::backup(args, stop),
         Command::Log(args) => cmd::log::show_log(args),
         Command::Status(args) => cmd::status::status(args),
-        Command::Console(_) | Command::Ft(_) => unreachable!("handled above"),
+        Command::Console(_) | Command::Ft(_) | Command::Drill(_) => {
+            unreachable!("handled above")
+        }
         Command::Image => image::default_image()
             .map(|img| {
                 println!("kernel={}", img.kernel.display());

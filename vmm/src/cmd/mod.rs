@@ -2,6 +2,7 @@
 //! options, the console on the terminal, how a run's end is reported.
 
 pub mod console;
+pub mod drill;
 pub mod ft;
 pub mod log;
 pub mod pair;

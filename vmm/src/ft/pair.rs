@@ -327,7 +327,14 @@ pub struct PrimaryHooks {
     /// Where the run loop handed the state over last (the new backup's
     /// replay starts there: lag counts from it).
     handover_pos: u64,
+    /// [`BREAK_OUTPUT_RULE`] is set: output is released at once.
+    rule_broken: bool,
 }
+
+/// A test-only switch (an environment variable): a primary with it set
+/// releases output without waiting for the backup, breaking the output
+/// rule on purpose, so that a drill can be shown to fail.
+pub const BREAK_OUTPUT_RULE: &str = "VMFT_TEST_BREAK_OUTPUT_RULE";
 
 /// A joining backup, accepted and waiting for the state.
 struct Joiner {
@@ -437,7 +444,22 @@ impl PrimaryHooks {
             epoch_bound: Duration::from_millis(10),
             transfer_rate: None,
             handover_pos: 0,
+            rule_broken: false,
         }
+        .check_rule_switch()
+    }
+
+    /// Apply [`BREAK_OUTPUT_RULE`], loudly.
+    fn check_rule_switch(mut self) -> Self {
+        if std::env::var_os(BREAK_OUTPUT_RULE).is_some_and(|v| v == "1") {
+            note(&format!(
+                "WARNING: {BREAK_OUTPUT_RULE}=1: output is released without waiting for the \
+                 backup (the output rule is off; for tests only)"
+            ));
+            self.rule_broken = true;
+            self.set_release_mode(ReleaseMode::Rule);
+        }
+        self
     }
 
     /// Send a joining backup its state at most `rate` bytes per second.
@@ -530,6 +552,11 @@ impl PrimaryHooks {
     }
 
     fn set_release_mode(&self, mode: ReleaseMode) {
+        // The test-only switch: output is never held for the backup.
+        let mode = match mode {
+            ReleaseMode::Rule if self.rule_broken => ReleaseMode::Free,
+            m => m,
+        };
         self.held.set_mode(mode);
         for s in &self.streams {
             s.held.set_mode(mode);

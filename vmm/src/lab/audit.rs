@@ -134,9 +134,127 @@ pub fn audit_ticker(text: &str, expected: Option<u64>) -> Audit {
     a
 }
 
+/// The next value of the drill workload's chain (`guest-images/initramfs/
+/// workloads/drill`): line `i` with clock value `t` after value `h`.
+pub fn drill_next(h: u64, i: u64, t: u64) -> u64 {
+    (h * 31 + i * 7919 + t) % MODULUS
+}
+
+/// Audit a transcript of the `drill` workload (lines `drill I t=T h=H`,
+/// H chained through every line before it): each line once, in order,
+/// none missing, and each H the chain's value from the line before, so a
+/// line from another execution (output that escaped the output rule, then
+/// re-executed differently by the backup) shows as `wrong`. A workload run
+/// until stopped has no end line: the transcript is checked as a prefix.
+pub fn audit_drill(text: &str) -> Audit {
+    let mut a = Audit::default();
+    let mut h = 7u64;
+    for raw in text.lines() {
+        let line = raw.trim_end_matches('\r');
+        if line.starts_with("drill done ") {
+            a.done += 1;
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("drill ") {
+            let parsed = (|| {
+                let (i, rest) = rest.split_once(" t=")?;
+                let (t, v) = rest.split_once(" h=")?;
+                Some((
+                    i.parse::<u64>().ok()?,
+                    t.parse::<u64>().ok()?,
+                    v.parse::<u64>().ok()?,
+                ))
+            })();
+            let Some((i, t, v)) = parsed else {
+                a.foreign += 1;
+                a.problem(format!("a garbled drill line: {line:?}"));
+                continue;
+            };
+            a.lines += 1;
+            if i <= a.last {
+                a.repeated += 1;
+                a.problem(format!(
+                    "drill line {i} again after line {} (repeated output)",
+                    a.last
+                ));
+                continue;
+            }
+            if i > a.last + 1 {
+                a.lost += i - a.last - 1;
+                a.problem(format!(
+                    "drill lines {}..{} missing before line {i} (lost output)",
+                    a.last + 1,
+                    i - 1
+                ));
+            } else if drill_next(h, i, t) != v {
+                a.wrong += 1;
+                a.problem(format!(
+                    "drill line {i} does not follow line {} (h={v}, the chain gives {}): \
+                     output of two executions",
+                    a.last,
+                    drill_next(h, i, t)
+                ));
+            }
+            // Go on from what the line says, so one seam counts once.
+            h = v;
+            a.last = i;
+            continue;
+        }
+        let ours = line.is_empty()
+            || line.starts_with('[')
+            || line.starts_with("VMFT-")
+            || line.starts_with("vmft");
+        if !ours {
+            a.foreign += 1;
+            a.problem(format!("a line the guest did not print: {line:?}"));
+        }
+    }
+    a
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A drill transcript: lines `from..=to` of one execution whose clock
+    /// reads `t0 + 10 * i`, continuing the chain from `h`.
+    fn drill_lines(from: u64, to: u64, t0: u64, mut h: u64) -> (String, u64) {
+        let mut s = String::new();
+        for i in from..=to {
+            let t = t0 + 10 * i;
+            h = drill_next(h, i, t);
+            s.push_str(&format!("drill {i} t={t} h={h}\r\n"));
+        }
+        (s, h)
+    }
+
+    #[test]
+    fn a_drill_transcript_of_one_execution_is_clean() {
+        let (t, _) = drill_lines(1, 40, 500, 7);
+        let a = audit_drill(&format!("VMFT-READY workload=drill\r\n{t}"));
+        assert!(a.clean(), "{a:?}");
+        assert_eq!((a.lines, a.last), (40, 40));
+    }
+
+    #[test]
+    fn a_seam_between_two_executions_lost_and_repeated_lines_are_caught() {
+        let (head, h) = drill_lines(1, 10, 500, 7);
+        // The backup re-executed line 10 with another clock and went on.
+        let (_, h9) = drill_lines(1, 9, 500, 7);
+        let (other, _) = drill_lines(10, 12, 900, h9);
+        let seam = format!("{head}{}", other.split_once('\n').unwrap().1);
+        let a = audit_drill(&seam);
+        assert_eq!(a.wrong, 1, "{a:?}");
+        assert!(a.first_problem.unwrap().contains("two executions"));
+        let (tail, _) = drill_lines(12, 13, 500, h);
+        let lost = audit_drill(&format!("{head}{tail}"));
+        assert_eq!(lost.lost, 1, "{lost:?}");
+        let (again, _) = drill_lines(10, 10, 500, drill_lines(1, 9, 500, 7).1);
+        let rep = audit_drill(&format!("{head}{again}"));
+        assert_eq!(rep.repeated, 1, "{rep:?}");
+        let garbled = audit_drill(&format!("{head}drill 11 t=5 h\r\n"));
+        assert_eq!(garbled.foreign, 1, "{garbled:?}");
+    }
 
     fn transcript(lines: &[u64], done: bool) -> String {
         let mut t = String::from("VMFT-READY workload=ticker\r\n");

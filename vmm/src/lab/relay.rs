@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -62,6 +63,9 @@ pub struct Relay {
     local: SocketAddr,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     stop: Arc<Mutex<bool>>,
+    /// While set, every byte read is dropped (a partition: both ends hear
+    /// nothing, the connections stay open).
+    dropping: Arc<AtomicBool>,
 }
 
 impl Relay {
@@ -86,7 +90,8 @@ impl Relay {
         let target = target_addr;
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let stop: Arc<Mutex<bool>> = Arc::default();
-        let (c, s) = (conns.clone(), stop.clone());
+        let dropping: Arc<AtomicBool> = Arc::default();
+        let (c, s, d) = (conns.clone(), stop.clone(), dropping.clone());
         thread::Builder::new()
             .name("relay-accept".into())
             .spawn(move || {
@@ -108,19 +113,30 @@ impl Relay {
                     if let [Ok(a), Ok(b)] = handles {
                         c.lock().unwrap_or_else(|e| e.into_inner()).extend([a, b]);
                     }
-                    pump_pair(client, server, delay, seed);
+                    pump_pair(client, server, delay, seed, &d);
                 }
             })
             .map_err(|source| RelayError::Listen {
                 addr: local.to_string(),
                 source,
             })?;
-        Ok(Relay { local, conns, stop })
+        Ok(Relay {
+            local,
+            conns,
+            stop,
+            dropping,
+        })
     }
 
     /// The address clients connect to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// Partition the link (`true`: every byte from now on is dropped, in
+    /// both directions, and nobody is told) or heal it.
+    pub fn partition(&self, on: bool) {
+        self.dropping.store(on, Ordering::Release);
     }
 
     /// Close every relayed connection now (both ends see the link break).
@@ -146,13 +162,19 @@ impl Drop for Relay {
 }
 
 /// Relay both directions of one connection.
-fn pump_pair(client: TcpStream, server: TcpStream, delay: Delay, seed: u64) {
+fn pump_pair(
+    client: TcpStream,
+    server: TcpStream,
+    delay: Delay,
+    seed: u64,
+    dropping: &Arc<AtomicBool>,
+) {
     for (from, to, seed) in [
         (client.try_clone(), server.try_clone(), seed),
         (server.try_clone(), client.try_clone(), seed.rotate_left(17)),
     ] {
         if let (Ok(from), Ok(to)) = (from, to) {
-            pump(from, to, delay, seed);
+            pump(from, to, delay, seed, dropping.clone());
         }
     }
 }
@@ -169,7 +191,13 @@ struct Line {
 
 /// One direction: a reader thread stamps chunks, a writer thread writes
 /// each when its time comes.
-fn pump(mut from: TcpStream, mut to: TcpStream, delay: Delay, seed: u64) {
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    delay: Delay,
+    seed: u64,
+    dropping: Arc<AtomicBool>,
+) {
     let line = Arc::new(Line {
         queue: Mutex::new((VecDeque::new(), false)),
         ready: Condvar::new(),
@@ -186,6 +214,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, delay: Delay, seed: u64) {
                     Ok(0) | Err(_) => 0,
                     Ok(n) => n,
                 };
+                if n > 0 && dropping.load(Ordering::Acquire) {
+                    continue;
+                }
                 let mut q = l.queue.lock().unwrap_or_else(|e| e.into_inner());
                 if n == 0 {
                     q.1 = true;

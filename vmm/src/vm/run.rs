@@ -390,6 +390,9 @@ impl Vm {
             recorder: recorder_id(),
             snapshot: Some("(state transfer)".into()),
         };
+        // A live side asked KVM for interrupt windows; recording does not
+        // use them (their exits are not deterministic here).
+        self.vcpu.fd.get_kvm_run().request_interrupt_window = 0;
         // The state holds every page written so far: epochs carry what is
         // written from here on, whole at first.
         set_memslots(&self.vmfd, &self.mem, KVM_MEM_LOG_DIRTY_PAGES, false)?;

@@ -1,0 +1,308 @@
+//! `vmft drill`: run the whole system and attack it, round after round, on
+//! one running guest, then print a verdict.
+//!
+//! ```text
+//! drill ─┬─ arbiter (in this process; "killed" = its server stopped, restarted on the same port and data)
+//!        ├─ vmft console ─▶ OUT/transcript.txt      (the `drill` workload's chained lines)
+//!        ├─ vmft primary --listen J0 ──▶ relay ──▶ vmft backup --listen L0
+//!        └─ after each failover: vmft backup --join (relay ──▶ survivor's J) --listen Ln
+//! round: protected? ─▶ wait (seeded) ─▶ the next console line ─▶ fault ─▶ survivor's claim won
+//!        ─▶ the other side gone or fenced ─▶ new backup joins ─▶ protected again
+//! ```
+//!
+//! Every link between the sides goes through a relay of this process
+//! ([`vmm::lab::relay`]), so a partition drops bytes silently (as a
+//! firewall DROP does) and a killed side's bytes still in the network are
+//! lost with it. At the end the pair is stopped cleanly and the transcript
+//! audited ([`vmm::lab::audit::audit_drill`]): each line once, in order,
+//! and chained, so output of two executions (the sign of output that
+//! escaped the output rule) shows where the backup took over.
+
+mod report;
+mod sides;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+
+use vmm::lab::audit::audit_drill;
+use vmm::stop::StopHandle;
+
+use report::{Report, Round};
+use sides::{Cluster, Event};
+
+/// The faults a drill injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
+pub enum Fault {
+    /// `kill -9` of the primary (its bytes in flight are lost with it).
+    Kill,
+    /// `kill -9` of the backup.
+    Backup,
+    /// `SIGSTOP` of the primary past the failure timeout, then `SIGCONT`:
+    /// it must find itself fenced.
+    Stop,
+    /// The logging channel partitioned while both sides live.
+    Partition,
+    /// The arbiter and the primary killed at once; the arbiter restarted.
+    Arbiter,
+}
+
+impl Fault {
+    /// Its name in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Kill => "kill",
+            Fault::Backup => "backup",
+            Fault::Stop => "stop",
+            Fault::Partition => "partition",
+            Fault::Arbiter => "arbiter",
+        }
+    }
+}
+
+/// Where the sides run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Hosts {
+    /// Processes on this host, links through relays on loopback.
+    Local,
+}
+
+/// `vmft drill`.
+#[derive(Args)]
+pub struct DrillArgs {
+    /// Rounds (one fault each).
+    #[arg(long, default_value_t = 10)]
+    pub rounds: u32,
+    /// The faults, in rotation.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kill,backup,stop,partition,arbiter"
+    )]
+    pub faults: Vec<Fault>,
+    /// Seed of the moments and delays (printed; the same seed repeats the
+    /// drill's choices).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Where the report, picture, transcript and logs go.
+    #[arg(long, default_value = "drill-out")]
+    pub out: PathBuf,
+    /// Start from this snapshot of the `drill` workload instead of booting
+    /// the default guest with it.
+    #[arg(long, value_name = "FILE")]
+    pub restore: Option<PathBuf>,
+    /// Declare a side failed after this long without hearing from it, ms.
+    #[arg(long, default_value_t = 2000)]
+    pub timeout_ms: u64,
+    /// Heartbeat period, ms.
+    #[arg(long, default_value_t = 100)]
+    pub heartbeat_ms: u64,
+    /// Delay the relays add to the channel, each way, ms.
+    #[arg(long, default_value_t = 0)]
+    pub channel_delay_ms: u64,
+    /// Up to this much more, drawn per chunk, ms.
+    #[arg(long, default_value_t = 0)]
+    pub channel_jitter_ms: u64,
+    /// Where the sides run.
+    #[arg(long, value_enum, default_value = "local")]
+    pub hosts: Hosts,
+    /// Longest wait for any one step (the pair to form, a failover, a
+    /// re-protection), s.
+    #[arg(long, default_value_t = 300)]
+    pub step_timeout_s: u64,
+}
+
+/// A small seeded generator (xorshift64*): the drill's choices.
+pub struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `lo..=hi` ms.
+    fn ms(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.next() % (hi - lo + 1))
+    }
+}
+
+/// `vmft drill`: returns the exit status (0 only when every invariant
+/// held).
+pub fn drill(args: DrillArgs, stop: StopHandle) -> Result<u8> {
+    if args.faults.is_empty() {
+        bail!("--faults names no fault");
+    }
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    let mut rng = Rng::new(seed);
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let out = args.out.canonicalize()?;
+    eprintln!(
+        "vmft drill: {} rounds of {}, seed {seed}, hosts {:?}, report in {}",
+        args.rounds,
+        args.faults
+            .iter()
+            .map(|f| f.name())
+            .collect::<Vec<_>>()
+            .join(","),
+        args.hosts,
+        out.display()
+    );
+    let step = Duration::from_secs(args.step_timeout_s);
+    let t0 = Instant::now();
+    let mut c = Cluster::start(&args, &out, seed)?;
+    let mut report = Report::new(seed, t0);
+    c.wait_protected(step, &stop)
+        .context("the pair did not form")?;
+    eprintln!(
+        "vmft drill: the pair is protected after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let mut problem: Option<String> = None;
+    for n in 1..=args.rounds {
+        if stop.requested().is_some() {
+            problem.get_or_insert("the drill was stopped".into());
+            break;
+        }
+        let fault = args.faults[(n as usize - 1) % args.faults.len()];
+        // A random moment, then right after the next line of output: the
+        // moment the output rule matters most.
+        std::thread::sleep(rng.ms(300, 2500));
+        c.wait_for_output(Duration::from_secs(10));
+        std::thread::sleep(rng.ms(0, 50));
+        let mut round = Round::new(n, fault, t0.elapsed());
+        let r = c.round(fault, &mut round, step, &mut rng);
+        round.lag = c.take_lag_samples();
+        eprintln!("vmft drill: {}", round.line());
+        let failed = r
+            .as_ref()
+            .err()
+            .map(|e| format!("round {n} ({}): {e:#}", fault.name()));
+        report.rounds.push(round);
+        if let Some(p) = failed {
+            problem.get_or_insert(p);
+            break;
+        }
+    }
+    // The end: a clean stop, then the transcript's audit.
+    let stopped = c.stop_cleanly(step);
+    if let Err(e) = &stopped {
+        problem.get_or_insert(format!("the clean stop at the end: {e:#}"));
+    }
+    let transcript = c.transcript();
+    let audit = audit_drill(&transcript);
+    report.audit = Some(audit.clone());
+    report.elapsed = t0.elapsed();
+    if let Some(p) = &audit.first_problem {
+        problem.get_or_insert(format!("transcript: {p}"));
+    }
+    if audit.lines == 0 {
+        problem.get_or_insert(
+            "the transcript has no drill line: is the guest running the `drill` workload?".into(),
+        );
+    }
+    report.problem = problem;
+    let (table, verdict) = (report.table(), report.verdict());
+    print!("{table}");
+    std::fs::write(out.join("report.txt"), format!("{table}{verdict}\n"))?;
+    std::fs::write(out.join("rounds.tsv"), report.tsv())?;
+    std::fs::write(out.join("drill.svg"), report.svg())?;
+    println!("picture: {}", out.join("drill.svg").display());
+    println!("{verdict}");
+    drop(c);
+    Ok(if report.passed() { 0 } else { 1 })
+}
+
+impl Cluster {
+    /// One round: inject `fault`, wait for the survivor to go live, check
+    /// the other side, re-protect.
+    fn round(
+        &mut self,
+        fault: Fault,
+        round: &mut Round,
+        step: Duration,
+        rng: &mut Rng,
+    ) -> Result<()> {
+        let (live, backup) = (self.live(), self.backup());
+        let at = Instant::now();
+        let survivor = match fault {
+            Fault::Kill => {
+                self.kill9(&live);
+                self.cut_links_of(&live);
+                backup.clone()
+            }
+            Fault::Backup => {
+                self.kill9(&backup);
+                self.cut_links_of(&backup);
+                live.clone()
+            }
+            Fault::Stop => {
+                self.signal(&live, libc::SIGSTOP);
+                backup.clone()
+            }
+            Fault::Partition => {
+                self.partition_pair();
+                String::new()
+            }
+            Fault::Arbiter => {
+                // The arbiter first: the backup must find it down.
+                self.stop_arbiter();
+                self.kill9(&live);
+                self.cut_links_of(&live);
+                std::thread::sleep(self.timeout() + rng.ms(500, 1500));
+                self.start_arbiter()?;
+                backup.clone()
+            }
+        };
+        // The survivor goes live: its claim is won.
+        let (winner, won_at) = self
+            .wait_event(step, |e, side| {
+                matches!(e, Event::Alone) && (survivor.is_empty() || side == survivor)
+            })
+            .with_context(|| format!("no side went live after the fault ({} s)", step.as_secs()))?;
+        round.go_live = Some(won_at.saturating_duration_since(at));
+        round.survivor = winner.clone();
+        let other = if winner == live { backup } else { live };
+        // The other side: gone, or it must stop itself (claim lost or
+        // fenced) without releasing anything more.
+        match fault {
+            Fault::Stop => {
+                std::thread::sleep(Duration::from_millis(500));
+                self.signal(&other, libc::SIGCONT);
+                self.expect_fenced(&other, step, round)?;
+            }
+            Fault::Partition => {
+                self.expect_fenced(&other, step, round)?;
+            }
+            _ => {}
+        }
+        // Two sides won a claim for one generation? The arbiter forbids
+        // it; the drill checks.
+        if self.winners_since(at) > 1 {
+            round.double_live += 1;
+            bail!("two sides won a claim in this round");
+        }
+        self.set_live(&winner);
+        // Re-protection: a new backup joins the survivor.
+        let t = Instant::now();
+        let (pause, bytes) = self.reprotect(&winner, step)?;
+        round.reprotect = Some(t.elapsed());
+        round.pause = pause;
+        round.transfer_bytes = bytes;
+        Ok(())
+    }
+}

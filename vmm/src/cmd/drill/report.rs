@@ -1,0 +1,460 @@
+//! The drill's report: one row per round, a table per fault kind, the
+//! verdict line, and the picture (an SVG timeline of rounds, faults,
+//! failover times and the backup's lag).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::time::{Duration, Instant};
+
+use vmm::lab::audit::Audit;
+
+use super::Fault;
+
+/// One round.
+#[derive(Debug, Clone)]
+pub struct Round {
+    pub n: u32,
+    pub fault: Fault,
+    /// When the fault was injected, from the drill's start.
+    pub at: Duration,
+    /// From the fault to the survivor's claim won.
+    pub go_live: Option<Duration>,
+    pub survivor: String,
+    /// From the claim won to protected again.
+    pub reprotect: Option<Duration>,
+    /// The guest's pause for the state transfer, ms.
+    pub pause: Option<f64>,
+    pub transfer_bytes: u64,
+    /// Sides that went on after losing the VM.
+    pub double_live: u64,
+    /// The live side's lag (time from the start, exits) during the round.
+    pub lag: Vec<(f64, u64)>,
+}
+
+impl Round {
+    pub fn new(n: u32, fault: Fault, at: Duration) -> Self {
+        Round {
+            n,
+            fault,
+            at,
+            go_live: None,
+            survivor: String::new(),
+            reprotect: None,
+            pause: None,
+            transfer_bytes: 0,
+            double_live: 0,
+            lag: Vec::new(),
+        }
+    }
+
+    /// The round on one line, for progress.
+    pub fn line(&self) -> String {
+        format!(
+            "round {} {}: live again after {} on {}, protected again after {} (pause {}, {} MB)",
+            self.n,
+            self.fault.name(),
+            opt_s(self.go_live),
+            if self.survivor.is_empty() {
+                "-"
+            } else {
+                &self.survivor
+            },
+            opt_s(self.reprotect),
+            self.pause
+                .map(|p| format!("{p:.0} ms"))
+                .unwrap_or_else(|| "-".into()),
+            self.transfer_bytes >> 20
+        )
+    }
+}
+
+fn opt_s(d: Option<Duration>) -> String {
+    d.map(|d| format!("{:.3} s", d.as_secs_f64()))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// The whole drill.
+pub struct Report {
+    pub seed: u64,
+    pub rounds: Vec<Round>,
+    pub audit: Option<Audit>,
+    /// The first broken invariant or failed step.
+    pub problem: Option<String>,
+    pub elapsed: Duration,
+    _started: Instant,
+}
+
+/// min / median / p99 / max of `v` (seconds or ms as given), "-" if empty.
+fn spread(mut v: Vec<f64>, unit: &str) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    v.sort_by(f64::total_cmp);
+    let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    format!(
+        "{:.2}/{:.2}/{:.2}/{:.2} {unit}",
+        v[0],
+        q(0.5),
+        q(0.99),
+        v[v.len() - 1]
+    )
+}
+
+impl Report {
+    pub fn new(seed: u64, started: Instant) -> Self {
+        Report {
+            seed,
+            rounds: Vec::new(),
+            audit: None,
+            problem: None,
+            elapsed: Duration::ZERO,
+            _started: started,
+        }
+    }
+
+    fn lost(&self) -> u64 {
+        self.audit.as_ref().map_or(0, |a| a.lost)
+    }
+
+    fn repeated(&self) -> u64 {
+        self.audit.as_ref().map_or(0, |a| a.repeated)
+    }
+
+    /// Rounds where two sides released output after the seam: a side that
+    /// went on after losing the VM, or output of two executions in the
+    /// transcript.
+    fn double_live(&self) -> u64 {
+        self.rounds.iter().map(|r| r.double_live).sum::<u64>()
+            + self.audit.as_ref().map_or(0, |a| a.wrong)
+    }
+
+    pub fn passed(&self) -> bool {
+        self.problem.is_none()
+            && self.lost() == 0
+            && self.repeated() == 0
+            && self.double_live() == 0
+    }
+
+    /// The per-fault table and the totals.
+    pub fn table(&self) -> String {
+        let mut by: BTreeMap<Fault, Vec<&Round>> = BTreeMap::new();
+        for r in &self.rounds {
+            by.entry(r.fault).or_default().push(r);
+        }
+        let mut rows = vec![[
+            "fault".to_string(),
+            "rounds".into(),
+            "failovers".into(),
+            "go live min/med/p99/max".into(),
+            "re-protect pause min/med/p99/max".into(),
+            "state moved".into(),
+            "double-live".into(),
+        ]];
+        for (f, rs) in &by {
+            rows.push([
+                f.name().into(),
+                rs.len().to_string(),
+                rs.iter()
+                    .filter(|r| r.go_live.is_some())
+                    .count()
+                    .to_string(),
+                spread(
+                    rs.iter()
+                        .filter_map(|r| r.go_live)
+                        .map(|d| d.as_secs_f64())
+                        .collect(),
+                    "s",
+                ),
+                spread(rs.iter().filter_map(|r| r.pause).collect(), "ms"),
+                format!(
+                    "{} MB",
+                    rs.iter().map(|r| r.transfer_bytes).sum::<u64>() >> 20
+                ),
+                rs.iter().map(|r| r.double_live).sum::<u64>().to_string(),
+            ]);
+        }
+        let widths: Vec<usize> = (0..7)
+            .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+            .collect();
+        let mut out = String::new();
+        for r in &rows {
+            let cells: Vec<String> = r
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            let _ = writeln!(out, "{}", cells.join("  ").trim_end());
+        }
+        let a = self.audit.clone().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "transcript: {} lines, last {}; lost {}, repeated {}, from two executions {}, foreign {}",
+            a.lines, a.last, a.lost, a.repeated, a.wrong, a.foreign
+        );
+        let _ = writeln!(
+            out,
+            "seed {} ({} rounds in {:.0} s)",
+            self.seed,
+            self.rounds.len(),
+            self.elapsed.as_secs_f64()
+        );
+        if let Some(p) = &self.problem {
+            let _ = writeln!(out, "first problem: {p}");
+        }
+        out
+    }
+
+    /// The last line: `verdict: PASS rounds=N lost=0 repeated=0
+    /// double-live=0` or `verdict: FAIL <first broken invariant>`.
+    pub fn verdict(&self) -> String {
+        if self.passed() {
+            format!(
+                "verdict: PASS rounds={} lost=0 repeated=0 double-live=0 (all invariants held)",
+                self.rounds.len()
+            )
+        } else {
+            let why = self.problem.clone().unwrap_or_else(|| {
+                format!(
+                    "lost={} repeated={} double-live={}",
+                    self.lost(),
+                    self.repeated(),
+                    self.double_live()
+                )
+            });
+            format!(
+                "verdict: FAIL {why} (rounds={} lost={} repeated={} double-live={})",
+                self.rounds.len(),
+                self.lost(),
+                self.repeated(),
+                self.double_live()
+            )
+        }
+    }
+
+    /// One row per round, tab-separated.
+    pub fn tsv(&self) -> String {
+        let mut s = String::from(
+            "round\tfault\tat_s\tgo_live_s\tsurvivor\treprotect_s\tpause_ms\tstate_bytes\tdouble_live\n",
+        );
+        for r in &self.rounds {
+            let _ = writeln!(
+                s,
+                "{}\t{}\t{:.3}\t{}\t{}\t{}\t{}\t{}\t{}",
+                r.n,
+                r.fault.name(),
+                r.at.as_secs_f64(),
+                r.go_live
+                    .map(|d| format!("{:.3}", d.as_secs_f64()))
+                    .unwrap_or_default(),
+                r.survivor,
+                r.reprotect
+                    .map(|d| format!("{:.3}", d.as_secs_f64()))
+                    .unwrap_or_default(),
+                r.pause.map(|p| format!("{p:.1}")).unwrap_or_default(),
+                r.transfer_bytes,
+                r.double_live
+            );
+        }
+        s
+    }
+
+    /// The picture: time left to right; per round, the fault (a red
+    /// line), the time to go live (an orange bar) and the re-protection
+    /// (a green bar); below, the backup's lag in exits.
+    pub fn svg(&self) -> String {
+        let end = self
+            .rounds
+            .iter()
+            .map(|r| r.at + r.go_live.unwrap_or_default() + r.reprotect.unwrap_or_default())
+            .max()
+            .unwrap_or_default()
+            .max(self.elapsed)
+            .as_secs_f64()
+            .max(1.0);
+        let (w, h, left, top) = (960.0, 360.0, 60.0, 30.0);
+        let plot_w = w - left - 20.0;
+        let x = |t: f64| left + t / end * plot_w;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{left}" y="16" font-size="13">vmft drill, seed {}: {}</text>"#,
+            self.seed,
+            xml(&self.verdict())
+        );
+        // Rounds.
+        for (i, r) in self.rounds.iter().enumerate() {
+            let y = top + 10.0 + (i % 8) as f64 * 16.0;
+            let t = r.at.as_secs_f64();
+            let live = r.go_live.unwrap_or_default().as_secs_f64();
+            let rep = r.reprotect.unwrap_or_default().as_secs_f64();
+            let _ = writeln!(
+                s,
+                r##"<line x1="{0:.1}" y1="{1}" x2="{0:.1}" y2="{2}" stroke="#c00"/>"##,
+                x(t),
+                top,
+                h - 110.0
+            );
+            let _ = writeln!(
+                s,
+                r##"<rect x="{:.1}" y="{y}" width="{:.1}" height="10" fill="#e80"><title>round {} {}: live after {live:.3} s</title></rect>"##,
+                x(t),
+                (x(t + live) - x(t)).max(1.0),
+                r.n,
+                r.fault.name()
+            );
+            let _ = writeln!(
+                s,
+                r##"<rect x="{:.1}" y="{y}" width="{:.1}" height="10" fill="#3a3"><title>round {}: protected again after {rep:.3} s, pause {}</title></rect>"##,
+                x(t + live),
+                (x(t + live + rep) - x(t + live)).max(1.0),
+                r.n,
+                r.pause
+                    .map(|p| format!("{p:.0} ms"))
+                    .unwrap_or_else(|| "-".into())
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{}">{} {}</text>"#,
+                x(t) + 2.0,
+                y - 1.0,
+                r.n,
+                r.fault.name()
+            );
+        }
+        // Lag.
+        let lag: Vec<(f64, u64)> = self.rounds.iter().flat_map(|r| r.lag.clone()).collect();
+        let max_lag = lag.iter().map(|l| l.1).max().unwrap_or(1).max(1) as f64;
+        let (ly, lh) = (h - 90.0, 60.0);
+        let _ = writeln!(
+            s,
+            r##"<text x="4" y="{}">lag</text><text x="4" y="{}">{max_lag:.0}</text><line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="#888"/>"##,
+            ly + lh / 2.0,
+            ly + 8.0,
+            ly + lh,
+            w - 20.0,
+            ly + lh
+        );
+        if !lag.is_empty() {
+            let pts: Vec<String> = lag
+                .iter()
+                .map(|(t, l)| format!("{:.1},{:.1}", x(*t), ly + lh - *l as f64 / max_lag * lh))
+                .collect();
+            let _ = writeln!(
+                s,
+                r##"<polyline fill="none" stroke="#36c" points="{}"/>"##,
+                pts.join(" ")
+            );
+        }
+        let _ = writeln!(
+            s,
+            r##"<text x="{left}" y="{}">0 s</text><text x="{}" y="{}" text-anchor="end">{end:.0} s</text>"##,
+            h - 12.0,
+            w - 20.0,
+            h - 12.0
+        );
+        let _ = writeln!(
+            s,
+            r##"<text x="{}" y="{}">red: fault, orange: until live again, green: until protected again, blue: backup lag (exits)</text>"##,
+            left + 60.0,
+            h - 12.0
+        );
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(n: u32, fault: Fault, live_ms: u64) -> Round {
+        Round {
+            go_live: Some(Duration::from_millis(live_ms)),
+            reprotect: Some(Duration::from_millis(900)),
+            pause: Some(100.0),
+            transfer_bytes: 20 << 20,
+            lag: vec![(n as f64, 10 * n as u64)],
+            ..Round::new(n, fault, Duration::from_secs(n as u64 * 5))
+        }
+    }
+
+    fn report(rounds: Vec<Round>, audit: Audit) -> Report {
+        Report {
+            rounds,
+            audit: Some(audit),
+            ..Report::new(42, Instant::now())
+        }
+    }
+
+    fn clean(lines: u64) -> Audit {
+        Audit {
+            lines,
+            last: lines,
+            ..Audit::default()
+        }
+    }
+
+    #[test]
+    fn a_clean_drill_passes_and_says_so_on_its_last_line() {
+        let r = report(
+            vec![round(1, Fault::Kill, 20), round(2, Fault::Backup, 30)],
+            clean(50),
+        );
+        assert!(r.passed());
+        assert_eq!(
+            r.verdict(),
+            "verdict: PASS rounds=2 lost=0 repeated=0 double-live=0 (all invariants held)"
+        );
+        let t = r.table();
+        assert!(t.contains("kill") && t.contains("backup"), "{t}");
+        assert!(r.tsv().lines().count() == 3);
+        let svg = r.svg();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("polyline"));
+    }
+
+    #[test]
+    fn any_broken_invariant_fails_the_verdict() {
+        let lost = report(
+            vec![round(1, Fault::Kill, 20)],
+            Audit {
+                lost: 2,
+                ..clean(9)
+            },
+        );
+        assert!(!lost.passed());
+        assert!(
+            lost.verdict().starts_with("verdict: FAIL"),
+            "{}",
+            lost.verdict()
+        );
+        let seam = report(
+            vec![round(1, Fault::Kill, 20)],
+            Audit {
+                wrong: 1,
+                ..clean(9)
+            },
+        );
+        assert!(
+            seam.verdict().contains("double-live=1"),
+            "{}",
+            seam.verdict()
+        );
+        let mut twice = round(1, Fault::Stop, 20);
+        twice.double_live = 1;
+        assert!(!report(vec![twice], clean(9)).passed());
+        let mut failed = report(vec![round(1, Fault::Kill, 20)], clean(9));
+        failed.problem = Some("round 1 (kill): no side went live".into());
+        assert!(failed.verdict().contains("no side went live"));
+    }
+}

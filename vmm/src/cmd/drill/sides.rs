@@ -1,0 +1,605 @@
+//! The drill's cluster: the arbiter (a child process, so it can be
+//! killed), the console (in this process, its transcript in a file), the
+//! sides (child processes whose stderr is logged and read for events) and
+//! the relays between them.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use vmm::console::{Console, ConsoleConfig, ConsoleInput};
+use vmm::ft::status::State;
+use vmm::lab::relay::{Delay, Relay};
+use vmm::stop::StopHandle;
+
+use super::report::Round;
+use super::DrillArgs;
+
+/// What a side's stderr says that the drill acts on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// It runs the VM alone: its peer failed and it won the claim.
+    Alone,
+    /// A new backup has its state: protected again.
+    Protected,
+    /// It lost a claim (another side is live).
+    LostClaim,
+    /// The guest paused this long (ms) for a state transfer.
+    Pause(f64),
+}
+
+fn event_of(line: &str) -> Option<Event> {
+    if line.contains("claim won: the backup is LIVE")
+        || line.contains("claim won: the VM continues here, UNPROTECTED")
+    {
+        return Some(Event::Alone);
+    }
+    if line.contains("the VM is PROTECTED again") {
+        return Some(Event::Protected);
+    }
+    if line.contains("claim lost") {
+        return Some(Event::LostClaim);
+    }
+    line.split("after a pause of ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|ms| ms.parse().ok())
+        .map(Event::Pause)
+}
+
+/// Events seen so far: when, which side, what.
+type Events = Arc<Mutex<Vec<(Instant, String, Event)>>>;
+
+struct Side {
+    name: String,
+    child: Child,
+    /// Where a new backup joins it once it is alone.
+    join: String,
+    api: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+/// A relay between two sides.
+struct Link {
+    relay: Relay,
+    ends: [String; 2],
+}
+
+pub struct Cluster {
+    exe: PathBuf,
+    out: PathBuf,
+    arbiter_bin: PathBuf,
+    arbiter: Option<Child>,
+    arbiter_addr: String,
+    console: Option<std::thread::JoinHandle<()>>,
+    transcript: PathBuf,
+    sides: Vec<Side>,
+    links: Vec<Link>,
+    live: String,
+    backup: String,
+    events: Events,
+    /// The live side's control socket, for the lag sampler.
+    live_api: Arc<Mutex<PathBuf>>,
+    lag: Arc<Mutex<Vec<(f64, u64)>>>,
+    common: Vec<String>,
+    delay: Delay,
+    timeout: Duration,
+    backups: u32,
+    t0: Instant,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn write_secret(path: &Path, seed: u64) -> Result<()> {
+    let mut v = seed ^ std::process::id() as u64;
+    let mut s = String::new();
+    for _ in 0..4 {
+        v ^= v << 13;
+        v ^= v >> 7;
+        v ^= v << 17;
+        s.push_str(&format!("{v:016x}"));
+    }
+    std::fs::write(path, s)?;
+    Ok(())
+}
+
+impl Cluster {
+    pub fn start(args: &DrillArgs, out: &Path, seed: u64) -> Result<Cluster> {
+        let exe = std::env::current_exe().context("cannot find the vmft binary")?;
+        let arbiter_bin = exe.with_file_name("arbiter");
+        if !arbiter_bin.exists() {
+            bail!(
+                "the drill needs the `arbiter` binary next to vmft ({}): build it with `cargo build --release -p arbiter`",
+                arbiter_bin.display()
+            );
+        }
+        let logs = out.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let token = out.join("channel.token");
+        let atoken = out.join("arbiter.token");
+        write_secret(&token, seed)?;
+        write_secret(&atoken, seed.rotate_left(32))?;
+        let adata = out.join("arbiter-data");
+        let _ = std::fs::remove_dir_all(&adata);
+        std::fs::create_dir_all(&adata)?;
+        let arbiter_addr = format!("127.0.0.1:{}", free_port()?);
+
+        // The console, in this process: the transcript goes to a file.
+        let transcript = out.join("transcript.txt");
+        let mut ccfg =
+            ConsoleConfig::new("127.0.0.1:0", std::fs::read(&token)?.trim_ascii().to_vec());
+        ccfg.input = ConsoleInput::None;
+        ccfg.output = Box::new(File::create(&transcript)?);
+        ccfg.notes = Box::new(File::create(logs.join("console.log"))?);
+        let console = Console::bind(ccfg).context("cannot start the console")?;
+        let console_addr = console.local_addr().to_string();
+        let console = std::thread::spawn(move || {
+            let _ = console.run();
+        });
+
+        let vm_args: Vec<String> = match &args.restore {
+            Some(s) => vec!["--restore".into(), s.display().to_string()],
+            None => vec!["--workload".into(), "drill".into()],
+        };
+        let mut common: Vec<String> = vec![
+            "--vm".into(),
+            "drill".into(),
+            "--arbiter".into(),
+            arbiter_addr.clone(),
+            "--arbiter-token-file".into(),
+            atoken.display().to_string(),
+            "--token-file".into(),
+            token.display().to_string(),
+            "--console".into(),
+            console_addr,
+            "--timeout-ms".into(),
+            args.timeout_ms.to_string(),
+            "--heartbeat-ms".into(),
+            args.heartbeat_ms.to_string(),
+            "--no-stdin".into(),
+        ];
+        common.extend(vm_args);
+        let mut c = Cluster {
+            exe,
+            out: out.to_path_buf(),
+            arbiter_bin,
+            arbiter: None,
+            arbiter_addr,
+            console: Some(console),
+            transcript,
+            sides: Vec::new(),
+            links: Vec::new(),
+            live: "primary".into(),
+            backup: "backup-1".into(),
+            events: Arc::default(),
+            live_api: Arc::new(Mutex::new(out.join("primary.sock"))),
+            lag: Arc::default(),
+            common,
+            delay: Delay {
+                delay: Duration::from_millis(args.channel_delay_ms),
+                jitter: Duration::from_millis(args.channel_jitter_ms),
+                seed,
+            },
+            timeout: Duration::from_millis(args.timeout_ms),
+            backups: 1,
+            t0: Instant::now(),
+        };
+        c.start_arbiter()?;
+        let backup_listen = format!("127.0.0.1:{}", free_port()?);
+        c.spawn(
+            "backup-1",
+            &["backup", "--listen", &backup_listen],
+            &backup_listen,
+        )?;
+        // The relay connects through to the backup at once: it must listen.
+        let api = c.out.join("backup-1.sock");
+        let t = Instant::now();
+        while vmm::api::query(&api).is_err() {
+            if t.elapsed() > Duration::from_secs(120) {
+                bail!(
+                    "the first backup did not start; see {}",
+                    c.out.join("logs").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let relay = Relay::start("127.0.0.1:0", &backup_listen, c.delay)?;
+        let via = relay.local_addr().to_string();
+        c.links.push(Link {
+            relay,
+            ends: ["primary".into(), "backup-1".into()],
+        });
+        let join = format!("127.0.0.1:{}", free_port()?);
+        c.spawn(
+            "primary",
+            &["primary", "--backup", &via, "--listen", &join],
+            &join,
+        )?;
+        c.start_lag_sampler();
+        Ok(c)
+    }
+
+    /// Start `vmft <args>` as side `name`, which takes new backups at `join`.
+    fn spawn(&mut self, name: &str, args: &[&str], join: &str) -> Result<()> {
+        let api = self.out.join(format!("{name}.sock"));
+        let log = File::create(self.out.join("logs").join(format!("{name}.log")))?;
+        let mut child = Command::new(&self.exe)
+            .args(args)
+            .args(&self.common)
+            .arg("--api-sock")
+            .arg(&api)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        if let Some(err) = child.stderr.take() {
+            let (events, name) = (self.events.clone(), name.to_string());
+            let mut log = log;
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    let _ = writeln!(log, "{line}");
+                    if let Some(e) = event_of(&line) {
+                        events.lock().unwrap_or_else(|e| e.into_inner()).push((
+                            Instant::now(),
+                            name.clone(),
+                            e,
+                        ));
+                    }
+                }
+            });
+        }
+        self.sides.push(Side {
+            name: name.to_string(),
+            child,
+            join: join.to_string(),
+            api,
+            status: None,
+        });
+        Ok(())
+    }
+
+    /// Every 250 ms: the live side's lag (exits), for the picture.
+    fn start_lag_sampler(&self) {
+        let (api, lag, t0) = (self.live_api.clone(), self.lag.clone(), self.t0);
+        std::thread::spawn(move || loop {
+            let path = api.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Ok(s) = vmm::api::query(&path) {
+                if let Some(l) = s.lag_exits {
+                    lag.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((t0.elapsed().as_secs_f64(), l));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        });
+    }
+
+    /// The lag samples since the last call.
+    pub fn take_lag_samples(&self) -> Vec<(f64, u64)> {
+        std::mem::take(&mut *self.lag.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn start_arbiter(&mut self) -> Result<()> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.out.join("logs").join("arbiter.log"))?;
+        let child = Command::new(&self.arbiter_bin)
+            .args(["serve", "--listen", &self.arbiter_addr, "--data"])
+            .arg(self.out.join("arbiter-data"))
+            .arg("--token-file")
+            .arg(self.out.join("arbiter.token"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start the arbiter")?;
+        self.arbiter = Some(child);
+        Ok(())
+    }
+
+    pub fn stop_arbiter(&mut self) {
+        if let Some(mut a) = self.arbiter.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub fn live(&self) -> String {
+        self.live.clone()
+    }
+
+    pub fn backup(&self) -> String {
+        self.backup.clone()
+    }
+
+    pub fn set_live(&mut self, name: &str) {
+        self.live = name.to_string();
+        if let Some(s) = self.side(name) {
+            *self.live_api.lock().unwrap_or_else(|e| e.into_inner()) = s.api.clone();
+        }
+    }
+
+    fn side(&self, name: &str) -> Option<&Side> {
+        self.sides.iter().find(|s| s.name == name)
+    }
+
+    fn side_mut(&mut self, name: &str) -> Option<&mut Side> {
+        self.sides.iter_mut().find(|s| s.name == name)
+    }
+
+    pub fn kill9(&mut self, name: &str) {
+        if let Some(s) = self.side_mut(name) {
+            let _ = s.child.kill();
+            s.status = s.child.wait().ok();
+        }
+    }
+
+    pub fn signal(&mut self, name: &str, sig: i32) {
+        if let Some(s) = self.side_mut(name) {
+            if s.status.is_none() {
+                // SAFETY: kill on the pid of a child of this process that
+                // has not been reaped (its status is not taken), so the
+                // pid still names it.
+                unsafe { libc::kill(s.child.id() as i32, sig) };
+            }
+        }
+    }
+
+    /// Close the links of `name`: its bytes still in the network are lost
+    /// with it.
+    pub fn cut_links_of(&self, name: &str) {
+        for l in self
+            .links
+            .iter()
+            .filter(|l| l.ends.iter().any(|e| e == name))
+        {
+            l.relay.cut();
+        }
+    }
+
+    /// Partition the live side from its backup (bytes dropped, silently).
+    pub fn partition_pair(&self) {
+        let (a, b) = (&self.live, &self.backup);
+        for l in self
+            .links
+            .iter()
+            .filter(|l| l.ends.contains(a) && l.ends.contains(b))
+        {
+            l.relay.partition(true);
+        }
+    }
+
+    /// Wait (up to `limit`) for an event that `want` accepts, from any
+    /// side, seen after the call began... or before it, within the round
+    /// (events are kept): the first one not yet consumed is taken.
+    pub fn wait_event(
+        &self,
+        limit: Duration,
+        want: impl Fn(&Event, &str) -> bool,
+    ) -> Result<(String, Instant)> {
+        let start = Instant::now();
+        loop {
+            {
+                let mut ev = self.events.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(i) = ev.iter().position(|(_, s, e)| want(e, s)) {
+                    let (at, side, _) = ev.remove(i);
+                    return Ok((side, at));
+                }
+            }
+            if start.elapsed() > limit {
+                bail!("not within {} s", limit.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sides that won a claim since `at` (their events are kept).
+    pub fn winners_since(&self, at: Instant) -> usize {
+        let ev = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let won: HashSet<&str> = ev
+            .iter()
+            .filter(|(t, _, e)| *t >= at && *e == Event::Alone)
+            .map(|(_, s, _)| s.as_str())
+            .collect();
+        // The winner's own event was taken by `wait_event`: count it.
+        won.len() + 1
+    }
+
+    /// `name` must stop by itself, with the status of a side that lost
+    /// the VM (3: claim lost, 5: fenced), within `limit`; a side that goes
+    /// on, or ends otherwise, is a second live side.
+    pub fn expect_fenced(&mut self, name: &str, limit: Duration, round: &mut Round) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let Some(s) = self.side_mut(name) else {
+                return Ok(());
+            };
+            if s.status.is_none() {
+                s.status = s.child.try_wait().ok().flatten();
+            }
+            if let Some(st) = s.status {
+                return match st.code() {
+                    Some(3) | Some(5) => Ok(()),
+                    _ => {
+                        round.double_live += 1;
+                        bail!("{name}, which lost the VM, ended with {st}, not 3 or 5 (fenced)")
+                    }
+                };
+            }
+            if start.elapsed() > limit {
+                round.double_live += 1;
+                bail!(
+                    "{name} still runs {} s after another side went live",
+                    limit.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The pair is formed and protected: the live side says so, and the
+    /// backup replays.
+    pub fn wait_protected(&mut self, limit: Duration, stop: &StopHandle) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let state = |name: &str| {
+                self.side(name)
+                    .and_then(|s| vmm::api::query(&s.api).ok())
+                    .map(|s| s.state)
+            };
+            if state(&self.live) == Some(State::Protected)
+                && state(&self.backup) == Some(State::Replaying)
+            {
+                return Ok(());
+            }
+            for s in &mut self.sides {
+                if s.status.is_none() {
+                    if let Ok(Some(st)) = s.child.try_wait() {
+                        s.status = Some(st);
+                        if s.name == self.live || s.name == self.backup {
+                            bail!(
+                                "{} ended ({st}); see its log in {}",
+                                s.name,
+                                self.out.join("logs").display()
+                            );
+                        }
+                    }
+                }
+            }
+            if start.elapsed() > limit || stop.requested().is_some() {
+                bail!("not protected within {} s", limit.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A new backup joins `survivor` (through a new relay); returns the
+    /// pause the survivor reported and the bytes of state moved.
+    pub fn reprotect(&mut self, survivor: &str, limit: Duration) -> Result<(Option<f64>, u64)> {
+        let join = self
+            .side(survivor)
+            .map(|s| s.join.clone())
+            .context("the survivor is unknown")?;
+        self.backups += 1;
+        let name = format!("backup-{}", self.backups);
+        let relay = Relay::start("127.0.0.1:0", &join, self.delay)?;
+        let via = relay.local_addr().to_string();
+        self.links.push(Link {
+            relay,
+            ends: [survivor.to_string(), name.clone()],
+        });
+        let listen = format!("127.0.0.1:{}", free_port()?);
+        self.spawn(
+            &name,
+            &["backup", "--join", &via, "--listen", &listen],
+            &listen,
+        )?;
+        self.backup = name;
+        let (_, _) = self
+            .wait_event(limit, |e, s| *e == Event::Protected && s == survivor)
+            .context("the survivor was not protected again")?;
+        let pause = self
+            .wait_event(Duration::from_secs(5), |e, s| {
+                matches!(e, Event::Pause(_)) && s == survivor
+            })
+            .ok()
+            .and_then(|_| self.last_pause(survivor));
+        self.wait_protected(limit, &StopHandle::new())?;
+        let bytes = self
+            .side(survivor)
+            .and_then(|s| vmm::api::query(&s.api).ok())
+            .and_then(|s| s.transfer)
+            .map(|t| t.total)
+            .unwrap_or(0);
+        Ok((pause, bytes))
+    }
+
+    /// The pause in the survivor's status (the event was consumed).
+    fn last_pause(&self, side: &str) -> Option<f64> {
+        self.side(side)
+            .and_then(|s| vmm::api::query(&s.api).ok())
+            .and_then(|s| s.transfer)
+            .map(|t| t.pause_ms)
+    }
+
+    /// Wait until the transcript grows (a new line), at most `limit`.
+    pub fn wait_for_output(&self, limit: Duration) {
+        let len = || {
+            std::fs::metadata(&self.transcript)
+                .map(|m| m.len())
+                .unwrap_or(0)
+        };
+        let (start, before) = (Instant::now(), len());
+        while len() == before && start.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stop the pair cleanly (a stop request to the live side: its backup
+    /// replays to the end entry); both must exit 0.
+    pub fn stop_cleanly(&mut self, limit: Duration) -> Result<()> {
+        let (live, backup) = (self.live.clone(), self.backup.clone());
+        self.signal(&live, libc::SIGTERM);
+        let start = Instant::now();
+        for name in [live, backup] {
+            while let Some(s) = self.side_mut(&name) {
+                if s.status.is_none() {
+                    s.status = s.child.try_wait().ok().flatten();
+                }
+                if let Some(st) = s.status {
+                    if !st.success() {
+                        bail!("{name} ended with {st} at the clean stop");
+                    }
+                    break;
+                }
+                if start.elapsed() > limit {
+                    bail!("{name} did not stop within {} s", limit.as_secs());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // The console ends when the live side says it is done.
+        if let Some(c) = self.console.take() {
+            let start = Instant::now();
+            while !c.is_finished() && start.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// The console's transcript.
+    pub fn transcript(&self) -> String {
+        std::fs::read_to_string(&self.transcript).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for s in &mut self.sides {
+            if s.status.is_none() {
+                // SAFETY: kill on the pid of an unreaped child (its
+                // status was never taken), so the pid still names it.
+                unsafe { libc::kill(s.child.id() as i32, libc::SIGCONT) };
+                let _ = s.child.kill();
+                let _ = s.child.wait();
+            }
+        }
+        self.stop_arbiter();
+    }
+}
