@@ -416,3 +416,39 @@ pub fn strip_ansi(s: &str) -> String {
     }
     out
 }
+
+/// The `arbiter` binary, built by the `arbiter` crate next to `vmft`
+/// (built here if it is missing).
+pub fn arbiter_bin() -> &'static std::path::Path {
+    use std::path::Path;
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let vmft = Path::new(env!("CARGO_BIN_EXE_vmft"));
+        let bin = vmft.with_file_name("arbiter");
+        if bin.exists() {
+            return bin;
+        }
+        let release = vmft.parent().and_then(Path::file_name) == Some("release".as_ref());
+        let how = if release {
+            "cargo build --release -p arbiter"
+        } else {
+            "cargo build -p arbiter"
+        };
+        eprintln!("{} is missing; running `{how}`", bin.display());
+        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .args(["build", "-p", "arbiter"]);
+        if release {
+            cargo.arg("--release");
+        }
+        let ok = cargo.status().map(|s| s.success()).unwrap_or(false);
+        assert!(
+            ok && bin.exists(),
+            "the arbiter binary {} is missing and `{how}` did not build it: run `{how}` \
+             in the workspace, then these tests again",
+            bin.display()
+        );
+        bin
+    })
+}

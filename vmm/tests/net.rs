@@ -53,7 +53,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::{capture, image, require_kvm, seed, strip_ansi, Captured, Rng};
+use common::{arbiter_bin, capture, image, require_kvm, seed, strip_ansi, Captured, Rng};
 use netns::{fmt_ip, fmt_mac, require_net, Host, Lan, Netns};
 use vmm::devices::virtio::tap::Tap;
 
@@ -232,39 +232,6 @@ impl Drop for Proc {
             let _ = self.child.wait();
         }
     }
-}
-
-/// The `arbiter` binary, built by the `arbiter` crate next to `vmft`.
-fn arbiter_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let vmft = Path::new(vmft_bin());
-        let bin = vmft.with_file_name("arbiter");
-        if bin.exists() {
-            return bin;
-        }
-        let release = vmft.parent().and_then(Path::file_name) == Some("release".as_ref());
-        let how = if release {
-            "cargo build --release -p arbiter"
-        } else {
-            "cargo build -p arbiter"
-        };
-        eprintln!("net: {} is missing; running `{how}`", bin.display());
-        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cargo
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .args(["build", "-p", "arbiter"]);
-        if release {
-            cargo.arg("--release");
-        }
-        let ok = cargo.status().map(|s| s.success()).unwrap_or(false);
-        assert!(
-            ok && bin.exists(),
-            "the arbiter binary {} is missing and `{how}` did not build it",
-            bin.display()
-        );
-        bin
-    })
 }
 
 // ---------------------------------------------------------------- randomness

@@ -132,40 +132,6 @@ fn ticker_snapshot() -> &'static Path {
     })
 }
 
-/// The `arbiter` binary: built by the `arbiter` crate next to `vmft`.
-fn arbiter_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let vmft = Path::new(env!("CARGO_BIN_EXE_vmft"));
-        let bin = vmft.with_file_name("arbiter");
-        if bin.exists() {
-            return bin;
-        }
-        let release = vmft.parent().and_then(Path::file_name) == Some("release".as_ref());
-        let how = if release {
-            "cargo build --release -p arbiter"
-        } else {
-            "cargo build -p arbiter"
-        };
-        eprintln!("pair: {} is missing; running `{how}`", bin.display());
-        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cargo
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .args(["build", "-p", "arbiter"]);
-        if release {
-            cargo.arg("--release");
-        }
-        let ok = cargo.status().map(|s| s.success()).unwrap_or(false);
-        assert!(
-            ok && bin.exists(),
-            "the arbiter binary {} is missing and `{how}` did not build it: run `{how}` \
-             in the workspace, then these tests again",
-            bin.display()
-        );
-        bin
-    })
-}
-
 /// A free loopback port (for the console, whose address the sides need
 /// before it starts).
 fn free_port() -> u16 {
