@@ -14,10 +14,12 @@ fi
 
 step "test dependencies (Debian packages)"
 # etcd-server runs the arbiter's etcd tests; iproute2 (`ip`) builds the
-# network namespaces of the network tests.
+# network namespaces of the network tests and the drill's hosts; iptables
+# makes the drill's partitions between those hosts.
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -7,6 +7,7 @@
 //! The tests here run one at a time (each runs two to three guests).
 
 mod common;
+mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -120,6 +121,45 @@ fn every_fault_kind_in_turn_with_re_protection_holds_every_invariant() {
     assert!(audit.clean() && audit.lines >= 10, "{audit:?}");
     let svg = std::fs::read_to_string(out.join("drill.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("round"), "{svg}");
+    println!("{stdout}");
+}
+
+/// The same with hosts as network namespaces (`--hosts netns`): arbiter,
+/// console and the sides on their own hosts of one LAN, partitions as
+/// `iptables` DROP rules between hosts.
+#[test]
+fn in_network_namespaces_with_firewall_partitions_every_invariant_holds() {
+    if !require_kvm() || !netns::require_net() {
+        return;
+    }
+    let _one = serial();
+    let (code, stdout, stderr, out) = drill(
+        &[
+            "--hosts",
+            "netns",
+            "--rounds",
+            "5",
+            "--faults",
+            "partition,kill,arbiter,backup,stop",
+            "--seed",
+            "13",
+        ],
+        &[],
+    );
+    let verdict = stdout.lines().last().unwrap_or_default().to_string();
+    assert!(
+        code == Some(0)
+            && verdict.starts_with("verdict: PASS rounds=5 lost=0 repeated=0 double-live=0"),
+        "exit {code:?}, verdict {verdict:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    // The partition was a firewall rule: the loser stopped itself.
+    let tsv = std::fs::read_to_string(out.join("rounds.tsv")).unwrap();
+    assert!(
+        tsv.lines()
+            .nth(1)
+            .is_some_and(|l| l.contains("\tpartition\t")),
+        "{tsv}"
+    );
     println!("{stdout}");
 }
 

@@ -1312,6 +1312,53 @@ fn a_new_backup_joins_the_survivor_and_takes_over_when_it_dies_too() {
     );
 }
 
+/// Divergence repair (issue 10): the test guest that branches on RDTSC,
+/// run as a pair. Its backup diverges again and again; each time, instead
+/// of stopping, it asks the primary for a fresh state (a join at the
+/// primary's `--listen`) and carries on from it, and both sides say so.
+#[test]
+fn a_diverging_backup_asks_the_primary_for_a_fresh_state_and_carries_on() {
+    if !require_kvm() {
+        return;
+    }
+    let _one = serial();
+    let join = format!("127.0.0.1:{}", free_port());
+    let mut c = Cluster::start(Opts {
+        guest: Guest::Assembled(12),
+        primary_args: vec!["--listen".into(), join.clone().into()],
+        backup_args: vec!["--repair-from".into(), join.clone().into()],
+        ..Opts::default()
+    });
+    c.start_primary();
+    c.wait_for(
+        "the backup to diverge and ask for a fresh state",
+        120,
+        |c| c.backup.stderr().contains("(divergence repair)"),
+    );
+    c.wait_for("the primary to re-protect it", 120, |c| {
+        let p = c.primary().stderr();
+        p.contains("asks for a fresh state after a divergence")
+            && p.contains("the VM is PROTECTED again")
+    });
+    c.wait_for("a second repair", 120, |c| {
+        c.backup.stderr().matches("(divergence repair)").count() >= 2
+    });
+    let b = c.backup.stderr();
+    c.check(
+        b.contains("divergence at exit") && b.contains("state received"),
+        "the backup neither named the divergence nor received a state",
+    );
+    let st = c.wait_exit(Who::Primary, 300);
+    c.check(
+        st.code() == Some(0),
+        format!("the primary exited {st}, not 0"),
+    );
+    println!(
+        "pair: divergence repairs: {}",
+        c.backup.stderr().matches("(divergence repair)").count()
+    );
+}
+
 #[test]
 fn a_paused_primary_is_fenced() {
     if !require_kvm() {

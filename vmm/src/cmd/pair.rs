@@ -160,7 +160,7 @@ pub struct PrimaryArgs {
 }
 
 /// `vmft backup`.
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct BackupArgs {
     /// Where to wait for the primary.
     #[arg(long, required_unless_present = "join")]
@@ -171,6 +171,11 @@ pub struct BackupArgs {
     /// With `--listen`: where new backups join once this side is live.
     #[arg(long, value_name = "ADDR")]
     pub join: Option<String>,
+    /// On a divergence, ask the primary listening here (its `--listen`)
+    /// for a fresh state instead of stopping (default with `--join`: the
+    /// address joined).
+    #[arg(long, value_name = "ADDR")]
+    pub repair_from: Option<String>,
     /// Once live, record for a future backup: the log goes to FILE and the
     /// state at the takeover to FILE.snap (`vmft replay --restore
     /// FILE.snap --log FILE` replays the run after the failover).
@@ -520,10 +525,57 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
 /// `vmft backup`: wait for the primary, replay its log live, take over
 /// when it fails.
 pub fn backup(args: BackupArgs, stop: StopHandle) -> Result<()> {
-    let pair = args.pair.clone();
-    if let Some(addr) = args.join.clone() {
-        return join(args, &addr, stop);
+    let repair_from = args.repair_from.clone().or_else(|| args.join.clone());
+    let mut result = match args.join.clone() {
+        Some(addr) => join(args.clone(), &addr, stop.clone(), Vec::new()),
+        None => listen(args.clone(), stop.clone()),
+    };
+    // Divergence repair: instead of stopping, ask the primary for a fresh
+    // state (a join at its --listen address) and carry on from it.
+    let mut recent: std::collections::VecDeque<std::time::Instant> = Default::default();
+    while let (Err(e), Some(addr)) = (&result, &repair_from) {
+        if !is_divergence(e) || stop.requested().is_some() {
+            break;
+        }
+        recent.retain(|t| t.elapsed() < Duration::from_secs(60));
+        if recent.len() >= MAX_REPAIRS_PER_MINUTE {
+            eprintln!(
+                "vmft: {MAX_REPAIRS_PER_MINUTE} repairs within a minute: the guest diverges \
+                 faster than it can be repaired; stopping"
+            );
+            break;
+        }
+        recent.push_back(std::time::Instant::now());
+        let why = format!("{e:#}");
+        eprintln!(
+            "vmft: {why}: asking the primary at {addr} for a fresh state (divergence repair)"
+        );
+        result = join(
+            args.clone(),
+            addr,
+            stop.clone(),
+            format!("repair: {why}").into_bytes(),
+        );
     }
+    result
+}
+
+/// Most divergence repairs in a minute before a backup gives up.
+const MAX_REPAIRS_PER_MINUTE: usize = 5;
+
+/// Whether `e` is a divergence (exit status 4).
+fn is_divergence(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<vmm::nondet::DoorError>()
+            .is_some_and(|d| d.exit_status() == 4)
+            || c.downcast_ref::<vmm::vm::VmError>()
+                .is_some_and(|v| v.exit_status() == 4)
+    })
+}
+
+/// `vmft backup --listen`: wait for the primary, then follow it.
+fn listen(args: BackupArgs, stop: StopHandle) -> Result<()> {
+    let pair = args.pair.clone();
     let listen = args.listen.clone().unwrap_or_default();
     let source = vm_source(&pair, args.boot.clone())?;
     if let Some(log) = &args.takeover_log {
@@ -620,7 +672,7 @@ struct Following {
 
 /// `vmft backup --join`: dial the running primary, receive its state, then
 /// follow its log like any backup.
-fn join(args: BackupArgs, addr: &str, stop: StopHandle) -> Result<()> {
+fn join(args: BackupArgs, addr: &str, stop: StopHandle, hello: Vec<u8>) -> Result<()> {
     let pair = args.pair.clone();
     if args.boot.disks.iter().any(|d| !d.read_only) {
         bail!(
@@ -642,7 +694,7 @@ fn join(args: BackupArgs, addr: &str, stop: StopHandle) -> Result<()> {
         )),
         None => None,
     };
-    let cfg = join_config(&pair, channel_config(&pair, secret, String::new()));
+    let cfg = join_config(&pair, channel_config(&pair, secret, String::new())).with_hello(hello);
     let board = StatusBoard::new(&pair.vm, Role::Backup, Some(addr.to_string()));
     let api = start_api(&pair, "backup", &board)?;
     eprintln!("vmft: backup of {}: joining the primary at {addr}", pair.vm);

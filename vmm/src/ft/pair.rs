@@ -352,6 +352,19 @@ struct Joins {
     sender: Option<std::thread::JoinHandle<()>>,
     /// When the last state hand-over began (for its pause).
     started: Option<(Instant, TransferHead)>,
+    /// Cleared when these hooks go: the accepting thread ends and frees
+    /// the address (woken by a connection to it).
+    alive: Arc<AtomicBool>,
+    addr: Option<std::net::SocketAddr>,
+}
+
+impl Drop for Joins {
+    fn drop(&mut self) {
+        self.alive.store(false, Ordering::Release);
+        if let Some(a) = self.addr {
+            let _ = std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200));
+        }
+    }
 }
 
 /// What the run loop needs to hand its state to a joining backup.
@@ -488,14 +501,26 @@ impl PrimaryHooks {
     pub fn with_joins(mut self, listener: JoinListener, cfg: ChannelConfig) -> Self {
         let pending: Arc<Mutex<Option<Joiner>>> = Arc::default();
         let floor = Arc::new(AtomicU64::new(self.generation));
-        let (p, f) = (pending.clone(), floor.clone());
+        let alive = Arc::new(AtomicBool::new(true));
+        let addr = listener.local_addr().ok();
+        let (p, f, a) = (pending.clone(), floor.clone(), alive.clone());
         let spawned = std::thread::Builder::new()
             .name("vmft-join".into())
             .spawn(move || loop {
                 let generation = next_generation(f.load(Ordering::Acquire));
                 let cfg = cfg.clone().with_generation(generation);
-                match listener.accept(&cfg) {
+                let accepted = listener.accept(&cfg);
+                if !a.load(Ordering::Acquire) {
+                    return;
+                }
+                match accepted {
                     Ok(link) => {
+                        if let Some(why) = link.peer().hello.strip_prefix(b"repair: ") {
+                            note(&format!(
+                                "the backup asks for a fresh state after a divergence ({})",
+                                String::from_utf8_lossy(why)
+                            ));
+                        }
                         let mut slot = p.lock().unwrap_or_else(|e| e.into_inner());
                         if slot.is_some() {
                             note("a second backup asked to join while one waits: refused");
@@ -519,6 +544,8 @@ impl PrimaryHooks {
             floor,
             sender: None,
             started: None,
+            alive,
+            addr,
         });
         self
     }

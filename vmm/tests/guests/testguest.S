@@ -26,6 +26,8 @@
 #           the progress watchdog must name)
 #   MODE 11 console input: echoes bytes until it gets a '.', then prints
 #           the checksum of every byte it got (h = h * 131 + byte)
+#   MODE 12 MODE 7 for seconds (100000 rounds): a pair whose backup
+#           diverges again and again (divergence repair)
 
         .intel_syntax noprefix
         .code64
@@ -475,8 +477,12 @@ user:
         call print_labelled
         jmp user_done
 .endif
+.if (MODE == 7) || (MODE == 12)
 .if MODE == 7
         mov r9, 64
+.else
+        mov r9, 100000
+.endif
 20:     mov rcx, 200000
 21:     dec rcx
         jnz 21b

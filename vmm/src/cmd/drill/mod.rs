@@ -67,6 +67,10 @@ impl Fault {
 pub enum Hosts {
     /// Processes on this host, links through relays on loopback.
     Local,
+    /// Hosts as network namespaces on one LAN (a bridge): the arbiter,
+    /// the console and two hosts the sides take turns on; a partition is
+    /// an `iptables` DROP between two of them (needs root and iptables).
+    Netns,
 }
 
 /// `vmft drill`.
@@ -255,7 +259,7 @@ impl Cluster {
                 backup.clone()
             }
             Fault::Partition => {
-                self.partition_pair();
+                self.partition_pair()?;
                 String::new()
             }
             Fault::Arbiter => {
@@ -287,6 +291,7 @@ impl Cluster {
             }
             Fault::Partition => {
                 self.expect_fenced(&other, step, round)?;
+                self.heal()?;
             }
             _ => {}
         }

@@ -72,7 +72,80 @@ struct Link {
     ends: [String; 2],
 }
 
+/// Hosts as network namespaces on one LAN (`--hosts netns`).
+struct Lan {
+    /// Declared first: the hosts' namespaces go before the switch's.
+    hosts: Vec<vmm::lab::netns::Host>,
+    arbiter: vmm::lab::netns::Host,
+    console: vmm::lab::netns::Host,
+    _lan: vmm::lab::netns::Lan,
+    /// Which host each side runs on.
+    place: Vec<(String, usize)>,
+    /// The next port handed out (each host has its own port space).
+    next_port: u16,
+}
+
+impl Lan {
+    fn build() -> Result<Lan> {
+        if let Some(p) = vmm::lab::netns::net_problem() {
+            bail!("--hosts netns: {p}");
+        }
+        if Command::new("iptables")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| !s.success())
+            .unwrap_or(true)
+        {
+            bail!("--hosts netns needs iptables (Debian: apt-get install iptables) for partitions");
+        }
+        let mut lan = vmm::lab::netns::Lan::with_prefix("vmft-drill")?;
+        let arbiter = lan.host("arbiter")?;
+        let console = lan.host("console")?;
+        let hosts = vec![lan.host("host-a")?, lan.host("host-b")?];
+        Ok(Lan {
+            hosts,
+            arbiter,
+            console,
+            _lan: lan,
+            place: Vec::new(),
+            next_port: 7100,
+        })
+    }
+
+    fn ip(h: &vmm::lab::netns::Host) -> String {
+        vmm::lab::netns::fmt_ip(&h.addr())
+    }
+
+    /// A fresh address on host `i`.
+    fn addr(&mut self, i: usize) -> String {
+        self.next_port += 1;
+        format!("{}:{}", Self::ip(&self.hosts[i]), self.next_port)
+    }
+
+    fn host_of(&self, side: &str) -> Option<usize> {
+        self.place.iter().find(|(s, _)| s == side).map(|(_, i)| *i)
+    }
+
+    /// `iptables` in the namespace of host `i`.
+    fn iptables(&self, i: usize, args: &[&str]) -> Result<()> {
+        let st = self.hosts[i]
+            .ns()
+            .exec("iptables")
+            .args(args)
+            .status()
+            .context("cannot run iptables")?;
+        if !st.success() {
+            bail!("iptables {} in host {i}: {st}", args.join(" "));
+        }
+        Ok(())
+    }
+}
+
 pub struct Cluster {
+    /// The namespaces, with `--hosts netns`.
+    lan: Option<Lan>,
     exe: PathBuf,
     out: PathBuf,
     arbiter_bin: PathBuf,
@@ -131,16 +204,33 @@ impl Cluster {
         let adata = out.join("arbiter-data");
         let _ = std::fs::remove_dir_all(&adata);
         std::fs::create_dir_all(&adata)?;
-        let arbiter_addr = format!("127.0.0.1:{}", free_port()?);
+        let lan = match args.hosts {
+            super::Hosts::Local => None,
+            super::Hosts::Netns => Some(Lan::build()?),
+        };
+        let arbiter_addr = match &lan {
+            Some(l) => format!("{}:7420", Lan::ip(&l.arbiter)),
+            None => format!("127.0.0.1:{}", free_port()?),
+        };
 
-        // The console, in this process: the transcript goes to a file.
+        // The console, in this process (in its host's namespace with
+        // `--hosts netns`): the transcript goes to a file.
         let transcript = out.join("transcript.txt");
-        let mut ccfg =
-            ConsoleConfig::new("127.0.0.1:0", std::fs::read(&token)?.trim_ascii().to_vec());
+        let mut ccfg = ConsoleConfig::new(
+            &match &lan {
+                Some(l) => format!("{}:7000", Lan::ip(&l.console)),
+                None => "127.0.0.1:0".into(),
+            },
+            std::fs::read(&token)?.trim_ascii().to_vec(),
+        );
         ccfg.input = ConsoleInput::None;
         ccfg.output = Box::new(File::create(&transcript)?);
         ccfg.notes = Box::new(File::create(logs.join("console.log"))?);
-        let console = Console::bind(ccfg).context("cannot start the console")?;
+        let console = match &lan {
+            Some(l) => l.console.ns().enter(|| Console::bind(ccfg))?,
+            None => Console::bind(ccfg),
+        }
+        .context("cannot start the console")?;
         let console_addr = console.local_addr().to_string();
         let console = std::thread::spawn(move || {
             let _ = console.run();
@@ -169,6 +259,7 @@ impl Cluster {
         ];
         common.extend(vm_args);
         let mut c = Cluster {
+            lan,
             exe,
             out: out.to_path_buf(),
             arbiter_bin,
@@ -194,11 +285,12 @@ impl Cluster {
             t0: Instant::now(),
         };
         c.start_arbiter()?;
-        let backup_listen = format!("127.0.0.1:{}", free_port()?);
+        let backup_listen = c.addr_on(1)?;
         c.spawn(
             "backup-1",
             &["backup", "--listen", &backup_listen],
             &backup_listen,
+            1,
         )?;
         // The relay connects through to the backup at once: it must listen.
         let api = c.out.join("backup-1.sock");
@@ -212,27 +304,59 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let relay = Relay::start("127.0.0.1:0", &backup_listen, c.delay)?;
+        let relay = c.relay(0, &backup_listen)?;
         let via = relay.local_addr().to_string();
         c.links.push(Link {
             relay,
             ends: ["primary".into(), "backup-1".into()],
         });
-        let join = format!("127.0.0.1:{}", free_port()?);
+        let join = c.addr_on(0)?;
         c.spawn(
             "primary",
             &["primary", "--backup", &via, "--listen", &join],
             &join,
+            0,
         )?;
         c.start_lag_sampler();
         Ok(c)
     }
 
-    /// Start `vmft <args>` as side `name`, which takes new backups at `join`.
-    fn spawn(&mut self, name: &str, args: &[&str], join: &str) -> Result<()> {
+    /// A fresh address for a side on host `i` (any host when local).
+    fn addr_on(&mut self, i: usize) -> Result<String> {
+        match self.lan.as_mut() {
+            Some(l) => Ok(l.addr(i)),
+            None => Ok(format!("127.0.0.1:{}", free_port()?)),
+        }
+    }
+
+    /// A relay for a side on host `i` that dials `target` (with
+    /// namespaces, the relay lives in that host's namespace).
+    fn relay(&self, i: usize, target: &str) -> Result<Relay> {
+        let delay = self.delay;
+        Ok(match &self.lan {
+            Some(l) => l.hosts[i]
+                .ns()
+                .enter(|| Relay::start("127.0.0.1:0", target, delay))??,
+            None => Relay::start("127.0.0.1:0", target, delay)?,
+        })
+    }
+
+    /// Start `vmft <args>` as side `name` on host `host`, which takes new
+    /// backups at `join`.
+    fn spawn(&mut self, name: &str, args: &[&str], join: &str, host: usize) -> Result<()> {
         let api = self.out.join(format!("{name}.sock"));
         let log = File::create(self.out.join("logs").join(format!("{name}.log")))?;
-        let mut child = Command::new(&self.exe)
+        let mut cmd = match self.lan.as_mut() {
+            Some(l) => {
+                l.place.push((name.to_string(), host));
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", l.hosts[host].ns().name()])
+                    .arg(&self.exe);
+                c
+            }
+            None => Command::new(&self.exe),
+        };
+        let mut child = cmd
             .args(args)
             .args(&self.common)
             .arg("--api-sock")
@@ -294,7 +418,16 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(self.out.join("logs").join("arbiter.log"))?;
-        let child = Command::new(&self.arbiter_bin)
+        let mut cmd = match &self.lan {
+            Some(l) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", l.arbiter.ns().name()])
+                    .arg(&self.arbiter_bin);
+                c
+            }
+            None => Command::new(&self.arbiter_bin),
+        };
+        let child = cmd
             .args(["serve", "--listen", &self.arbiter_addr, "--data"])
             .arg(self.out.join("arbiter-data"))
             .arg("--token-file")
@@ -372,9 +505,20 @@ impl Cluster {
         }
     }
 
-    /// Partition the live side from its backup (bytes dropped, silently).
-    pub fn partition_pair(&self) {
+    /// Partition the live side from its backup (bytes dropped, silently):
+    /// in the relay between them, or with namespaces an `iptables` DROP
+    /// in the live side's host for the backup's host.
+    pub fn partition_pair(&self) -> Result<()> {
         let (a, b) = (&self.live, &self.backup);
+        if let Some(l) = &self.lan {
+            let (Some(la), Some(lb)) = (l.host_of(a), l.host_of(b)) else {
+                bail!("the sides' hosts are unknown");
+            };
+            let other = Lan::ip(&l.hosts[lb]);
+            l.iptables(la, &["-I", "INPUT", "-s", &other, "-j", "DROP"])?;
+            l.iptables(la, &["-I", "OUTPUT", "-d", &other, "-j", "DROP"])?;
+            return Ok(());
+        }
         for l in self
             .links
             .iter()
@@ -382,6 +526,17 @@ impl Cluster {
         {
             l.relay.partition(true);
         }
+        Ok(())
+    }
+
+    /// Undo every partition (the hosts' firewall rules).
+    pub fn heal(&self) -> Result<()> {
+        if let Some(l) = &self.lan {
+            for i in 0..l.hosts.len() {
+                l.iptables(i, &["-F"])?;
+            }
+        }
+        Ok(())
     }
 
     /// Wait (up to `limit`) for an event that `want` accepts, from any
@@ -497,17 +652,23 @@ impl Cluster {
             .context("the survivor is unknown")?;
         self.backups += 1;
         let name = format!("backup-{}", self.backups);
-        let relay = Relay::start("127.0.0.1:0", &join, self.delay)?;
+        // The new backup runs on the other host (where the failed side ran).
+        let host = match &self.lan {
+            Some(l) => 1 - l.host_of(survivor).unwrap_or(0),
+            None => 0,
+        };
+        let relay = self.relay(host, &join)?;
         let via = relay.local_addr().to_string();
         self.links.push(Link {
             relay,
             ends: [survivor.to_string(), name.clone()],
         });
-        let listen = format!("127.0.0.1:{}", free_port()?);
+        let listen = self.addr_on(host)?;
         self.spawn(
             &name,
             &["backup", "--join", &via, "--listen", &listen],
             &listen,
+            host,
         )?;
         self.backup = name;
         let (_, _) = self
