@@ -892,7 +892,8 @@ impl PairHooks for PrimaryHooks {
         // Execution lag bound: the backup must not fall too far behind
         // (a joining backup is not bound before it starts replaying).
         let applied = self.link.backup_applied();
-        if applied < self.handover_pos {
+        if applied < self.handover_pos || applied == 0 {
+            // The backup has not reported a position yet.
             return Ok(());
         }
         let lag = pos.saturating_sub(applied);
