@@ -242,6 +242,7 @@ impl Cluster {
         rng: &mut Rng,
     ) -> Result<()> {
         let (live, backup) = (self.live(), self.backup());
+        round.out_delay = self.status_of(&live).and_then(|s| s.output_delay_ms);
         let at = Instant::now();
         let survivor = match fault {
             Fault::Kill => {

@@ -29,6 +29,8 @@ pub struct Round {
     pub double_live: u64,
     /// The live side's lag (time from the start, exits) during the round.
     pub lag: Vec<(f64, u64)>,
+    /// The output delay the rule added just before the fault (p50, p99 ms).
+    pub out_delay: Option<(f64, f64)>,
 }
 
 impl Round {
@@ -44,6 +46,7 @@ impl Round {
             transfer_bytes: 0,
             double_live: 0,
             lag: Vec::new(),
+            out_delay: None,
         }
     }
 
@@ -148,6 +151,7 @@ impl Report {
             "go live min/med/p99/max".into(),
             "re-protect pause min/med/p99/max".into(),
             "state moved".into(),
+            "output delay p50/p99".into(),
             "double-live".into(),
         ]];
         for (f, rs) in &by {
@@ -170,10 +174,23 @@ impl Report {
                     "{} MB",
                     rs.iter().map(|r| r.transfer_bytes).sum::<u64>() >> 20
                 ),
+                {
+                    let d: Vec<(f64, f64)> = rs.iter().filter_map(|r| r.out_delay).collect();
+                    if d.is_empty() {
+                        "-".into()
+                    } else {
+                        let n = d.len() as f64;
+                        format!(
+                            "{:.1}/{:.1} ms",
+                            d.iter().map(|x| x.0).sum::<f64>() / n,
+                            d.iter().map(|x| x.1).sum::<f64>() / n
+                        )
+                    }
+                },
                 rs.iter().map(|r| r.double_live).sum::<u64>().to_string(),
             ]);
         }
-        let widths: Vec<usize> = (0..7)
+        let widths: Vec<usize> = (0..8)
             .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
             .collect();
         let mut out = String::new();

@@ -690,6 +690,11 @@ impl Cluster {
         Ok((pause, bytes))
     }
 
+    /// What side `name` says on its control socket.
+    pub fn status_of(&self, name: &str) -> Option<vmm::ft::status::MonitorStatus> {
+        self.side(name).and_then(|s| vmm::api::query(&s.api).ok())
+    }
+
     /// The pause in the survivor's status (the event was consumed).
     fn last_pause(&self, side: &str) -> Option<f64> {
         self.side(side)
