@@ -170,6 +170,14 @@ pub fn drill(args: DrillArgs, stop: StopHandle) -> Result<u8> {
     let t0 = Instant::now();
     let mut c = Cluster::start(&args, &out, seed)?;
     let mut report = Report::new(seed, t0);
+    report.channel = (
+        Duration::from_millis(args.channel_delay_ms),
+        Duration::from_millis(args.channel_jitter_ms),
+    );
+    report.hosts = match args.hosts {
+        Hosts::Local => "local (processes on this host)",
+        Hosts::Netns => "netns (namespaces on one LAN)",
+    };
     c.wait_protected(step, &stop)
         .context("the pair did not form")?;
     eprintln!(

@@ -84,6 +84,10 @@ pub struct Report {
     /// The first broken invariant or failed step.
     pub problem: Option<String>,
     pub elapsed: Duration,
+    /// The channel's added delay and jitter, each way (the relays).
+    pub channel: (Duration, Duration),
+    /// Where the sides ran.
+    pub hosts: &'static str,
     _started: Instant,
 }
 
@@ -111,6 +115,8 @@ impl Report {
             audit: None,
             problem: None,
             elapsed: Duration::ZERO,
+            channel: (Duration::ZERO, Duration::ZERO),
+            hosts: "local",
             _started: started,
         }
     }
@@ -210,10 +216,14 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "seed {} ({} rounds in {:.0} s)",
+            "seed {} ({} rounds in {:.0} s); hosts {}; channel delay {} ms + up to {} ms jitter each way (round trip at least {} ms)",
             self.seed,
             self.rounds.len(),
-            self.elapsed.as_secs_f64()
+            self.elapsed.as_secs_f64(),
+            self.hosts,
+            self.channel.0.as_millis(),
+            self.channel.1.as_millis(),
+            2 * self.channel.0.as_millis()
         );
         if let Some(p) = &self.problem {
             let _ = writeln!(out, "first problem: {p}");
