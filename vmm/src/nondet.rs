@@ -457,9 +457,17 @@ pub struct LiveDoor {
     frames: VecDeque<Vec<u8>>,
     /// Frames dropped because too many waited.
     pub frames_dropped: u64,
+    /// Console input bytes handed to the guest so far.
+    input_handed: u64,
 }
 
 impl LiveDoor {
+    /// Console input bytes handed to the guest through this door (a
+    /// recording that continues from it counts on from here).
+    pub fn input_handed(&self) -> u64 {
+        self.input_handed
+    }
+
     /// A door whose guest clock starts at `base_ns`, with console input
     /// read from `input` (if any) on a helper thread that kicks the vCPU.
     pub fn new(base_ns: u64, input: Option<Box<dyn InputSource>>, kicker: Kicker) -> Self {
@@ -497,6 +505,7 @@ impl LiveDoor {
             net_ready: false,
             frames: VecDeque::new(),
             frames_dropped: 0,
+            input_handed: 0,
         }
     }
 
@@ -577,6 +586,7 @@ impl Door for LiveDoor {
         let now = self.now_ns();
         self.drain_input();
         let input = self.pending.take(rx_room);
+        self.input_handed += input.len() as u64;
         let input_next = if input.is_empty() {
             None
         } else {

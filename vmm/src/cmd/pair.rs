@@ -426,12 +426,14 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     });
     // The end entry is in the log: release the last output once the backup
     // has it, then close the channel cleanly.
-    held.mark(link.sent());
+    // A state transfer in progress finishes first: the end entry follows it.
+    link.wait_transfer(Duration::from_secs(120));
+    held.mark(link.written());
     if let Some((_, h)) = &net_held {
-        h.mark(link.sent());
+        h.mark(link.written());
     }
     if let Some((_, _, _, h)) = &disk_held {
-        h.mark(link.sent());
+        h.mark(link.written());
     }
     // A clean end closes the channel with End (the backup replays to the
     // end entry and stops); after an error the link is dropped without End,
@@ -638,6 +640,7 @@ fn listen(args: BackupArgs, stop: StopHandle) -> Result<()> {
             _api: api,
             offsets: Default::default(),
             joins: Some((JoinListener::from_backup_listener(listener), secret)),
+            state_file: None,
         },
         stop,
     )
@@ -668,6 +671,8 @@ struct Following {
     /// Where new backups join once this side went live, and the channel's
     /// secret for them.
     joins: Option<(JoinListener, Vec<u8>)>,
+    /// A transferred state's file: removed once the VM is restored from it.
+    state_file: Option<PathBuf>,
 }
 
 /// `vmft backup --join`: dial the running primary, receive its state, then
@@ -773,6 +778,7 @@ fn join(args: BackupArgs, addr: &str, stop: StopHandle, hello: Vec<u8>) -> Resul
             _api: api,
             offsets,
             joins,
+            state_file: Some(snap.clone()),
         },
         stop,
     );
@@ -793,6 +799,7 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
         _api,
         offsets,
         joins,
+        state_file,
     } = f;
     let generation = link.generation();
     board.set_generation(generation);
@@ -999,6 +1006,11 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
         })),
     };
     let mut vm = Vm::start(&source, opts).context("cannot start the VM")?;
+    if let Some(f) = &state_file {
+        // The state is in the VM now; its file would hold a copy of guest
+        // memory for the backup's whole life.
+        let _ = std::fs::remove_file(f);
+    }
     let result = vm.run();
     if result.is_ok() {
         board.set_state(State::Stopped);
@@ -1009,9 +1021,10 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
     // primary: the last output once the new backup has the end entry, then
     // the channel closed cleanly (the new backup stops without a claim).
     if let (Some(loglink), Some(held)) = (&promoted_outputs.0, &promoted_outputs.1) {
-        held.mark(loglink.sent());
+        loglink.wait_transfer(Duration::from_secs(120));
+        held.mark(loglink.written());
         if let Some(h) = &promoted_outputs.2 {
-            h.mark(loglink.sent());
+            h.mark(loglink.written());
         }
         let unprotected = loglink.is_dropped();
         if let (Ok(_), Some(l), false) = (&result, loglink.take(), unprotected) {

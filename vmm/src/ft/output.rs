@@ -191,6 +191,10 @@ impl HeldOutput {
                 let chunk = {
                     let mut q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
                     while q.is_empty() {
+                        // Nobody can capture or mark any more: done.
+                        if Arc::strong_count(&s) == 1 {
+                            return;
+                        }
                         q = s
                             .wake
                             .wait_timeout(q, Duration::from_millis(100))

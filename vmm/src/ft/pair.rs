@@ -86,6 +86,8 @@ struct LinkState {
     deferred: Option<Vec<u8>>,
     /// The backup is gone and the claim won: log bytes are dropped.
     dropped: bool,
+    /// Log bytes written to this link's log so far, sent or waiting.
+    written: u64,
 }
 
 impl LogLink {
@@ -98,6 +100,7 @@ impl LogLink {
                 base: 0,
                 deferred: None,
                 dropped: false,
+                written: 0,
             })),
         }
     }
@@ -112,6 +115,7 @@ impl LogLink {
                 base: 0,
                 deferred: None,
                 dropped: true,
+                written: 0,
             })),
         }
     }
@@ -133,6 +137,25 @@ impl LogLink {
     pub fn acked(&self) -> u64 {
         self.view()
             .map_or(0, |(h, base)| h.acked().saturating_sub(base))
+    }
+
+    /// Log bytes written so far, including those waiting for a state
+    /// transfer: the barrier for everything the guest did up to now.
+    pub fn written(&self) -> u64 {
+        self.with(|s| s.written)
+    }
+
+    /// Wait (up to `timeout`) until a state transfer in progress is sent
+    /// and the log goes to the link again, or the backup was given up.
+    pub fn wait_transfer(&self, timeout: Duration) -> bool {
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if self.with(|s| s.dropped || s.deferred.is_none()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
     }
 
     /// Log bytes sent.
@@ -207,6 +230,7 @@ impl LogLink {
             s.link = None;
             s.deferred = Some(Vec::new());
             s.dropped = false;
+            s.written = 0;
         })
     }
 
@@ -242,6 +266,7 @@ impl Write for ChannelSink {
             if s.dropped {
                 return;
             }
+            s.written += buf.len() as u64;
             if let Some(d) = s.deferred.as_mut() {
                 d.extend_from_slice(buf);
             } else if let Some(l) = s.link.as_mut() {
@@ -356,6 +381,8 @@ struct Joins {
     /// the address (woken by a connection to it).
     alive: Arc<AtomicBool>,
     addr: Option<std::net::SocketAddr>,
+    /// The accepting thread (joined on drop, so the address is free).
+    accepter: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Joins {
@@ -363,6 +390,9 @@ impl Drop for Joins {
         self.alive.store(false, Ordering::Release);
         if let Some(a) = self.addr {
             let _ = std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200));
+        }
+        if let Some(t) = self.accepter.take() {
+            let _ = t.join();
         }
     }
 }
@@ -535,10 +565,13 @@ impl PrimaryHooks {
                     Err(e) => note(&format!("refused a joining backup: {e}")),
                 }
             });
-        if let Err(e) = spawned {
-            note(&format!("cannot accept joining backups: {e}"));
-            return self;
-        }
+        let accepter = match spawned {
+            Ok(t) => t,
+            Err(e) => {
+                note(&format!("cannot accept joining backups: {e}"));
+                return self;
+            }
+        };
         self.joins = Some(Joins {
             pending,
             floor,
@@ -546,6 +579,7 @@ impl PrimaryHooks {
             started: None,
             alive,
             addr,
+            accepter: Some(accepter),
         });
         self
     }
@@ -685,6 +719,7 @@ impl PrimaryHooks {
                         // Protected once the backup has the whole state.
                         loop {
                             match handle.wait_acked(head.total(), Duration::from_millis(200)) {
+                                Ok(true) if loglink.is_dropped() => return,
                                 Ok(true) => break,
                                 Ok(false) => continue,
                                 Err(e) => {
@@ -803,6 +838,16 @@ impl PairHooks for PrimaryHooks {
             name: "the channel to the joining backup".into(),
             epoch_bound: self.epoch_bound,
         })
+    }
+
+    fn join_failed(&mut self, why: &str) {
+        if let Some(j) = &self.joins {
+            j.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+        note(&format!(
+            "the state could not be handed to the joining backup ({why}): it is refused; \
+             the VM goes on UNPROTECTED"
+        ));
     }
 
     fn resumed(&mut self, pause: Duration) {
@@ -1005,6 +1050,12 @@ impl PairHooks for BackupHooks {
     fn resumed(&mut self, pause: Duration) {
         if let Some(p) = self.primary_mut() {
             p.resumed(pause);
+        }
+    }
+
+    fn join_failed(&mut self, why: &str) {
+        if let Some(p) = self.primary_mut() {
+            p.join_failed(why);
         }
     }
 

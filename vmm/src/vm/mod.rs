@@ -279,6 +279,10 @@ pub trait PairHooks: Send {
 
     /// The guest runs again after a hand-over that paused it for `pause`.
     fn resumed(&mut self, _pause: Duration) {}
+
+    /// The state could not be taken for the waiting backup (`why`): it is
+    /// refused, this side goes on as it was.
+    fn join_failed(&mut self, _why: &str) {}
 }
 
 /// Where a recording continues after a hand-over of the state to a new

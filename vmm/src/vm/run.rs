@@ -371,12 +371,60 @@ impl Vm {
             return Err(DoorError::Ft("a replaying side has no state to hand over".into()).into());
         }
         self.settle()?;
-        let input_logged = self.door.recorder().map_or(0, |r| r.input_logged());
         let stand_in = Box::new(LiveDoor::new(0, None, self._kicker));
         let live = std::mem::replace(&mut self.door, stand_in)
             .into_live()
             .ok_or_else(|| DoorError::Ft("the door has no live door to go on with".into()))?;
-        let body = self.snapshot_body(live.now_ns())?;
+        // A recording continues counting the console input the guest had.
+        let input_logged = live.input_handed();
+        // What can fail here leaves the VM running (live, as it was, only
+        // without the old log nobody reads): the joining backup is refused.
+        let prepared = self.transfer_state(live.now_ns());
+        let (state, header) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                self.door = Box::new(live);
+                if let Some(pair) = self.pair.as_mut() {
+                    pair.join_failed(&e.to_string());
+                }
+                return Ok(());
+            }
+        };
+        // A live side asked KVM for interrupt windows; recording does not
+        // use them (their exits are not deterministic here).
+        self.vcpu.fd.get_kvm_run().request_interrupt_window = 0;
+        // The state holds every page written so far: epochs carry what is
+        // written from here on, whole at first.
+        set_memslots(&self.vmfd, &self.mem, KVM_MEM_LOG_DIRTY_PAGES, false)?;
+        self.epoch_pages = Default::default();
+        for v in self.devices.mmio.shared_views() {
+            v.set_mode(ViewMode::Record);
+        }
+        let Some(pair) = self.pair.as_mut() else {
+            self.door = Box::new(live);
+            return Ok(());
+        };
+        let next = match pair.hand_over(pos, state) {
+            Ok(n) => n,
+            Err(e) => {
+                pair.join_failed(&e.to_string());
+                self.door = Box::new(live);
+                return Ok(());
+            }
+        };
+        self.epoch_bound = next.epoch_bound;
+        self.door = Box::new(
+            RecordDoor::to_writer(next.sink, next.name, &header, live)?
+                .with_input_logged(input_logged),
+        );
+        pair.resumed(t0.elapsed());
+        Ok(())
+    }
+
+    /// The state now (a snapshot file's bytes) and the header of a log
+    /// that starts from it.
+    fn transfer_state(&mut self, clock_ns: u64) -> Result<(Vec<u8>, LogHeader), VmError> {
+        let body = self.snapshot_body(clock_ns)?;
         let state = crate::snapshot::file_bytes(&body);
         drop(body);
         let hash = config_hash_of_state(&state, &self.disks, &self.nets)
@@ -390,28 +438,7 @@ impl Vm {
             recorder: recorder_id(),
             snapshot: Some("(state transfer)".into()),
         };
-        // A live side asked KVM for interrupt windows; recording does not
-        // use them (their exits are not deterministic here).
-        self.vcpu.fd.get_kvm_run().request_interrupt_window = 0;
-        // The state holds every page written so far: epochs carry what is
-        // written from here on, whole at first.
-        set_memslots(&self.vmfd, &self.mem, KVM_MEM_LOG_DIRTY_PAGES, false)?;
-        self.epoch_pages = Default::default();
-        for v in self.devices.mmio.shared_views() {
-            v.set_mode(ViewMode::Record);
-        }
-        let pair = self
-            .pair
-            .as_mut()
-            .ok_or_else(|| DoorError::Ft("no pair to hand the state to".into()))?;
-        let next = pair.hand_over(pos, state)?;
-        self.epoch_bound = next.epoch_bound;
-        self.door = Box::new(
-            RecordDoor::to_writer(next.sink, next.name, &header, live)?
-                .with_input_logged(input_logged),
-        );
-        pair.resumed(t0.elapsed());
-        Ok(())
+        Ok((state, header))
     }
 
     /// Arm the deadline kicker after a stop, by the policy in

@@ -118,6 +118,10 @@ pub struct DrillArgs {
     pub step_timeout_s: u64,
 }
 
+/// The longest the `drill` workload may go without a line (it prints
+/// every 100 ms of guest time) before the drill calls output stalled.
+const OUTPUT_STALL: Duration = Duration::from_secs(30);
+
 /// A small seeded generator (xorshift64*): the drill's choices.
 pub struct Rng(u64);
 
@@ -194,7 +198,13 @@ pub fn drill(args: DrillArgs, stop: StopHandle) -> Result<u8> {
         // A random moment, then right after the next line of output: the
         // moment the output rule matters most.
         std::thread::sleep(rng.ms(300, 2500));
-        c.wait_for_output(Duration::from_secs(10));
+        if !c.wait_for_output(OUTPUT_STALL) {
+            problem.get_or_insert(format!(
+                "before round {n}: the guest printed nothing for {} s (output stalled)",
+                OUTPUT_STALL.as_secs()
+            ));
+            break;
+        }
         std::thread::sleep(rng.ms(0, 50));
         let mut round = Round::new(n, fault, t0.elapsed());
         let r = c.round(fault, &mut round, step, &mut rng);
@@ -209,6 +219,17 @@ pub fn drill(args: DrillArgs, stop: StopHandle) -> Result<u8> {
             problem.get_or_insert(p);
             break;
         }
+        if let Some(d) = c.divergence() {
+            problem.get_or_insert(format!("round {n}: a backup diverged: {d}"));
+            break;
+        }
+    }
+    // Output goes on after the last round too.
+    if problem.is_none() && !c.wait_for_output(OUTPUT_STALL) {
+        problem = Some(format!(
+            "after the last round the guest printed nothing for {} s (output stalled)",
+            OUTPUT_STALL.as_secs()
+        ));
     }
     // The end: a clean stop, then the transcript's audit.
     let stopped = c.stop_cleanly(step);

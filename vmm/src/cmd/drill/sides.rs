@@ -33,9 +33,15 @@ pub enum Event {
     LostClaim,
     /// The guest paused this long (ms) for a state transfer.
     Pause(f64),
+    /// A backup's replay diverged from its primary (a determinism bug:
+    /// repaired by a fresh state, but the drill fails on it).
+    Diverged(String),
 }
 
 fn event_of(line: &str) -> Option<Event> {
+    if line.contains("divergence at exit") {
+        return Some(Event::Diverged(line.to_string()));
+    }
     if line.contains("claim won: the backup is LIVE")
         || line.contains("claim won: the VM continues here, UNPROTECTED")
     {
@@ -703,17 +709,34 @@ impl Cluster {
             .map(|t| t.pause_ms)
     }
 
-    /// Wait until the transcript grows (a new line), at most `limit`.
-    pub fn wait_for_output(&self, limit: Duration) {
+    /// Wait until the transcript grows (a new line), at most `limit`;
+    /// whether it did.
+    pub fn wait_for_output(&self, limit: Duration) -> bool {
         let len = || {
             std::fs::metadata(&self.transcript)
                 .map(|m| m.len())
                 .unwrap_or(0)
         };
         let (start, before) = (Instant::now(), len());
-        while len() == before && start.elapsed() < limit {
+        while len() == before {
+            if start.elapsed() > limit {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
+        true
+    }
+
+    /// A divergence any side reported, if one did.
+    pub fn divergence(&self) -> Option<String> {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find_map(|(_, side, e)| match e {
+                Event::Diverged(line) => Some(format!("{side}: {line}")),
+                _ => None,
+            })
     }
 
     /// Stop the pair cleanly (a stop request to the live side: its backup
