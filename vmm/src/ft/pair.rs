@@ -599,7 +599,16 @@ impl PrimaryHooks {
     /// the log behind them, as console output is.
     pub fn with_net(mut self, net: HeldOutput) -> Self {
         self.streams.push(HeldStream::new(StreamKind::Net, net));
+        self.set_release_mode(self.release_mode());
         self
+    }
+
+    /// How held output is released in the current protection.
+    fn release_mode(&self) -> ReleaseMode {
+        match self.protection {
+            Protection::Protected => ReleaseMode::Rule,
+            Protection::Unprotected => ReleaseMode::Free,
+        }
     }
 
     /// The guest's writes to shared disks (the write stream of
@@ -609,6 +618,7 @@ impl PrimaryHooks {
     pub fn with_shared_disks(mut self, disk: HeldOutput, fences: Fences) -> Self {
         self.streams.push(HeldStream::new(StreamKind::Disk, disk));
         self.fences = Some(fences);
+        self.set_release_mode(self.release_mode());
         self
     }
 
