@@ -1214,3 +1214,79 @@ impl TakeOver {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ft_log::channel::{BackupListener, ChannelConfig};
+    use std::io::Read;
+
+    fn cfg() -> ChannelConfig {
+        let mut c = ChannelConfig::new(b"log link test secret".to_vec(), "vm", "hash")
+            .with_timing(Duration::from_millis(50), Duration::from_secs(5));
+        c.handshake_timeout = Duration::from_secs(5);
+        c
+    }
+
+    /// A primary's link and its backup, on loopback.
+    fn pair() -> (PrimaryLink, BackupLink) {
+        let l = BackupListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || l.accept(&cfg()).unwrap());
+        let p = PrimaryLink::connect(addr, &cfg()).unwrap();
+        (p, t.join().unwrap())
+    }
+
+    /// Read exactly `n` bytes of what the backup received.
+    fn read(b: &BackupLink, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        b.log_reader().read_exact(&mut v).unwrap();
+        v
+    }
+
+    #[test]
+    fn after_a_hand_over_the_log_follows_the_state_and_barriers_count_from_the_log() {
+        let (p1, _b1) = pair();
+        let link = LogLink::new(p1);
+        let mut sink = link.sink();
+        sink.write_all(b"old log").unwrap();
+        assert_eq!(link.written(), 7);
+        // The backup is lost; a new one joins: 5 bytes of "state" first.
+        link.drop_log();
+        sink.write_all(b"dropped").unwrap();
+        let (mut p2, b2) = pair();
+        link.begin(p2.handle(), 5);
+        assert_eq!(link.written(), 0, "the new log counts from its first byte");
+        sink.write_all(b"new log").unwrap();
+        assert_eq!(link.written(), 7);
+        // The log waits for the state: nothing of it is sent yet.
+        assert!(!link.wait_transfer(Duration::from_millis(50)));
+        assert_eq!(link.sent(), 0);
+        LinkWriter(&mut p2).write_all(b"STATE").unwrap();
+        assert!(link.complete(p2));
+        assert!(link.wait_transfer(Duration::from_millis(50)));
+        sink.write_all(b" more").unwrap();
+        assert_eq!(read(&b2, 17), b"STATEnew log more");
+        // Acks count in log bytes: the state's 5 are not log.
+        assert!(link.wait_acked(12, Duration::from_secs(5)).unwrap());
+        assert_eq!(link.acked(), 12);
+        assert!(!link.wait_acked(13, Duration::from_millis(100)).unwrap());
+    }
+
+    #[test]
+    fn a_backup_given_up_during_the_transfer_gets_no_log() {
+        let (p, b) = pair();
+        let link = LogLink::none();
+        assert!(link.is_dropped());
+        let mut sink = link.sink();
+        link.begin(p.handle(), 3);
+        sink.write_all(b"log").unwrap();
+        link.drop_log();
+        assert!(!link.complete(p), "a dropped backup's link is not taken");
+        assert!(link.wait_transfer(Duration::from_millis(10)));
+        assert!(link.take().is_none());
+        let mut v = Vec::new();
+        let _ = b.log_reader().read_to_end(&mut v);
+        assert!(v.is_empty(), "{v:?}");
+    }
+}
