@@ -163,6 +163,47 @@ fn in_network_namespaces_with_firewall_partitions_every_invariant_holds() {
     println!("{stdout}");
 }
 
+/// With etcd as the arbiter: one member down with the primary (the
+/// majority decides), then two (nobody goes live until they are back).
+#[test]
+fn with_etcd_members_killed_with_the_primary_every_invariant_holds() {
+    if !require_kvm() {
+        return;
+    }
+    let _one = serial();
+    let (code, stdout, stderr, out) = drill(
+        &[
+            "--arbiter",
+            "etcd",
+            "--rounds",
+            "3",
+            "--faults",
+            "etcd-member,etcd-majority,kill",
+            "--seed",
+            "17",
+        ],
+        &[],
+    );
+    let verdict = stdout.lines().last().unwrap_or_default().to_string();
+    assert!(
+        code == Some(0)
+            && verdict.starts_with("verdict: PASS rounds=3 lost=0 repeated=0 double-live=0"),
+        "exit {code:?}, verdict {verdict:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    // With the majority down (at least the 2 s failure timeout and half a
+    // second more), nobody went live before it was back.
+    let tsv = std::fs::read_to_string(out.join("rounds.tsv")).unwrap();
+    let go_live = |fault: &str| -> f64 {
+        tsv.lines()
+            .map(|l| l.split('\t').collect::<Vec<_>>())
+            .find(|r| r[1] == fault)
+            .and_then(|r| r[3].parse().ok())
+            .unwrap_or_else(|| panic!("no {fault} round: {tsv}"))
+    };
+    assert!(go_live("etcd-majority") >= 2.5, "{tsv}");
+    assert!(go_live("etcd-member") > 0.0, "{tsv}");
+}
+
 #[test]
 fn with_the_output_rule_broken_the_drill_fails() {
     if !require_kvm() {

@@ -45,8 +45,15 @@ pub enum Fault {
     Stop,
     /// The logging channel partitioned while both sides live.
     Partition,
-    /// The arbiter and the primary killed at once; the arbiter restarted.
+    /// The arbiter and the primary killed at once; the arbiter restarted
+    /// (with `--arbiter etcd`: every member).
     Arbiter,
+    /// One etcd member and the primary killed at once (the majority still
+    /// decides); the member restarted.
+    EtcdMember,
+    /// Two of the three etcd members and the primary killed at once (no
+    /// claim can be decided until they are back); the members restarted.
+    EtcdMajority,
 }
 
 impl Fault {
@@ -58,8 +65,19 @@ impl Fault {
             Fault::Stop => "stop",
             Fault::Partition => "partition",
             Fault::Arbiter => "arbiter",
+            Fault::EtcdMember => "etcd-member",
+            Fault::EtcdMajority => "etcd-majority",
         }
     }
+}
+
+/// Which arbiter decides the claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ArbiterKind {
+    /// `arbiter serve` (one process).
+    Builtin,
+    /// A three-member etcd cluster (`etcd` must be installed).
+    Etcd,
 }
 
 /// Where the sides run.
@@ -112,6 +130,9 @@ pub struct DrillArgs {
     /// Where the sides run.
     #[arg(long, value_enum, default_value = "local")]
     pub hosts: Hosts,
+    /// Which arbiter decides the claims.
+    #[arg(long, value_enum, default_value = "builtin")]
+    pub arbiter: ArbiterKind,
     /// Longest wait for any one step (the pair to form, a failover, a
     /// re-protection), s.
     #[arg(long, default_value_t = 300)]
@@ -148,6 +169,14 @@ impl Rng {
 pub fn drill(args: DrillArgs, stop: StopHandle) -> Result<u8> {
     if args.faults.is_empty() {
         bail!("--faults names no fault");
+    }
+    if args.arbiter != ArbiterKind::Etcd
+        && args
+            .faults
+            .iter()
+            .any(|f| matches!(f, Fault::EtcdMember | Fault::EtcdMajority))
+    {
+        bail!("the etcd-member and etcd-majority faults need --arbiter etcd");
     }
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -292,9 +321,13 @@ impl Cluster {
                 self.partition_pair()?;
                 String::new()
             }
-            Fault::Arbiter => {
+            Fault::Arbiter | Fault::EtcdMember | Fault::EtcdMajority => {
                 // The arbiter first: the backup must find it down.
-                self.stop_arbiter();
+                match fault {
+                    Fault::EtcdMember => self.kill_etcd_members(1),
+                    Fault::EtcdMajority => self.kill_etcd_members(2),
+                    _ => self.stop_arbiter(),
+                }
                 self.kill9(&live);
                 self.cut_links_of(&live);
                 std::thread::sleep(self.timeout() + rng.ms(500, 1500));

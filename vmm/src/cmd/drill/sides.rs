@@ -157,6 +157,9 @@ pub struct Cluster {
     arbiter_bin: PathBuf,
     arbiter: Option<Child>,
     arbiter_addr: String,
+    /// With `--arbiter etcd`: the members (name, client and peer
+    /// addresses) and their processes.
+    etcd: Vec<(String, String, String, Option<Child>)>,
     console: Option<std::thread::JoinHandle<()>>,
     transcript: PathBuf,
     sides: Vec<Side>,
@@ -214,9 +217,47 @@ impl Cluster {
             super::Hosts::Local => None,
             super::Hosts::Netns => Some(Lan::build()?),
         };
-        let arbiter_addr = match &lan {
-            Some(l) => format!("{}:7420", Lan::ip(&l.arbiter)),
-            None => format!("127.0.0.1:{}", free_port()?),
+        let arbiter_host = match &lan {
+            Some(l) => Lan::ip(&l.arbiter),
+            None => "127.0.0.1".into(),
+        };
+        let port = |n: u16| -> Result<u16> {
+            Ok(match &lan {
+                Some(_) => n,
+                None => free_port()?,
+            })
+        };
+        let mut etcd = Vec::new();
+        let arbiter_addr = match args.arbiter {
+            super::ArbiterKind::Builtin => format!("{arbiter_host}:{}", port(7420)?),
+            super::ArbiterKind::Etcd => {
+                let ok = Command::new("etcd")
+                    .arg("--version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false);
+                if !ok {
+                    bail!("--arbiter etcd needs etcd (Debian: apt-get install etcd-server)");
+                }
+                for i in 0..3u16 {
+                    etcd.push((
+                        format!("m{i}"),
+                        format!("{arbiter_host}:{}", port(12379 + i)?),
+                        format!("{arbiter_host}:{}", port(12479 + i)?),
+                        None,
+                    ));
+                }
+                let _ = std::fs::remove_dir_all(out.join("etcd"));
+                format!(
+                    "etcd://{}",
+                    etcd.iter()
+                        .map(|m| m.1.clone())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            }
         };
 
         // The console, in this process (in its host's namespace with
@@ -271,6 +312,7 @@ impl Cluster {
             arbiter_bin,
             arbiter: None,
             arbiter_addr,
+            etcd,
             console: Some(console),
             transcript,
             sides: Vec::new(),
@@ -419,7 +461,75 @@ impl Cluster {
         std::mem::take(&mut *self.lag.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// A command that runs `program` where the arbiter runs.
+    fn arbiter_command(&self, program: &Path) -> Command {
+        match &self.lan {
+            Some(l) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", l.arbiter.ns().name()])
+                    .arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// Start the etcd members that do not run.
+    fn start_etcd(&mut self) -> Result<()> {
+        let cluster = self
+            .etcd
+            .iter()
+            .map(|(n, _, p, _)| format!("{n}=http://{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        for i in 0..self.etcd.len() {
+            if self.etcd[i].3.is_some() {
+                continue;
+            }
+            let (name, client, peer) = (
+                self.etcd[i].0.clone(),
+                self.etcd[i].1.clone(),
+                self.etcd[i].2.clone(),
+            );
+            let log = File::options()
+                .create(true)
+                .append(true)
+                .open(self.out.join("logs").join(format!("etcd-{name}.log")))?;
+            let child = self
+                .arbiter_command(Path::new("etcd"))
+                .args(["--name", &name, "--data-dir"])
+                .arg(self.out.join("etcd").join(&name))
+                .args(["--listen-client-urls", &format!("http://{client}")])
+                .args(["--advertise-client-urls", &format!("http://{client}")])
+                .args(["--listen-peer-urls", &format!("http://{peer}")])
+                .args(["--initial-advertise-peer-urls", &format!("http://{peer}")])
+                .args(["--initial-cluster", &cluster])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "vmft-drill"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("cannot start etcd")?;
+            self.etcd[i].3 = Some(child);
+        }
+        Ok(())
+    }
+
+    /// Kill `n` running etcd members (kill -9).
+    pub fn kill_etcd_members(&mut self, n: usize) {
+        for m in self.etcd.iter_mut().filter(|m| m.3.is_some()).take(n) {
+            if let Some(mut c) = m.3.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
     pub fn start_arbiter(&mut self) -> Result<()> {
+        if !self.etcd.is_empty() {
+            return self.start_etcd();
+        }
         let log = File::options()
             .create(true)
             .append(true)
@@ -448,6 +558,8 @@ impl Cluster {
     }
 
     pub fn stop_arbiter(&mut self) {
+        let n = self.etcd.len();
+        self.kill_etcd_members(n);
         if let Some(mut a) = self.arbiter.take() {
             let _ = a.kill();
             let _ = a.wait();
