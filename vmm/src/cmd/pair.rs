@@ -162,13 +162,13 @@ pub struct PrimaryArgs {
 /// `vmft backup`.
 #[derive(Args, Clone)]
 pub struct BackupArgs {
-    /// Where to wait for the primary.
+    /// Where to wait for the primary; once this side is live, new backups
+    /// join it here (with `--join`: only the latter).
     #[arg(long, required_unless_present = "join")]
     pub listen: Option<String>,
     /// Join a running primary instead (`vmft primary --listen ADDR`): it
     /// sends its state, then its log (re-protection). The VM comes from
     /// the primary: kernel and `--restore` are not used.
-    /// With `--listen`: where new backups join once this side is live.
     #[arg(long, value_name = "ADDR")]
     pub join: Option<String>,
     /// On a divergence, ask the primary listening here (its `--listen`)
