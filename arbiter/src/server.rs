@@ -396,13 +396,16 @@ async fn handle(
     }
     loop {
         // Between requests, a stopped server closes the connection (a
-        // request in progress still gets its answer).
+        // request already read still gets its answer). The stop is looked
+        // at first: a request that arrives after it is not answered (an
+        // unbiased select would answer it half the time).
         let payload = tokio::select! {
-            r = read_frame(&mut s, cfg.idle_timeout, cfg.frame_timeout) => r?,
+            biased;
             _ = stopped.wait_for(Option::is_some) => {
                 debug!(?peer, "closing: the server stopped");
                 return Ok(());
             }
+            r = read_frame(&mut s, cfg.idle_timeout, cfg.frame_timeout) => r?,
         };
         let req = match Request::decode(&payload) {
             Ok(r) => r,
