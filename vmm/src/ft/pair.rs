@@ -375,8 +375,6 @@ struct Joins {
     floor: Arc<AtomicU64>,
     /// The state transfer being sent.
     sender: Option<std::thread::JoinHandle<()>>,
-    /// When the last state hand-over began (for its pause).
-    started: Option<(Instant, TransferHead)>,
     /// Cleared when these hooks go: the accepting thread ends and frees
     /// the address (woken by a connection to it).
     alive: Arc<AtomicBool>,
@@ -576,7 +574,6 @@ impl PrimaryHooks {
             pending,
             floor,
             sender: None,
-            started: None,
             alive,
             addr,
             accepter: Some(accepter),
@@ -812,9 +809,6 @@ impl PairHooks for PrimaryHooks {
             disk: self.stream_end(StreamKind::Disk),
             state_len: state.len() as u64,
         };
-        if let Some(j) = self.joins.as_mut() {
-            j.started = Some((Instant::now(), head));
-        }
         self.link.begin(joiner.link.handle(), head.total());
         self.generation = generation;
         self.protection = Protection::Protected;
