@@ -9,7 +9,9 @@
 
 use kvm_bindings::{kvm_sregs, KVM_INTERNAL_ERROR_EMULATION};
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemoryMmap;
 
 use crate::vcpu::Vcpu;
 

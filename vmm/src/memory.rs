@@ -1,12 +1,58 @@
 //! Guest memory helpers: the whole memory as bytes, digests, and the
 //! sparse encoding snapshots use.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::snapshot::{Decoder, Encoder, SnapshotError};
 
 /// Page size.
 pub const PAGE: usize = 4096;
+
+/// Guest memory. Every write the monitor makes through it (a device's
+/// DMA, a virtio ring, a restored page) sets the page's bit in the
+/// region's bitmap: KVM's dirty log sees only what the guest writes, and a
+/// state transfer that copies memory while the guest runs needs both
+/// ([`take_host_writes`]).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// The pages the monitor wrote into guest memory since the last call (the
+/// first call: since the memory was made), as a bitmap in KVM's dirty-log
+/// layout (bit `i % 64` of word `i / 64` is page `i` of the region at 0),
+/// and clear them.
+pub fn take_host_writes(mem: &GuestMemoryMmap) -> Vec<u64> {
+    match mem.find_region(GuestAddress(0)) {
+        // The mapping's own bitmap (the region's trait method gives a
+        // slice view that cannot be reset).
+        Some(region) => std::ops::Deref::deref(region).bitmap().get_and_reset(),
+        None => Vec::new(),
+    }
+}
+
+/// Set in `into` every bit set in `from` (KVM's dirty-log layout); `into`
+/// grows to `from`'s length if shorter.
+pub fn merge_bitmap(into: &mut Vec<u64>, from: &[u64]) {
+    if into.len() < from.len() {
+        into.resize(from.len(), 0);
+    }
+    for (w, f) in into.iter_mut().zip(from) {
+        *w |= f;
+    }
+}
+
+/// The page numbers set in `bitmap` (KVM's dirty-log layout), in order.
+pub fn pages_of(bitmap: &[u64]) -> Vec<u64> {
+    let mut pages = Vec::new();
+    for (w, word) in bitmap.iter().enumerate() {
+        let mut bits = *word;
+        while bits != 0 {
+            let b = bits.trailing_zeros() as u64;
+            bits &= bits - 1;
+            pages.push(w as u64 * 64 + b);
+        }
+    }
+    pages
+}
 
 /// All guest memory as one byte slice: the region that starts at guest
 /// address 0 (the VM has a single region; empty if there is none). The
@@ -88,6 +134,34 @@ pub fn decode_memory(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_writes_are_tracked_and_taken_once() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 256 * PAGE)]).unwrap();
+        take_host_writes(&mem);
+        mem.write_slice(&[1u8; 10], GuestAddress(3 * PAGE as u64 + 5))
+            .unwrap();
+        // A write across a page boundary dirties both pages.
+        mem.write_slice(&[2u8; 8], GuestAddress(200 * PAGE as u64 - 4))
+            .unwrap();
+        assert_eq!(pages_of(&take_host_writes(&mem)), vec![3, 199, 200]);
+        assert!(pages_of(&take_host_writes(&mem)).is_empty());
+    }
+
+    #[test]
+    fn merged_bitmaps_keep_every_bit() {
+        let mut into = vec![0b1];
+        merge_bitmap(&mut into, &[0b10, 1 << 5]);
+        assert_eq!(into, vec![0b11, 1 << 5]);
+        merge_bitmap(&mut into, &[]);
+        assert_eq!(into, vec![0b11, 1 << 5]);
+    }
+
+    #[test]
+    fn pages_of_reads_every_word() {
+        assert_eq!(pages_of(&[0b101, 0, 1 << 63]), vec![0, 2, 191]);
+        assert!(pages_of(&[]).is_empty());
+    }
 
     #[test]
     fn sparse_memory_round_trip() {

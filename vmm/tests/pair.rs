@@ -1281,6 +1281,23 @@ fn a_new_backup_joins_the_survivor_and_takes_over_when_it_dies_too() {
     c.wait_for("2 more lines from the re-protected pair", 120, |c| {
         c.ticker_lines().len() >= at + 2
     });
+    // Memory went over in pre-copy rounds while the guest ran, then the
+    // rest in the pause; the backup replays from it without diverging.
+    let p = c.primary().stderr();
+    let rounds = p
+        .lines()
+        .find_map(|l| l.split(" to the new backup after ").nth(1))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse::<u32>().ok());
+    c.check(
+        rounds.is_some_and(|n| n >= 2) && p.contains("pages in the pause"),
+        format!("the primary did not say it copied in rounds and then paused ({rounds:?})"),
+    );
+    let b = c.backup.stderr();
+    c.check(
+        b.contains("round 0,") && b.contains(" rounds, ") && !b.contains("divergence"),
+        "the new backup did not report the copy rounds, or diverged from the state it got",
+    );
     let killed = c.primary().kill9();
     c.wait_for("the new backup to go live", 120, |c| {
         c.backup.stderr().contains("the backup is LIVE")
@@ -1306,9 +1323,17 @@ fn a_new_backup_joins_the_survivor_and_takes_over_when_it_dies_too() {
                 .map(str::to_string)
         })
         .unwrap_or_default();
+    let said = |text: &str, what: &str| {
+        text.lines()
+            .find(|l| l.contains(what))
+            .unwrap_or_default()
+            .to_string()
+    };
     println!(
-        "pair: re-protection paused the guest {pause} ms; the new backup went live {:.3} s after kill -9 of the primary",
-        live.map(secs).unwrap_or(f64::NAN)
+        "pair: re-protection paused the guest {pause} ms; the new backup went live {:.3} s after kill -9 of the primary\n  primary: {}\n  backup: {}",
+        live.map(secs).unwrap_or(f64::NAN),
+        said(&p, "to the new backup after"),
+        said(&b, "state received")
     );
 }
 

@@ -27,7 +27,7 @@ use vmm::ft::output::{HeldOutput, IntoHeld, OutputTail, Release, ToWriter};
 use vmm::ft::pair::{BackupHooks, LogLink, OnWon, PrimaryHooks, PrimaryStats, TakeOver};
 use vmm::ft::status::{Role, State, StatusBoard};
 use vmm::nondet::InputSource;
-use vmm::record::{config_hash, log_header, recorder_id, VmSource};
+use vmm::record::{config_hash, config_hash_of_state, log_header, recorder_id, VmSource};
 use vmm::replay::ReplayDoor;
 use vmm::shared_disk::{Fences, SharedDisks};
 use vmm::stop::StopHandle;
@@ -713,22 +713,25 @@ fn join(args: BackupArgs, addr: &str, stop: StopHandle, hello: Vec<u8>) -> Resul
     let t0 = std::time::Instant::now();
     let mut reader = link.log_reader();
     let mut last = t0;
-    let (head, state) = vmm::ft::transfer::receive(&mut reader, &mut |n, total| {
-        if last.elapsed() >= Duration::from_millis(500) || n == total {
+    let mut round = 0;
+    let got = vmm::ft::transfer::receive(&mut reader, &mut |p| {
+        if last.elapsed() >= Duration::from_millis(500) || p.round != round {
             last = std::time::Instant::now();
+            round = p.round;
             board.transfer(vmm::ft::status::TransferStatus {
                 generation,
-                bytes: n,
-                total,
-                rounds: 1,
+                bytes: p.bytes,
+                total: p.memory,
+                rounds: p.round + 1,
                 pause_ms: 0.0,
-                done: n == total,
+                done: false,
             });
             eprintln!(
-                "vmft: state transfer: {} of {} MB ({:.0} MB/s)",
-                n >> 20,
-                total >> 20,
-                n as f64 / 1e6 / t0.elapsed().as_secs_f64().max(1e-3)
+                "vmft: state transfer: round {}, {} MB received ({:.0} MB/s; memory {} MB)",
+                p.round,
+                p.bytes >> 20,
+                p.bytes as f64 / 1e6 / t0.elapsed().as_secs_f64().max(1e-3),
+                p.memory >> 20
             );
         }
     })
@@ -738,34 +741,47 @@ fn join(args: BackupArgs, addr: &str, stop: StopHandle, hello: Vec<u8>) -> Resul
              or it failed)"
         )
     })?;
-    if head.generation != generation {
+    if got.generation != generation {
         bail!(
             "the state is for generation {}, the link for {generation}",
-            head.generation
+            got.generation
         );
     }
+    board.transfer(vmm::ft::status::TransferStatus {
+        generation,
+        bytes: got.bytes,
+        total: got.bytes,
+        rounds: got.rounds,
+        pause_ms: 0.0,
+        done: true,
+    });
     let dir = vmm::api::default_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let snap = dir.join(format!("{}-joined-{}.snap", pair.vm, std::process::id()));
-    vmm::snapshot::write_file_bytes(&snap, &state)
+    vmm::snapshot::write_file_bytes(&snap, &got.snapshot)
         .with_context(|| format!("cannot keep the state in {}", snap.display()))?;
-    drop(state);
     let source = VmSource::Restore {
         snapshot: snap.clone(),
         disks: args.boot.disks.clone(),
         nets: args.boot.nets.clone(),
     };
-    let hash = config_hash(&source).context("cannot start the backup")?;
+    // The log's header hashes the state the primary took in its pause
+    // (vCPU and devices); memory came in checked batches.
+    let hash = config_hash_of_state(&got.state, source.disks(), source.nets())
+        .context("cannot start the backup")?;
     eprintln!(
-        "vmft: state received ({} MB in {:.1} s): generation {generation}; replaying",
-        head.total() >> 20,
-        t0.elapsed().as_secs_f64()
+        "vmft: state received ({} MB in {:.1} s, {} rounds, {} pages): generation {generation}; replaying",
+        got.bytes >> 20,
+        t0.elapsed().as_secs_f64(),
+        got.rounds,
+        got.pages
     );
     let offsets = Offsets {
-        console: head.console,
-        frames: head.frames,
-        disk: head.disk,
+        console: got.offsets.console,
+        frames: got.offsets.frames,
+        disk: got.offsets.disk,
     };
+    drop(got);
     let r = follow(
         args,
         Following {

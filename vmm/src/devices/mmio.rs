@@ -20,8 +20,8 @@
 
 use std::fmt;
 
+use crate::memory::GuestMemoryMmap;
 use thiserror::Error;
-use vm_memory::GuestMemoryMmap;
 
 use super::pic::Pic;
 use super::virtio::{Block, MmioError, MmioTransport, Net, VirtioDevice, MMIO_WINDOW};

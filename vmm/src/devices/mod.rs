@@ -163,7 +163,7 @@ impl Devices {
         &mut self,
         addr: u64,
         data: &[u8],
-        mem: &vm_memory::GuestMemoryMmap,
+        mem: &crate::memory::GuestMemoryMmap,
     ) -> Result<bool, virtio::MmioError> {
         let r = self.mmio.write(addr, data, mem);
         self.sync_irqs();

@@ -7,6 +7,8 @@
 //!   unreleased tail);
 //! - [`pair`]: the primary's and the backup's boundary hooks, the channel
 //!   as the primary's log sink, the backup's gate before going live;
+//! - [`precopy`]: re-protection's memory copy while the guest runs, and
+//!   when to pause for the rest;
 //! - [`status`]: the operator's view of a side (served by [`crate::api`]);
 //! - [`transfer`]: re-protection's state transfer (what precedes the log
 //!   on a joining backup's link).
@@ -15,5 +17,6 @@ pub mod claim;
 pub mod console_side;
 pub mod output;
 pub mod pair;
+pub mod precopy;
 pub mod status;
 pub mod transfer;

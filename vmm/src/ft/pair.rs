@@ -29,12 +29,14 @@ use ft_log::InputCursor;
 use super::claim::Claimant;
 use super::console_side::{ConsoleSide, InputConfirmer};
 use super::output::{HeldOutput, OutputTail, Release, ReleaseMode, MAX_HELD};
+use super::precopy::{Outcome, Phase, Plan, Precopy};
 use super::status::{State, StatusBoard, TransferStatus};
-use super::transfer::{self, TransferHead};
+use super::transfer::{self, StreamOffsets};
+use crate::memory::GuestMemoryMmap;
 use crate::nondet::{Door, DoorError, Recorder};
 use crate::replay::LogEnd;
 use crate::shared_disk::Fences;
-use crate::vm::{LogContinues, PairHooks};
+use crate::vm::{HandOver, JoinStep, LogContinues, PairHooks};
 
 /// Note on stderr, prefixed like every vmft message.
 fn note(msg: &str) {
@@ -285,12 +287,23 @@ impl Write for ChannelSink {
     }
 }
 
-/// `link` as a byte sink, for the state transfer.
-struct LinkWriter<'a>(&'a mut PrimaryLink);
+/// A joining backup's link as a byte sink, for the state transfer;
+/// counts the bytes written.
+struct LinkWriter {
+    link: PrimaryLink,
+    written: u64,
+}
 
-impl Write for LinkWriter<'_> {
+impl LinkWriter {
+    fn new(link: PrimaryLink) -> Self {
+        LinkWriter { link, written: 0 }
+    }
+}
+
+impl Write for LinkWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf).map_err(io::Error::other)?;
+        self.link.write(buf).map_err(io::Error::other)?;
+        self.written += buf.len() as u64;
         Ok(buf.len())
     }
 
@@ -373,8 +386,10 @@ struct Joins {
     pending: Arc<Mutex<Option<Joiner>>>,
     /// The current generation: a joiner's is larger.
     floor: Arc<AtomicU64>,
-    /// The state transfer being sent.
-    sender: Option<std::thread::JoinHandle<()>>,
+    /// The state transfer of the last backup that joined.
+    copy: Option<Copying>,
+    /// Set while a transfer is under way: other joiners are refused.
+    copying: Arc<AtomicBool>,
     /// Cleared when these hooks go: the accepting thread ends and frees
     /// the address (woken by a connection to it).
     alive: Arc<AtomicBool>,
@@ -395,10 +410,13 @@ impl Drop for Joins {
     }
 }
 
-/// What the run loop needs to hand its state to a joining backup.
-pub struct JoinRequest {
-    /// The new pair's generation.
-    pub generation: u64,
+/// A state transfer to a joining backup.
+struct Copying {
+    copy: Precopy,
+    generation: u64,
+    /// The new link's view (its acks), for the log that follows.
+    handle: PrimaryHandle,
+    started: Instant,
 }
 
 /// A generation larger than `floor`: the time in nanoseconds, or one more.
@@ -531,7 +549,13 @@ impl PrimaryHooks {
         let floor = Arc::new(AtomicU64::new(self.generation));
         let alive = Arc::new(AtomicBool::new(true));
         let addr = listener.local_addr().ok();
-        let (p, f, a) = (pending.clone(), floor.clone(), alive.clone());
+        let copying = Arc::new(AtomicBool::new(false));
+        let (p, f, a, c) = (
+            pending.clone(),
+            floor.clone(),
+            alive.clone(),
+            copying.clone(),
+        );
         let spawned = std::thread::Builder::new()
             .name("vmft-join".into())
             .spawn(move || loop {
@@ -550,8 +574,8 @@ impl PrimaryHooks {
                             ));
                         }
                         let mut slot = p.lock().unwrap_or_else(|e| e.into_inner());
-                        if slot.is_some() {
-                            note("a second backup asked to join while one waits: refused");
+                        if slot.is_some() || c.load(Ordering::Acquire) {
+                            note("a second backup asked to join while one joins: refused");
                             continue;
                         }
                         note(&format!(
@@ -573,7 +597,8 @@ impl PrimaryHooks {
         self.joins = Some(Joins {
             pending,
             floor,
-            sender: None,
+            copy: None,
+            copying,
             alive,
             addr,
             accepter: Some(accepter),
@@ -701,83 +726,104 @@ impl PrimaryHooks {
             .map_or(0, |s| s.held.end())
     }
 
-    /// Send the state to the joining backup (a thread), the log after it.
-    fn start_sender(&mut self, joiner: Joiner, head: TransferHead, state: Vec<u8>) {
-        let Joiner { mut link, .. } = joiner;
+    /// The thread's end of a copy: once all is sent, the log follows on
+    /// the link, and the VM is protected when the backup has the state.
+    fn after_copy(&self, generation: u64) -> Box<dyn FnOnce(LinkWriter, Outcome) + Send> {
         let loglink = self.link.clone();
         let status = self.status.clone();
-        let rate = self.transfer_rate;
+        let copying = self.joins.as_ref().map(|j| j.copying.clone());
         let t0 = Instant::now();
-        let sender = std::thread::Builder::new()
-            .name("vmft-transfer".into())
-            .spawn(move || {
-                let mut last = Instant::now();
-                let r = transfer::send(&mut LinkWriter(&mut link), &head, &state, rate, &mut |n| {
-                    if let Some(s) = &status {
-                        if last.elapsed() >= Duration::from_millis(100) {
-                            last = Instant::now();
-                            s.update_transfer(|t| t.bytes = n);
-                        }
-                    }
-                });
-                let handle = link.handle();
-                match r {
-                    Ok(()) if loglink.complete(link) => {
-                        // Protected once the backup has the whole state.
-                        loop {
-                            match handle.wait_acked(head.total(), Duration::from_millis(200)) {
-                                Ok(true) if loglink.is_dropped() => return,
-                                Ok(true) => break,
-                                Ok(false) => continue,
-                                Err(e) => {
-                                    note(&format!("the new backup failed before it had the state: {e}"));
-                                    return;
-                                }
+        Box::new(move |w, outcome| {
+            if let Some(c) = &copying {
+                c.store(false, Ordering::Release);
+            }
+            let total = w.written;
+            let link = w.link;
+            let handle = link.handle();
+            match outcome {
+                Outcome::Sent if loglink.complete(link) => {
+                    // Protected once the backup has the whole state.
+                    loop {
+                        match handle.wait_acked(total, Duration::from_millis(200)) {
+                            Ok(true) if loglink.is_dropped() => return,
+                            Ok(true) => break,
+                            Ok(false) => continue,
+                            Err(e) => {
+                                note(&format!(
+                                    "the new backup failed before it had the state: {e}"
+                                ));
+                                return;
                             }
                         }
-                        if let Some(s) = &status {
-                            s.update_transfer(|t| {
-                                t.bytes = head.total();
-                                t.done = true;
-                            });
-                            s.set_state(State::Protected);
-                        }
-                        note(&format!(
-                            "state sent to the new backup ({} MB in {:.1} s): the VM is PROTECTED again (generation {})",
-                            head.total() >> 20,
-                            t0.elapsed().as_secs_f64(),
-                            head.generation
-                        ));
                     }
-                    Ok(()) => note("the new backup was given up before its state was sent"),
-                    // The link fails with it: the boundary sees the backup
-                    // gone and claims the new generation.
-                    Err(e) => note(&format!("the state transfer to the new backup failed: {e}")),
+                    if let Some(s) = &status {
+                        s.update_transfer(|t| {
+                            t.bytes = total;
+                            t.total = total;
+                            t.done = true;
+                        });
+                        s.set_state(State::Protected);
+                    }
+                    note(&format!(
+                        "state sent to the new backup ({} MB in {:.1} s): the VM is PROTECTED again (generation {generation})",
+                        total >> 20,
+                        t0.elapsed().as_secs_f64(),
+                    ));
                 }
-            });
-        match sender {
-            Ok(t) => {
-                if let Some(j) = self.joins.as_mut() {
-                    j.sender = Some(t);
+                Outcome::Sent => note("the new backup was given up before its state was sent"),
+                Outcome::GivenUp => note("the state transfer to the new backup was given up"),
+                // The run loop sees the copy failed (before the pause) or
+                // the link failed (after it: the boundary sees the backup
+                // gone and claims the new generation).
+                Outcome::Failed(e) => {
+                    note(&format!("the state transfer to the new backup failed: {e}"))
                 }
             }
-            Err(e) => note(&format!("cannot start the state transfer: {e}")),
-        }
+        })
     }
 }
 
 impl PairHooks for PrimaryHooks {
-    fn join_waiting(&self) -> bool {
-        self.protection == Protection::Unprotected
-            && self.joins.as_ref().is_some_and(|j| {
-                j.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .is_some()
-            })
+    fn join_step(&mut self) -> JoinStep {
+        let protection = self.protection;
+        let Some(j) = self.joins.as_mut() else {
+            return JoinStep::Idle;
+        };
+        let phase = j
+            .copy
+            .as_ref()
+            .filter(|c| !c.copy.is_finished())
+            .map(|c| c.copy.phase());
+        match phase {
+            Some(Phase::Sending) => JoinStep::Idle,
+            Some(Phase::RoundSent) => JoinStep::RoundSent,
+            Some(Phase::Failed(why)) => {
+                j.copy = None;
+                j.copying.store(false, Ordering::Release);
+                if let Some(s) = &self.status {
+                    s.set_state(State::Unprotected);
+                }
+                note(&format!(
+                    "the new backup is refused ({why}): the VM goes on UNPROTECTED"
+                ));
+                JoinStep::Idle
+            }
+            Some(Phase::Finished) | None => {
+                let waits = protection == Protection::Unprotected
+                    && j.pending
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .is_some();
+                if waits {
+                    JoinStep::Begin
+                } else {
+                    JoinStep::Idle
+                }
+            }
+        }
     }
 
-    fn hand_over(&mut self, pos: u64, state: Vec<u8>) -> Result<LogContinues, DoorError> {
+    fn begin_copy(&mut self, mem: GuestMemoryMmap) -> Result<(), DoorError> {
         let joins = self
             .joins
             .as_mut()
@@ -788,12 +834,97 @@ impl PairHooks for PrimaryHooks {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .ok_or_else(|| DoorError::Ft("no joining backup waits".into()))?;
-        if let Some(t) = joins.sender.take() {
-            let _ = t.join();
+        // The last backup's thread ends with its link, which failed.
+        if let Some(mut old) = joins.copy.take() {
+            old.copy.join();
         }
         let generation = joiner.generation;
+        let handle = joiner.link.handle();
+        let memory = crate::memory::mem_bytes(&mem).len() as u64;
+        let status = self.status.clone();
+        let mut last = Instant::now();
+        let progress = Box::new(move |n: u64| {
+            if let Some(s) = &status {
+                if last.elapsed() >= Duration::from_millis(100) {
+                    last = Instant::now();
+                    s.update_transfer(|t| t.bytes = n);
+                }
+            }
+        });
+        let after = self.after_copy(generation);
+        let joins = self.joins.as_mut().expect("checked above");
+        joins.copying.store(true, Ordering::Release);
+        let copy = Precopy::start(
+            LinkWriter::new(joiner.link),
+            mem,
+            generation,
+            self.transfer_rate,
+            Plan::default(),
+            progress,
+            after,
+        )
+        .map_err(|e| {
+            joins.copying.store(false, Ordering::Release);
+            DoorError::Ft(format!("cannot start the state transfer: {e}"))
+        })?;
+        joins.copy = Some(Copying {
+            copy,
+            generation,
+            handle,
+            started: Instant::now(),
+        });
+        if let Some(s) = &self.status {
+            s.set_state(State::Transfer);
+            s.transfer(TransferStatus {
+                generation,
+                bytes: 0,
+                total: memory,
+                rounds: 1,
+                pause_ms: 0.0,
+                done: false,
+            });
+        }
+        note(&format!(
+            "copying {} MB of memory to the new backup while the guest runs (generation {generation})",
+            memory >> 20
+        ));
+        Ok(())
+    }
+
+    fn copy_round(&mut self, pages: Vec<u64>) -> Option<Vec<u64>> {
+        let c = self.joins.as_mut()?.copy.as_mut()?;
+        let n = pages.len();
+        let rest = c.copy.next_round(pages);
+        if rest.is_none() {
+            let round = c.copy.rounds() - 1;
+            if let Some(s) = &self.status {
+                s.update_transfer(|t| t.rounds = round + 1);
+            }
+            note(&format!(
+                "copy round {round}: {n} pages ({} MB) written during the round before",
+                (n * crate::memory::PAGE) >> 20
+            ));
+        }
+        rest
+    }
+
+    fn hand_over(&mut self, pos: u64, rest: HandOver) -> Result<LogContinues, DoorError> {
+        let offsets = StreamOffsets {
+            console: self.held.end(),
+            frames: self.stream_end(StreamKind::Net),
+            disk: self.stream_end(StreamKind::Disk),
+        };
+        let joins = self
+            .joins
+            .as_mut()
+            .ok_or_else(|| DoorError::Ft("no backup joins this primary".into()))?;
+        let c = joins
+            .copy
+            .as_mut()
+            .filter(|c| c.copy.phase() == Phase::RoundSent)
+            .ok_or_else(|| DoorError::Ft("no state transfer waits for its pause".into()))?;
+        let generation = c.generation;
         joins.floor.fetch_max(generation, Ordering::AcqRel);
-        let joiner = joiner;
         // What the guest wrote before the state is the unprotected run's:
         // free. The new backup's copies start where the streams are now.
         if self.held.has_unmarked() {
@@ -802,14 +933,13 @@ impl PairHooks for PrimaryHooks {
         for s in self.streams.iter().filter(|s| s.held.has_unmarked()) {
             s.held.mark(0);
         }
-        let head = TransferHead {
-            generation,
-            console: self.held.end(),
-            frames: self.stream_end(StreamKind::Net),
-            disk: self.stream_end(StreamKind::Disk),
-            state_len: state.len() as u64,
-        };
-        self.link.begin(joiner.link.handle(), head.total());
+        let pause_pages = rest.pages.len();
+        let total = c.copy.sent() + transfer::final_len(pause_pages, rest.state.len());
+        // The log waits on the link until the thread has sent the rest.
+        self.link.begin(c.handle.clone(), total);
+        c.copy.finish(rest.pages, rest.data, offsets, rest.state);
+        let rounds = c.copy.rounds();
+        let copied = c.started.elapsed();
         self.generation = generation;
         self.protection = Protection::Protected;
         self.handover_pos = pos;
@@ -823,20 +953,17 @@ impl PairHooks for PrimaryHooks {
             s.set_role(super::status::Role::Primary);
             s.set_generation(generation);
             s.set_state(State::Transfer);
-            s.transfer(TransferStatus {
-                generation,
-                bytes: 0,
-                total: head.total(),
-                rounds: 1,
-                pause_ms: 0.0,
-                done: false,
+            s.update_transfer(|t| {
+                t.total = total;
+                t.rounds = rounds;
             });
         }
         note(&format!(
-            "handing the state at exit {pos} to the new backup: {} MB, generation {generation}",
-            head.total() >> 20
+            "handing the state at exit {pos} to the new backup after {rounds} rounds in {:.1} s: \
+             {pause_pages} pages in the pause, {} MB in all, generation {generation}",
+            copied.as_secs_f64(),
+            total >> 20
         ));
-        self.start_sender(joiner, head, state);
         Ok(LogContinues {
             sink: Box::new(self.link.sink()),
             name: "the channel to the joining backup".into(),
@@ -1010,13 +1137,6 @@ impl BackupHooks {
         self
     }
 
-    fn primary(&self) -> Option<&PrimaryHooks> {
-        self.then
-            .as_ref()
-            .filter(|(_, live)| live.load(Ordering::Acquire))
-            .map(|(p, _)| p)
-    }
-
     fn primary_mut(&mut self) -> Option<&mut PrimaryHooks> {
         self.then
             .as_mut()
@@ -1038,13 +1158,29 @@ impl BackupHooks {
 }
 
 impl PairHooks for BackupHooks {
-    fn join_waiting(&self) -> bool {
-        self.primary().is_some_and(|p| p.join_waiting())
+    fn join_step(&mut self) -> JoinStep {
+        self.primary_mut().map_or(JoinStep::Idle, |p| p.join_step())
     }
 
-    fn hand_over(&mut self, pos: u64, state: Vec<u8>) -> Result<LogContinues, DoorError> {
+    fn begin_copy(&mut self, mem: GuestMemoryMmap) -> Result<(), DoorError> {
         match self.primary_mut() {
-            Some(p) => p.hand_over(pos, state),
+            Some(p) => p.begin_copy(mem),
+            None => Err(DoorError::Ft(
+                "a replaying backup hands no state over".into(),
+            )),
+        }
+    }
+
+    fn copy_round(&mut self, pages: Vec<u64>) -> Option<Vec<u64>> {
+        match self.primary_mut() {
+            Some(p) => p.copy_round(pages),
+            None => Some(pages),
+        }
+    }
+
+    fn hand_over(&mut self, pos: u64, rest: HandOver) -> Result<LogContinues, DoorError> {
+        match self.primary_mut() {
+            Some(p) => p.hand_over(pos, rest),
             None => Err(DoorError::Ft(
                 "a replaying backup hands no state over".into(),
             )),
@@ -1248,7 +1384,7 @@ mod tests {
         // The backup is lost; a new one joins: 5 bytes of "state" first.
         link.drop_log();
         sink.write_all(b"dropped").unwrap();
-        let (mut p2, b2) = pair();
+        let (p2, b2) = pair();
         link.begin(p2.handle(), 5);
         assert_eq!(link.written(), 0, "the new log counts from its first byte");
         sink.write_all(b"new log").unwrap();
@@ -1256,8 +1392,10 @@ mod tests {
         // The log waits for the state: nothing of it is sent yet.
         assert!(!link.wait_transfer(Duration::from_millis(50)));
         assert_eq!(link.sent(), 0);
-        LinkWriter(&mut p2).write_all(b"STATE").unwrap();
-        assert!(link.complete(p2));
+        let mut w = LinkWriter::new(p2);
+        w.write_all(b"STATE").unwrap();
+        assert_eq!(w.written, 5);
+        assert!(link.complete(w.link));
         assert!(link.wait_transfer(Duration::from_millis(50)));
         sink.write_all(b" more").unwrap();
         assert_eq!(read(&b2, 17), b"STATEnew log more");

@@ -8,7 +8,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::kvm::{kvm_err, set_memslots};
 use super::{Vm, VmError};
-use crate::memory::{mem_bytes, PAGE};
+use crate::memory::{mem_bytes, merge_bitmap, PAGE};
 use crate::snapshot::{Decoder, Encoder};
 use crate::vcpu::{fingerprint, VcpuState};
 
@@ -21,6 +21,9 @@ impl Vm {
             .vmfd
             .get_dirty_log(0, mem.len())
             .map_err(kvm_err("GET_DIRTY_LOG"))?;
+        if let Some(copy) = self.copy_dirty.as_mut() {
+            merge_bitmap(copy, &bitmap);
+        }
         let mut pages = Vec::new();
         for (w, word) in bitmap.iter().enumerate() {
             let mut bits = *word;

@@ -3,7 +3,9 @@
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::memory::GuestMemoryMmap;
 
 use super::VmError;
 use crate::vcpu::Vcpu;

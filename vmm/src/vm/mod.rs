@@ -30,7 +30,6 @@ use ft_log::LogHeader;
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 use tracing::info;
-use vm_memory::GuestMemoryMmap;
 
 use crate::boot::{self, BootConfig, BootError, DiskSpec, NetSpec};
 use crate::devices::mmio::MmioBus;
@@ -40,7 +39,7 @@ use crate::devices::virtio::{Block, BlockError, MmioTransport, Net};
 use crate::devices::Devices;
 use crate::emulate::EmulationError;
 use crate::epoch::EpochPages;
-use crate::memory::decode_memory;
+use crate::memory::{decode_memory, GuestMemoryMmap};
 use crate::nondet::{Door, DoorError, ExitCounter, LiveDoor, Position, PositionSource};
 use crate::record::{RecordDoor, RecordStats};
 use crate::replay::ReplayDoor;
@@ -55,6 +54,7 @@ use kvm::{create_kvm, kvm_err};
 
 mod boundary;
 mod epochs;
+mod handover;
 mod kvm;
 mod persist;
 mod run;
@@ -265,15 +265,28 @@ pub trait PairHooks: Send {
     /// One boundary.
     fn boundary(&mut self, door: &mut dyn Door, pos: u64) -> Result<(), DoorError>;
 
-    /// A new backup waits for the state (re-protection): the run loop
-    /// hands it over at this boundary ([`PairHooks::hand_over`]).
-    fn join_waiting(&self) -> bool {
-        false
+    /// What a joining backup's state transfer (re-protection) asks of the
+    /// run loop at this boundary.
+    fn join_step(&mut self) -> JoinStep {
+        JoinStep::Idle
     }
 
-    /// The state at exit `pos` (a snapshot file's bytes) goes to the
-    /// waiting backup; returns where the log continues from this state on.
-    fn hand_over(&mut self, _pos: u64, _state: Vec<u8>) -> Result<LogContinues, DoorError> {
+    /// Start copying memory to the waiting backup while the guest runs;
+    /// the run loop tracks written pages from now on.
+    fn begin_copy(&mut self, _mem: crate::memory::GuestMemoryMmap) -> Result<(), DoorError> {
+        Err(DoorError::Ft("this side hands no state over".into()))
+    }
+
+    /// The copy round is sent and the guest wrote `pages` since: `None`
+    /// when they go in another round, or them back when the run loop is
+    /// to pause and hand the rest over ([`PairHooks::hand_over`]).
+    fn copy_round(&mut self, pages: Vec<u64>) -> Option<Vec<u64>> {
+        Some(pages)
+    }
+
+    /// The rest of the state at exit `pos`, taken in the pause, goes to the
+    /// joining backup; returns where the log continues from this state on.
+    fn hand_over(&mut self, _pos: u64, _rest: HandOver) -> Result<LogContinues, DoorError> {
         Err(DoorError::Ft("this side hands no state over".into()))
     }
 
@@ -283,6 +296,29 @@ pub trait PairHooks: Send {
     /// The state could not be taken for the waiting backup (`why`): it is
     /// refused, this side goes on as it was.
     fn join_failed(&mut self, _why: &str) {}
+}
+
+/// What a joining backup's state transfer asks of the run loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinStep {
+    /// Nothing.
+    Idle,
+    /// A backup waits: turn page tracking on, clean, and begin the copy
+    /// ([`PairHooks::begin_copy`]).
+    Begin,
+    /// A copy round is sent: hand over the pages written since
+    /// ([`PairHooks::copy_round`]).
+    RoundSent,
+}
+
+/// The part of the state taken in the pause of a hand-over.
+pub struct HandOver {
+    /// Pages written since the last copy round, in order.
+    pub pages: Vec<u64>,
+    /// Their bytes (4096 per page, in the same order).
+    pub data: Vec<u8>,
+    /// The snapshot body up to its memory section: vCPU and devices.
+    pub state: Vec<u8>,
 }
 
 /// Where a recording continues after a hand-over of the state to a new
@@ -402,6 +438,10 @@ pub struct Vm {
     /// The shared disks' host side.
     shared_disk: Option<SharedDiskIo>,
     epoch_pages: EpochPages,
+    /// While memory is copied to a joining backup: the pages of KVM's
+    /// dirty log that epochs took (and cleared) meanwhile, as a bitmap
+    /// (a primary that lost its backup still records, log dropped).
+    copy_dirty: Option<Vec<u64>>,
     clock_start: Instant,
     clock_base_ns: u64,
     positions: Box<dyn PositionSource>,
@@ -512,6 +552,7 @@ impl Vm {
             net: opts.net,
             shared_disk: opts.shared_disk,
             epoch_pages: EpochPages::default(),
+            copy_dirty: None,
             vmfd,
             clock_start: Instant::now(),
             clock_base_ns: clock_ns,

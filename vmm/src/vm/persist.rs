@@ -47,14 +47,27 @@ impl Vm {
     /// (settled first, see [`Vm::settle`]).
     pub(super) fn snapshot_body(&mut self, clock_ns: u64) -> Result<Vec<u8>, VmError> {
         let mut e = Encoder::new();
+        self.encode_state(&mut e, clock_ns)?;
+        encode_memory(&mut e, mem_bytes(&self.mem));
+        Ok(e.into_bytes())
+    }
+
+    /// The snapshot body up to its memory section (memory is its last
+    /// section): what a state transfer sends in its pause.
+    pub(super) fn state_body(&mut self, clock_ns: u64) -> Result<Vec<u8>, VmError> {
+        let mut e = Encoder::new();
+        self.encode_state(&mut e, clock_ns)?;
+        Ok(e.into_bytes())
+    }
+
+    fn encode_state(&mut self, e: &mut Encoder, clock_ns: u64) -> Result<(), VmError> {
         e.u64(self.mem_mib);
         e.bytes(self.cmdline.as_bytes());
         e.u64(clock_ns);
         e.u64(self.positions.now().exit);
-        self.vcpu.save()?.encode(&mut e);
-        self.devices.encode(&mut e);
-        encode_memory(&mut e, mem_bytes(&self.mem));
-        Ok(e.into_bytes())
+        self.vcpu.save()?.encode(e);
+        self.devices.encode(e);
+        Ok(())
     }
 
     /// Let KVM finish a pending I/O instruction without running guest code
@@ -90,7 +103,7 @@ impl Vm {
 
 /// A digest of guest memory and the vCPU's registers.
 pub(super) fn state_digest_of(
-    mem: &vm_memory::GuestMemoryMmap,
+    mem: &crate::memory::GuestMemoryMmap,
     vcpu: &crate::vcpu::Vcpu,
 ) -> String {
     let mut h = Sha256::new();

@@ -14,16 +14,14 @@ use std::time::Duration;
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 
 use super::kvm::{kvm_err, set_memslots};
-use super::{takeover_snapshot_path, AfterTakeover, Vm, VmError, VmExit};
+use super::{takeover_snapshot_path, AfterTakeover, JoinStep, Vm, VmError, VmExit};
 use crate::deadline::{kick_after, KickInputs};
 use crate::emulate;
-use crate::nondet::DoorError;
 use crate::nondet::LiveDoor;
 use crate::nondet::{Mode, Wake};
-use crate::record::{config_hash_of_state, log_header, recorder_id, RecordDoor, VmSource};
+use crate::record::{log_header, RecordDoor, VmSource};
 use crate::shared_disk::ViewMode;
 use crate::watchdog::ProgressWatchdog;
-use ft_log::LogHeader;
 
 /// Tell the progress watchdog about a port exit (and console output: a
 /// write to COM1's data register); print its warning, once per stall.
@@ -93,8 +91,10 @@ impl Vm {
             }
             if let Some(pair) = self.pair.as_mut() {
                 pair.boundary(self.door.as_mut(), self.positions.now().exit)?;
-                if pair.join_waiting() {
-                    self.hand_over_state()?;
+                match pair.join_step() {
+                    JoinStep::Idle => {}
+                    JoinStep::Begin => self.begin_copy()?,
+                    JoinStep::RoundSent => self.copy_round()?,
                 }
             }
             if let Some(end) = self.stop_point(counted)? {
@@ -359,86 +359,6 @@ impl Vm {
             snap.display()
         );
         Ok(())
-    }
-
-    /// A new backup waits for the state (re-protection): with the guest
-    /// paused at this boundary, take the state, give it to the pair hooks
-    /// (which send it, then the log), and record from this state on.
-    fn hand_over_state(&mut self) -> Result<(), VmError> {
-        let t0 = Instant::now();
-        let pos = self.positions.now().exit;
-        if self.door.mode() == Mode::Replay {
-            return Err(DoorError::Ft("a replaying side has no state to hand over".into()).into());
-        }
-        self.settle()?;
-        let stand_in = Box::new(LiveDoor::new(0, None, self._kicker));
-        let live = std::mem::replace(&mut self.door, stand_in)
-            .into_live()
-            .ok_or_else(|| DoorError::Ft("the door has no live door to go on with".into()))?;
-        // A recording continues counting the console input the guest had.
-        let input_logged = live.input_handed();
-        // What can fail here leaves the VM running (live, as it was, only
-        // without the old log nobody reads): the joining backup is refused.
-        let prepared = self.transfer_state(live.now_ns());
-        let (state, header) = match prepared {
-            Ok(p) => p,
-            Err(e) => {
-                self.door = Box::new(live);
-                if let Some(pair) = self.pair.as_mut() {
-                    pair.join_failed(&e.to_string());
-                }
-                return Ok(());
-            }
-        };
-        // A live side asked KVM for interrupt windows; recording does not
-        // use them (their exits are not deterministic here).
-        self.vcpu.fd.get_kvm_run().request_interrupt_window = 0;
-        // The state holds every page written so far: epochs carry what is
-        // written from here on, whole at first.
-        set_memslots(&self.vmfd, &self.mem, KVM_MEM_LOG_DIRTY_PAGES, false)?;
-        self.epoch_pages = Default::default();
-        for v in self.devices.mmio.shared_views() {
-            v.set_mode(ViewMode::Record);
-        }
-        let Some(pair) = self.pair.as_mut() else {
-            self.door = Box::new(live);
-            return Ok(());
-        };
-        let next = match pair.hand_over(pos, state) {
-            Ok(n) => n,
-            Err(e) => {
-                pair.join_failed(&e.to_string());
-                self.door = Box::new(live);
-                return Ok(());
-            }
-        };
-        self.epoch_bound = next.epoch_bound;
-        self.door = Box::new(
-            RecordDoor::to_writer(next.sink, next.name, &header, live)?
-                .with_input_logged(input_logged),
-        );
-        pair.resumed(t0.elapsed());
-        Ok(())
-    }
-
-    /// The state now (a snapshot file's bytes) and the header of a log
-    /// that starts from it.
-    fn transfer_state(&mut self, clock_ns: u64) -> Result<(Vec<u8>, LogHeader), VmError> {
-        let body = self.snapshot_body(clock_ns)?;
-        let state = crate::snapshot::file_bytes(&body);
-        drop(body);
-        let hash = config_hash_of_state(&state, &self.disks, &self.nets)
-            .map_err(|e| DoorError::Ft(format!("the state's configuration: {e}")))?;
-        let header = LogHeader {
-            kernel: String::new(),
-            initrd: None,
-            mem_mib: self.mem_mib,
-            cmdline: self.cmdline.clone(),
-            config_hash: hash,
-            recorder: recorder_id(),
-            snapshot: Some("(state transfer)".into()),
-        };
-        Ok((state, header))
     }
 
     /// Arm the deadline kicker after a stop, by the policy in

@@ -85,7 +85,9 @@ use tracing::{debug, warn};
 use virtio_bindings::virtio_blk as blk;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::memory::GuestMemoryMmap;
 
 use super::{HostError, QueueRun, VirtioDevice};
 use crate::shared_disk::{SharedView, ViewError};

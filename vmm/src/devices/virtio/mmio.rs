@@ -65,7 +65,9 @@ use tracing::{debug, warn};
 use virtio_bindings::virtio_mmio as reg;
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemoryMmap;
 
 use super::{
     status, HostError, QueueRun, VirtioDevice, INT_CONFIG_CHANGE, INT_USED_BUFFER, MMIO_MAGIC,

@@ -42,9 +42,9 @@ pub mod mmio;
 pub mod net;
 pub mod tap;
 
+use crate::memory::GuestMemoryMmap;
 use thiserror::Error;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 use crate::snapshot::{Decoder, Encoder, SnapshotError};
 
@@ -160,7 +160,8 @@ pub trait VirtioDevice {
 /// further queues from [`testing::EXTRA_RINGS`] on ([`testing::rings`]).
 #[cfg(test)]
 pub(crate) mod testing {
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use crate::memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::{status, MmioTransport, VirtioDevice, VIRTIO_F_VERSION_1};
 

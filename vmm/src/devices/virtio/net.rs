@@ -106,7 +106,9 @@ use tracing::{debug, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net as vnet;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::memory::GuestMemoryMmap;
 
 use super::{MmioTransport, QueueRun, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::snapshot::{Decoder, Encoder, SnapshotError};

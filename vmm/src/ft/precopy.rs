@@ -1,0 +1,500 @@
+//! Pre-copy: guest memory goes to a joining backup while the guest runs,
+//! in rounds, before the short pause that takes the rest.
+//!
+//! ```text
+//! run loop (vCPU thread, at boundaries)          transfer thread (this module)
+//! Begin: dirty tracking on and clean ─▶ start ─▶ opening, round 0: every non-zero page
+//! RoundSent? take the pages written since ─▶      (guest memory read while it runs)
+//!   Plan::next ─ Round ─▶ next_round(pages) ───▶ round n: those pages
+//!              └ Pause ─▶ settle, take the last ─▶ finish: the last pages (copied in
+//!                written pages, vCPU, devices         the pause), the final record; then
+//!                ─▶ finish(...) ─▶ guest runs on      `after` (the log follows)
+//! ```
+//!
+//! A page written during a round is in the next round's set (KVM's dirty
+//! log for the guest's writes, [`crate::memory::take_host_writes`] for the
+//! monitor's), so each round sends what the previous one may have read
+//! half-written, and the pause's copy is exact. The wire format is
+//! [`super::transfer`]'s.
+
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Sender as WorkTx};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::transfer::{self, Sender, StreamOffsets};
+use crate::memory::{mem_bytes, GuestMemoryMmap, PAGE};
+
+/// When to stop copying and pause the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Most rounds while the guest runs (round 0 included).
+    pub max_rounds: u32,
+    /// Few enough written pages to take in the pause.
+    pub pause_pages: usize,
+}
+
+impl Default for Plan {
+    /// Up to 8 rounds; pause at 4 MiB of written pages or fewer (copied in
+    /// memory during the pause: a few milliseconds; sent after it).
+    fn default() -> Self {
+        Plan {
+            max_rounds: 8,
+            pause_pages: 1024,
+        }
+    }
+}
+
+/// What follows a copy round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Copy the written pages in another round, guest running.
+    Round,
+    /// Pause the guest and take the rest.
+    Pause,
+}
+
+impl Plan {
+    /// After round `done` (0 is the first), the guest had written
+    /// `written` pages; `before` is the count after the round before.
+    pub fn next(&self, done: u32, written: usize, before: Option<usize>) -> Next {
+        let last = done + 1 >= self.max_rounds;
+        // A guest that writes as fast as the rounds go gains nothing from
+        // more of them.
+        let stalled = done >= 2 && before.is_some_and(|b| written >= b);
+        if written <= self.pause_pages || last || stalled {
+            Next::Pause
+        } else {
+            Next::Round
+        }
+    }
+}
+
+/// Where the copy stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// A round is being sent.
+    Sending,
+    /// The last round asked for is sent; the next step is the run loop's.
+    RoundSent,
+    /// The pause's part is handed over (the thread may still send it).
+    Finished,
+    /// The link failed or the thread could not run: the copy is over.
+    Failed(String),
+}
+
+/// How the transfer thread ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Everything sent, the final record included.
+    Sent,
+    /// Given up by the run loop before the end.
+    GivenUp,
+    /// Writing failed.
+    Failed(io::Error),
+}
+
+enum Work {
+    Round {
+        round: u32,
+        pages: Vec<u64>,
+    },
+    Finish {
+        round: u32,
+        pages: Vec<u64>,
+        data: Vec<u8>,
+        offsets: StreamOffsets,
+        state: Vec<u8>,
+    },
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Bytes written: exact while a round is not being sent.
+    sent: AtomicU64,
+    round_sent: AtomicBool,
+    failed: Mutex<Option<String>>,
+}
+
+/// Statistics of a copy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Pages asked for in each round while the guest ran (round 0: all
+    /// of memory, the zero pages are not sent).
+    pub round_pages: Vec<u64>,
+    /// Pages copied in the pause.
+    pub pause_pages: u64,
+}
+
+/// A copy to one joining backup: the run loop's handle on its thread.
+pub struct Precopy {
+    work: Option<WorkTx<Work>>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    plan: Plan,
+    /// Rounds handed to the thread so far.
+    rounds: u32,
+    before: Option<usize>,
+    finished: bool,
+    stats: CopyStats,
+}
+
+impl Precopy {
+    /// Start copying `mem` to `link` for `generation`: the thread sends the
+    /// opening and round 0 at once, at most `rate` bytes per second.
+    /// `progress` gets the bytes sent after each batch; `after` gets the
+    /// link back and the outcome when the thread ends.
+    pub fn start<W: Write + Send + 'static>(
+        link: W,
+        mem: GuestMemoryMmap,
+        generation: u64,
+        rate: Option<u64>,
+        plan: Plan,
+        progress: Box<dyn FnMut(u64) + Send>,
+        after: Box<dyn FnOnce(W, Outcome) + Send>,
+    ) -> io::Result<Precopy> {
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = channel::<Work>();
+        let sh = shared.clone();
+        let len = mem_len(&mem);
+        let pages = len / PAGE as u64;
+        let thread = std::thread::Builder::new()
+            .name("vmft-transfer".into())
+            .spawn(move || {
+                let mut link = link;
+                let mut progress = progress;
+                let mut read = |page: u64, buf: &mut [u8]| {
+                    mem.read_slice(buf, GuestAddress(page * PAGE as u64))
+                        .map_err(io::Error::other)
+                };
+                let outcome = (|| -> io::Result<bool> {
+                    let mut s = Sender::open(&mut link, generation, len, rate)?;
+                    let mut report = |n: u64| {
+                        sh.sent.store(n, Ordering::Release);
+                        progress(n);
+                    };
+                    let all: Vec<u64> = (0..pages).collect();
+                    s.pages(0, &all, true, &mut read, &mut report)?;
+                    drop(all);
+                    sh.sent.store(s.sent(), Ordering::Release);
+                    sh.round_sent.store(true, Ordering::Release);
+                    while let Ok(work) = rx.recv() {
+                        match work {
+                            Work::Round { round, pages } => {
+                                s.pages(round, &pages, false, &mut read, &mut report)?;
+                                sh.sent.store(s.sent(), Ordering::Release);
+                                sh.round_sent.store(true, Ordering::Release);
+                            }
+                            Work::Finish {
+                                round,
+                                pages,
+                                data,
+                                offsets,
+                                state,
+                            } => {
+                                s.finish(round, &pages, &data, &offsets, &state)?;
+                                report(s.sent());
+                                return Ok(true);
+                            }
+                        }
+                    }
+                    Ok(false)
+                })();
+                let outcome = match outcome {
+                    Ok(true) => Outcome::Sent,
+                    Ok(false) => Outcome::GivenUp,
+                    Err(e) => {
+                        *sh.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                        Outcome::Failed(e)
+                    }
+                };
+                after(link, outcome);
+            })?;
+        Ok(Precopy {
+            work: Some(tx),
+            shared,
+            thread: Some(thread),
+            plan,
+            rounds: 1,
+            before: None,
+            finished: false,
+            stats: CopyStats {
+                round_pages: vec![pages],
+                pause_pages: 0,
+            },
+        })
+    }
+
+    /// Where the copy stands.
+    pub fn phase(&self) -> Phase {
+        if let Some(why) = self
+            .shared
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Phase::Failed(why);
+        }
+        if self.finished {
+            Phase::Finished
+        } else if self.shared.round_sent.load(Ordering::Acquire) {
+            Phase::RoundSent
+        } else {
+            Phase::Sending
+        }
+    }
+
+    /// Whether the pause's part was handed over.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Rounds so far (the pause's counts once finished).
+    pub fn rounds(&self) -> u32 {
+        self.rounds
+    }
+
+    /// Bytes sent so far.
+    pub fn sent(&self) -> u64 {
+        self.shared.sent.load(Ordering::Acquire)
+    }
+
+    /// The copy's statistics.
+    pub fn stats(&self) -> &CopyStats {
+        &self.stats
+    }
+
+    /// With the round sent, the guest wrote `pages` since: copy them in
+    /// another round (`None`), or give them back to take in the pause.
+    pub fn next_round(&mut self, pages: Vec<u64>) -> Option<Vec<u64>> {
+        debug_assert_eq!(self.phase(), Phase::RoundSent);
+        let next = self.plan.next(self.rounds - 1, pages.len(), self.before);
+        if next == Next::Pause {
+            return Some(pages);
+        }
+        self.before = Some(pages.len());
+        self.stats.round_pages.push(pages.len() as u64);
+        self.shared.round_sent.store(false, Ordering::Release);
+        let round = self.rounds;
+        self.rounds += 1;
+        if let Some(tx) = &self.work {
+            // A closed channel: the thread failed, which `phase` shows.
+            let _ = tx.send(Work::Round { round, pages });
+        }
+        None
+    }
+
+    /// Hand over the pause's part: the `pages` written since the last
+    /// round with their bytes (`data`, copied in the pause), the streams'
+    /// offsets and the state up to memory. Returns the transfer's total
+    /// length: the log follows it on the link.
+    pub fn finish(
+        &mut self,
+        pages: Vec<u64>,
+        data: Vec<u8>,
+        offsets: StreamOffsets,
+        state: Vec<u8>,
+    ) -> u64 {
+        debug_assert_eq!(self.phase(), Phase::RoundSent);
+        let total = self.sent() + transfer::final_len(pages.len(), state.len());
+        self.stats.pause_pages = pages.len() as u64;
+        let round = self.rounds;
+        self.rounds += 1;
+        self.finished = true;
+        if let Some(tx) = self.work.take() {
+            let _ = tx.send(Work::Finish {
+                round,
+                pages,
+                data,
+                offsets,
+                state,
+            });
+        }
+        total
+    }
+
+    /// Give the copy up (the thread ends after its batch) and wait for it.
+    pub fn give_up(&mut self) {
+        self.work = None;
+        self.join();
+    }
+
+    /// Wait for the thread (which, finished, waits for the new backup).
+    pub fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Precopy {
+    fn drop(&mut self) {
+        self.work = None;
+    }
+}
+
+/// Bytes of guest memory (the VM's one region).
+fn mem_len(mem: &GuestMemoryMmap) -> u64 {
+    mem_bytes(mem).len() as u64
+}
+
+/// Copy `pages` of `mem` into one buffer, in order (in the pause).
+pub fn copy_pages(mem: &GuestMemoryMmap, pages: &[u64]) -> Result<Vec<u8>, String> {
+    let mut data = vec![0u8; pages.len() * PAGE];
+    for (k, p) in pages.iter().enumerate() {
+        mem.read_slice(
+            &mut data[k * PAGE..(k + 1) * PAGE],
+            GuestAddress(p * PAGE as u64),
+        )
+        .map_err(|e| format!("page {p}: {e}"))?;
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::ft::transfer::receive;
+    use crate::memory::{encode_memory, pages_of, take_host_writes};
+    use crate::snapshot::Encoder;
+
+    #[test]
+    fn the_plan_pauses_when_little_is_left_or_nothing_is_gained() {
+        let p = Plan {
+            max_rounds: 5,
+            pause_pages: 10,
+        };
+        assert_eq!(p.next(0, 10, None), Next::Pause);
+        assert_eq!(p.next(0, 500, None), Next::Round);
+        assert_eq!(p.next(1, 400, Some(500)), Next::Round);
+        // Not shrinking after the third round: pause.
+        assert_eq!(p.next(2, 450, Some(400)), Next::Pause);
+        assert_eq!(p.next(2, 300, Some(400)), Next::Round);
+        // The round limit.
+        assert_eq!(p.next(4, 200, Some(300)), Next::Pause);
+    }
+
+    /// A writer whose bytes the test reads afterwards.
+    #[derive(Clone, Default)]
+    struct Wire(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Wire {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn wait_round(c: &Precopy) {
+        for _ in 0..500 {
+            if c.phase() == Phase::RoundSent {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the round was not sent: {:?}", c.phase());
+    }
+
+    /// The guest's writes between rounds (here the test's, tracked as the
+    /// monitor's are) reach the backup: its rebuilt memory is the memory at
+    /// the pause, byte for byte.
+    #[test]
+    fn memory_written_during_the_rounds_arrives_as_it_was_at_the_pause() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2048 * PAGE)]).unwrap();
+        for p in (0..2048u64).step_by(5) {
+            mem.write_obj(p | 1, GuestAddress(p * PAGE as u64)).unwrap();
+        }
+        take_host_writes(&mem);
+        let wire = Wire::default();
+        let (done_tx, done_rx) = mpsc::channel();
+        let plan = Plan {
+            max_rounds: 8,
+            pause_pages: 3,
+        };
+        let mut c = Precopy::start(
+            wire.clone(),
+            mem.clone(),
+            42,
+            None,
+            plan,
+            Box::new(|_| {}),
+            Box::new(move |_, o| done_tx.send(matches!(o, Outcome::Sent)).unwrap()),
+        )
+        .unwrap();
+        wait_round(&c);
+        // Written during round 0: 300 pages, then 3 during round 1.
+        for p in 0..300u64 {
+            mem.write_obj(0xdead_0000 + p, GuestAddress(p * 6 * PAGE as u64))
+                .unwrap();
+        }
+        let written = pages_of(&take_host_writes(&mem));
+        assert_eq!(written.len(), 300);
+        assert!(c.next_round(written).is_none(), "another round");
+        wait_round(&c);
+        for p in [1u64, 2, 2047] {
+            mem.write_obj(0xbeefu64, GuestAddress(p * PAGE as u64 + 8))
+                .unwrap();
+        }
+        let written = pages_of(&take_host_writes(&mem));
+        let last = c.next_round(written).expect("3 pages: pause");
+        let data = copy_pages(&mem, &last).unwrap();
+        let offsets = StreamOffsets {
+            console: 5,
+            frames: 6,
+            disk: 7,
+        };
+        let total = c.finish(last, data, offsets, b"state".to_vec());
+        assert!(done_rx.recv_timeout(Duration::from_secs(10)).unwrap());
+        c.join();
+        assert_eq!(c.stats().round_pages, vec![2048, 300]);
+        assert_eq!((c.stats().pause_pages, c.rounds()), (3, 3));
+        let bytes = wire.0.lock().unwrap().clone();
+        assert_eq!(bytes.len() as u64, total);
+        let got = receive(&mut io::Cursor::new(bytes), &mut |_| {}).unwrap();
+        assert_eq!((got.generation, got.offsets, got.rounds), (42, offsets, 3));
+        let mut e = Encoder::new();
+        e.raw(b"state");
+        encode_memory(&mut e, mem_bytes(&mem));
+        assert!(
+            got.snapshot == crate::snapshot::file_bytes(&e.into_bytes()),
+            "the rebuilt memory differs from the memory at the pause"
+        );
+    }
+
+    /// A link that fails shows as a failed phase; the thread ends.
+    #[test]
+    fn a_failed_link_fails_the_copy() {
+        struct Broken;
+        impl Write for Broken {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::new(io::ErrorKind::BrokenPipe, "gone"))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * PAGE)]).unwrap();
+        let mut c = Precopy::start(
+            Broken,
+            mem,
+            1,
+            None,
+            Plan::default(),
+            Box::new(|_| {}),
+            Box::new(|_, o| assert!(matches!(o, Outcome::Failed(_)))),
+        )
+        .unwrap();
+        c.join();
+        assert!(matches!(c.phase(), Phase::Failed(w) if w.contains("gone")));
+    }
+}
