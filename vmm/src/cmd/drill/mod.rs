@@ -282,8 +282,19 @@ pub fn drill(args: DrillArgs, stop: StopHandle) -> Result<u8> {
         Hosts::Local => "local (processes on this host)",
         Hosts::Netns => "netns (namespaces on one LAN)",
     };
-    c.wait_protected(step, &stop)
-        .context("the pair did not form")?;
+    c.wait_protected(step, &stop).with_context(|| {
+        let card = match (args.guest_net(), &args.restore) {
+            (Some(net), Some(_)) => format!(
+                " (the sides give the guest --net {net}: the snapshot must have been taken \
+                 with that card, or run with --no-tcp)"
+            ),
+            (None, Some(_)) if args.hosts == Hosts::Netns => {
+                " (with --no-tcp the guest has no network card: the snapshot must have none)".into()
+            }
+            _ => String::new(),
+        };
+        format!("the pair did not form{card}")
+    })?;
     eprintln!(
         "vmft drill: the pair is protected after {:.1} s",
         t0.elapsed().as_secs_f64()

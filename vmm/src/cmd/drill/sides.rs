@@ -769,19 +769,27 @@ impl Cluster {
             {
                 return Ok(());
             }
+            let mut ended = None;
             for s in &mut self.sides {
                 if s.status.is_none() {
                     if let Ok(Some(st)) = s.child.try_wait() {
                         s.status = Some(st);
                         if s.name == self.live || s.name == self.backup {
-                            bail!(
-                                "{} ended ({st}); see its log in {}",
-                                s.name,
-                                self.out.join("logs").display()
-                            );
+                            ended = Some((s.name.clone(), st));
                         }
                     }
                 }
+            }
+            if let Some((name, st)) = ended {
+                // What each side of the pair last said: the one that
+                // ended may only have followed the other.
+                bail!(
+                    "{name} ended ({st}); {}: {}; {}: {}",
+                    self.live,
+                    self.last_log_line(&self.live),
+                    self.backup,
+                    self.last_log_line(&self.backup)
+                );
             }
             if start.elapsed() > limit || stop.requested().is_some() {
                 bail!("not protected within {} s", limit.as_secs());
