@@ -53,8 +53,6 @@ pub const GUEST_MAC: &str = "02:76:6d:66:74:00";
 /// Where the `drill` workload's echo server listens: its default address
 /// (`vmft.ip`, 10.77.0.50/24, on the namespaces' LAN) and port.
 const GUEST_ECHO: ([u8; 4], u16) = ([10, 77, 0, 50], 7000);
-/// How long the guest may take to answer the stream's first connection.
-const TCP_CONNECT_LIMIT: Duration = Duration::from_secs(60);
 
 /// The faults a drill injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
@@ -220,10 +218,11 @@ impl Rng {
 }
 
 /// The TCP stream: one connection to the guest's echo server from the
-/// console's host, once the guest answers.
-fn open_stream(c: &Cluster, t0: Instant, args: &DrillArgs) -> Result<TcpStream> {
+/// console's host, once the guest answers (a guest booting rather than
+/// restored takes a while: up to `step`).
+fn open_stream(c: &Cluster, t0: Instant, args: &DrillArgs, step: Duration) -> Result<TcpStream> {
     let target = std::net::SocketAddr::from(GUEST_ECHO);
-    let (sock, from) = c.connect_guest(target, TCP_CONNECT_LIMIT)?;
+    let (sock, from) = c.connect_guest(target, step)?;
     let limit = Duration::from_secs(args.tcp_stall_limit_s);
     let s = TcpStream::start(sock, target, &from, t0, limit)
         .with_context(|| format!("cannot start the stream to {target}"))?;
@@ -306,7 +305,7 @@ pub fn drill(args: DrillArgs, stop: StopHandle) -> Result<u8> {
             report.tcp = Tcp::NotChecked(why.into());
             None
         }
-        None => match open_stream(&c, t0, &args) {
+        None => match open_stream(&c, t0, &args, step) {
             Ok(s) => Some(s),
             Err(e) => {
                 let why = format!("{e:#}");

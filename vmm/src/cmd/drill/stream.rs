@@ -129,7 +129,9 @@ impl TcpStream {
                             lock(&check).send_failed(&e);
                             return;
                         }
-                        next += PERIOD;
+                        // A steady pace: after a blocked write, no burst to
+                        // catch up.
+                        next = (next + PERIOD).max(Instant::now());
                         std::thread::sleep(next.saturating_duration_since(Instant::now()));
                     }
                 })?
@@ -195,6 +197,10 @@ impl TcpStream {
                 "{n} lines never came back within {} s of the last one sent",
                 self.limit.as_secs()
             ));
+        }
+        if lock(&self.check).broken().is_some() {
+            self.ended = Some(Instant::now());
+            return;
         }
         if let Err(e) = self.sock.shutdown(Shutdown::Write) {
             lock(&self.check).break_with(format!("cannot half-close the connection: {e}"));
