@@ -133,7 +133,10 @@ pub struct DrillArgs {
     #[arg(long, default_value = "drill-out")]
     pub out: PathBuf,
     /// Start from this snapshot of the `drill` workload instead of booting
-    /// the default guest with it.
+    /// the default guest with it (with --hosts netns and no --no-tcp, taken
+    /// with the card the sides give the guest: `vmft run --workload drill
+    /// --append vmft.count=0 --net tap=vmft0,mac=02:76:6d:66:74:00
+    /// --snapshot-on-ready FILE`, with a tap vmft0 in that namespace).
     #[arg(long, value_name = "FILE")]
     pub restore: Option<PathBuf>,
     /// Declare a side failed after this long without hearing from it, ms.
