@@ -3,6 +3,9 @@
 //! turn, each followed by re-protection; the verdict holds. And the drill
 //! can fail: with the output rule broken on purpose (the test-only switch)
 //! the transcript shows output of two executions and the verdict is FAIL.
+//! With hosts as network namespaces the guest also has a network card and
+//! one TCP connection to its echo server must carry every line back
+//! exactly, across every round.
 //!
 //! The tests here run one at a time (each runs two to three guests).
 
@@ -21,59 +24,98 @@ fn serial() -> MutexGuard<'static, ()> {
     ONE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The network card `vmft drill --hosts netns` gives the guest (its tap
+/// and MAC): a snapshot for it must have the same.
+const DRILL_NET: &str = "tap=vmft0,mac=02:76:6d:66:74:00";
+
 /// A snapshot of the default guest running `drill` (taken once).
 fn drill_snapshot() -> &'static Path {
     static SNAP: OnceLock<PathBuf> = OnceLock::new();
-    SNAP.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
-        let snap = dir.join("drill.snap");
-        let (kernel, initrd) = image();
-        let mut cmd = vmft();
-        cmd.args([
-            "run",
-            "--workload",
-            "drill",
-            "--no-stdin",
-            "--snapshot-on-ready",
-        ])
-        .arg(&snap)
-        .arg("--kernel")
-        .arg(kernel)
-        .arg("--initrd")
-        .arg(initrd)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-        let t0 = Instant::now();
-        let mut child = cmd.spawn().unwrap();
-        while !snap.exists() {
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("the boot ended ({st}) before its snapshot");
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(400),
-                "no drill snapshot within 400 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
+    SNAP.get_or_init(|| take_snapshot("drill.snap", false))
+}
+
+/// A snapshot of the default guest running `drill` with the network card
+/// of [`DRILL_NET`] (taken once, in a namespace of its own with a tap of
+/// that name in no bridge: the guest only configures eth0 after a
+/// restore).
+fn drill_net_snapshot() -> &'static Path {
+    static SNAP: OnceLock<PathBuf> = OnceLock::new();
+    SNAP.get_or_init(|| take_snapshot("drill-net.snap", true))
+}
+
+/// Boot the `drill` workload and snapshot it at its ready marker; `net`:
+/// with the card of [`DRILL_NET`], running until stopped.
+fn take_snapshot(name: &str, net: bool) -> PathBuf {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let snap = dir.join(name);
+    let (kernel, initrd) = image();
+    let ns = net.then(|| {
+        let ns = netns::Netns::new("drill-snap").unwrap();
+        ns.make_tap("vmft0", None).unwrap();
+        ns
+    });
+    let mut cmd = match &ns {
+        Some(ns) => ns.exec(env!("CARGO_BIN_EXE_vmft")),
+        None => vmft(),
+    };
+    cmd.args([
+        "run",
+        "--workload",
+        "drill",
+        "--no-stdin",
+        "--snapshot-on-ready",
+    ])
+    .arg(&snap)
+    .arg("--kernel")
+    .arg(kernel)
+    .arg("--initrd")
+    .arg(initrd)
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    if net {
+        cmd.args(["--net", DRILL_NET, "--append", "vmft.count=0"]);
+    }
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    while !snap.exists() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("the boot ended ({st}) before its snapshot");
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        eprintln!(
-            "drill: snapshot taken after {:.1} s of boot",
-            t0.elapsed().as_secs_f64()
+        assert!(
+            t0.elapsed() < Duration::from_secs(400),
+            "no drill snapshot within 400 s"
         );
-        snap
-    })
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    eprintln!(
+        "drill: snapshot {name} taken after {:.1} s of boot",
+        t0.elapsed().as_secs_f64()
+    );
+    drop(ns);
+    snap
 }
 
 /// `vmft drill` with `args` on the shared snapshot; returns (status, stdout,
 /// stderr, the report directory).
 fn drill(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String, PathBuf) {
+    drill_on(drill_snapshot(), args, env)
+}
+
+/// `vmft drill` with `args` on `snap`.
+fn drill_on(
+    snap: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String, String, PathBuf) {
     arbiter_bin();
     let out = tempfile::tempdir().unwrap().keep();
     let mut cmd: Command = vmft();
     cmd.arg("drill")
         .arg("--restore")
-        .arg(drill_snapshot())
+        .arg(snap)
         .arg("--out")
         .arg(&out)
         .args(args)
@@ -95,6 +137,12 @@ fn every_fault_kind_in_turn_with_re_protection_holds_every_invariant() {
         code == Some(0)
             && verdict.starts_with("verdict: PASS rounds=5 lost=0 repeated=0 double-live=0"),
         "exit {code:?}, verdict {verdict:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    // On one host there is no TCP stream, and nothing claims there was.
+    assert!(
+        verdict.contains("tcp=not-checked")
+            && stdout.contains("tcp stream: not checked (needs --hosts netns"),
+        "{stdout}"
     );
     // Every fault kind ran once and each round failed over and re-protected.
     let tsv = std::fs::read_to_string(out.join("rounds.tsv")).unwrap();
@@ -126,14 +174,18 @@ fn every_fault_kind_in_turn_with_re_protection_holds_every_invariant() {
 
 /// The same with hosts as network namespaces (`--hosts netns`): arbiter,
 /// console and the sides on their own hosts of one LAN, partitions as
-/// `iptables` DROP rules between hosts.
+/// `iptables` DROP rules between hosts. The guest has a network card (a
+/// tap on each side's host) and one TCP connection from the console's
+/// host to its echo server carries a line every 100 ms from start to end:
+/// every byte back once, in order, across every round.
 #[test]
 fn in_network_namespaces_with_firewall_partitions_every_invariant_holds() {
     if !require_kvm() || !netns::require_net() {
         return;
     }
     let _one = serial();
-    let (code, stdout, stderr, out) = drill(
+    let (code, stdout, stderr, out) = drill_on(
+        drill_net_snapshot(),
         &[
             "--hosts",
             "netns",
@@ -160,7 +212,65 @@ fn in_network_namespaces_with_firewall_partitions_every_invariant_holds() {
             .is_some_and(|l| l.contains("\tpartition\t")),
         "{tsv}"
     );
+    // The TCP stream survived: checked, every line it sent echoed.
+    assert!(verdict.contains("tcp=ok"), "{verdict}");
+    let tcp = stdout
+        .lines()
+        .find(|l| l.starts_with("tcp stream: "))
+        .unwrap_or_else(|| panic!("no tcp stream line:\n{stdout}"));
+    let (sent, echoed) = tcp_counts(tcp);
+    assert!(
+        tcp.contains("every byte once and in order") && sent == echoed,
+        "{tcp}"
+    );
+    // A line every 100 ms through five rounds (about 10 s at the least).
+    assert!(sent >= 100, "only {sent} lines in the stream: {tcp}");
+    // Each round's stall is in the table; where nobody was live for the
+    // 2 s failure timeout (stop, partition, the arbiter down), no echo
+    // came back for at least about that long, and the stream waited it out.
+    let header: Vec<&str> = tsv.lines().next().unwrap().split('\t').collect();
+    let col = header
+        .iter()
+        .position(|h| *h == "tcp_stall_s")
+        .expect("tcp_stall_s");
+    for row in tsv
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').collect::<Vec<_>>())
+    {
+        let stall: f64 = row[col]
+            .parse()
+            .unwrap_or_else(|_| panic!("round {} has no stall figure:\n{tsv}", row[0]));
+        if matches!(row[1], "stop" | "partition" | "arbiter") {
+            assert!(
+                stall >= 1.5,
+                "round {} ({}): stall {stall} s\n{tsv}",
+                row[0],
+                row[1]
+            );
+        }
+        assert!(stall < 30.0, "{tsv}");
+    }
     println!("{stdout}");
+}
+
+/// (lines sent, lines echoed) from the report's `tcp stream:` line
+/// ("... N lines (B bytes) sent, M lines (C bytes) echoed ...").
+fn tcp_counts(line: &str) -> (u64, u64) {
+    let lines_before = |what: &str| -> u64 {
+        let head = &line[..line
+            .find(what)
+            .unwrap_or_else(|| panic!("no {what:?} in {line}"))];
+        let at = head
+            .rfind(" lines (")
+            .unwrap_or_else(|| panic!("no count before {what:?} in {line}"));
+        head[..at]
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count before {what:?} in {line}"))
+    };
+    (lines_before(" sent,"), lines_before(" echoed"))
 }
 
 /// With etcd as the arbiter: one member down with the primary (the

@@ -37,6 +37,10 @@ pub struct Audit {
     pub foreign: u64,
     /// `ticker done` lines seen.
     pub done: u64,
+    /// The `drill` workload's network lines (`net: ...`: eth0 up, the
+    /// echo server listening, or why not), which are not chained: the
+    /// drill's TCP stream checks the network.
+    pub net: u64,
     /// The first problem, in words.
     pub first_problem: Option<String>,
 }
@@ -146,6 +150,9 @@ pub fn drill_next(h: u64, i: u64, t: u64) -> u64 {
 /// line from another execution (output that escaped the output rule, then
 /// re-executed differently by the backup) shows as `wrong`. A workload run
 /// until stopped has no end line: the transcript is checked as a prefix.
+/// Lines `net: ...` (a guest with a network card sets it up and starts its
+/// echo server before the first drill line) are counted in [`Audit::net`]
+/// and otherwise left alone.
 pub fn audit_drill(text: &str) -> Audit {
     let mut a = Audit::default();
     let mut h = 7u64;
@@ -159,6 +166,10 @@ pub fn audit_drill(text: &str) -> Audit {
         let line = raw.trim_end_matches('\r');
         if line.starts_with("drill done ") {
             a.done += 1;
+            continue;
+        }
+        if line.starts_with("net: ") {
+            a.net += 1;
             continue;
         }
         if let Some(rest) = line.strip_prefix("drill ") {
@@ -263,6 +274,26 @@ mod tests {
         // A last line cut short by the stop is not audited.
         let cut = audit_drill(&format!("{head}drill 11 t=5 h=5"));
         assert!(cut.clean() && cut.last == 10, "{cut:?}");
+    }
+
+    #[test]
+    fn the_network_lines_of_a_drill_guest_are_counted_not_chained() {
+        let (t, _) = drill_lines(1, 20, 500, 7);
+        let text = format!(
+            "VMFT-READY workload=drill\r\nnet: eth0 up at 10.77.0.50/24\r\n\
+             net: echo server on 7000\r\n{t}"
+        );
+        let a = audit_drill(&text);
+        assert!(a.clean(), "{a:?}");
+        assert_eq!((a.lines, a.last, a.net), (20, 20, 2));
+        // Only the workload's own prefix: "network:" or "net:x" are not it.
+        for stray in ["network: up\r\n", "net:eth0\r\n"] {
+            let a = audit_drill(&format!("{stray}{t}"));
+            assert_eq!((a.foreign, a.net), (1, 0), "{stray:?}: {a:?}");
+        }
+        // A ticker transcript has no network lines: one is foreign there.
+        let a = audit_ticker("net: eth0 up at 10.77.0.50/24\r\n", None);
+        assert_eq!(a.foreign, 1, "{a:?}");
     }
 
     fn transcript(lines: &[u64], done: bool) -> String {

@@ -2,8 +2,9 @@
 //! one running guest, then print a verdict.
 //!
 //! ```text
-//! drill ─┬─ arbiter (in this process; "killed" = its server stopped, restarted on the same port and data)
+//! drill ─┬─ arbiter (a child process; "killed" = kill -9, restarted on the same port and data)
 //!        ├─ vmft console ─▶ OUT/transcript.txt      (the `drill` workload's chained lines)
+//!        ├─ with --hosts netns: a TCP stream from the console's host to the guest's echo server
 //!        ├─ vmft primary --listen J0 ──▶ relay ──▶ vmft backup --listen L0
 //!        └─ after each failover: vmft backup --join (relay ──▶ survivor's J) --listen Ln
 //! round: protected? ─▶ wait (seeded) ─▶ the next console line ─▶ fault ─▶ survivor's claim won
@@ -17,9 +18,20 @@
 //! audited ([`vmm::lab::audit::audit_drill`]): each line once, in order,
 //! and chained, so output of two executions (the sign of output that
 //! escaped the output rule) shows where the backup took over.
+//!
+//! With `--hosts netns` the guest also has a network card (a tap of the
+//! same name on each side's host, one MAC) and serves TCP echo; one
+//! connection from the console's host carries a numbered line every
+//! 100 ms from the pair's forming to the end ([`stream`]): every byte must
+//! come back once, in order, without a reset and without a stall past
+//! `--tcp-stall-limit-s`. With `--hosts local` both sides would share one
+//! network namespace, where the tap cannot exist twice: no stream, and
+//! the report and verdict say it was not checked.
 
+mod echo;
 mod report;
 mod sides;
+mod stream;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -30,8 +42,17 @@ use clap::{Args, ValueEnum};
 use vmm::lab::audit::audit_drill;
 use vmm::stop::StopHandle;
 
-use report::{Report, Round};
+use report::{Report, Round, Tcp};
 use sides::{Cluster, Event};
+use stream::TcpStream;
+
+/// The tap each side's host gives the guest's card with `--hosts netns`.
+pub const GUEST_TAP: &str = "vmft0";
+/// The guest's MAC (both sides: it is the card's); vmft's default.
+pub const GUEST_MAC: &str = "02:76:6d:66:74:00";
+/// Where the `drill` workload's echo server listens: its default address
+/// (`vmft.ip`, 10.77.0.50/24, on the namespaces' LAN) and port.
+const GUEST_ECHO: ([u8; 4], u16) = ([10, 77, 0, 50], 7000);
 
 /// The faults a drill injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
@@ -112,7 +133,10 @@ pub struct DrillArgs {
     #[arg(long, default_value = "drill-out")]
     pub out: PathBuf,
     /// Start from this snapshot of the `drill` workload instead of booting
-    /// the default guest with it.
+    /// the default guest with it (with --hosts netns and no --no-tcp, taken
+    /// with the card the sides give the guest: `vmft run --workload drill
+    /// --append vmft.count=0 --net tap=vmft0,mac=02:76:6d:66:74:00
+    /// --snapshot-on-ready FILE`, with a tap vmft0 in that namespace).
     #[arg(long, value_name = "FILE")]
     pub restore: Option<PathBuf>,
     /// Declare a side failed after this long without hearing from it, ms.
@@ -137,6 +161,38 @@ pub struct DrillArgs {
     /// re-protection), s.
     #[arg(long, default_value_t = 300)]
     pub step_timeout_s: u64,
+    /// With --hosts netns: no network card for the guest and no TCP
+    /// stream. Otherwise the guest gets --net tap=vmft0,mac=02:76:6d:66:74:00
+    /// (a --restore snapshot must have been taken with that card) and the
+    /// drill keeps one TCP connection to its echo server (10.77.0.50:7000)
+    /// across every round. With --hosts local there is never a stream.
+    #[arg(long)]
+    pub no_tcp: bool,
+    /// The longest the TCP stream may wait for an echo before the drill
+    /// calls it broken, s.
+    #[arg(long, default_value_t = 30)]
+    pub tcp_stall_limit_s: u64,
+}
+
+impl DrillArgs {
+    /// The guest's `--net` option, when it has a network card (and the
+    /// drill a TCP stream).
+    pub fn guest_net(&self) -> Option<String> {
+        (self.hosts == Hosts::Netns && !self.no_tcp)
+            .then(|| format!("tap={GUEST_TAP},mac={GUEST_MAC}"))
+    }
+
+    /// Why there is no TCP stream, if there is none.
+    fn no_stream_reason(&self) -> Option<&'static str> {
+        match (self.hosts, self.no_tcp) {
+            (Hosts::Netns, false) => None,
+            (Hosts::Netns, true) => Some("--no-tcp"),
+            (Hosts::Local, _) => Some(
+                "needs --hosts netns: with --hosts local both sides share one network \
+                 namespace, where the guest's tap cannot exist twice",
+            ),
+        }
+    }
 }
 
 /// The longest the `drill` workload may go without a line (it prints
@@ -162,6 +218,23 @@ impl Rng {
     fn ms(&mut self, lo: u64, hi: u64) -> Duration {
         Duration::from_millis(lo + self.next() % (hi - lo + 1))
     }
+}
+
+/// The TCP stream: one connection to the guest's echo server from the
+/// console's host, once the guest answers (a guest booting rather than
+/// restored takes a while: up to `step`).
+fn open_stream(c: &Cluster, t0: Instant, args: &DrillArgs, step: Duration) -> Result<TcpStream> {
+    let target = std::net::SocketAddr::from(GUEST_ECHO);
+    let (sock, from) = c.connect_guest(target, step)?;
+    let limit = Duration::from_secs(args.tcp_stall_limit_s);
+    let s = TcpStream::start(sock, target, &from, t0, limit)
+        .with_context(|| format!("cannot start the stream to {target}"))?;
+    eprintln!(
+        "vmft drill: TCP stream to {target} from host {from} after {:.1} s (a line every {} ms)",
+        t0.elapsed().as_secs_f64(),
+        stream::PERIOD.as_millis()
+    );
+    Ok(s)
 }
 
 /// `vmft drill`: returns the exit status (0 only when every invariant
@@ -211,14 +284,41 @@ pub fn drill(args: DrillArgs, stop: StopHandle) -> Result<u8> {
         Hosts::Local => "local (processes on this host)",
         Hosts::Netns => "netns (namespaces on one LAN)",
     };
-    c.wait_protected(step, &stop)
-        .context("the pair did not form")?;
+    c.wait_protected(step, &stop).with_context(|| {
+        let card = match (args.guest_net(), &args.restore) {
+            (Some(net), Some(_)) => format!(
+                " (the sides give the guest --net {net}: the snapshot must have been taken \
+                 with that card, or run with --no-tcp)"
+            ),
+            (None, Some(_)) if args.hosts == Hosts::Netns => {
+                " (with --no-tcp the guest has no network card: the snapshot must have none)".into()
+            }
+            _ => String::new(),
+        };
+        format!("the pair did not form{card}")
+    })?;
     eprintln!(
         "vmft drill: the pair is protected after {:.1} s",
         t0.elapsed().as_secs_f64()
     );
     let mut problem: Option<String> = None;
-    for n in 1..=args.rounds {
+    let mut tcp = match args.no_stream_reason() {
+        Some(why) => {
+            eprintln!("vmft drill: no TCP stream ({why})");
+            report.tcp = Tcp::NotChecked(why.into());
+            None
+        }
+        None => match open_stream(&c, t0, &args, step) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                let why = format!("{e:#}");
+                problem = Some(format!("tcp stream: no connection: {why}"));
+                report.tcp = Tcp::NoConnection(why);
+                None
+            }
+        },
+    };
+    for n in (1..=args.rounds).take_while(|_| problem.is_none()) {
         if stop.requested().is_some() {
             problem.get_or_insert("the drill was stopped".into());
             break;
@@ -252,6 +352,10 @@ pub fn drill(args: DrillArgs, stop: StopHandle) -> Result<u8> {
             problem.get_or_insert(format!("round {n}: a backup diverged: {d}"));
             break;
         }
+        if let Some(why) = tcp.as_ref().and_then(TcpStream::problem) {
+            problem.get_or_insert(format!("round {n} ({}): tcp stream: {why}", fault.name()));
+            break;
+        }
     }
     // Output goes on after the last round too.
     if problem.is_none() && !c.wait_for_output(OUTPUT_STALL) {
@@ -260,6 +364,17 @@ pub fn drill(args: DrillArgs, stop: StopHandle) -> Result<u8> {
             OUTPUT_STALL.as_secs()
         ));
     }
+    // The stream's end while the guest still runs: every line echoed,
+    // then a clean close.
+    if let Some(s) = tcp.as_mut() {
+        s.finish();
+        let f = s.figures();
+        if let Some(why) = &f.broken {
+            problem.get_or_insert(format!("tcp stream: {why}"));
+        }
+        report.tcp = Tcp::Checked(f);
+    }
+    drop(tcp);
     // The end: a clean stop, then the transcript's audit.
     let stopped = c.stop_cleanly(step);
     if let Err(e) = &stopped {

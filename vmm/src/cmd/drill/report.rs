@@ -1,6 +1,7 @@
 //! The drill's report: one row per round, a table per fault kind, the
-//! verdict line, and the picture (an SVG timeline of rounds, faults,
-//! failover times and the backup's lag).
+//! TCP stream's figures, the verdict line, and the picture (an SVG
+//! timeline of rounds, faults, failover times, the stream's stalls and the
+//! backup's lag).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -8,7 +9,45 @@ use std::time::{Duration, Instant};
 
 use vmm::lab::audit::Audit;
 
+use super::echo::Stall;
+use super::stream::StreamFigures;
 use super::Fault;
+
+/// A stall of the TCP stream belongs to the round whose fault came last
+/// before it began, or at most this long after (the last echo before a
+/// fault can come just before it).
+const STALL_LEAD: Duration = Duration::from_millis(500);
+
+/// What the drill knows of its TCP stream.
+#[derive(Debug, Clone)]
+pub enum Tcp {
+    /// No stream ran, for this reason.
+    NotChecked(String),
+    /// The stream could not start (no connection to the guest).
+    NoConnection(String),
+    /// The stream ran: its figures (broken or not).
+    Checked(StreamFigures),
+}
+
+impl Tcp {
+    /// The stream ran and broke, or could not start.
+    fn failed(&self) -> bool {
+        match self {
+            Tcp::NotChecked(_) => false,
+            Tcp::NoConnection(_) => true,
+            Tcp::Checked(f) => f.broken.is_some(),
+        }
+    }
+
+    /// Its word in the verdict.
+    fn word(&self) -> &'static str {
+        match self {
+            Tcp::NotChecked(_) => "not-checked",
+            _ if self.failed() => "broken",
+            _ => "ok",
+        }
+    }
+}
 
 /// One round.
 #[derive(Debug, Clone)]
@@ -88,6 +127,8 @@ pub struct Report {
     pub channel: (Duration, Duration),
     /// Where the sides ran.
     pub hosts: &'static str,
+    /// The TCP stream to the guest.
+    pub tcp: Tcp,
     _started: Instant,
 }
 
@@ -117,6 +158,7 @@ impl Report {
             elapsed: Duration::ZERO,
             channel: (Duration::ZERO, Duration::ZERO),
             hosts: "local",
+            tcp: Tcp::NotChecked("not started".into()),
             _started: started,
         }
     }
@@ -142,6 +184,85 @@ impl Report {
             && self.lost() == 0
             && self.repeated() == 0
             && self.double_live() == 0
+            && !self.tcp.failed()
+    }
+
+    /// The round (index) a stall of the stream belongs to: the last whose
+    /// fault came before the stall began (within [`STALL_LEAD`]); `None`
+    /// before the first fault.
+    fn round_of(&self, s: &Stall) -> Option<usize> {
+        self.rounds
+            .iter()
+            .rposition(|r| r.at <= s.start + STALL_LEAD)
+    }
+
+    /// The stream's longest stall in each round (`None` for every round
+    /// when no stream ran; zero for a round without a kept stall).
+    pub fn round_stalls(&self) -> Vec<Option<Duration>> {
+        let Tcp::Checked(f) = &self.tcp else {
+            return vec![None; self.rounds.len()];
+        };
+        let mut v = vec![Some(Duration::ZERO); self.rounds.len()];
+        for s in &f.stalls {
+            if let Some(i) = self.round_of(s) {
+                v[i] = v[i].max(Some(s.length));
+            }
+        }
+        v
+    }
+
+    /// "round 3 (stop)", or "before the first round".
+    fn round_name(&self, s: &Stall) -> String {
+        match self.round_of(s) {
+            Some(i) => format!(
+                "round {} ({})",
+                self.rounds[i].n,
+                self.rounds[i].fault.name()
+            ),
+            None => "before the first round".into(),
+        }
+    }
+
+    /// The stream's lines in the table.
+    fn tcp_line(&self) -> String {
+        match &self.tcp {
+            Tcp::NotChecked(why) => format!("tcp stream: not checked ({why})"),
+            Tcp::NoConnection(why) => format!("tcp stream: FAILED, no connection: {why}"),
+            Tcp::Checked(f) => {
+                let longest = match f.longest() {
+                    Some(s) => format!(
+                        "longest stall {:.2} s at {:.1} s, {}",
+                        s.length.as_secs_f64(),
+                        s.start.as_secs_f64(),
+                        self.round_name(&s)
+                    ),
+                    None => format!(
+                        "no stall of {} ms or more",
+                        super::echo::STALL_KEPT.as_millis()
+                    ),
+                };
+                let head = format!(
+                    "tcp stream: one connection from host {} to the guest's echo server {} for {:.0} s",
+                    f.from,
+                    f.target,
+                    f.duration.as_secs_f64()
+                );
+                let counts = format!(
+                    "{} lines ({} bytes) sent, {} lines ({} bytes) echoed",
+                    f.lines_sent, f.bytes_sent, f.lines_echoed, f.bytes_echoed
+                );
+                match &f.broken {
+                    None => format!(
+                        "{head}: {counts}, every byte once and in order; {longest} (limit {} s)",
+                        f.limit.as_secs()
+                    ),
+                    Some(why) => format!(
+                        "{head}: BROKEN: {why}\n  {counts} before; {longest} (limit {} s)",
+                        f.limit.as_secs()
+                    ),
+                }
+            }
+        }
     }
 
     /// The per-fault table and the totals.
@@ -158,8 +279,10 @@ impl Report {
             "re-protect pause min/med/p99/max".into(),
             "state moved".into(),
             "output delay p50/p99".into(),
+            "tcp stall max".into(),
             "double-live".into(),
         ]];
+        let stalls = self.round_stalls();
         for (f, rs) in &by {
             rows.push([
                 f.name().into(),
@@ -193,10 +316,21 @@ impl Report {
                         )
                     }
                 },
+                {
+                    let max = self
+                        .rounds
+                        .iter()
+                        .zip(&stalls)
+                        .filter(|(r, _)| r.fault == *f)
+                        .filter_map(|(_, s)| *s)
+                        .max();
+                    max.map(|d| format!("{:.2} s", d.as_secs_f64()))
+                        .unwrap_or_else(|| "-".into())
+                },
                 rs.iter().map(|r| r.double_live).sum::<u64>().to_string(),
             ]);
         }
-        let widths: Vec<usize> = (0..8)
+        let widths: Vec<usize> = (0..9)
             .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
             .collect();
         let mut out = String::new();
@@ -214,6 +348,7 @@ impl Report {
             "transcript: {} lines, last {}; lost {}, repeated {}, from two executions {}, foreign {}",
             a.lines, a.last, a.lost, a.repeated, a.wrong, a.foreign
         );
+        let _ = writeln!(out, "{}", self.tcp_line());
         let _ = writeln!(
             out,
             "seed {} ({} rounds in {:.0} s); hosts {}; channel delay {} ms + up to {} ms jitter each way (round trip at least {} ms)",
@@ -235,12 +370,22 @@ impl Report {
     /// double-live=0` or `verdict: FAIL <first broken invariant>`.
     pub fn verdict(&self) -> String {
         if self.passed() {
+            let all = match self.tcp {
+                Tcp::NotChecked(_) => "all invariants held; the TCP stream was not checked",
+                _ => "all invariants held",
+            };
             format!(
-                "verdict: PASS rounds={} lost=0 repeated=0 double-live=0 (all invariants held)",
-                self.rounds.len()
+                "verdict: PASS rounds={} lost=0 repeated=0 double-live=0 tcp={} ({all})",
+                self.rounds.len(),
+                self.tcp.word()
             )
         } else {
-            let why = self.problem.clone().unwrap_or_else(|| {
+            let tcp_why = match &self.tcp {
+                Tcp::NoConnection(why) => Some(format!("tcp stream: no connection: {why}")),
+                Tcp::Checked(f) => f.broken.as_ref().map(|w| format!("tcp stream: {w}")),
+                Tcp::NotChecked(_) => None,
+            };
+            let why = self.problem.clone().or(tcp_why).unwrap_or_else(|| {
                 format!(
                     "lost={} repeated={} double-live={}",
                     self.lost(),
@@ -249,11 +394,12 @@ impl Report {
                 )
             });
             format!(
-                "verdict: FAIL {why} (rounds={} lost={} repeated={} double-live={})",
+                "verdict: FAIL {why} (rounds={} lost={} repeated={} double-live={} tcp={})",
                 self.rounds.len(),
                 self.lost(),
                 self.repeated(),
-                self.double_live()
+                self.double_live(),
+                self.tcp.word()
             )
         }
     }
@@ -261,12 +407,12 @@ impl Report {
     /// One row per round, tab-separated.
     pub fn tsv(&self) -> String {
         let mut s = String::from(
-            "round\tfault\tat_s\tgo_live_s\tsurvivor\treprotect_s\tpause_ms\tstate_bytes\tdouble_live\n",
+            "round\tfault\tat_s\tgo_live_s\tsurvivor\treprotect_s\tpause_ms\tstate_bytes\tdouble_live\ttcp_stall_s\n",
         );
-        for r in &self.rounds {
+        for (r, stall) in self.rounds.iter().zip(self.round_stalls()) {
             let _ = writeln!(
                 s,
-                "{}\t{}\t{:.3}\t{}\t{}\t{}\t{}\t{}\t{}",
+                "{}\t{}\t{:.3}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                 r.n,
                 r.fault.name(),
                 r.at.as_secs_f64(),
@@ -279,7 +425,10 @@ impl Report {
                     .unwrap_or_default(),
                 r.pause.map(|p| format!("{p:.1}")).unwrap_or_default(),
                 r.transfer_bytes,
-                r.double_live
+                r.double_live,
+                stall
+                    .map(|d| format!("{:.3}", d.as_secs_f64()))
+                    .unwrap_or_default()
             );
         }
         s
@@ -352,6 +501,21 @@ impl Report {
                 r.fault.name()
             );
         }
+        // The TCP stream's stalls, on a row of their own.
+        if let Tcp::Checked(f) = &self.tcp {
+            let sy = h - 106.0;
+            let _ = writeln!(s, r#"<text x="4" y="{}">tcp</text>"#, sy + 8.0);
+            for st in &f.stalls {
+                let (a, l) = (st.start.as_secs_f64(), st.length.as_secs_f64());
+                let _ = writeln!(
+                    s,
+                    r##"<rect x="{:.1}" y="{sy}" width="{:.1}" height="8" fill="#93c"><title>tcp stream stalled {l:.2} s, {}</title></rect>"##,
+                    x(a),
+                    (x(a + l) - x(a)).max(1.0),
+                    xml(&self.round_name(st))
+                );
+            }
+        }
         // Lag.
         let lag: Vec<(f64, u64)> = self.rounds.iter().flat_map(|r| r.lag.clone()).collect();
         let max_lag = lag.iter().map(|l| l.1).max().unwrap_or(1).max(1) as f64;
@@ -385,7 +549,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            r##"<text x="{}" y="{}">red: fault, orange: until live again, green: until protected again, blue: backup lag (exits)</text>"##,
+            r##"<text x="{}" y="{}">red: fault, orange: until live again, green: until protected again, purple: TCP stream stalled, blue: backup lag (exits)</text>"##,
             left + 60.0,
             h - 12.0
         );
@@ -438,9 +602,16 @@ mod tests {
             clean(50),
         );
         assert!(r.passed());
+        // Without a stream (the default: hosts local), the verdict says so.
         assert_eq!(
             r.verdict(),
-            "verdict: PASS rounds=2 lost=0 repeated=0 double-live=0 (all invariants held)"
+            "verdict: PASS rounds=2 lost=0 repeated=0 double-live=0 tcp=not-checked \
+             (all invariants held; the TCP stream was not checked)"
+        );
+        assert!(
+            r.table().contains("tcp stream: not checked (not started)"),
+            "{}",
+            r.table()
         );
         let t = r.table();
         assert!(t.contains("kill") && t.contains("backup"), "{t}");
@@ -483,5 +654,92 @@ mod tests {
         let mut failed = report(vec![round(1, Fault::Kill, 20)], clean(9));
         failed.problem = Some("round 1 (kill): no side went live".into());
         assert!(failed.verdict().contains("no side went live"));
+    }
+
+    fn figures(stalls: &[(u64, u64)], broken: Option<&str>) -> StreamFigures {
+        StreamFigures {
+            target: "10.77.0.50:7000".parse().unwrap(),
+            from: "console".into(),
+            lines_sent: 300,
+            bytes_sent: 300 * 48,
+            lines_echoed: 300,
+            bytes_echoed: 300 * 48,
+            stalls: stalls
+                .iter()
+                .map(|&(start, length)| Stall {
+                    start: Duration::from_millis(start),
+                    length: Duration::from_millis(length),
+                })
+                .collect(),
+            duration: Duration::from_secs(30),
+            limit: Duration::from_secs(30),
+            broken: broken.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn the_streams_stalls_go_to_their_rounds_and_a_broken_stream_fails() {
+        // Faults at 5 s (kill) and 10 s (stop), see `round`.
+        let rounds = vec![round(1, Fault::Kill, 20), round(2, Fault::Stop, 30)];
+        let mut r = report(rounds.clone(), clean(50));
+        // One stall before the first fault, one that began just before the
+        // kill (its last echo), two in the stop round.
+        r.tcp = Tcp::Checked(figures(
+            &[(1_000, 300), (4_900, 1_500), (10_050, 3_200), (11_000, 400)],
+            None,
+        ));
+        assert_eq!(
+            r.round_stalls(),
+            vec![
+                Some(Duration::from_millis(1_500)),
+                Some(Duration::from_millis(3_200))
+            ]
+        );
+        assert!(r.passed());
+        assert!(
+            r.verdict().contains("tcp=ok (all invariants held)"),
+            "{}",
+            r.verdict()
+        );
+        let t = r.table();
+        assert!(
+            t.contains("300 lines (14400 bytes) sent, 300 lines (14400 bytes) echoed, every byte once and in order")
+                && t.contains("longest stall 3.20 s at 10.1 s, round 2 (stop)"),
+            "{t}"
+        );
+        assert!(t.contains("1.50 s") && t.contains("3.20 s"), "{t}");
+        let tsv = r.tsv();
+        assert!(
+            tsv.lines().next().unwrap().ends_with("\ttcp_stall_s"),
+            "{tsv}"
+        );
+        assert!(tsv.lines().nth(2).unwrap().ends_with("\t3.200"), "{tsv}");
+        assert!(r
+            .svg()
+            .contains("tcp stream stalled 3.20 s, round 2 (stop)"));
+
+        // A round without a kept stall shows zero, not a dash.
+        r.tcp = Tcp::Checked(figures(&[], None));
+        assert_eq!(r.round_stalls(), vec![Some(Duration::ZERO); 2]);
+        assert!(r.table().contains("no stall of 200 ms or more"));
+
+        // Broken: the verdict fails and names why, with the counts.
+        r.tcp = Tcp::Checked(figures(&[(4_900, 1_500)], Some("the connection was reset")));
+        assert!(!r.passed());
+        let v = r.verdict();
+        assert!(
+            v.starts_with("verdict: FAIL tcp stream: the connection was reset")
+                && v.ends_with("tcp=broken)"),
+            "{v}"
+        );
+        assert!(r.table().contains("BROKEN: the connection was reset"));
+        // No connection at all fails too.
+        r.tcp = Tcp::NoConnection("connection refused".into());
+        assert!(!r.passed() && r.verdict().contains("no connection: connection refused"));
+        // Not checked never passes for checked: the word says so.
+        let mut n = report(rounds, clean(50));
+        n.tcp = Tcp::NotChecked("needs --hosts netns".into());
+        assert!(n.passed() && n.verdict().contains("tcp=not-checked"));
+        assert!(n.tsv().lines().nth(1).unwrap().ends_with('\t'));
     }
 }

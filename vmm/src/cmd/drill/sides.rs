@@ -92,7 +92,10 @@ struct Lan {
 }
 
 impl Lan {
-    fn build() -> Result<Lan> {
+    /// The LAN and its hosts; with `tap`, each side's host gets that tap
+    /// in its bridge, for the guest's network card (the same name on
+    /// both: a monitor opens it by name).
+    fn build(tap: Option<&str>) -> Result<Lan> {
         if let Some(p) = vmm::lab::netns::net_problem() {
             bail!("--hosts netns: {p}");
         }
@@ -110,6 +113,13 @@ impl Lan {
         let arbiter = lan.host("arbiter")?;
         let console = lan.host("console")?;
         let hosts = vec![lan.host("host-a")?, lan.host("host-b")?];
+        if let Some(tap) = tap {
+            for h in &hosts {
+                h.ns()
+                    .make_tap(tap, Some("br0"))
+                    .with_context(|| format!("cannot make the tap {tap} in {}", h.ns().name()))?;
+            }
+        }
         Ok(Lan {
             hosts,
             arbiter,
@@ -215,7 +225,9 @@ impl Cluster {
         std::fs::create_dir_all(&adata)?;
         let lan = match args.hosts {
             super::Hosts::Local => None,
-            super::Hosts::Netns => Some(Lan::build()?),
+            super::Hosts::Netns => Some(Lan::build(
+                args.guest_net().is_some().then_some(super::GUEST_TAP),
+            )?),
         };
         let arbiter_host = match &lan {
             Some(l) => Lan::ip(&l.arbiter),
@@ -283,10 +295,20 @@ impl Cluster {
             let _ = console.run();
         });
 
-        let vm_args: Vec<String> = match &args.restore {
+        let mut vm_args: Vec<String> = match &args.restore {
             Some(s) => vec!["--restore".into(), s.display().to_string()],
-            None => vec!["--workload".into(), "drill".into()],
+            // Until stopped (the workload's default is 200 lines).
+            None => vec![
+                "--workload".into(),
+                "drill".into(),
+                "--append".into(),
+                "vmft.count=0".into(),
+            ],
         };
+        // The guest's network card, on each host's tap.
+        if let Some(net) = args.guest_net() {
+            vm_args.extend(["--net".into(), net]);
+        }
         let mut common: Vec<String> = vec![
             "--vm".into(),
             "drill".into(),
@@ -344,6 +366,13 @@ impl Cluster {
         let api = c.out.join("backup-1.sock");
         let t = Instant::now();
         while vmm::api::query(&api).is_err() {
+            if let Some(st) = c.sides[0].child.try_wait()? {
+                c.sides[0].status = Some(st);
+                bail!(
+                    "the first backup ended ({st}) before it listened: {}",
+                    c.last_log_line("backup-1")
+                );
+            }
             if t.elapsed() > Duration::from_secs(120) {
                 bail!(
                     "the first backup did not start; see {}",
@@ -740,19 +769,27 @@ impl Cluster {
             {
                 return Ok(());
             }
+            let mut ended = None;
             for s in &mut self.sides {
                 if s.status.is_none() {
                     if let Ok(Some(st)) = s.child.try_wait() {
                         s.status = Some(st);
                         if s.name == self.live || s.name == self.backup {
-                            bail!(
-                                "{} ended ({st}); see its log in {}",
-                                s.name,
-                                self.out.join("logs").display()
-                            );
+                            ended = Some((s.name.clone(), st));
                         }
                     }
                 }
+            }
+            if let Some((name, st)) = ended {
+                // What each side of the pair last said: the one that
+                // ended may only have followed the other.
+                bail!(
+                    "{name} ended ({st}); {}: {}; {}: {}",
+                    self.live,
+                    self.last_log_line(&self.live),
+                    self.backup,
+                    self.last_log_line(&self.backup)
+                );
             }
             if start.elapsed() > limit || stop.requested().is_some() {
                 bail!("not protected within {} s", limit.as_secs());
@@ -887,6 +924,64 @@ impl Cluster {
     /// The console's transcript.
     pub fn transcript(&self) -> String {
         std::fs::read_to_string(&self.transcript).unwrap_or_default()
+    }
+
+    /// The last line side `name` logged that says what went wrong (an
+    /// error line, else the last line), with where its log is.
+    fn last_log_line(&self, name: &str) -> String {
+        // The stderr reader may still be writing the last lines.
+        std::thread::sleep(Duration::from_millis(200));
+        let path = self.out.join("logs").join(format!("{name}.log"));
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("error"))
+            .or_else(|| log.lines().last())
+            .unwrap_or("(nothing logged)");
+        format!("{} (log: {})", line.trim(), path.display())
+    }
+
+    /// Connect to `target`, the guest's TCP server, from the console's
+    /// host, trying again until it answers or `limit` passes. A
+    /// `net: error` line of the guest ends the wait at once.
+    pub fn connect_guest(
+        &self,
+        target: std::net::SocketAddr,
+        limit: Duration,
+    ) -> Result<(std::net::TcpStream, String)> {
+        let Some(lan) = &self.lan else {
+            bail!("the TCP stream needs --hosts netns");
+        };
+        let start = Instant::now();
+        loop {
+            let tried = lan
+                .console
+                .ns()
+                .enter(|| std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)))?;
+            let e = match tried {
+                Ok(sock) => return Ok((sock, "console".into())),
+                Err(e) => e,
+            };
+            if let Some(line) = self
+                .transcript()
+                .lines()
+                .find(|l| l.starts_with("net: error"))
+            {
+                bail!("the guest says {:?}", line.trim_end());
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "{target} did not accept a connection within {} s (last: {e}); the guest \
+                     must run the `drill` workload with a network card: a --restore snapshot \
+                     taken with --net tap={},mac={}, or --no-tcp",
+                    limit.as_secs(),
+                    super::GUEST_TAP,
+                    super::GUEST_MAC
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
     }
 }
 
