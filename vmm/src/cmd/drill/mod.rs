@@ -482,10 +482,11 @@ impl Cluster {
         self.set_live(&winner);
         // Re-protection: a new backup joins the survivor.
         let t = Instant::now();
-        let (pause, bytes) = self.reprotect(&winner, step)?;
+        let done = self.reprotect(&winner, step)?;
         round.reprotect = Some(t.elapsed());
-        round.pause = pause;
-        round.transfer_bytes = bytes;
+        round.pause = done.pause;
+        round.transfer_bytes = done.bytes;
+        round.copy_rounds = done.rounds;
         Ok(())
     }
 }

@@ -64,6 +64,8 @@ pub struct Round {
     /// The guest's pause for the state transfer, ms.
     pub pause: Option<f64>,
     pub transfer_bytes: u64,
+    /// Copy rounds of the state transfer, the pause's included.
+    pub copy_rounds: Option<u32>,
     /// Sides that went on after losing the VM.
     pub double_live: u64,
     /// The live side's lag (time from the start, exits) during the round.
@@ -83,6 +85,7 @@ impl Round {
             reprotect: None,
             pause: None,
             transfer_bytes: 0,
+            copy_rounds: None,
             double_live: 0,
             lag: Vec::new(),
             out_delay: None,
@@ -92,7 +95,7 @@ impl Round {
     /// The round on one line, for progress.
     pub fn line(&self) -> String {
         format!(
-            "round {} {}: live again after {} on {}, protected again after {} (pause {}, {} MB)",
+            "round {} {}: live again after {} on {}, protected again after {} (pause {}, {} MB in {} rounds)",
             self.n,
             self.fault.name(),
             opt_s(self.go_live),
@@ -105,7 +108,10 @@ impl Round {
             self.pause
                 .map(|p| format!("{p:.0} ms"))
                 .unwrap_or_else(|| "-".into()),
-            self.transfer_bytes >> 20
+            self.transfer_bytes >> 20,
+            self.copy_rounds
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "-".into())
         )
     }
 }
@@ -277,7 +283,7 @@ impl Report {
             "failovers".into(),
             "go live min/med/p99/max".into(),
             "re-protect pause min/med/p99/max".into(),
-            "state moved".into(),
+            "state moved, rounds".into(),
             "output delay p50/p99".into(),
             "tcp stall max".into(),
             "double-live".into(),
@@ -299,10 +305,15 @@ impl Report {
                     "s",
                 ),
                 spread(rs.iter().filter_map(|r| r.pause).collect(), "ms"),
-                format!(
-                    "{} MB",
-                    rs.iter().map(|r| r.transfer_bytes).sum::<u64>() >> 20
-                ),
+                {
+                    let rounds: Vec<u32> = rs.iter().filter_map(|r| r.copy_rounds).collect();
+                    let mb = rs.iter().map(|r| r.transfer_bytes).sum::<u64>() >> 20;
+                    match (rounds.iter().min(), rounds.iter().max()) {
+                        (Some(lo), Some(hi)) if lo == hi => format!("{mb} MB, {lo}"),
+                        (Some(lo), Some(hi)) => format!("{mb} MB, {lo}-{hi}"),
+                        _ => format!("{mb} MB, -"),
+                    }
+                },
                 {
                     let d: Vec<(f64, f64)> = rs.iter().filter_map(|r| r.out_delay).collect();
                     if d.is_empty() {
@@ -407,12 +418,12 @@ impl Report {
     /// One row per round, tab-separated.
     pub fn tsv(&self) -> String {
         let mut s = String::from(
-            "round\tfault\tat_s\tgo_live_s\tsurvivor\treprotect_s\tpause_ms\tstate_bytes\tdouble_live\ttcp_stall_s\n",
+            "round\tfault\tat_s\tgo_live_s\tsurvivor\treprotect_s\tpause_ms\tstate_bytes\tdouble_live\ttcp_stall_s\tcopy_rounds\n",
         );
         for (r, stall) in self.rounds.iter().zip(self.round_stalls()) {
             let _ = writeln!(
                 s,
-                "{}\t{}\t{:.3}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                "{}\t{}\t{:.3}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                 r.n,
                 r.fault.name(),
                 r.at.as_secs_f64(),
@@ -428,7 +439,8 @@ impl Report {
                 r.double_live,
                 stall
                     .map(|d| format!("{:.3}", d.as_secs_f64()))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                r.copy_rounds.map(|n| n.to_string()).unwrap_or_default()
             );
         }
         s
@@ -574,6 +586,7 @@ mod tests {
             reprotect: Some(Duration::from_millis(900)),
             pause: Some(100.0),
             transfer_bytes: 20 << 20,
+            copy_rounds: Some(2 + n % 2),
             lag: vec![(n as f64, 10 * n as u64)],
             ..Round::new(n, fault, Duration::from_secs(n as u64 * 5))
         }
@@ -710,10 +723,13 @@ mod tests {
         assert!(t.contains("1.50 s") && t.contains("3.20 s"), "{t}");
         let tsv = r.tsv();
         assert!(
-            tsv.lines().next().unwrap().ends_with("\ttcp_stall_s"),
+            tsv.lines()
+                .next()
+                .unwrap()
+                .ends_with("\ttcp_stall_s\tcopy_rounds"),
             "{tsv}"
         );
-        assert!(tsv.lines().nth(2).unwrap().ends_with("\t3.200"), "{tsv}");
+        assert!(tsv.lines().nth(2).unwrap().ends_with("\t3.200\t2"), "{tsv}");
         assert!(r
             .svg()
             .contains("tcp stream stalled 3.20 s, round 2 (stop)"));
@@ -740,6 +756,8 @@ mod tests {
         let mut n = report(rounds, clean(50));
         n.tcp = Tcp::NotChecked("needs --hosts netns".into());
         assert!(n.passed() && n.verdict().contains("tcp=not-checked"));
-        assert!(n.tsv().lines().nth(1).unwrap().ends_with('\t'));
+        let tsv = n.tsv();
+        let row: Vec<&str> = tsv.lines().nth(1).unwrap().split('\t').collect();
+        assert_eq!(row[9], "", "no stall figure without a stream: {tsv}");
     }
 }

@@ -60,6 +60,16 @@ fn event_of(line: &str) -> Option<Event> {
         .map(Event::Pause)
 }
 
+/// A re-protection as the survivor reported it.
+pub struct Reprotected {
+    /// The guest's pause, ms.
+    pub pause: Option<f64>,
+    /// Bytes of state moved.
+    pub bytes: u64,
+    /// Copy rounds, the pause's included.
+    pub rounds: Option<u32>,
+}
+
 /// Events seen so far: when, which side, what.
 type Events = Arc<Mutex<Vec<(Instant, String, Event)>>>;
 
@@ -799,8 +809,9 @@ impl Cluster {
     }
 
     /// A new backup joins `survivor` (through a new relay); returns the
-    /// pause the survivor reported and the bytes of state moved.
-    pub fn reprotect(&mut self, survivor: &str, limit: Duration) -> Result<(Option<f64>, u64)> {
+    /// pause the survivor reported, the bytes of state moved and the copy
+    /// rounds.
+    pub fn reprotect(&mut self, survivor: &str, limit: Duration) -> Result<Reprotected> {
         let join = self
             .side(survivor)
             .map(|s| s.join.clone())
@@ -836,13 +847,15 @@ impl Cluster {
             .ok()
             .and_then(|_| self.last_pause(survivor));
         self.wait_protected(limit, &StopHandle::new())?;
-        let bytes = self
+        let transfer = self
             .side(survivor)
             .and_then(|s| vmm::api::query(&s.api).ok())
-            .and_then(|s| s.transfer)
-            .map(|t| t.total)
-            .unwrap_or(0);
-        Ok((pause, bytes))
+            .and_then(|s| s.transfer);
+        Ok(Reprotected {
+            pause,
+            bytes: transfer.as_ref().map_or(0, |t| t.total),
+            rounds: transfer.map(|t| t.rounds),
+        })
     }
 
     /// What side `name` says on its control socket.
