@@ -493,11 +493,37 @@ pub fn config_hash_of_state(
     hash_devices(h, disks, nets)
 }
 
+/// The configuration hash of a state transfer's log: the state taken in
+/// the pause (`state`, a snapshot body up to memory) with `disks` and
+/// `nets`, the disks by size and access only (the transfer carries and
+/// checks their bytes).
+pub fn config_hash_of_transfer(
+    state: &[u8],
+    disks: &[crate::boot::DiskSpec],
+    nets: &[crate::boot::NetSpec],
+) -> Result<String, ConfigError> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"vmft-config-v2\0transfer\0");
+    h.update(state);
+    hash_devices_with(h, disks, nets, false)
+}
+
 /// The devices' part of [`config_hash`], and the hash.
 fn hash_devices(
+    h: sha2::Sha256,
+    disks: &[crate::boot::DiskSpec],
+    nets: &[crate::boot::NetSpec],
+) -> Result<String, ConfigError> {
+    hash_devices_with(h, disks, nets, true)
+}
+
+/// [`hash_devices`], own disks by contents (`contents`) or by size.
+fn hash_devices_with(
     mut h: sha2::Sha256,
     disks: &[crate::boot::DiskSpec],
     nets: &[crate::boot::NetSpec],
+    contents: bool,
 ) -> Result<String, ConfigError> {
     use sha2::Digest;
     // Disks: each one's access and contents (the backup must hold the same
@@ -507,7 +533,7 @@ fn hash_devices(
     for d in disks {
         h.update(b"\0disk\0");
         h.update([d.read_only as u8, d.shared as u8]);
-        if d.shared {
+        if d.shared || !contents {
             let len = std::fs::metadata(&d.path)
                 .map_err(|source| ConfigError::Read {
                     path: d.path.display().to_string(),

@@ -1063,6 +1063,102 @@ fn with_separate_disks_kill_9_of_the_primary_loses_no_write() {
     println!("pair: separate disks: the primary killed after {k} lines; the backup's disk holds all {DISK_MIB} MiB");
 }
 
+/// Re-protection with a writable disk of each side's own: the new
+/// backup's image starts as other bytes, gets the primary's through the
+/// state transfer (chunks copied while the guest writes, the rest in the
+/// pause), and after the primary dies the new backup finishes the
+/// workload: every MiB reads back right, and its image holds them all.
+#[test]
+fn a_new_backup_gets_the_primary_s_writable_disk_and_carries_on_with_it() {
+    if !require_kvm() {
+        return;
+    }
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let p = blank_disk(&dir.path().join("primary.img"));
+    let b = blank_disk(&dir.path().join("backup.img"));
+    let j = dir.path().join("joiner.img");
+    std::fs::write(&j, vec![0x5a; DISK_BYTES as usize]).unwrap();
+    let join = format!("127.0.0.1:{}", free_port());
+    let mut c = Cluster::start(Opts {
+        guest: Guest::Restore(disk_snapshot()),
+        primary_args: vec![
+            "--disk".into(),
+            p.clone().into(),
+            "--listen".into(),
+            join.clone().into(),
+        ],
+        backup_args: vec!["--disk".into(), b.into()],
+        ..Opts::default()
+    });
+    c.start_primary();
+    // A MiB is on the primary's disk (and the backup's) before the backup
+    // dies: the new backup has it only through the transfer.
+    c.wait_for("the first MiB written", 300, |c| {
+        disk_lines(c)
+            .iter()
+            .any(|l| l.starts_with("disk 1 written"))
+    });
+    c.backup.kill9();
+    c.wait_for("the primary to win its claim", 120, |c| {
+        c.primary()
+            .stderr()
+            .contains("claim won: the VM continues here, UNPROTECTED")
+    });
+    let listen = format!("127.0.0.1:{}", free_port());
+    let jd = j.display().to_string();
+    let joiner = c.spawn_backup(&["--join", &join, "--listen", &listen, "--disk", &jd]);
+    drop(std::mem::replace(&mut c.backup, joiner));
+    c.wait_for("the primary to be protected again", 120, |c| {
+        c.primary().stderr().contains("the VM is PROTECTED again")
+    });
+    let at = disk_lines(&c).len();
+    c.wait_for("the new backup to have the state", 60, |c| {
+        c.backup.stderr().contains("state received")
+    });
+    let p_err = c.primary().stderr();
+    let b_err = c.backup.stderr();
+    let chunks = b_err
+        .lines()
+        .find_map(|l| l.split(" pages, ").nth(1))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok());
+    c.check(
+        p_err.contains("and 1 disk image(s) of")
+            && b_err.contains("are overwritten with the primary's")
+            && chunks.is_some_and(|n| n >= 16),
+        format!("the transfer did not carry the MiB written before it ({chunks:?} disk chunks)"),
+    );
+    c.check(
+        at < 2 * DISK_MIB as usize + 1,
+        format!("the workload had ended ({at} lines) before the pair was protected again"),
+    );
+    c.primary().kill9();
+    c.wait_for("the new backup to go live", 120, |c| {
+        c.backup.stderr().contains("claim won: the backup is LIVE")
+    });
+    let st = c.wait_exit(Who::Console, 300);
+    c.check(st.code() == Some(0), format!("the console exited {st}"));
+    expect_disk_lines(&mut c);
+    if let Some(problem) = disk_problem(&j, DISK_MIB) {
+        c.check(false, format!("the new backup's disk is wrong: {problem}"));
+    }
+    let st = c.wait_exit(Who::Backup, 60);
+    c.check(st.success(), format!("the new backup exited {st}"));
+    let said = |text: &str, what: &str| {
+        text.lines()
+            .find(|l| l.contains(what))
+            .unwrap_or_default()
+            .to_string()
+    };
+    println!(
+        "pair: writable disk re-protected with {at} of {} disk lines on the console\n  primary: {}\n  backup: {}",
+        2 * DISK_MIB + 1,
+        said(&p_err, "to the new backup after"),
+        said(&b_err, "state received")
+    );
+}
+
 #[test]
 fn with_a_shared_disk_a_paused_primary_is_fenced_and_no_write_is_lost() {
     if !require_kvm() {

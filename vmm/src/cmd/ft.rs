@@ -119,6 +119,29 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// A side's name and its `--disk` arguments.
+type SideDisks = (String, Vec<String>);
+
+/// Wait up to `limit` for side `name`'s process to end; whether it did
+/// (or is not known).
+fn wait_ended(kids: &Mutex<Vec<(String, Child)>>, name: &str, limit: Duration) -> bool {
+    let t0 = Instant::now();
+    loop {
+        let running = kids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+            .any(|(n, c)| n == name && matches!(c.try_wait(), Ok(None)));
+        if !running {
+            return true;
+        }
+        if t0.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Children killed (and reaped) when dropped, so an error leaves none.
 struct Children(Arc<Mutex<Vec<(String, Child)>>>);
 
@@ -177,6 +200,7 @@ pub fn ft(args: FtArgs, stop: StopHandle) -> Result<u8> {
              or hosts (see docs/NETWORK.md)"
         );
     }
+    let shared = args.boot.disks.iter().any(|d| d.shared);
     let writable = args.boot.disks.iter().any(|d| !d.read_only);
     let mut vm_args: Vec<String> = Vec::new();
     // Separate disks (VMware FT's default): the backup gets its own copy,
@@ -323,7 +347,7 @@ pub fn ft(args: FtArgs, stop: StopHandle) -> Result<u8> {
         "--listen".into(),
         primary_join.clone(),
     ];
-    primary_args.extend(primary_disks);
+    primary_args.extend(primary_disks.iter().cloned());
     let primary = spawn_side("primary", &common(&primary_args), events.clone())?;
     children
         .0
@@ -335,19 +359,26 @@ pub fn ft(args: FtArgs, stop: StopHandle) -> Result<u8> {
 
     // Re-protection: a side left alone gets a new backup, which joins it
     // and listens for the next one.
-    if args.no_reprotect || writable {
-        if writable && !args.no_reprotect {
+    if args.no_reprotect || shared {
+        if shared && !args.no_reprotect {
             eprintln!(
-                "vmft ft: no new backup after a failover: the state transfer does not carry \
-                 writable disks yet"
+                "vmft ft: no new backup after a failover: with a shared disk the new pair \
+                 cannot take the disk's fence over yet"
             );
         }
     } else {
+        // The pair now: each side with its disk images. A new backup takes
+        // the failed side's images (the state transfer overwrites them),
+        // once that side's process has ended: it wrote them until then.
+        let pair: Arc<Mutex<[SideDisks; 2]>> = Arc::new(Mutex::new([
+            ("primary".into(), primary_disks.clone()),
+            ("backup".into(), backup_disks.clone()),
+        ]));
         let joins: Arc<Mutex<Vec<(String, String)>>> = Arc::new(Mutex::new(vec![
             ("primary".into(), primary_join),
             ("backup".into(), backup_addr.clone()),
         ]));
-        let (kids, live, common_args) = (children.0.clone(), live.clone(), common(&backup_disks));
+        let (kids, live, tail) = (children.0.clone(), live.clone(), common(&[]));
         std::thread::spawn(move || {
             let mut n = 1;
             for (name, SideEvent::Alone) in side_events {
@@ -363,6 +394,20 @@ pub fn ft(args: FtArgs, stop: StopHandle) -> Result<u8> {
                 };
                 n += 1;
                 let new = format!("backup-{n}");
+                let (dead, disks) = {
+                    let p = pair.lock().unwrap_or_else(|e| e.into_inner());
+                    match p.iter().position(|(s, _)| *s == name) {
+                        Some(i) => p[1 - i].clone(),
+                        None => continue,
+                    }
+                };
+                if writable && !wait_ended(&kids, &dead, Duration::from_secs(30)) {
+                    eprint!(
+                        "vmft ft: {dead} has not ended within 30 s: its disk images are not \
+                         given to a new backup; {name} runs UNPROTECTED\r\n"
+                    );
+                    continue;
+                }
                 let Ok(port) = free_port() else { continue };
                 let listen = format!("127.0.0.1:{port}");
                 let mut a: Vec<String> = vec![
@@ -372,7 +417,8 @@ pub fn ft(args: FtArgs, stop: StopHandle) -> Result<u8> {
                     "--listen".into(),
                     listen.clone(),
                 ];
-                a.extend(common_args.iter().cloned());
+                a.extend(disks.iter().cloned());
+                a.extend(tail.iter().cloned());
                 eprint!("vmft ft: {name} runs alone: starting {new}, which joins it at {join}\r\n");
                 match spawn_side(&new, &a, events.clone()) {
                     Ok(child) => {
@@ -382,7 +428,11 @@ pub fn ft(args: FtArgs, stop: StopHandle) -> Result<u8> {
                         joins
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
-                            .push((new, listen));
+                            .push((new.clone(), listen));
+                        let mut p = pair.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(slot) = p.iter_mut().find(|(s, _)| *s == dead) {
+                            *slot = (new, disks);
+                        }
                     }
                     Err(e) => eprint!("vmft ft: cannot start {new}: {e:#}\r\n"),
                 }

@@ -27,7 +27,7 @@ use vmm::ft::output::{HeldOutput, IntoHeld, OutputTail, Release, ToWriter};
 use vmm::ft::pair::{BackupHooks, LogLink, OnWon, PrimaryHooks, PrimaryStats, TakeOver};
 use vmm::ft::status::{Role, State, StatusBoard};
 use vmm::nondet::InputSource;
-use vmm::record::{config_hash, config_hash_of_state, log_header, recorder_id, VmSource};
+use vmm::record::{config_hash, config_hash_of_transfer, log_header, recorder_id, VmSource};
 use vmm::replay::ReplayDoor;
 use vmm::shared_disk::{Fences, SharedDisks};
 use vmm::stop::StopHandle;
@@ -679,10 +679,10 @@ struct Following {
 /// follow its log like any backup.
 fn join(args: BackupArgs, addr: &str, stop: StopHandle, hello: Vec<u8>) -> Result<()> {
     let pair = args.pair.clone();
-    if args.boot.disks.iter().any(|d| !d.read_only) {
+    if args.boot.disks.iter().any(|d| d.shared) {
         bail!(
-            "--join with a writable --disk is not supported yet (the state transfer does not \
-             carry disk blocks): use read-only disks"
+            "--join with a shared --disk is not supported yet (the new pair's generation \
+             does not take the disk's fence over): use disks of this side's own"
         );
     }
     if args.takeover_log.is_some() {
@@ -714,27 +714,56 @@ fn join(args: BackupArgs, addr: &str, stop: StopHandle, hello: Vec<u8>) -> Resul
     let mut reader = link.log_reader();
     let mut last = t0;
     let mut round = 0;
-    let got = vmm::ft::transfer::receive(&mut reader, &mut |p| {
-        if last.elapsed() >= Duration::from_millis(500) || p.round != round {
-            last = std::time::Instant::now();
-            round = p.round;
-            board.transfer(vmm::ft::status::TransferStatus {
-                generation,
-                bytes: p.bytes,
-                total: p.memory,
-                rounds: p.round + 1,
-                pause_ms: 0.0,
-                done: false,
-            });
-            eprintln!(
-                "vmft: state transfer: round {}, {} MB received ({:.0} MB/s; memory {} MB)",
-                p.round,
-                p.bytes >> 20,
-                p.bytes as f64 / 1e6 / t0.elapsed().as_secs_f64().max(1e-3),
-                p.memory >> 20
-            );
-        }
-    })
+    // The writable disks of this side's own take the primary's contents.
+    let mut images = Vec::new();
+    for d in args.boot.disks.iter().filter(|d| !d.read_only) {
+        images.push(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&d.path)
+                .with_context(|| {
+                    format!("cannot open the disk {} for the copy", d.path.display())
+                })?,
+        );
+    }
+    if !images.is_empty() {
+        eprintln!(
+            "vmft: the writable disks ({}) are overwritten with the primary's",
+            args.boot
+                .disks
+                .iter()
+                .filter(|d| !d.read_only)
+                .map(|d| d.path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let got = vmm::ft::transfer::receive(
+        &mut reader,
+        &images,
+        &mut |p: &vmm::ft::transfer::Progress| {
+            if last.elapsed() >= Duration::from_millis(500) || p.round != round {
+                last = std::time::Instant::now();
+                round = p.round;
+                board.transfer(vmm::ft::status::TransferStatus {
+                    generation,
+                    bytes: p.bytes,
+                    total: p.memory,
+                    rounds: p.round + 1,
+                    pause_ms: 0.0,
+                    done: false,
+                });
+                eprintln!(
+                    "vmft: state transfer: round {}, {} MB received ({:.0} MB/s; memory {} MB)",
+                    p.round,
+                    p.bytes >> 20,
+                    p.bytes as f64 / 1e6 / t0.elapsed().as_secs_f64().max(1e-3),
+                    p.memory >> 20
+                );
+            }
+        },
+    )
     .with_context(|| {
         format!(
             "the primary at {addr} did not send its state (it may have a backup already, \
@@ -767,15 +796,17 @@ fn join(args: BackupArgs, addr: &str, stop: StopHandle, hello: Vec<u8>) -> Resul
     };
     // The log's header hashes the state the primary took in its pause
     // (vCPU and devices); memory came in checked batches.
-    let hash = config_hash_of_state(&got.state, source.disks(), source.nets())
+    let hash = config_hash_of_transfer(&got.state, source.disks(), source.nets())
         .context("cannot start the backup")?;
     eprintln!(
-        "vmft: state received ({} MB in {:.1} s, {} rounds, {} pages): generation {generation}; replaying",
+        "vmft: state received ({} MB in {:.1} s, {} rounds, {} pages, {} disk chunks): generation {generation}; replaying",
         got.bytes >> 20,
         t0.elapsed().as_secs_f64(),
         got.rounds,
-        got.pages
+        got.pages,
+        got.chunks
     );
+    drop(images);
     let offsets = Offsets {
         console: got.offsets.console,
         frames: got.offsets.frames,
@@ -870,10 +901,10 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
             eprintln!("vmft: with --takeover-log, no backup can join once this side is live");
             None
         }
-        Some(_) if source.disks().iter().any(|d| d.shared || !d.read_only) => {
+        Some(_) if source.disks().iter().any(|d| d.shared) => {
             eprintln!(
-                "vmft: with a writable disk, no backup can join once this side is live (the \
-                 state transfer does not carry disk blocks yet)"
+                "vmft: with a shared disk, no backup can join once this side is live (the new \
+                 pair's generation does not take the disk's fence over yet)"
             );
             None
         }

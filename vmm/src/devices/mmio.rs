@@ -24,6 +24,7 @@ use crate::memory::GuestMemoryMmap;
 use thiserror::Error;
 
 use super::pic::Pic;
+use super::virtio::written::OwnImage;
 use super::virtio::{Block, MmioError, MmioTransport, Net, VirtioDevice, MMIO_WINDOW};
 use crate::shared_disk::SharedView;
 use crate::snapshot::{Decoder, Encoder, SnapshotError};
@@ -229,6 +230,20 @@ impl MmioBus {
                     .downcast_mut::<MmioTransport<Block>>()
                     .and_then(|b| b.device_mut().shared_view())
             })
+    }
+
+    /// The writable disks of this side's own, in `--disk` order, as a
+    /// state transfer copies them.
+    pub fn own_images(&mut self) -> std::io::Result<Vec<OwnImage>> {
+        self.slots
+            .iter_mut()
+            .filter_map(|s| {
+                s.dev
+                    .as_any_mut()
+                    .downcast_mut::<MmioTransport<Block>>()
+                    .and_then(|b| b.device().own_image())
+            })
+            .collect()
     }
 
     /// Whether a disk is shared.

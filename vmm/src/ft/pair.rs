@@ -29,9 +29,10 @@ use ft_log::InputCursor;
 use super::claim::Claimant;
 use super::console_side::{ConsoleSide, InputConfirmer};
 use super::output::{HeldOutput, OutputTail, Release, ReleaseMode, MAX_HELD};
-use super::precopy::{Outcome, Phase, Plan, Precopy};
+use super::precopy::{Outcome, Phase, Plan, Precopy, Written};
 use super::status::{State, StatusBoard, TransferStatus};
-use super::transfer::{self, StreamOffsets};
+use super::transfer::StreamOffsets;
+use crate::devices::virtio::written::OwnImage;
 use crate::memory::GuestMemoryMmap;
 use crate::nondet::{Door, DoorError, Recorder};
 use crate::replay::LogEnd;
@@ -823,7 +824,7 @@ impl PairHooks for PrimaryHooks {
         }
     }
 
-    fn begin_copy(&mut self, mem: GuestMemoryMmap) -> Result<(), DoorError> {
+    fn begin_copy(&mut self, mem: GuestMemoryMmap, disks: Vec<OwnImage>) -> Result<(), DoorError> {
         let joins = self
             .joins
             .as_mut()
@@ -854,9 +855,12 @@ impl PairHooks for PrimaryHooks {
         let after = self.after_copy(generation);
         let joins = self.joins.as_mut().expect("checked above");
         joins.copying.store(true, Ordering::Release);
+        let disk_bytes: u64 = disks.iter().map(|d| d.written.size()).sum();
+        let ndisks = disks.len();
         let copy = Precopy::start(
             LinkWriter::new(joiner.link),
             mem,
+            disks,
             generation,
             self.transfer_rate,
             Plan::default(),
@@ -884,25 +888,29 @@ impl PairHooks for PrimaryHooks {
                 done: false,
             });
         }
+        let disks = match ndisks {
+            0 => String::new(),
+            n => format!(" and {n} disk image(s) of {} MB", disk_bytes >> 20),
+        };
         note(&format!(
-            "copying {} MB of memory to the new backup while the guest runs (generation {generation})",
+            "copying {} MB of memory{disks} to the new backup while the guest runs (generation {generation})",
             memory >> 20
         ));
         Ok(())
     }
 
-    fn copy_round(&mut self, pages: Vec<u64>) -> Option<Vec<u64>> {
+    fn copy_round(&mut self, written: Written) -> Option<Written> {
         let c = self.joins.as_mut()?.copy.as_mut()?;
-        let n = pages.len();
-        let rest = c.copy.next_round(pages);
+        let n = written.pages.len();
+        let chunks: usize = written.chunks.iter().map(Vec::len).sum();
+        let rest = c.copy.next_round(written);
         if rest.is_none() {
             let round = c.copy.rounds() - 1;
             if let Some(s) = &self.status {
                 s.update_transfer(|t| t.rounds = round + 1);
             }
             note(&format!(
-                "copy round {round}: {n} pages ({} MB) written during the round before",
-                (n * crate::memory::PAGE) >> 20
+                "copy round {round}: {n} pages and {chunks} disk chunks written during the round before"
             ));
         }
         rest
@@ -934,10 +942,14 @@ impl PairHooks for PrimaryHooks {
             s.held.mark(0);
         }
         let pause_pages = rest.pages.len();
-        let total = c.copy.sent() + transfer::final_len(pause_pages, rest.state.len());
+        let total = c
+            .copy
+            .total_with(pause_pages, &rest.disks, rest.state.len());
+        let pause_chunks: usize = rest.disks.iter().map(|d| d.chunks.len()).sum();
         // The log waits on the link until the thread has sent the rest.
         self.link.begin(c.handle.clone(), total);
-        c.copy.finish(rest.pages, rest.data, offsets, rest.state);
+        c.copy
+            .finish(rest.pages, rest.data, rest.disks, offsets, rest.state);
         let rounds = c.copy.rounds();
         let copied = c.started.elapsed();
         self.generation = generation;
@@ -960,7 +972,8 @@ impl PairHooks for PrimaryHooks {
         }
         note(&format!(
             "handing the state at exit {pos} to the new backup after {rounds} rounds in {:.1} s: \
-             {pause_pages} pages in the pause, {} MB in all, generation {generation}",
+             {pause_pages} pages and {pause_chunks} disk chunks in the pause, {} MB in all, \
+             generation {generation}",
             copied.as_secs_f64(),
             total >> 20
         ));
@@ -1162,19 +1175,19 @@ impl PairHooks for BackupHooks {
         self.primary_mut().map_or(JoinStep::Idle, |p| p.join_step())
     }
 
-    fn begin_copy(&mut self, mem: GuestMemoryMmap) -> Result<(), DoorError> {
+    fn begin_copy(&mut self, mem: GuestMemoryMmap, disks: Vec<OwnImage>) -> Result<(), DoorError> {
         match self.primary_mut() {
-            Some(p) => p.begin_copy(mem),
+            Some(p) => p.begin_copy(mem, disks),
             None => Err(DoorError::Ft(
                 "a replaying backup hands no state over".into(),
             )),
         }
     }
 
-    fn copy_round(&mut self, pages: Vec<u64>) -> Option<Vec<u64>> {
+    fn copy_round(&mut self, written: Written) -> Option<Written> {
         match self.primary_mut() {
-            Some(p) => p.copy_round(pages),
-            None => Some(pages),
+            Some(p) => p.copy_round(written),
+            None => Some(written),
         }
     }
 

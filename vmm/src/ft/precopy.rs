@@ -14,8 +14,10 @@
 //! A page written during a round is in the next round's set (KVM's dirty
 //! log for the guest's writes, [`crate::memory::take_host_writes`] for the
 //! monitor's), so each round sends what the previous one may have read
-//! half-written, and the pause's copy is exact. The wire format is
-//! [`super::transfer`]'s.
+//! half-written, and the pause's copy is exact. The writable disk images
+//! of this side's own go the same way, in 64 KiB chunks that the block
+//! device marks at every write ([`crate::devices::virtio::written`]). The
+//! wire format is [`super::transfer`]'s.
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,8 +27,43 @@ use std::thread::JoinHandle;
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::transfer::{self, Sender, StreamOffsets};
+use std::os::unix::fs::FileExt;
+
+use super::transfer::{self, DiskPart, Sender, StreamOffsets, CHUNK};
+use crate::devices::virtio::written::OwnImage;
 use crate::memory::{mem_bytes, GuestMemoryMmap, PAGE};
+
+/// What was written since a copy round began: guest pages, and each own
+/// writable disk's chunks (in `--disk` order).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Page numbers, in order.
+    pub pages: Vec<u64>,
+    /// Per disk, chunk numbers in order.
+    pub chunks: Vec<Vec<u64>>,
+}
+
+impl Written {
+    /// Its size in pages (a chunk counts as the pages it holds).
+    pub fn weight(&self) -> usize {
+        self.pages.len() + self.chunks.iter().map(Vec::len).sum::<usize>() * (CHUNK as usize / PAGE)
+    }
+
+    /// Add `more` to this, keeping each list ordered and without repeats.
+    pub fn merge(&mut self, more: Written) {
+        self.pages.extend(more.pages);
+        self.pages.sort_unstable();
+        self.pages.dedup();
+        if self.chunks.len() < more.chunks.len() {
+            self.chunks.resize(more.chunks.len(), Vec::new());
+        }
+        for (c, m) in self.chunks.iter_mut().zip(more.chunks) {
+            c.extend(m);
+            c.sort_unstable();
+            c.dedup();
+        }
+    }
+}
 
 /// When to stop copying and pause the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,12 +137,13 @@ pub enum Outcome {
 enum Work {
     Round {
         round: u32,
-        pages: Vec<u64>,
+        written: Written,
     },
     Finish {
         round: u32,
         pages: Vec<u64>,
         data: Vec<u8>,
+        disks: Vec<DiskPart>,
         offsets: StreamOffsets,
         state: Vec<u8>,
     },
@@ -127,6 +165,10 @@ pub struct CopyStats {
     pub round_pages: Vec<u64>,
     /// Pages copied in the pause.
     pub pause_pages: u64,
+    /// Disk chunks asked for in each round (round 0: every chunk).
+    pub round_chunks: Vec<u64>,
+    /// Disk chunks copied in the pause.
+    pub pause_chunks: u64,
 }
 
 /// A copy to one joining backup: the run loop's handle on its thread.
@@ -143,13 +185,15 @@ pub struct Precopy {
 }
 
 impl Precopy {
-    /// Start copying `mem` to `link` for `generation`: the thread sends the
-    /// opening and round 0 at once, at most `rate` bytes per second.
-    /// `progress` gets the bytes sent after each batch; `after` gets the
-    /// link back and the outcome when the thread ends.
+    /// Start copying `mem` and `disks` to `link` for `generation`: the
+    /// thread sends the opening and round 0 at once, at most `rate` bytes
+    /// per second. `progress` gets the bytes sent after each batch;
+    /// `after` gets the link back and the outcome when the thread ends.
+    #[allow(clippy::too_many_arguments)]
     pub fn start<W: Write + Send + 'static>(
         link: W,
         mem: GuestMemoryMmap,
+        disks: Vec<OwnImage>,
         generation: u64,
         rate: Option<u64>,
         plan: Plan,
@@ -161,6 +205,8 @@ impl Precopy {
         let sh = shared.clone();
         let len = mem_len(&mem);
         let pages = len / PAGE as u64;
+        let sizes: Vec<u64> = disks.iter().map(|d| d.written.size()).collect();
+        let all_chunks: u64 = disks.iter().map(|d| d.written.chunks()).sum();
         let thread = std::thread::Builder::new()
             .name("vmft-transfer".into())
             .spawn(move || {
@@ -171,7 +217,7 @@ impl Precopy {
                         .map_err(io::Error::other)
                 };
                 let outcome = (|| -> io::Result<bool> {
-                    let mut s = Sender::open(&mut link, generation, len, rate)?;
+                    let mut s = Sender::open(&mut link, generation, len, &sizes, rate)?;
                     let mut report = |n: u64| {
                         sh.sent.store(n, Ordering::Release);
                         progress(n);
@@ -179,12 +225,40 @@ impl Precopy {
                     let all: Vec<u64> = (0..pages).collect();
                     s.pages(0, &all, true, &mut read, &mut report)?;
                     drop(all);
+                    for (i, d) in disks.iter().enumerate() {
+                        let all: Vec<u64> = (0..d.written.chunks()).collect();
+                        let mut read = |at: u64, buf: &mut [u8]| d.file.read_exact_at(buf, at);
+                        s.chunks(
+                            i as u32,
+                            d.written.size(),
+                            0,
+                            &all,
+                            true,
+                            &mut read,
+                            &mut report,
+                        )?;
+                    }
                     sh.sent.store(s.sent(), Ordering::Release);
                     sh.round_sent.store(true, Ordering::Release);
                     while let Ok(work) = rx.recv() {
                         match work {
-                            Work::Round { round, pages } => {
-                                s.pages(round, &pages, false, &mut read, &mut report)?;
+                            Work::Round { round, written } => {
+                                s.pages(round, &written.pages, false, &mut read, &mut report)?;
+                                for (i, (d, chunks)) in
+                                    disks.iter().zip(&written.chunks).enumerate()
+                                {
+                                    let mut read =
+                                        |at: u64, buf: &mut [u8]| d.file.read_exact_at(buf, at);
+                                    s.chunks(
+                                        i as u32,
+                                        d.written.size(),
+                                        round,
+                                        chunks,
+                                        false,
+                                        &mut read,
+                                        &mut report,
+                                    )?;
+                                }
                                 sh.sent.store(s.sent(), Ordering::Release);
                                 sh.round_sent.store(true, Ordering::Release);
                             }
@@ -192,10 +266,11 @@ impl Precopy {
                                 round,
                                 pages,
                                 data,
+                                disks,
                                 offsets,
                                 state,
                             } => {
-                                s.finish(round, &pages, &data, &offsets, &state)?;
+                                s.finish(round, &pages, &data, &disks, &offsets, &state)?;
                                 report(s.sent());
                                 return Ok(true);
                             }
@@ -224,6 +299,8 @@ impl Precopy {
             stats: CopyStats {
                 round_pages: vec![pages],
                 pause_pages: 0,
+                round_chunks: vec![all_chunks],
+                pause_chunks: 0,
             },
         })
     }
@@ -268,40 +345,47 @@ impl Precopy {
         &self.stats
     }
 
-    /// With the round sent, the guest wrote `pages` since: copy them in
-    /// another round (`None`), or give them back to take in the pause.
-    pub fn next_round(&mut self, pages: Vec<u64>) -> Option<Vec<u64>> {
+    /// With the round sent, the guest wrote `written` since: copy it in
+    /// another round (`None`), or give it back to take in the pause.
+    pub fn next_round(&mut self, written: Written) -> Option<Written> {
         debug_assert_eq!(self.phase(), Phase::RoundSent);
-        let next = self.plan.next(self.rounds - 1, pages.len(), self.before);
+        let weight = written.weight();
+        let next = self.plan.next(self.rounds - 1, weight, self.before);
         if next == Next::Pause {
-            return Some(pages);
+            return Some(written);
         }
-        self.before = Some(pages.len());
-        self.stats.round_pages.push(pages.len() as u64);
+        self.before = Some(weight);
+        self.stats.round_pages.push(written.pages.len() as u64);
+        self.stats
+            .round_chunks
+            .push(written.chunks.iter().map(|c| c.len() as u64).sum());
         self.shared.round_sent.store(false, Ordering::Release);
         let round = self.rounds;
         self.rounds += 1;
         if let Some(tx) = &self.work {
             // A closed channel: the thread failed, which `phase` shows.
-            let _ = tx.send(Work::Round { round, pages });
+            let _ = tx.send(Work::Round { round, written });
         }
         None
     }
 
     /// Hand over the pause's part: the `pages` written since the last
-    /// round with their bytes (`data`, copied in the pause), the streams'
-    /// offsets and the state up to memory. Returns the transfer's total
-    /// length: the log follows it on the link.
+    /// round with their bytes (`data`, copied in the pause), the disks'
+    /// chunks likewise, the streams' offsets and the state up to memory.
+    /// Returns the transfer's total length: the log follows it on the
+    /// link.
     pub fn finish(
         &mut self,
         pages: Vec<u64>,
         data: Vec<u8>,
+        disks: Vec<DiskPart>,
         offsets: StreamOffsets,
         state: Vec<u8>,
     ) -> u64 {
         debug_assert_eq!(self.phase(), Phase::RoundSent);
-        let total = self.sent() + transfer::final_len(pages.len(), state.len());
+        let total = self.total_with(pages.len(), &disks, state.len());
         self.stats.pause_pages = pages.len() as u64;
+        self.stats.pause_chunks = disks.iter().map(|d| d.chunks.len() as u64).sum();
         let round = self.rounds;
         self.rounds += 1;
         self.finished = true;
@@ -310,11 +394,18 @@ impl Precopy {
                 round,
                 pages,
                 data,
+                disks,
                 offsets,
                 state,
             });
         }
         total
+    }
+
+    /// The transfer's length once a pause's part of `pages` pages, `disks`
+    /// and `state_len` bytes of state is sent.
+    pub fn total_with(&self, pages: usize, disks: &[DiskPart], state_len: usize) -> u64 {
+        self.sent() + transfer::final_len(pages, disks, state_len)
     }
 
     /// Give the copy up (the thread ends after its batch) and wait for it.
@@ -342,6 +433,25 @@ fn mem_len(mem: &GuestMemoryMmap) -> u64 {
     mem_bytes(mem).len() as u64
 }
 
+/// Read `chunks` of the disk `image` into one buffer, in order (in the
+/// pause): disk `disk`'s part of the pause.
+pub fn copy_chunks(disk: u32, image: &OwnImage, chunks: Vec<u64>) -> io::Result<DiskPart> {
+    let size = image.written.size();
+    let mut data = Vec::new();
+    for &c in &chunks {
+        let (at, len) = image.written.range(c);
+        let start = data.len();
+        data.resize(start + len as usize, 0);
+        image.file.read_exact_at(&mut data[start..], at)?;
+    }
+    Ok(DiskPart {
+        disk,
+        size,
+        chunks,
+        data,
+    })
+}
+
 /// Copy `pages` of `mem` into one buffer, in order (in the pause).
 pub fn copy_pages(mem: &GuestMemoryMmap, pages: &[u64]) -> Result<Vec<u8>, String> {
     let mut data = vec![0u8; pages.len() * PAGE];
@@ -361,6 +471,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::devices::virtio::written::WrittenChunks;
     use crate::ft::transfer::receive;
     use crate::memory::{encode_memory, pages_of, take_host_writes};
     use crate::snapshot::Encoder;
@@ -405,25 +516,48 @@ mod tests {
         panic!("the round was not sent: {:?}", c.phase());
     }
 
+    /// A disk image of `chunks` chunks, tracked as the block device
+    /// tracks its writes.
+    fn disk(chunks: u64) -> (tempfile::NamedTempFile, OwnImage) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(chunks * CHUNK).unwrap();
+        let image = OwnImage {
+            file: f.reopen().unwrap(),
+            written: Arc::new(WrittenChunks::new(chunks * CHUNK)),
+        };
+        (f, image)
+    }
+
+    /// Write `byte` at `at` of the image, as the block device does.
+    fn disk_write(f: &tempfile::NamedTempFile, w: &WrittenChunks, at: u64, byte: u8) {
+        w.mark(at, 1);
+        f.as_file().write_all_at(&[byte], at).unwrap();
+    }
+
     /// The guest's writes between rounds (here the test's, tracked as the
-    /// monitor's are) reach the backup: its rebuilt memory is the memory at
-    /// the pause, byte for byte.
+    /// monitor's are) reach the backup: its rebuilt memory and disk are
+    /// those at the pause, byte for byte.
     #[test]
-    fn memory_written_during_the_rounds_arrives_as_it_was_at_the_pause() {
+    fn memory_and_disk_written_during_the_rounds_arrive_as_they_were_at_the_pause() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2048 * PAGE)]).unwrap();
         for p in (0..2048u64).step_by(5) {
             mem.write_obj(p | 1, GuestAddress(p * PAGE as u64)).unwrap();
         }
         take_host_writes(&mem);
+        let (img, image) = disk(40);
+        let tracker = image.written.clone();
+        disk_write(&img, &tracker, 7 * CHUNK + 9, 0x77);
+        tracker.take();
         let wire = Wire::default();
         let (done_tx, done_rx) = mpsc::channel();
         let plan = Plan {
             max_rounds: 8,
-            pause_pages: 3,
+            pause_pages: 3 + 16,
         };
         let mut c = Precopy::start(
             wire.clone(),
             mem.clone(),
+            vec![image],
             42,
             None,
             plan,
@@ -432,35 +566,57 @@ mod tests {
         )
         .unwrap();
         wait_round(&c);
-        // Written during round 0: 300 pages, then 3 during round 1.
+        // Written during round 0: 300 pages and 2 chunks, then 3 pages and
+        // a chunk during round 1.
         for p in 0..300u64 {
             mem.write_obj(0xdead_0000 + p, GuestAddress(p * 6 * PAGE as u64))
                 .unwrap();
         }
-        let written = pages_of(&take_host_writes(&mem));
-        assert_eq!(written.len(), 300);
+        disk_write(&img, &tracker, 7 * CHUNK + 9, 0);
+        disk_write(&img, &tracker, 30 * CHUNK, 0x30);
+        let written = Written {
+            pages: pages_of(&take_host_writes(&mem)),
+            chunks: vec![tracker.take()],
+        };
+        assert_eq!((written.pages.len(), written.chunks[0].len()), (300, 2));
         assert!(c.next_round(written).is_none(), "another round");
         wait_round(&c);
         for p in [1u64, 2, 2047] {
             mem.write_obj(0xbeefu64, GuestAddress(p * PAGE as u64 + 8))
                 .unwrap();
         }
-        let written = pages_of(&take_host_writes(&mem));
-        let last = c.next_round(written).expect("3 pages: pause");
-        let data = copy_pages(&mem, &last).unwrap();
+        disk_write(&img, &tracker, 39 * CHUNK + 5, 0x39);
+        let written = Written {
+            pages: pages_of(&take_host_writes(&mem)),
+            chunks: vec![tracker.take()],
+        };
+        let last = c.next_round(written).expect("3 pages and a chunk: pause");
+        let data = copy_pages(&mem, &last.pages).unwrap();
+        let reader = OwnImage {
+            file: img.reopen().unwrap(),
+            written: tracker.clone(),
+        };
+        let part = copy_chunks(0, &reader, last.chunks[0].clone()).unwrap();
         let offsets = StreamOffsets {
             console: 5,
             frames: 6,
             disk: 7,
         };
-        let total = c.finish(last, data, offsets, b"state".to_vec());
+        let total = c.finish(last.pages, data, vec![part], offsets, b"state".to_vec());
         assert!(done_rx.recv_timeout(Duration::from_secs(10)).unwrap());
         c.join();
         assert_eq!(c.stats().round_pages, vec![2048, 300]);
-        assert_eq!((c.stats().pause_pages, c.rounds()), (3, 3));
+        assert_eq!(c.stats().round_chunks, vec![40, 2]);
+        assert_eq!(
+            (c.stats().pause_pages, c.stats().pause_chunks, c.rounds()),
+            (3, 1, 3)
+        );
         let bytes = wire.0.lock().unwrap().clone();
         assert_eq!(bytes.len() as u64, total);
-        let got = receive(&mut io::Cursor::new(bytes), &mut |_| {}).unwrap();
+        let (copy, _) = disk(40);
+        std::fs::write(copy.path(), vec![0xee; 40 * CHUNK as usize]).unwrap();
+        let target = copy.reopen().unwrap();
+        let got = receive(&mut io::Cursor::new(bytes), &[target], &mut |_| {}).unwrap();
         assert_eq!((got.generation, got.offsets, got.rounds), (42, offsets, 3));
         let mut e = Encoder::new();
         e.raw(b"state");
@@ -468,6 +624,10 @@ mod tests {
         assert!(
             got.snapshot == crate::snapshot::file_bytes(&e.into_bytes()),
             "the rebuilt memory differs from the memory at the pause"
+        );
+        assert!(
+            std::fs::read(copy.path()).unwrap() == std::fs::read(img.path()).unwrap(),
+            "the backup's disk differs from the primary's at the pause"
         );
     }
 
@@ -487,6 +647,7 @@ mod tests {
         let mut c = Precopy::start(
             Broken,
             mem,
+            Vec::new(),
             1,
             None,
             Plan::default(),

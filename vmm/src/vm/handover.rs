@@ -17,10 +17,10 @@ use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 
 use super::kvm::{kvm_err, set_memslots};
 use super::{HandOver, Vm, VmError};
-use crate::ft::precopy::copy_pages;
+use crate::ft::precopy::{copy_chunks, copy_pages, Written};
 use crate::memory::{mem_bytes, merge_bitmap, pages_of, take_host_writes};
 use crate::nondet::{DoorError, LiveDoor, Mode};
-use crate::record::{config_hash_of_state, recorder_id, RecordDoor};
+use crate::record::{config_hash_of_transfer, recorder_id, RecordDoor};
 use crate::shared_disk::ViewMode;
 
 impl Vm {
@@ -28,7 +28,7 @@ impl Vm {
     /// and what epochs took from it meanwhile: a primary that lost its
     /// backup still records, its log dropped) or by the monitor (devices'
     /// writes into guest memory), in order; the records are cleared.
-    fn take_written(&mut self) -> Result<Vec<u64>, VmError> {
+    fn take_written(&mut self) -> Result<Written, VmError> {
         let len = mem_bytes(&self.mem).len();
         let mut bitmap = self
             .vmfd
@@ -40,7 +40,18 @@ impl Vm {
             merge_bitmap(&mut bitmap, taken);
             taken.fill(0);
         }
-        Ok(pages_of(&bitmap))
+        let chunks = self
+            .devices
+            .mmio
+            .own_images()
+            .map_err(|e| DoorError::Ft(format!("the disk images: {e}")))?
+            .iter()
+            .map(|i| i.written.take())
+            .collect();
+        Ok(Written {
+            pages: pages_of(&bitmap),
+            chunks,
+        })
     }
 
     /// A backup waits: track written pages from here on, and start the
@@ -50,8 +61,12 @@ impl Vm {
         self.copy_dirty = Some(Vec::new());
         self.take_written()?;
         let mem = self.mem.clone();
+        let disks = self.devices.mmio.own_images();
         if let Some(pair) = self.pair.as_mut() {
-            if let Err(e) = pair.begin_copy(mem) {
+            let begun = disks
+                .map_err(|e| DoorError::Ft(format!("the disk images: {e}")))
+                .and_then(|disks| pair.begin_copy(mem, disks));
+            if let Err(e) = begun {
                 pair.join_failed(&e.to_string());
             }
         }
@@ -75,7 +90,7 @@ impl Vm {
     /// (`carried`: pages written during the last round), give it to the
     /// pair hooks (which send it, then the log), and record from this
     /// state on.
-    fn hand_over_state(&mut self, carried: Vec<u64>) -> Result<(), VmError> {
+    fn hand_over_state(&mut self, carried: Written) -> Result<(), VmError> {
         let t0 = Instant::now();
         let pos = self.positions.now().exit;
         if self.door.mode() == Mode::Replay {
@@ -131,23 +146,37 @@ impl Vm {
         Ok(())
     }
 
-    /// The rest of the state now: the pages written since the last round
-    /// (`carried` and those since) with their bytes, the state up to
-    /// memory, and the header of a log that starts from it.
+    /// The rest of the state now: the pages and disk chunks written since
+    /// the last round (`carried` and those since) with their bytes, the
+    /// state up to memory, and the header of a log that starts from it.
     fn take_rest(
         &mut self,
-        carried: Vec<u64>,
+        carried: Written,
         clock_ns: u64,
     ) -> Result<(HandOver, LogHeader), VmError> {
-        let mut pages = carried;
-        pages.extend(self.take_written()?);
-        pages.sort_unstable();
-        pages.dedup();
+        let mut written = carried;
+        written.merge(self.take_written()?);
         self.copy_dirty = None;
+        let Written { pages, chunks } = written;
         let data = copy_pages(&self.mem, &pages)
             .map_err(|e| DoorError::Ft(format!("copying the last pages: {e}")))?;
+        let images = self
+            .devices
+            .mmio
+            .own_images()
+            .map_err(|e| DoorError::Ft(format!("the disk images: {e}")))?;
+        let mut disks = Vec::new();
+        for (i, (image, chunks)) in images.iter().zip(chunks).enumerate() {
+            disks.push(
+                copy_chunks(i as u32, image, chunks)
+                    .map_err(|e| DoorError::Ft(format!("copying disk {i}'s last chunks: {e}")))?,
+            );
+        }
         let state = self.state_body(clock_ns)?;
-        let hash = config_hash_of_state(&state, &self.disks, &self.nets)
+        // Disk contents came in the transfer, checked: the hash names the
+        // disks' sizes and access, not their bytes (hashing them would
+        // read every image in the pause).
+        let hash = config_hash_of_transfer(&state, &self.disks, &self.nets)
             .map_err(|e| DoorError::Ft(format!("the state's configuration: {e}")))?;
         let header = LogHeader {
             kernel: String::new(),
@@ -158,6 +187,14 @@ impl Vm {
             recorder: recorder_id(),
             snapshot: Some("(state transfer)".into()),
         };
-        Ok((HandOver { pages, data, state }, header))
+        Ok((
+            HandOver {
+                pages,
+                data,
+                disks,
+                state,
+            },
+            header,
+        ))
     }
 }

@@ -39,6 +39,8 @@ use crate::devices::virtio::{Block, BlockError, MmioTransport, Net};
 use crate::devices::Devices;
 use crate::emulate::EmulationError;
 use crate::epoch::EpochPages;
+use crate::ft::precopy::Written;
+use crate::ft::transfer::DiskPart;
 use crate::memory::{decode_memory, GuestMemoryMmap};
 use crate::nondet::{Door, DoorError, ExitCounter, LiveDoor, Position, PositionSource};
 use crate::record::{RecordDoor, RecordStats};
@@ -271,17 +273,22 @@ pub trait PairHooks: Send {
         JoinStep::Idle
     }
 
-    /// Start copying memory to the waiting backup while the guest runs;
-    /// the run loop tracks written pages from now on.
-    fn begin_copy(&mut self, _mem: crate::memory::GuestMemoryMmap) -> Result<(), DoorError> {
+    /// Start copying memory and the own writable `disks` to the waiting
+    /// backup while the guest runs; the run loop tracks what is written
+    /// from now on.
+    fn begin_copy(
+        &mut self,
+        _mem: crate::memory::GuestMemoryMmap,
+        _disks: Vec<crate::devices::virtio::written::OwnImage>,
+    ) -> Result<(), DoorError> {
         Err(DoorError::Ft("this side hands no state over".into()))
     }
 
-    /// The copy round is sent and the guest wrote `pages` since: `None`
-    /// when they go in another round, or them back when the run loop is
-    /// to pause and hand the rest over ([`PairHooks::hand_over`]).
-    fn copy_round(&mut self, pages: Vec<u64>) -> Option<Vec<u64>> {
-        Some(pages)
+    /// The copy round is sent and the guest wrote `written` since: `None`
+    /// when it goes in another round, or it back when the run loop is to
+    /// pause and hand the rest over ([`PairHooks::hand_over`]).
+    fn copy_round(&mut self, written: Written) -> Option<Written> {
+        Some(written)
     }
 
     /// The rest of the state at exit `pos`, taken in the pause, goes to the
@@ -317,6 +324,8 @@ pub struct HandOver {
     pub pages: Vec<u64>,
     /// Their bytes (4096 per page, in the same order).
     pub data: Vec<u8>,
+    /// The own writable disks' chunks written since the last round.
+    pub disks: Vec<DiskPart>,
     /// The snapshot body up to its memory section: vCPU and devices.
     pub state: Vec<u8>,
 }

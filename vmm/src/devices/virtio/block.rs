@@ -79,12 +79,15 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use thiserror::Error;
 use tracing::{debug, warn};
 use virtio_bindings::virtio_blk as blk;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+
+use super::written::{OwnImage, WrittenChunks};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::memory::GuestMemoryMmap;
@@ -184,6 +187,9 @@ pub struct Block {
     flush_negotiated: bool,
     stats: BlockStats,
     queue_sizes: [u16; 1],
+    /// The chunks of an own image written so far (a state transfer takes
+    /// them).
+    written: Arc<WrittenChunks>,
 }
 
 /// One descriptor's buffer.
@@ -271,6 +277,18 @@ impl Block {
         }
     }
 
+    /// This disk as a state transfer copies it: a writable image of this
+    /// side's own (`None` for a read-only or shared disk).
+    pub fn own_image(&self) -> Option<std::io::Result<OwnImage>> {
+        match (&self.backing, self.read_only) {
+            (Backing::Own(file), false) => Some(file.try_clone().map(|file| OwnImage {
+                file,
+                written: self.written.clone(),
+            })),
+            _ => None,
+        }
+    }
+
     fn with_backing(mut backing: Backing, read_only: bool, id: &[u8]) -> Result<Self, BlockError> {
         if id.len() > ID_BYTES {
             return Err(BlockError::IdTooLong(id.len()));
@@ -291,6 +309,7 @@ impl Block {
         }
         Ok(Block {
             backing,
+            written: Arc::new(WrittenChunks::new(bytes)),
             capacity: bytes / SECTOR_SIZE,
             read_only,
             id: padded,
@@ -508,6 +527,9 @@ impl Block {
                 return Outcome::ok(0);
             }
         };
+        // Marked before the write: a copy that reads the chunk meanwhile
+        // sends it again in its next round.
+        self.written.mark(offset, len);
         if let Err(e) = file.write_all_at(&buf, offset) {
             return Outcome::host(format!("writing {len} bytes at sector {sector}"), e);
         }

@@ -41,6 +41,7 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod tap;
+pub mod written;
 
 use crate::memory::GuestMemoryMmap;
 use thiserror::Error;
