@@ -15,7 +15,6 @@ mod netns;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -31,70 +30,27 @@ const DRILL_NET: &str = "tap=vmft0,mac=02:76:6d:66:74:00";
 /// A snapshot of the default guest running `drill` (taken once).
 fn drill_snapshot() -> &'static Path {
     static SNAP: OnceLock<PathBuf> = OnceLock::new();
-    SNAP.get_or_init(|| take_snapshot("drill.snap", false))
+    SNAP.get_or_init(|| take_snapshot("drill.snap", &[], None))
 }
 
 /// A snapshot of the default guest running `drill` with the network card
-/// of [`DRILL_NET`] (taken once, in a namespace of its own with a tap of
-/// that name in no bridge: the guest only configures eth0 after a
-/// restore).
+/// of [`DRILL_NET`], running until stopped (taken once, in a namespace of
+/// its own with a tap of that name in no bridge: the guest only configures
+/// eth0 after a restore).
 fn drill_net_snapshot() -> &'static Path {
     static SNAP: OnceLock<PathBuf> = OnceLock::new();
-    SNAP.get_or_init(|| take_snapshot("drill-net.snap", true))
+    SNAP.get_or_init(|| {
+        let args = ["--net", DRILL_NET, "--append", "vmft.count=0"];
+        take_snapshot("drill-net.snap", &args, Some("vmft0"))
+    })
 }
 
-/// Boot the `drill` workload and snapshot it at its ready marker; `net`:
-/// with the card of [`DRILL_NET`], running until stopped.
-fn take_snapshot(name: &str, net: bool) -> PathBuf {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let snap = dir.join(name);
-    let (kernel, initrd) = image();
-    let ns = net.then(|| {
-        let ns = netns::Netns::new("drill-snap").unwrap();
-        ns.make_tap("vmft0", None).unwrap();
-        ns
-    });
-    let mut cmd = match &ns {
-        Some(ns) => ns.exec(env!("CARGO_BIN_EXE_vmft")),
-        None => vmft(),
-    };
-    cmd.args([
-        "run",
-        "--workload",
-        "drill",
-        "--no-stdin",
-        "--snapshot-on-ready",
-    ])
-    .arg(&snap)
-    .arg("--kernel")
-    .arg(kernel)
-    .arg("--initrd")
-    .arg(initrd)
-    .stdin(std::process::Stdio::null())
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::piped());
-    if net {
-        cmd.args(["--net", DRILL_NET, "--append", "vmft.count=0"]);
-    }
-    let t0 = Instant::now();
-    let mut child = cmd.spawn().unwrap();
-    while !snap.exists() {
-        if let Some(st) = child.try_wait().unwrap() {
-            panic!("the boot ended ({st}) before its snapshot");
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(400),
-            "no drill snapshot within 400 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    eprintln!(
-        "drill: snapshot {name} taken after {:.1} s of boot",
-        t0.elapsed().as_secs_f64()
-    );
-    drop(ns);
+/// Boot the `drill` workload with `args` (in a namespace with a tap named
+/// `tap`, if any) and snapshot it at its ready marker, to `name` in a
+/// directory kept for the test process.
+fn take_snapshot(name: &str, args: &[&str], tap: Option<&str>) -> PathBuf {
+    let snap = tempfile::tempdir().unwrap().keep().join(name);
+    snapshot_of("drill", args, tap, &snap);
     snap
 }
 
