@@ -277,10 +277,41 @@ pub fn disk_problem(image: &std::path::Path, n: u64) -> Option<String> {
 /// snapshot at its ready marker to `snap`; the boot is then killed. Fails
 /// the test if the snapshot does not come within a generous limit.
 pub fn snapshot_at_ready(args: &[std::ffi::OsString], snap: &std::path::Path) {
+    let mut cmd = vmft();
+    cmd.args(args);
+    boot_to_snapshot(cmd, snap);
+}
+
+/// Boot the default guest running `workload`, with more `vmft run`
+/// arguments `args` (`--append`, `--net`, ...), and save a snapshot at its
+/// ready marker to `snap`; the boot is then killed. `tap`: boot in a
+/// network namespace of its own with a tap of that name in no bridge (for
+/// a guest with `--net tap=NAME`; the namespace is removed after the
+/// boot). Fails the test if the snapshot does not come within a generous
+/// limit.
+pub fn snapshot_of(workload: &str, args: &[&str], tap: Option<&str>, snap: &std::path::Path) {
+    let ns = tap.map(|tap| {
+        let ns = vmm::lab::netns::Netns::new("snap").unwrap();
+        ns.make_tap(tap, None).unwrap();
+        ns
+    });
+    let mut cmd = match &ns {
+        Some(ns) => ns.exec(env!("CARGO_BIN_EXE_vmft")),
+        None => vmft(),
+    };
+    cmd.args(["run", "--workload", workload]).args(args);
+    boot_to_snapshot(cmd, snap);
+    drop(ns);
+}
+
+/// Run `cmd`, a `vmft run` without its image and snapshot arguments, with
+/// the default guest and `--snapshot-on-ready snap`, until it says the
+/// snapshot is saved; then kill it.
+fn boot_to_snapshot(mut cmd: Command, snap: &std::path::Path) {
     use std::io::Read;
+    use std::sync::mpsc::RecvTimeoutError;
     let (kernel, initrd) = image();
-    let mut child = vmft()
-        .args(args)
+    let mut child = cmd
         .arg("--no-stdin")
         .arg("--snapshot-on-ready")
         .arg(snap)
@@ -288,6 +319,7 @@ pub fn snapshot_at_ready(args: &[std::ffi::OsString], snap: &std::path::Path) {
         .arg(kernel)
         .arg("--initrd")
         .arg(initrd)
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -308,16 +340,21 @@ pub fn snapshot_at_ready(args: &[std::ffi::OsString], snap: &std::path::Path) {
         let left = std::time::Duration::from_secs(400).saturating_sub(t0.elapsed());
         match rx.recv_timeout(left) {
             Ok(b) => text.push_str(&String::from_utf8_lossy(&b)),
-            Err(_) => {
+            Err(RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
                 panic!("no snapshot at the ready marker within 400 s:\n{text}");
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let st = child.wait().unwrap();
+                panic!("the boot ended ({st}) before its snapshot:\n{text}");
             }
         }
     }
     let _ = child.kill();
     let _ = child.wait();
     eprintln!(
-        "snapshot at the ready marker after {:.1} s of boot",
+        "snapshot {} at the ready marker after {:.1} s of boot",
+        snap.display(),
         t0.elapsed().as_secs_f64()
     );
 }

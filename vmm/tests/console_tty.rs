@@ -240,34 +240,7 @@ fn shell_snapshot() -> &'static PathBuf {
         .get_or_init(|| {
             let dir = tempfile::tempdir().unwrap();
             let snap = dir.path().join("shell.snap");
-            let (kernel, initrd) = image();
-            let mut child = vmft()
-                .args([
-                    "run",
-                    "--workload",
-                    "shell",
-                    "--no-stdin",
-                    "--snapshot-on-ready",
-                ])
-                .arg(&snap)
-                .arg("--kernel")
-                .arg(kernel)
-                .arg("--initrd")
-                .arg(initrd)
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let mut err = child.stderr.take().unwrap();
-            let mut text = String::new();
-            let mut buf = [0u8; 1024];
-            while !text.contains("snapshot saved to") {
-                let n = err.read(&mut buf).unwrap();
-                assert!(n > 0, "the boot ended before its snapshot:\n{text}");
-                text.push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            snapshot_of("shell", &[], None, &snap);
             (dir, snap)
         })
         .1

@@ -15,7 +15,6 @@ mod netns;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -31,85 +30,85 @@ const DRILL_NET: &str = "tap=vmft0,mac=02:76:6d:66:74:00";
 /// A snapshot of the default guest running `drill` (taken once).
 fn drill_snapshot() -> &'static Path {
     static SNAP: OnceLock<PathBuf> = OnceLock::new();
-    SNAP.get_or_init(|| take_snapshot("drill.snap", false))
+    SNAP.get_or_init(|| take_snapshot("drill.snap", &[], None))
 }
 
 /// A snapshot of the default guest running `drill` with the network card
-/// of [`DRILL_NET`] (taken once, in a namespace of its own with a tap of
-/// that name in no bridge: the guest only configures eth0 after a
-/// restore).
+/// of [`DRILL_NET`], running until stopped (taken once, in a namespace of
+/// its own with a tap of that name in no bridge: the guest only configures
+/// eth0 after a restore).
 fn drill_net_snapshot() -> &'static Path {
     static SNAP: OnceLock<PathBuf> = OnceLock::new();
-    SNAP.get_or_init(|| take_snapshot("drill-net.snap", true))
+    SNAP.get_or_init(|| {
+        let args = ["--net", DRILL_NET, "--append", "vmft.count=0"];
+        take_snapshot("drill-net.snap", &args, Some("vmft0"))
+    })
 }
 
-/// Boot the `drill` workload and snapshot it at its ready marker; `net`:
-/// with the card of [`DRILL_NET`], running until stopped.
-fn take_snapshot(name: &str, net: bool) -> PathBuf {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let snap = dir.join(name);
-    let (kernel, initrd) = image();
-    let ns = net.then(|| {
-        let ns = netns::Netns::new("drill-snap").unwrap();
-        ns.make_tap("vmft0", None).unwrap();
-        ns
-    });
-    let mut cmd = match &ns {
-        Some(ns) => ns.exec(env!("CARGO_BIN_EXE_vmft")),
-        None => vmft(),
-    };
-    cmd.args([
-        "run",
-        "--workload",
-        "drill",
-        "--no-stdin",
-        "--snapshot-on-ready",
-    ])
-    .arg(&snap)
-    .arg("--kernel")
-    .arg(kernel)
-    .arg("--initrd")
-    .arg(initrd)
-    .stdin(std::process::Stdio::null())
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::piped());
-    if net {
-        cmd.args(["--net", DRILL_NET, "--append", "vmft.count=0"]);
-    }
-    let t0 = Instant::now();
-    let mut child = cmd.spawn().unwrap();
-    while !snap.exists() {
-        if let Some(st) = child.try_wait().unwrap() {
-            panic!("the boot ended ({st}) before its snapshot");
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(400),
-            "no drill snapshot within 400 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    eprintln!(
-        "drill: snapshot {name} taken after {:.1} s of boot",
-        t0.elapsed().as_secs_f64()
-    );
-    drop(ns);
+/// Boot the `drill` workload with `args` (in a namespace with a tap named
+/// `tap`, if any) and snapshot it at its ready marker, to `name` in a
+/// directory kept for the test process.
+fn take_snapshot(name: &str, args: &[&str], tap: Option<&str>) -> PathBuf {
+    let snap = tempfile::tempdir().unwrap().keep().join(name);
+    snapshot_of("drill", args, tap, &snap);
     snap
 }
 
-/// `vmft drill` with `args` on the shared snapshot; returns (status, stdout,
-/// stderr, the report directory).
-fn drill(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String, PathBuf) {
+/// One `vmft drill`: its exit status, stdout, stderr and report directory.
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    out: PathBuf,
+}
+
+/// What a passing drill's callers check next.
+struct Passed {
+    /// The verdict line.
+    verdict: String,
+    /// rounds.tsv.
+    tsv: String,
+}
+
+impl Run {
+    /// The verdict line: the last line of stdout.
+    fn verdict(&self) -> String {
+        self.stdout.lines().last().unwrap_or_default().to_string()
+    }
+
+    /// Assert the drill passed its `rounds` rounds (exit 0, nothing lost,
+    /// repeated or live twice); its verdict line and rounds.tsv.
+    fn assert_pass(&self, rounds: u32) -> Passed {
+        let verdict = self.verdict();
+        let pass = format!("verdict: PASS rounds={rounds} lost=0 repeated=0 double-live=0");
+        assert!(
+            self.code == Some(0) && verdict.starts_with(&pass),
+            "{}",
+            self.describe()
+        );
+        let tsv = std::fs::read_to_string(self.out.join("rounds.tsv")).unwrap();
+        Passed { verdict, tsv }
+    }
+
+    /// Exit status, verdict and output, for a failed assertion.
+    fn describe(&self) -> String {
+        format!(
+            "exit {:?}, verdict {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.code,
+            self.verdict(),
+            self.stdout,
+            self.stderr
+        )
+    }
+}
+
+/// `vmft drill` with `args` on the shared snapshot.
+fn drill(args: &[&str], env: &[(&str, &str)]) -> Run {
     drill_on(drill_snapshot(), args, env)
 }
 
 /// `vmft drill` with `args` on `snap`.
-fn drill_on(
-    snap: &Path,
-    args: &[&str],
-    env: &[(&str, &str)],
-) -> (Option<i32>, String, String, PathBuf) {
+fn drill_on(snap: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
     arbiter_bin();
     let out = tempfile::tempdir().unwrap().keep();
     let mut cmd: Command = vmft();
@@ -122,7 +121,12 @@ fn drill_on(
         .envs(env.iter().copied());
     let o = output_within(cmd, 900);
     let (stdout, stderr) = texts(&o);
-    (o.status.code(), stdout, stderr, out)
+    Run {
+        code: o.status.code(),
+        stdout,
+        stderr,
+        out,
+    }
 }
 
 #[test]
@@ -131,13 +135,9 @@ fn every_fault_kind_in_turn_with_re_protection_holds_every_invariant() {
         return;
     }
     let _one = serial();
-    let (code, stdout, stderr, out) = drill(&["--rounds", "5", "--seed", "7"], &[]);
-    let verdict = stdout.lines().last().unwrap_or_default().to_string();
-    assert!(
-        code == Some(0)
-            && verdict.starts_with("verdict: PASS rounds=5 lost=0 repeated=0 double-live=0"),
-        "exit {code:?}, verdict {verdict:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let run = drill(&["--rounds", "5", "--seed", "7"], &[]);
+    let Passed { verdict, tsv } = run.assert_pass(5);
+    let (stdout, out) = (&run.stdout, &run.out);
     // On one host there is no TCP stream, and nothing claims there was.
     assert!(
         verdict.contains("tcp=not-checked")
@@ -145,7 +145,6 @@ fn every_fault_kind_in_turn_with_re_protection_holds_every_invariant() {
         "{stdout}"
     );
     // Every fault kind ran once and each round failed over and re-protected.
-    let tsv = std::fs::read_to_string(out.join("rounds.tsv")).unwrap();
     let rows: Vec<Vec<&str>> = tsv
         .lines()
         .skip(1)
@@ -191,7 +190,7 @@ fn in_network_namespaces_with_firewall_partitions_every_invariant_holds() {
         return;
     }
     let _one = serial();
-    let (code, stdout, stderr, out) = drill_on(
+    let run = drill_on(
         drill_net_snapshot(),
         &[
             "--hosts",
@@ -205,14 +204,9 @@ fn in_network_namespaces_with_firewall_partitions_every_invariant_holds() {
         ],
         &[],
     );
-    let verdict = stdout.lines().last().unwrap_or_default().to_string();
-    assert!(
-        code == Some(0)
-            && verdict.starts_with("verdict: PASS rounds=5 lost=0 repeated=0 double-live=0"),
-        "exit {code:?}, verdict {verdict:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let Passed { verdict, tsv } = run.assert_pass(5);
+    let stdout = &run.stdout;
     // The partition was a firewall rule: the loser stopped itself.
-    let tsv = std::fs::read_to_string(out.join("rounds.tsv")).unwrap();
     assert!(
         tsv.lines()
             .nth(1)
@@ -288,7 +282,7 @@ fn with_etcd_members_killed_with_the_primary_every_invariant_holds() {
         return;
     }
     let _one = serial();
-    let (code, stdout, stderr, out) = drill(
+    let run = drill(
         &[
             "--arbiter",
             "etcd",
@@ -301,15 +295,9 @@ fn with_etcd_members_killed_with_the_primary_every_invariant_holds() {
         ],
         &[],
     );
-    let verdict = stdout.lines().last().unwrap_or_default().to_string();
-    assert!(
-        code == Some(0)
-            && verdict.starts_with("verdict: PASS rounds=3 lost=0 repeated=0 double-live=0"),
-        "exit {code:?}, verdict {verdict:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let Passed { tsv, .. } = run.assert_pass(3);
     // With the majority down (at least the 2 s failure timeout and half a
     // second more), nobody went live before it was back.
-    let tsv = std::fs::read_to_string(out.join("rounds.tsv")).unwrap();
     let go_live = |fault: &str| -> f64 {
         tsv.lines()
             .map(|l| l.split('\t').collect::<Vec<_>>())
@@ -330,7 +318,7 @@ fn with_the_output_rule_broken_the_drill_fails() {
     // A channel that lags 200 ms: output released at once (the broken
     // rule) runs ahead of what the backup has, and a kill right after a
     // line leaves the backup to print that line again, differently.
-    let (code, stdout, stderr, out) = drill(
+    let run = drill(
         &[
             "--rounds",
             "3",
@@ -343,16 +331,63 @@ fn with_the_output_rule_broken_the_drill_fails() {
         ],
         &[("VMFT_TEST_BREAK_OUTPUT_RULE", "1")],
     );
-    let verdict = stdout.lines().last().unwrap_or_default().to_string();
+    let verdict = run.verdict();
     assert!(
-        code == Some(1)
+        run.code == Some(1)
             && verdict.starts_with("verdict: FAIL")
             && verdict.contains("two executions"),
-        "exit {code:?}, verdict {verdict:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        "{}",
+        run.describe()
     );
-    let log = std::fs::read_to_string(out.join("logs").join("primary.log")).unwrap();
+    let log = std::fs::read_to_string(run.out.join("logs").join("primary.log")).unwrap();
     assert!(
         log.contains("the output rule is off"),
         "the switch did not take: {log}"
     );
+}
+
+/// The pass check itself (no VM): the verdict line for the rounds asked
+/// for with nothing lost, repeated or live twice, and exit 0; else it
+/// fails the test.
+#[test]
+fn a_drill_passes_only_with_exit_0_and_its_clean_verdict() {
+    let out = tempfile::tempdir().unwrap();
+    std::fs::write(out.path().join("rounds.tsv"), "round\tfault\n1\tkill\n").unwrap();
+    let run = |code: i32, verdict: &str| Run {
+        code: Some(code),
+        stdout: format!("round 1 kill\n{verdict}\n"),
+        stderr: String::new(),
+        out: out.path().to_path_buf(),
+    };
+    let clean = "verdict: PASS rounds=1 lost=0 repeated=0 double-live=0 tcp=ok";
+    let Passed { verdict, tsv } = run(0, clean).assert_pass(1);
+    assert_eq!((verdict.as_str(), tsv.lines().count()), (clean, 2));
+    for (code, verdict, rounds) in [
+        (1, clean, 1),
+        (0, clean, 2),
+        (
+            0,
+            "verdict: PASS rounds=1 lost=1 repeated=0 double-live=0",
+            1,
+        ),
+        (
+            0,
+            "verdict: PASS rounds=1 lost=0 repeated=2 double-live=0",
+            1,
+        ),
+        (
+            0,
+            "verdict: PASS rounds=1 lost=0 repeated=0 double-live=1",
+            1,
+        ),
+        (
+            0,
+            "verdict: FAIL rounds=1 lost=0 repeated=0 double-live=0",
+            1,
+        ),
+    ] {
+        let r = run(code, verdict);
+        let failed = std::panic::catch_unwind(|| r.assert_pass(rounds)).is_err();
+        assert!(failed, "passed: exit {code}, {verdict:?}, {rounds} rounds");
+    }
 }

@@ -53,7 +53,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::{arbiter_bin, capture, image, require_kvm, seed, strip_ansi, Captured, Rng};
+use common::{arbiter_bin, capture, require_kvm, seed, snapshot_of, strip_ansi, Captured, Rng};
 use netns::{fmt_ip, fmt_mac, require_net, Host, Lan, Netns};
 use vmm::devices::virtio::tap::Tap;
 
@@ -1100,41 +1100,10 @@ fn net_snapshot() -> &'static Path {
             dir
         });
         let snap = dir.join("net.snap");
-        let ns = Netns::new("snap").unwrap();
-        ns.make_tap(TAP, None).unwrap();
-        let (kernel, initrd) = image();
-        let mut cmd = ns.exec(vmft_bin());
-        cmd.args(["run", "--workload", "net-all", "--append"])
-            .arg(format!("vmft.ip={}/24 vmft.count=0", fmt_ip(&GUEST_IP)))
-            .args(["--net", &net_opt(), "--no-stdin", "--snapshot-on-ready"])
-            .arg(&snap)
-            .arg("--kernel")
-            .arg(kernel)
-            .arg("--initrd")
-            .arg(initrd);
-        let t0 = Instant::now();
-        let mut boot = Proc::spawn("boot", cmd);
-        let limit = Duration::from_secs(400);
-        loop {
-            if boot.stderr().contains("snapshot saved to") {
-                break;
-            }
-            if boot.poll().is_some() {
-                panic!("the boot ended before its snapshot:\n{}", boot.report());
-            }
-            assert!(
-                t0.elapsed() < limit,
-                "no snapshot within {limit:?}:\n{}",
-                boot.report()
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!(
-            "net: snapshot at the ready marker after {:.1} s of boot",
-            secs(t0.elapsed())
-        );
-        drop(boot);
-        drop(ns);
+        let append = format!("vmft.ip={}/24 vmft.count=0", fmt_ip(&GUEST_IP));
+        let net = net_opt();
+        let args = ["--append", &append, "--net", &net];
+        snapshot_of("net-all", &args, Some(TAP), &snap);
         snap
     })
 }

@@ -56,62 +56,67 @@ impl Audit {
     }
 }
 
-/// Audit `text`, a console transcript of the ticker workload. `expected`:
-/// the number of lines of a complete run (`Some` when the run ended and
-/// must have printed them all, with its end line once).
-pub fn audit_ticker(text: &str, expected: Option<u64>) -> Audit {
+/// A workload whose transcript [`walk`] audits: its lines `NAME I ...`
+/// numbered from 1, each once and in order, and its own check of each
+/// line's contents against the lines before it.
+trait Chained {
+    /// The first word of the numbered lines (`ticker`, `drill`).
+    const NAME: &'static str;
+    /// What a numbered line says besides its number.
+    type Fields;
+
+    /// Count `line` in `a` if it is one of the workload's lines other than
+    /// the numbered ones (its end line, ...); false if it is not.
+    fn other_line(&mut self, a: &mut Audit, line: &str) -> bool;
+
+    /// The number and fields of a numbered line (`rest`: after `NAME `);
+    /// `None`: garbled.
+    fn parse(rest: &str) -> Option<(u64, Self::Fields)>;
+
+    /// Check line `i`, the next after line `a.last` (not yet updated) in
+    /// the transcript, with `missing` lines lost between them (already
+    /// counted), and go on from it.
+    fn follow(&mut self, a: &mut Audit, i: u64, fields: Self::Fields, missing: u64);
+}
+
+/// Walk `text` line by line: the numbered lines of `w` counted (lost,
+/// repeated, garbled) and checked by `w`, its other lines handed to it,
+/// the kernel's and init's lines left alone, any other line foreign.
+fn walk<W: Chained>(w: &mut W, text: &str) -> Audit {
     let mut a = Audit::default();
-    let mut sum = 7u64;
     for raw in text.lines() {
         let line = raw.trim_end_matches('\r');
-        if let Some(rest) = line.strip_prefix("ticker done ") {
-            a.done += 1;
-            let want = format!("lines={} sum={}", a.last, sum);
-            if rest != want {
-                a.problem(format!(
-                    "the end line is {line:?}, expected \"ticker done {want}\""
-                ));
-                a.wrong += 1;
-            }
+        if w.other_line(&mut a, line) {
             continue;
         }
-        if let Some(rest) = line.strip_prefix("ticker ") {
-            let parsed = rest
-                .split_once(" sum=")
-                .and_then(|(i, s)| Some((i.parse::<u64>().ok()?, s.parse::<u64>().ok()?)));
-            let Some((i, s)) = parsed else {
+        if let Some(rest) = line.strip_prefix(W::NAME).and_then(|r| r.strip_prefix(' ')) {
+            let Some((i, fields)) = W::parse(rest) else {
                 a.foreign += 1;
-                a.problem(format!("a garbled ticker line: {line:?}"));
+                a.problem(format!("a garbled {} line: {line:?}", W::NAME));
                 continue;
             };
             a.lines += 1;
             if i <= a.last {
                 a.repeated += 1;
                 a.problem(format!(
-                    "ticker line {i} again after line {} (repeated output)",
+                    "{} line {i} again after line {} (repeated output)",
+                    W::NAME,
                     a.last
                 ));
                 continue;
             }
-            if i > a.last + 1 {
-                a.lost += i - a.last - 1;
+            let missing = i - a.last - 1;
+            if missing > 0 {
+                a.lost += missing;
                 a.problem(format!(
-                    "ticker lines {}..{} missing before line {i} (lost output)",
+                    "{} lines {}..{} missing before line {i} (lost output)",
+                    W::NAME,
                     a.last + 1,
                     i - 1
                 ));
-                for k in a.last + 1..i {
-                    sum = (sum * 31 + k * 7919) % MODULUS;
-                }
             }
-            sum = (sum * 31 + i * 7919) % MODULUS;
+            w.follow(&mut a, i, fields, missing);
             a.last = i;
-            if s != sum {
-                a.wrong += 1;
-                a.problem(format!(
-                    "ticker line {i} has sum={s}, the chain gives {sum}"
-                ));
-            }
             continue;
         }
         let ours = line.is_empty()
@@ -123,6 +128,60 @@ pub fn audit_ticker(text: &str, expected: Option<u64>) -> Audit {
             a.problem(format!("a line the guest did not print: {line:?}"));
         }
     }
+    a
+}
+
+/// The `ticker` workload: each sum the chain's, the lost lines' included;
+/// its end line `ticker done lines=N sum=S_N`.
+struct Ticker {
+    /// The chain's value at the last line seen (or lost).
+    sum: u64,
+}
+
+impl Chained for Ticker {
+    const NAME: &'static str = "ticker";
+    /// The line's sum.
+    type Fields = u64;
+
+    fn other_line(&mut self, a: &mut Audit, line: &str) -> bool {
+        let Some(rest) = line.strip_prefix("ticker done ") else {
+            return false;
+        };
+        a.done += 1;
+        let want = format!("lines={} sum={}", a.last, self.sum);
+        if rest != want {
+            a.problem(format!(
+                "the end line is {line:?}, expected \"ticker done {want}\""
+            ));
+            a.wrong += 1;
+        }
+        true
+    }
+
+    fn parse(rest: &str) -> Option<(u64, u64)> {
+        let (i, s) = rest.split_once(" sum=")?;
+        Some((i.parse().ok()?, s.parse().ok()?))
+    }
+
+    fn follow(&mut self, a: &mut Audit, i: u64, s: u64, _missing: u64) {
+        for k in a.last + 1..=i {
+            self.sum = (self.sum * 31 + k * 7919) % MODULUS;
+        }
+        if s != self.sum {
+            a.wrong += 1;
+            a.problem(format!(
+                "ticker line {i} has sum={s}, the chain gives {}",
+                self.sum
+            ));
+        }
+    }
+}
+
+/// Audit `text`, a console transcript of the ticker workload. `expected`:
+/// the number of lines of a complete run (`Some` when the run ended and
+/// must have printed them all, with its end line once).
+pub fn audit_ticker(text: &str, expected: Option<u64>) -> Audit {
+    let mut a = walk(&mut Ticker { sum: 7 }, text);
     if let Some(n) = expected {
         if a.last < n {
             a.lost += n - a.last;
@@ -144,6 +203,51 @@ pub fn drill_next(h: u64, i: u64, t: u64) -> u64 {
     (h * 31 + i * 7919 + t) % MODULUS
 }
 
+/// The `drill` workload: each line chained to the one before it in the
+/// transcript; its end line and its network lines counted.
+struct Drill {
+    /// The value of the last line seen.
+    h: u64,
+}
+
+impl Chained for Drill {
+    const NAME: &'static str = "drill";
+    /// The line's clock value and chain value.
+    type Fields = (u64, u64);
+
+    fn other_line(&mut self, a: &mut Audit, line: &str) -> bool {
+        if line.starts_with("drill done ") {
+            a.done += 1;
+        } else if line.starts_with("net: ") {
+            a.net += 1;
+        } else {
+            return false;
+        }
+        true
+    }
+
+    fn parse(rest: &str) -> Option<(u64, (u64, u64))> {
+        let (i, rest) = rest.split_once(" t=")?;
+        let (t, v) = rest.split_once(" h=")?;
+        Some((i.parse().ok()?, (t.parse().ok()?, v.parse().ok()?)))
+    }
+
+    fn follow(&mut self, a: &mut Audit, i: u64, (t, v): (u64, u64), missing: u64) {
+        // After a gap the lost lines are the problem, counted once.
+        if missing == 0 && drill_next(self.h, i, t) != v {
+            a.wrong += 1;
+            a.problem(format!(
+                "drill line {i} does not follow line {} (h={v}, the chain gives {}): \
+                 output of two executions",
+                a.last,
+                drill_next(self.h, i, t)
+            ));
+        }
+        // Go on from what the line says, so one seam counts once.
+        self.h = v;
+    }
+}
+
 /// Audit a transcript of the `drill` workload (lines `drill I t=T h=H`,
 /// H chained through every line before it): each line once, in order,
 /// none missing, and each H the chain's value from the line before, so a
@@ -154,79 +258,13 @@ pub fn drill_next(h: u64, i: u64, t: u64) -> u64 {
 /// echo server before the first drill line) are counted in [`Audit::net`]
 /// and otherwise left alone.
 pub fn audit_drill(text: &str) -> Audit {
-    let mut a = Audit::default();
-    let mut h = 7u64;
     // A run stopped in the middle of a line leaves that line cut short:
     // it is not a line of the workload's yet.
     let whole = match text.rfind('\n') {
         Some(i) => &text[..=i],
         None => "",
     };
-    for raw in whole.lines() {
-        let line = raw.trim_end_matches('\r');
-        if line.starts_with("drill done ") {
-            a.done += 1;
-            continue;
-        }
-        if line.starts_with("net: ") {
-            a.net += 1;
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("drill ") {
-            let parsed = (|| {
-                let (i, rest) = rest.split_once(" t=")?;
-                let (t, v) = rest.split_once(" h=")?;
-                Some((
-                    i.parse::<u64>().ok()?,
-                    t.parse::<u64>().ok()?,
-                    v.parse::<u64>().ok()?,
-                ))
-            })();
-            let Some((i, t, v)) = parsed else {
-                a.foreign += 1;
-                a.problem(format!("a garbled drill line: {line:?}"));
-                continue;
-            };
-            a.lines += 1;
-            if i <= a.last {
-                a.repeated += 1;
-                a.problem(format!(
-                    "drill line {i} again after line {} (repeated output)",
-                    a.last
-                ));
-                continue;
-            }
-            if i > a.last + 1 {
-                a.lost += i - a.last - 1;
-                a.problem(format!(
-                    "drill lines {}..{} missing before line {i} (lost output)",
-                    a.last + 1,
-                    i - 1
-                ));
-            } else if drill_next(h, i, t) != v {
-                a.wrong += 1;
-                a.problem(format!(
-                    "drill line {i} does not follow line {} (h={v}, the chain gives {}): \
-                     output of two executions",
-                    a.last,
-                    drill_next(h, i, t)
-                ));
-            }
-            // Go on from what the line says, so one seam counts once.
-            h = v;
-            a.last = i;
-            continue;
-        }
-        let ours = line.is_empty()
-            || line.starts_with('[')
-            || line.starts_with("VMFT-")
-            || line.starts_with("vmft");
-        if !ours {
-            a.foreign += 1;
-            a.problem(format!("a line the guest did not print: {line:?}"));
-        }
-    }
-    a
+    walk(&mut Drill { h: 7 }, whole)
 }
 
 #[cfg(test)]
@@ -294,6 +332,65 @@ mod tests {
         // A ticker transcript has no network lines: one is foreign there.
         let a = audit_ticker("net: eth0 up at 10.77.0.50/24\r\n", None);
         assert_eq!(a.foreign, 1, "{a:?}");
+    }
+
+    /// What each workload does its own way on the shared walk: the end
+    /// line, a line after a gap, a last line without its newline, and the
+    /// workload's name in each problem.
+    #[test]
+    fn each_workload_checks_its_own_lines_on_the_shared_walk() {
+        // The drill's end line is counted; a line after a gap is lost
+        // output only (not also a seam), named as the drill's.
+        let (head, h) = drill_lines(1, 10, 500, 7);
+        let (tail, _) = drill_lines(12, 12, 500, drill_next(h, 11, 610));
+        let a = audit_drill(&format!("{head}{tail}drill done lines=12\r\n"));
+        assert_eq!((a.lost, a.wrong, a.done, a.last), (1, 0, 1, 12), "{a:?}");
+        assert_eq!(
+            a.first_problem.as_deref(),
+            Some("drill lines 11..11 missing before line 12 (lost output)")
+        );
+        let (again, _) = drill_lines(10, 10, 500, drill_lines(1, 9, 500, 7).1);
+        let a = audit_drill(&format!("{head}{again}drill x\r\n"));
+        assert_eq!((a.repeated, a.foreign, a.lines), (1, 1, 11), "{a:?}");
+        assert_eq!(
+            a.first_problem.as_deref(),
+            Some("drill line 10 again after line 10 (repeated output)")
+        );
+        let a = audit_drill("drill 1 t=5\r\n");
+        assert_eq!(
+            a.first_problem.as_deref(),
+            Some("a garbled drill line: \"drill 1 t=5\"")
+        );
+        // The ticker's chain goes through the lost lines: a line after a
+        // gap with a wrong sum is lost output and wrong.
+        let mut t = transcript(&[1, 2], false);
+        t.push_str("ticker 5 sum=1\r\n");
+        let a = audit_ticker(&t, None);
+        assert_eq!((a.lost, a.wrong, a.last), (2, 1, 5), "{a:?}");
+        assert_eq!(
+            a.first_problem.as_deref(),
+            Some("ticker lines 3..4 missing before line 5 (lost output)")
+        );
+        // A wrong end line is wrong, and still the end line.
+        let mut t = transcript(&[1, 2, 3], false);
+        t.push_str("ticker done lines=3 sum=1\r\n");
+        let a = audit_ticker(&t, Some(3));
+        assert_eq!((a.done, a.wrong, a.lost), (1, 1, 0), "{a:?}");
+        assert!(
+            a.first_problem
+                .as_deref()
+                .unwrap()
+                .starts_with("the end line is \"ticker done lines=3 sum=1\""),
+            "{a:?}"
+        );
+        // The ticker audits a last line without its newline; the drill
+        // leaves it (a stop may have cut it short).
+        let a = audit_ticker(&format!("ticker 1 sum={}", ticker_sum(1)), None);
+        assert!(a.clean() && a.lines == 1, "{a:?}");
+        let a = audit_ticker("ticker 1 sum=1", None);
+        assert_eq!(a.wrong, 1, "{a:?}");
+        let a = audit_drill("drill 1 t=5 h=5");
+        assert!(a.clean() && a.lines == 0, "{a:?}");
     }
 
     fn transcript(lines: &[u64], done: bool) -> String {
