@@ -495,8 +495,8 @@ pub fn config_hash_of_state(
 
 /// The configuration hash of a state transfer's log: the state taken in
 /// the pause (`state`, a snapshot body up to memory) with `disks` and
-/// `nets`, the disks by size and access only (the transfer carries and
-/// checks their bytes).
+/// `nets`; writable disks by size and access only (the transfer carries
+/// their bytes), read-only ones by contents as always.
 pub fn config_hash_of_transfer(
     state: &[u8],
     disks: &[crate::boot::DiskSpec],
@@ -533,7 +533,9 @@ fn hash_devices_with(
     for d in disks {
         h.update(b"\0disk\0");
         h.update([d.read_only as u8, d.shared as u8]);
-        if d.shared || !contents {
+        // A transfer carries (and checks) the writable images' bytes, not
+        // the read-only ones': those are compared here as at any start.
+        if d.shared || (!contents && !d.read_only) {
             let len = std::fs::metadata(&d.path)
                 .map_err(|source| ConfigError::Read {
                     path: d.path.display().to_string(),

@@ -161,12 +161,13 @@ fn every_fault_kind_in_turn_with_re_protection_holds_every_invariant() {
             !r[3].is_empty() && !r[5].is_empty() && r[7] != "0",
             "a round without failover or re-protection: {r:?}\n{tsv}"
         );
-        // Memory went over in at least one round before the pause.
+        // The survivor reported its copy's rounds (round 0 and the pause
+        // at least).
         assert!(
             r.get(10)
                 .and_then(|n| n.parse::<u32>().ok())
                 .is_some_and(|n| n >= 2),
-            "a re-protection without pre-copy rounds: {r:?}\n{tsv}"
+            "a re-protection whose copy rounds were not reported: {r:?}\n{tsv}"
         );
     }
     // The guest's output went on across all of it.

@@ -24,7 +24,7 @@ use crate::memory::GuestMemoryMmap;
 use thiserror::Error;
 
 use super::pic::Pic;
-use super::virtio::written::OwnImage;
+use super::virtio::written::{OwnImage, WrittenChunks};
 use super::virtio::{Block, MmioError, MmioTransport, Net, VirtioDevice, MMIO_WINDOW};
 use crate::shared_disk::SharedView;
 use crate::snapshot::{Decoder, Encoder, SnapshotError};
@@ -242,6 +242,20 @@ impl MmioBus {
                     .as_any_mut()
                     .downcast_mut::<MmioTransport<Block>>()
                     .and_then(|b| b.device().own_image())
+            })
+            .collect()
+    }
+
+    /// What the own writable disks wrote, in `--disk` order (the trackers
+    /// of [`MmioBus::own_images`], without opening the images again).
+    pub fn own_writes(&mut self) -> Vec<std::sync::Arc<WrittenChunks>> {
+        self.slots
+            .iter_mut()
+            .filter_map(|s| {
+                s.dev
+                    .as_any_mut()
+                    .downcast_mut::<MmioTransport<Block>>()
+                    .and_then(|b| b.device().own_writes())
             })
             .collect()
     }

@@ -418,6 +418,9 @@ struct Copying {
     /// The new link's view (its acks), for the log that follows.
     handle: PrimaryHandle,
     started: Instant,
+    /// The transfer's length as given to the `LogLink` at the pause (the
+    /// log's offsets count from it): the thread checks what it sent.
+    announced: Arc<AtomicU64>,
 }
 
 /// A generation larger than `floor`: the time in nanoseconds, or one more.
@@ -729,7 +732,11 @@ impl PrimaryHooks {
 
     /// The thread's end of a copy: once all is sent, the log follows on
     /// the link, and the VM is protected when the backup has the state.
-    fn after_copy(&self, generation: u64) -> Box<dyn FnOnce(LinkWriter, Outcome) + Send> {
+    fn after_copy(
+        &self,
+        generation: u64,
+        announced: Arc<AtomicU64>,
+    ) -> Box<dyn FnOnce(LinkWriter, Outcome) + Send> {
         let loglink = self.link.clone();
         let status = self.status.clone();
         let copying = self.joins.as_ref().map(|j| j.copying.clone());
@@ -741,6 +748,17 @@ impl PrimaryHooks {
             let total = w.written;
             let link = w.link;
             let handle = link.handle();
+            let said = announced.load(Ordering::Acquire);
+            if matches!(outcome, Outcome::Sent) && total != said {
+                // The log's barriers would be off: output could go before
+                // the backup has the log behind it. Give the backup up.
+                note(&format!(
+                    "the state transfer sent {total} bytes, not the {said} it announced: \
+                     the new backup is given up"
+                ));
+                loglink.drop_log();
+                return;
+            }
             match outcome {
                 Outcome::Sent if loglink.complete(link) => {
                     // Protected once the backup has the whole state.
@@ -790,11 +808,7 @@ impl PairHooks for PrimaryHooks {
         let Some(j) = self.joins.as_mut() else {
             return JoinStep::Idle;
         };
-        let phase = j
-            .copy
-            .as_ref()
-            .filter(|c| !c.copy.is_finished())
-            .map(|c| c.copy.phase());
+        let phase = j.copy.as_ref().map(|c| c.copy.phase());
         match phase {
             Some(Phase::Sending) => JoinStep::Idle,
             Some(Phase::RoundSent) => JoinStep::RoundSent,
@@ -829,12 +843,15 @@ impl PairHooks for PrimaryHooks {
             .joins
             .as_mut()
             .ok_or_else(|| DoorError::Ft("no backup joins this primary".into()))?;
-        let joiner = joins
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| DoorError::Ft("no joining backup waits".into()))?;
+        let joiner = {
+            // Taken and marked under one lock: no other joiner slips in.
+            let mut pending = joins.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let joiner = pending
+                .take()
+                .ok_or_else(|| DoorError::Ft("no joining backup waits".into()))?;
+            joins.copying.store(true, Ordering::Release);
+            joiner
+        };
         // The last backup's thread ends with its link, which failed.
         if let Some(mut old) = joins.copy.take() {
             old.copy.join();
@@ -852,9 +869,9 @@ impl PairHooks for PrimaryHooks {
                 }
             }
         });
-        let after = self.after_copy(generation);
+        let announced = Arc::new(AtomicU64::new(0));
+        let after = self.after_copy(generation, announced.clone());
         let joins = self.joins.as_mut().expect("checked above");
-        joins.copying.store(true, Ordering::Release);
         let disk_bytes: u64 = disks.iter().map(|d| d.written.size()).sum();
         let ndisks = disks.len();
         let copy = Precopy::start(
@@ -876,13 +893,14 @@ impl PairHooks for PrimaryHooks {
             generation,
             handle,
             started: Instant::now(),
+            announced,
         });
         if let Some(s) = &self.status {
             s.set_state(State::Transfer);
             s.transfer(TransferStatus {
                 generation,
                 bytes: 0,
-                total: memory,
+                total: memory + disk_bytes,
                 rounds: 1,
                 pause_ms: 0.0,
                 done: false,
@@ -947,11 +965,26 @@ impl PairHooks for PrimaryHooks {
             .total_with(pause_pages, &rest.disks, rest.state.len());
         let pause_chunks: usize = rest.disks.iter().map(|d| d.chunks.len()).sum();
         // The log waits on the link until the thread has sent the rest.
+        c.announced.store(total, Ordering::Release);
         self.link.begin(c.handle.clone(), total);
         c.copy
             .finish(rest.pages, rest.data, rest.disks, offsets, rest.state);
         let rounds = c.copy.rounds();
         let copied = c.started.elapsed();
+        let asked = {
+            let st = c.copy.stats();
+            let list = |v: &[u64]| {
+                v.iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            format!(
+                "pages asked per round {}; disk chunks {}",
+                list(&st.round_pages),
+                list(&st.round_chunks)
+            )
+        };
         self.generation = generation;
         self.protection = Protection::Protected;
         self.handover_pos = pos;
@@ -973,7 +1006,7 @@ impl PairHooks for PrimaryHooks {
         note(&format!(
             "handing the state at exit {pos} to the new backup after {rounds} rounds in {:.1} s: \
              {pause_pages} pages and {pause_chunks} disk chunks in the pause, {} MB in all, \
-             generation {generation}",
+             generation {generation} ({asked})",
             copied.as_secs_f64(),
             total >> 20
         ));
@@ -985,8 +1018,19 @@ impl PairHooks for PrimaryHooks {
     }
 
     fn join_failed(&mut self, why: &str) {
-        if let Some(j) = &self.joins {
+        if let Some(j) = self.joins.as_mut() {
             j.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
+            // A copy under way is given up: what it had taken of the
+            // written pages is gone with it.
+            if let Some(mut c) = j.copy.take_if(|c| !c.copy.is_finished()) {
+                c.copy.give_up();
+            }
+            j.copying.store(false, Ordering::Release);
+        }
+        if let Some(s) = &self.status {
+            if self.protection == Protection::Unprotected {
+                s.set_state(State::Unprotected);
+            }
         }
         note(&format!(
             "the state could not be handed to the joining backup ({why}): it is refused; \

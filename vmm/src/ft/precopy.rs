@@ -25,13 +25,45 @@ use std::sync::mpsc::{channel, Sender as WorkTx};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use vm_memory::{Bytes, GuestAddress};
-
 use std::os::unix::fs::FileExt;
+
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::transfer::{self, DiskPart, Sender, StreamOffsets, CHUNK};
 use crate::devices::virtio::written::OwnImage;
 use crate::memory::{mem_bytes, GuestMemoryMmap, PAGE};
+
+/// What cannot be copied.
+#[derive(Debug, Error)]
+pub enum PrecopyError {
+    /// A guest page cannot be read.
+    #[error("reading guest page {page}: {detail}")]
+    Page {
+        /// The page number.
+        page: u64,
+        /// Why.
+        detail: String,
+    },
+    /// A disk chunk cannot be read.
+    #[error("reading chunk {chunk} of disk {disk} (at byte {at}): {source}")]
+    Chunk {
+        /// The disk, among the own writable ones.
+        disk: u32,
+        /// The chunk.
+        chunk: u64,
+        /// Its offset.
+        at: u64,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+impl From<PrecopyError> for io::Error {
+    fn from(e: PrecopyError) -> io::Error {
+        io::Error::other(e.to_string())
+    }
+}
 
 /// What was written since a copy round began: guest pages, and each own
 /// writable disk's chunks (in `--disk` order).
@@ -212,9 +244,8 @@ impl Precopy {
             .spawn(move || {
                 let mut link = link;
                 let mut progress = progress;
-                let mut read = |page: u64, buf: &mut [u8]| {
-                    mem.read_slice(buf, GuestAddress(page * PAGE as u64))
-                        .map_err(io::Error::other)
+                let mut read = |page: u64, buf: &mut [u8]| -> io::Result<()> {
+                    Ok(read_page(&mem, page, buf)?)
                 };
                 let outcome = (|| -> io::Result<bool> {
                     let mut s = Sender::open(&mut link, generation, len, &sizes, rate)?;
@@ -227,7 +258,7 @@ impl Precopy {
                     drop(all);
                     for (i, d) in disks.iter().enumerate() {
                         let all: Vec<u64> = (0..d.written.chunks()).collect();
-                        let mut read = |at: u64, buf: &mut [u8]| d.file.read_exact_at(buf, at);
+                        let mut read = |at: u64, buf: &mut [u8]| read_chunk(i as u32, d, at, buf);
                         s.chunks(
                             i as u32,
                             d.written.size(),
@@ -248,7 +279,7 @@ impl Precopy {
                                     disks.iter().zip(&written.chunks).enumerate()
                                 {
                                     let mut read =
-                                        |at: u64, buf: &mut [u8]| d.file.read_exact_at(buf, at);
+                                        |at: u64, buf: &mut [u8]| read_chunk(i as u32, d, at, buf);
                                     s.chunks(
                                         i as u32,
                                         d.written.size(),
@@ -307,6 +338,9 @@ impl Precopy {
 
     /// Where the copy stands.
     pub fn phase(&self) -> Phase {
+        if self.finished {
+            return Phase::Finished;
+        }
         if let Some(why) = self
             .shared
             .failed
@@ -316,8 +350,9 @@ impl Precopy {
         {
             return Phase::Failed(why);
         }
-        if self.finished {
-            Phase::Finished
+        if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+            // It ended without a word: it panicked.
+            Phase::Failed("the transfer thread ended unexpectedly".into())
         } else if self.shared.round_sent.load(Ordering::Acquire) {
             Phase::RoundSent
         } else {
@@ -435,14 +470,26 @@ fn mem_len(mem: &GuestMemoryMmap) -> u64 {
 
 /// Read `chunks` of the disk `image` into one buffer, in order (in the
 /// pause): disk `disk`'s part of the pause.
-pub fn copy_chunks(disk: u32, image: &OwnImage, chunks: Vec<u64>) -> io::Result<DiskPart> {
+pub fn copy_chunks(
+    disk: u32,
+    image: &OwnImage,
+    chunks: Vec<u64>,
+) -> Result<DiskPart, PrecopyError> {
     let size = image.written.size();
     let mut data = Vec::new();
     for &c in &chunks {
         let (at, len) = image.written.range(c);
         let start = data.len();
         data.resize(start + len as usize, 0);
-        image.file.read_exact_at(&mut data[start..], at)?;
+        image
+            .file
+            .read_exact_at(&mut data[start..], at)
+            .map_err(|source| PrecopyError::Chunk {
+                disk,
+                chunk: c,
+                at,
+                source,
+            })?;
     }
     Ok(DiskPart {
         disk,
@@ -453,16 +500,34 @@ pub fn copy_chunks(disk: u32, image: &OwnImage, chunks: Vec<u64>) -> io::Result<
 }
 
 /// Copy `pages` of `mem` into one buffer, in order (in the pause).
-pub fn copy_pages(mem: &GuestMemoryMmap, pages: &[u64]) -> Result<Vec<u8>, String> {
+pub fn copy_pages(mem: &GuestMemoryMmap, pages: &[u64]) -> Result<Vec<u8>, PrecopyError> {
     let mut data = vec![0u8; pages.len() * PAGE];
-    for (k, p) in pages.iter().enumerate() {
-        mem.read_slice(
-            &mut data[k * PAGE..(k + 1) * PAGE],
-            GuestAddress(p * PAGE as u64),
-        )
-        .map_err(|e| format!("page {p}: {e}"))?;
+    for (k, &p) in pages.iter().enumerate() {
+        read_page(mem, p, &mut data[k * PAGE..(k + 1) * PAGE])?;
     }
     Ok(data)
+}
+
+/// Read guest page `page` into `buf` (4096 bytes).
+fn read_page(mem: &GuestMemoryMmap, page: u64, buf: &mut [u8]) -> Result<(), PrecopyError> {
+    mem.read_slice(buf, GuestAddress(page * PAGE as u64))
+        .map_err(|e| PrecopyError::Page {
+            page,
+            detail: e.to_string(),
+        })
+}
+
+/// Read the bytes of disk `disk`'s image at `at` into `buf` (a chunk).
+fn read_chunk(disk: u32, image: &OwnImage, at: u64, buf: &mut [u8]) -> io::Result<()> {
+    image.file.read_exact_at(buf, at).map_err(|source| {
+        PrecopyError::Chunk {
+            disk,
+            chunk: at / CHUNK,
+            at,
+            source,
+        }
+        .into()
+    })
 }
 
 #[cfg(test)]
@@ -620,6 +685,126 @@ mod tests {
         assert_eq!((got.generation, got.offsets, got.rounds), (42, offsets, 3));
         let mut e = Encoder::new();
         e.raw(b"state");
+        encode_memory(&mut e, mem_bytes(&mem));
+        assert!(
+            got.snapshot == crate::snapshot::file_bytes(&e.into_bytes()),
+            "the rebuilt memory differs from the memory at the pause"
+        );
+        assert!(
+            std::fs::read(copy.path()).unwrap() == std::fs::read(img.path()).unwrap(),
+            "the backup's disk differs from the primary's at the pause"
+        );
+    }
+
+    /// The race the trackers are for: a writer changes memory and the
+    /// disk while the copy thread reads them (round 0 and round 1). What
+    /// the backup rebuilds is still exactly the state at the pause.
+    #[test]
+    fn writes_racing_the_copy_thread_are_caught_by_the_next_round() {
+        use std::sync::atomic::AtomicBool;
+        const PAGES: u64 = 8192;
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), PAGES as usize * PAGE)]).unwrap();
+        for p in 0..PAGES {
+            mem.write_obj(p + 1, GuestAddress(p * PAGE as u64)).unwrap();
+        }
+        take_host_writes(&mem);
+        let (img, image) = disk(64);
+        let tracker = image.written.clone();
+        let wire = Wire::default();
+        let (done_tx, done_rx) = mpsc::channel();
+        let mut c = Precopy::start(
+            wire.clone(),
+            mem.clone(),
+            vec![image],
+            7,
+            // Slow enough that the writer races every batch.
+            Some(64 << 20),
+            Plan {
+                max_rounds: 8,
+                pause_pages: 64,
+            },
+            Box::new(|_| {}),
+            Box::new(move |_, o| done_tx.send(matches!(o, Outcome::Sent)).unwrap()),
+        )
+        .unwrap();
+        // The writer: pages and disk bytes all over, until stopped.
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (mem, stop, tracker) = (mem.clone(), stop.clone(), tracker.clone());
+            let file = img.reopen().unwrap();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let p = (n * 7919) % PAGES;
+                    mem.write_obj(n, GuestAddress(p * PAGE as u64 + 8)).unwrap();
+                    let at = (n * 104_729) % (64 * CHUNK - 8);
+                    tracker.mark(at, 8);
+                    file.write_all_at(&n.to_le_bytes(), at).unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        let mut writer = Some(writer);
+        let mut wrote = 0;
+        let mut round = 0;
+        let last = loop {
+            wait_round(&c);
+            // Rounds 0 and 1 race the writer; then it stops (the guest
+            // pauses, as far as this test goes) and the copy converges.
+            if round >= 1 {
+                if let Some(w) = writer.take() {
+                    stop.store(true, Ordering::Release);
+                    wrote = w.join().unwrap();
+                }
+            }
+            let written = Written {
+                pages: pages_of(&take_host_writes(&mem)),
+                chunks: vec![tracker.take()],
+            };
+            round += 1;
+            if let Some(last) = c.next_round(written) {
+                break last;
+            }
+        };
+        if let Some(w) = writer.take() {
+            stop.store(true, Ordering::Release);
+            wrote = w.join().unwrap();
+        }
+        assert!(wrote > 1000, "the writer wrote {wrote} times: no race");
+        // What the writer did after the last take goes in the pause too.
+        let mut last = last;
+        last.merge(Written {
+            pages: pages_of(&take_host_writes(&mem)),
+            chunks: vec![tracker.take()],
+        });
+        let data = copy_pages(&mem, &last.pages).unwrap();
+        let reader = OwnImage {
+            file: img.reopen().unwrap(),
+            written: tracker.clone(),
+        };
+        let part = copy_chunks(0, &reader, last.chunks[0].clone()).unwrap();
+        c.finish(
+            last.pages,
+            data,
+            vec![part],
+            StreamOffsets::default(),
+            b"s".to_vec(),
+        );
+        assert!(done_rx.recv_timeout(Duration::from_secs(30)).unwrap());
+        c.join();
+        assert!(c.rounds() >= 3, "{} rounds", c.rounds());
+        let bytes = wire.0.lock().unwrap().clone();
+        let (copy, _) = disk(64);
+        let got = receive(
+            &mut io::Cursor::new(bytes),
+            &[copy.reopen().unwrap()],
+            &mut |_| {},
+        )
+        .unwrap();
+        let mut e = Encoder::new();
+        e.raw(b"s");
         encode_memory(&mut e, mem_bytes(&mem));
         assert!(
             got.snapshot == crate::snapshot::file_bytes(&e.into_bytes()),

@@ -34,10 +34,12 @@
 //! shared-disk write records): the primary's stream positions at the
 //! instant of the pause. A batch's CRC covers its page numbers and pages.
 //! The log that follows is an ordinary log whose header carries
-//! [`crate::record::config_hash_of_state`] of the final state, so the
-//! backup checks it as usual; the memory is checked by the batches' CRCs
-//! and, once the backup replays, by the log's memory digests. All
-//! integers little-endian.
+//! [`crate::record::config_hash_of_transfer`] of the final state, so the
+//! backup checks it as usual. Memory and disk chunks are checked in
+//! transit by the batches' CRCs; memory again, once the backup replays,
+//! by the log's memory digests; a disk chunk the copy missed would not be
+//! found (the copy's trackers are what guards that). All integers
+//! little-endian.
 
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};

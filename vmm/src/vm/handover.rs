@@ -43,10 +43,9 @@ impl Vm {
         let chunks = self
             .devices
             .mmio
-            .own_images()
-            .map_err(|e| DoorError::Ft(format!("the disk images: {e}")))?
+            .own_writes()
             .iter()
-            .map(|i| i.written.take())
+            .map(|w| w.take())
             .collect();
         Ok(Written {
             pages: pages_of(&bitmap),
@@ -57,25 +56,46 @@ impl Vm {
     /// A backup waits: track written pages from here on, and start the
     /// copy. A failure refuses the backup; the VM goes on.
     pub(super) fn begin_copy(&mut self) -> Result<(), VmError> {
-        set_memslots(&self.vmfd, &self.mem, KVM_MEM_LOG_DIRTY_PAGES, false)?;
-        self.copy_dirty = Some(Vec::new());
-        self.take_written()?;
-        let mem = self.mem.clone();
-        let disks = self.devices.mmio.own_images();
-        if let Some(pair) = self.pair.as_mut() {
-            let begun = disks
-                .map_err(|e| DoorError::Ft(format!("the disk images: {e}")))
-                .and_then(|disks| pair.begin_copy(mem, disks));
-            if let Err(e) = begun {
-                pair.join_failed(&e.to_string());
-            }
+        let begun = self.start_copy();
+        if let Err(e) = begun {
+            self.join_failed(&e.to_string());
         }
         Ok(())
     }
 
+    fn start_copy(&mut self) -> Result<(), VmError> {
+        set_memslots(&self.vmfd, &self.mem, KVM_MEM_LOG_DIRTY_PAGES, false)?;
+        self.copy_dirty = Some(Vec::new());
+        self.take_written()?;
+        let mem = self.mem.clone();
+        let disks = self
+            .devices
+            .mmio
+            .own_images()
+            .map_err(|e| DoorError::Ft(format!("opening the disk images to copy them: {e}")))?;
+        match self.pair.as_mut() {
+            Some(pair) => Ok(pair.begin_copy(mem, disks)?),
+            None => Ok(()),
+        }
+    }
+
+    /// The joining backup is refused (`why`); the VM goes on.
+    fn join_failed(&mut self, why: &str) {
+        self.copy_dirty = None;
+        if let Some(pair) = self.pair.as_mut() {
+            pair.join_failed(why);
+        }
+    }
+
     /// A copy round is sent: another round, or the pause.
     pub(super) fn copy_round(&mut self) -> Result<(), VmError> {
-        let written = self.take_written()?;
+        let written = match self.take_written() {
+            Ok(w) => w,
+            Err(e) => {
+                self.join_failed(&e.to_string());
+                return Ok(());
+            }
+        };
         let rest = match self.pair.as_mut() {
             Some(pair) => pair.copy_round(written),
             None => None,
@@ -110,9 +130,7 @@ impl Vm {
             Ok(p) => p,
             Err(e) => {
                 self.door = Box::new(live);
-                if let Some(pair) = self.pair.as_mut() {
-                    pair.join_failed(&e.to_string());
-                }
+                self.join_failed(&e.to_string());
                 return Ok(());
             }
         };

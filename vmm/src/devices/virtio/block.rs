@@ -289,6 +289,14 @@ impl Block {
         }
     }
 
+    /// What this disk wrote, if it is a writable image of this side's own.
+    pub fn own_writes(&self) -> Option<Arc<WrittenChunks>> {
+        match (&self.backing, self.read_only) {
+            (Backing::Own(_), false) => Some(self.written.clone()),
+            _ => None,
+        }
+    }
+
     fn with_backing(mut backing: Backing, read_only: bool, id: &[u8]) -> Result<Self, BlockError> {
         if id.len() > ID_BYTES {
             return Err(BlockError::IdTooLong(id.len()));
