@@ -6,7 +6,8 @@
 //! - [`output`]: the output rule (held output on the primary, the backup's
 //!   unreleased tail);
 //! - [`pair`]: the primary's and the backup's boundary hooks, the channel
-//!   as the primary's log sink, the backup's gate before going live;
+//!   as the primary's log sink (`LogLink`), joining backups and the
+//!   hand-over, the backup's gate before going live;
 //! - [`precopy`]: re-protection's memory copy while the guest runs, and
 //!   when to pause for the rest;
 //! - [`status`]: the operator's view of a side (served by [`crate::api`]);
