@@ -318,7 +318,10 @@ pub fn drill(args: DrillArgs, stop: StopHandle) -> Result<u8> {
             }
         },
     };
-    for n in (1..=args.rounds).take_while(|_| problem.is_none()) {
+    for n in 1..=args.rounds {
+        if problem.is_some() {
+            break;
+        }
         if stop.requested().is_some() {
             problem.get_or_insert("the drill was stopped".into());
             break;

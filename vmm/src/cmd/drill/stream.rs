@@ -248,20 +248,34 @@ impl TcpStream {
     }
 }
 
-/// Write all of `bytes`, retrying the write timeout's returns until
-/// `done` (then the rest is dropped: the conversation ends anyway).
+/// How long the last line may take to go out once the conversation is
+/// ending (a line counted as sent must be sent whole, or its echo would
+/// be waited for in vain).
+const LAST_WRITE: Duration = Duration::from_secs(30);
+
+/// Write all of `bytes`, retrying the write timeout's returns; once
+/// `done`, for at most [`LAST_WRITE`] more.
 fn write_patiently(
     sock: &mut std::net::TcpStream,
     mut bytes: &[u8],
     done: &AtomicBool,
 ) -> std::io::Result<()> {
+    let mut ending: Option<Instant> = None;
     while !bytes.is_empty() {
         match sock.write(bytes) {
             Ok(0) => return Err(ErrorKind::WriteZero.into()),
             Ok(n) => bytes = &bytes[n..],
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                if done.load(Ordering::SeqCst) {
-                    return Ok(());
+                if done.load(Ordering::SeqCst)
+                    && ending.get_or_insert_with(Instant::now).elapsed() > LAST_WRITE
+                {
+                    return Err(std::io::Error::new(
+                        ErrorKind::TimedOut,
+                        format!(
+                            "the last line could not be sent within {} s",
+                            LAST_WRITE.as_secs()
+                        ),
+                    ));
                 }
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
