@@ -274,6 +274,7 @@ impl Precopy {
                     while let Ok(work) = rx.recv() {
                         match work {
                             Work::Round { round, written } => {
+                                s.repace();
                                 s.pages(round, &written.pages, false, &mut read, &mut report)?;
                                 for (i, (d, chunks)) in
                                     disks.iter().zip(&written.chunks).enumerate()
@@ -301,6 +302,7 @@ impl Precopy {
                                 offsets,
                                 state,
                             } => {
+                                s.repace();
                                 s.finish(round, &pages, &data, &disks, &offsets, &state)?;
                                 report(s.sent());
                                 return Ok(true);

@@ -229,7 +229,10 @@ pub struct Sender<'a> {
     w: &'a mut dyn Write,
     sent: u64,
     rate: Option<u64>,
+    /// The rate is kept from here (`t0`, bytes sent by then): an idle
+    /// wait between rounds earns no burst after it.
     t0: Instant,
+    paced_from: u64,
 }
 
 impl<'a> Sender<'a> {
@@ -249,6 +252,7 @@ impl<'a> Sender<'a> {
             sent: opening.len() as u64,
             rate: rate.filter(|r| *r > 0),
             t0: Instant::now(),
+            paced_from: opening.len() as u64,
         })
     }
 
@@ -263,9 +267,16 @@ impl<'a> Sender<'a> {
         Ok(())
     }
 
+    /// Keep the rate from now on (the start of a round, after a wait).
+    pub fn repace(&mut self) {
+        self.t0 = Instant::now();
+        self.paced_from = self.sent;
+    }
+
     fn pace(&self) {
         if let Some(rate) = self.rate {
-            let due = Duration::from_secs_f64(self.sent as f64 / rate as f64);
+            let bytes = self.sent - self.paced_from;
+            let due = Duration::from_secs_f64(bytes as f64 / rate as f64);
             if let Some(wait) = due.checked_sub(self.t0.elapsed()) {
                 std::thread::sleep(wait);
             }
@@ -883,6 +894,28 @@ mod tests {
         s.pages(0, &pages, false, &mut reader(&mem), &mut |_| {})
             .unwrap();
         assert!(t0.elapsed() >= Duration::from_millis(240));
+    }
+
+    #[test]
+    fn a_wait_between_rounds_earns_no_burst_after_it() {
+        let mem = vec![3u8; 512 * PAGE];
+        let pages: Vec<u64> = (0..512).collect();
+        let mut sink = io::sink();
+        let mut s = Sender::open(&mut sink, 1, mem.len() as u64, &[], Some(8 << 20)).unwrap();
+        s.pages(0, &pages[..256], false, &mut reader(&mem), &mut |_| {})
+            .unwrap();
+        // Idle (the run loop deciding), then the next round: its 2 MiB
+        // still take a quarter of a second at 8 MiB/s.
+        std::thread::sleep(Duration::from_millis(400));
+        s.repace();
+        let t0 = Instant::now();
+        s.pages(1, &pages, false, &mut reader(&mem), &mut |_| {})
+            .unwrap();
+        assert!(
+            t0.elapsed() >= Duration::from_millis(240),
+            "{:?}",
+            t0.elapsed()
+        );
     }
 
     fn receive_no_disk(w: Vec<u8>) -> Result<Received, TransferError> {
