@@ -232,32 +232,26 @@ impl MmioBus {
             })
     }
 
+    /// The block devices, in `--disk` order.
+    fn blocks(&mut self) -> impl Iterator<Item = &mut Block> {
+        self.slots.iter_mut().filter_map(|s| {
+            s.dev
+                .as_any_mut()
+                .downcast_mut::<MmioTransport<Block>>()
+                .map(|b| b.device_mut())
+        })
+    }
+
     /// The writable disks of this side's own, in `--disk` order, as a
     /// state transfer copies them.
     pub fn own_images(&mut self) -> std::io::Result<Vec<OwnImage>> {
-        self.slots
-            .iter_mut()
-            .filter_map(|s| {
-                s.dev
-                    .as_any_mut()
-                    .downcast_mut::<MmioTransport<Block>>()
-                    .and_then(|b| b.device().own_image())
-            })
-            .collect()
+        self.blocks().filter_map(|b| b.own_image()).collect()
     }
 
     /// What the own writable disks wrote, in `--disk` order (the trackers
     /// of [`MmioBus::own_images`], without opening the images again).
     pub fn own_writes(&mut self) -> Vec<std::sync::Arc<WrittenChunks>> {
-        self.slots
-            .iter_mut()
-            .filter_map(|s| {
-                s.dev
-                    .as_any_mut()
-                    .downcast_mut::<MmioTransport<Block>>()
-                    .and_then(|b| b.device().own_writes())
-            })
-            .collect()
+        self.blocks().filter_map(|b| b.own_writes()).collect()
     }
 
     /// Whether a disk is shared.

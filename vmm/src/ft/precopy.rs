@@ -680,14 +680,27 @@ mod tests {
         );
         let bytes = wire.0.lock().unwrap().clone();
         assert_eq!(bytes.len() as u64, total);
-        let (copy, _) = disk(40);
-        std::fs::write(copy.path(), vec![0xee; 40 * CHUNK as usize]).unwrap();
+        let got = assert_rebuilt(bytes, b"state", &mem, &img, 40);
+        assert_eq!((got.generation, got.offsets, got.rounds), (42, offsets, 3));
+    }
+
+    /// Receive `bytes` into a backup disk of `chunks` chunks that holds
+    /// other bytes, and check that the backup has `mem` and `img` exactly,
+    /// with `state`.
+    fn assert_rebuilt(
+        bytes: Vec<u8>,
+        state: &[u8],
+        mem: &GuestMemoryMmap,
+        img: &tempfile::NamedTempFile,
+        chunks: u64,
+    ) -> transfer::Received {
+        let (copy, _) = disk(chunks);
+        std::fs::write(copy.path(), vec![0xee; (chunks * CHUNK) as usize]).unwrap();
         let target = copy.reopen().unwrap();
         let got = receive(&mut io::Cursor::new(bytes), &[target], &mut |_| {}).unwrap();
-        assert_eq!((got.generation, got.offsets, got.rounds), (42, offsets, 3));
         let mut e = Encoder::new();
-        e.raw(b"state");
-        encode_memory(&mut e, mem_bytes(&mem));
+        e.raw(state);
+        encode_memory(&mut e, mem_bytes(mem));
         assert!(
             got.snapshot == crate::snapshot::file_bytes(&e.into_bytes()),
             "the rebuilt memory differs from the memory at the pause"
@@ -696,6 +709,7 @@ mod tests {
             std::fs::read(copy.path()).unwrap() == std::fs::read(img.path()).unwrap(),
             "the backup's disk differs from the primary's at the pause"
         );
+        got
     }
 
     /// The race the trackers are for: a writer changes memory and the
@@ -798,24 +812,7 @@ mod tests {
         c.join();
         assert!(c.rounds() >= 3, "{} rounds", c.rounds());
         let bytes = wire.0.lock().unwrap().clone();
-        let (copy, _) = disk(64);
-        let got = receive(
-            &mut io::Cursor::new(bytes),
-            &[copy.reopen().unwrap()],
-            &mut |_| {},
-        )
-        .unwrap();
-        let mut e = Encoder::new();
-        e.raw(b"s");
-        encode_memory(&mut e, mem_bytes(&mem));
-        assert!(
-            got.snapshot == crate::snapshot::file_bytes(&e.into_bytes()),
-            "the rebuilt memory differs from the memory at the pause"
-        );
-        assert!(
-            std::fs::read(copy.path()).unwrap() == std::fs::read(img.path()).unwrap(),
-            "the backup's disk differs from the primary's at the pause"
-        );
+        assert_rebuilt(bytes, b"s", &mem, &img, 64);
     }
 
     /// A link that fails shows as a failed phase; the thread ends.

@@ -8,7 +8,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::kvm::{kvm_err, set_memslots};
 use super::{Vm, VmError};
-use crate::memory::{mem_bytes, merge_bitmap, PAGE};
+use crate::memory::{mem_bytes, merge_bitmap, pages_of, PAGE};
 use crate::snapshot::{Decoder, Encoder};
 use crate::vcpu::{fingerprint, VcpuState};
 
@@ -25,15 +25,10 @@ impl Vm {
             merge_bitmap(copy, &bitmap);
         }
         let mut pages = Vec::new();
-        for (w, word) in bitmap.iter().enumerate() {
-            let mut bits = *word;
-            while bits != 0 {
-                let b = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                let gfn = w * 64 + b;
-                if let Some(now) = mem.get(gfn * PAGE..(gfn + 1) * PAGE) {
-                    pages.push(self.epoch_pages.encode(gfn as u64, now));
-                }
+        for gfn in pages_of(&bitmap) {
+            let at = gfn as usize * PAGE;
+            if let Some(now) = mem.get(at..at + PAGE) {
+                pages.push(self.epoch_pages.encode(gfn, now));
             }
         }
         Ok(Epoch {
