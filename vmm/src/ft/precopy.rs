@@ -253,44 +253,31 @@ impl Precopy {
                         sh.sent.store(n, Ordering::Release);
                         progress(n);
                     };
-                    let all: Vec<u64> = (0..pages).collect();
-                    s.pages(0, &all, true, &mut read, &mut report)?;
+                    // Round 0: everything (zeros left out).
+                    let all = Written {
+                        pages: (0..pages).collect(),
+                        chunks: disks
+                            .iter()
+                            .map(|d| (0..d.written.chunks()).collect())
+                            .collect(),
+                    };
+                    send_round(&mut s, 0, &all, true, &mut read, &disks, &mut report)?;
                     drop(all);
-                    for (i, d) in disks.iter().enumerate() {
-                        let all: Vec<u64> = (0..d.written.chunks()).collect();
-                        let mut read = |at: u64, buf: &mut [u8]| read_chunk(i as u32, d, at, buf);
-                        s.chunks(
-                            i as u32,
-                            d.written.size(),
-                            0,
-                            &all,
-                            true,
-                            &mut read,
-                            &mut report,
-                        )?;
-                    }
                     sh.sent.store(s.sent(), Ordering::Release);
                     sh.round_sent.store(true, Ordering::Release);
                     while let Ok(work) = rx.recv() {
                         match work {
                             Work::Round { round, written } => {
                                 s.repace();
-                                s.pages(round, &written.pages, false, &mut read, &mut report)?;
-                                for (i, (d, chunks)) in
-                                    disks.iter().zip(&written.chunks).enumerate()
-                                {
-                                    let mut read =
-                                        |at: u64, buf: &mut [u8]| read_chunk(i as u32, d, at, buf);
-                                    s.chunks(
-                                        i as u32,
-                                        d.written.size(),
-                                        round,
-                                        chunks,
-                                        false,
-                                        &mut read,
-                                        &mut report,
-                                    )?;
-                                }
+                                send_round(
+                                    &mut s,
+                                    round,
+                                    &written,
+                                    false,
+                                    &mut read,
+                                    &disks,
+                                    &mut report,
+                                )?;
                                 sh.sent.store(s.sent(), Ordering::Release);
                                 sh.round_sent.store(true, Ordering::Release);
                             }
@@ -463,6 +450,33 @@ impl Drop for Precopy {
     fn drop(&mut self) {
         self.work = None;
     }
+}
+
+/// Send one round: `written`'s pages (read by `read`), then each disk's
+/// chunks; with `skip_zero` (round 0) what reads as zeros is left out.
+fn send_round(
+    s: &mut Sender,
+    round: u32,
+    written: &Written,
+    skip_zero: bool,
+    read: &mut dyn FnMut(u64, &mut [u8]) -> io::Result<()>,
+    disks: &[OwnImage],
+    report: &mut dyn FnMut(u64),
+) -> io::Result<()> {
+    s.pages(round, &written.pages, skip_zero, read, report)?;
+    for (i, (d, chunks)) in disks.iter().zip(&written.chunks).enumerate() {
+        let mut read = |at: u64, buf: &mut [u8]| read_chunk(i as u32, d, at, buf);
+        s.chunks(
+            i as u32,
+            d.written.size(),
+            round,
+            chunks,
+            skip_zero,
+            &mut read,
+            report,
+        )?;
+    }
+    Ok(())
 }
 
 /// Bytes of guest memory (the VM's one region).
