@@ -1025,6 +1025,19 @@ fn expect_disk_lines(c: &mut Cluster) {
     );
 }
 
+/// The live backup (`who`) runs the `disk` workload to its end: the
+/// console shows all of it, `image` holds every MiB, and it exits 0.
+fn backup_finishes_the_disk_workload(c: &mut Cluster, image: &Path, who: &str) {
+    let st = c.wait_exit(Who::Console, 300);
+    c.check(st.code() == Some(0), format!("the console exited {st}"));
+    expect_disk_lines(c);
+    if let Some(problem) = disk_problem(image, DISK_MIB) {
+        c.check(false, format!("{who}'s disk is wrong: {problem}"));
+    }
+    let st = c.wait_exit(Who::Backup, 60);
+    c.check(st.success(), format!("{who} exited {st}"));
+}
+
 #[test]
 fn with_separate_disks_kill_9_of_the_primary_loses_no_write() {
     if !require_kvm() {
@@ -1052,14 +1065,7 @@ fn with_separate_disks_kill_9_of_the_primary_loses_no_write() {
     c.wait_for("the backup to go live", 120, |c| {
         c.backup.stderr().contains("claim won: the backup is LIVE")
     });
-    let st = c.wait_exit(Who::Console, 300);
-    c.check(st.code() == Some(0), format!("the console exited {st}"));
-    expect_disk_lines(&mut c);
-    if let Some(problem) = disk_problem(&b, DISK_MIB) {
-        c.check(false, format!("the backup's disk is wrong: {problem}"));
-    }
-    let st = c.wait_exit(Who::Backup, 60);
-    c.check(st.success(), format!("the backup exited {st}"));
+    backup_finishes_the_disk_workload(&mut c, &b, "the backup");
     println!("pair: separate disks: the primary killed after {k} lines; the backup's disk holds all {DISK_MIB} MiB");
 }
 
@@ -1142,14 +1148,7 @@ fn a_new_backup_gets_the_primary_s_writable_disk_and_carries_on_with_it() {
     c.wait_for("the new backup to go live", 120, |c| {
         c.backup.stderr().contains("claim won: the backup is LIVE")
     });
-    let st = c.wait_exit(Who::Console, 300);
-    c.check(st.code() == Some(0), format!("the console exited {st}"));
-    expect_disk_lines(&mut c);
-    if let Some(problem) = disk_problem(&j, DISK_MIB) {
-        c.check(false, format!("the new backup's disk is wrong: {problem}"));
-    }
-    let st = c.wait_exit(Who::Backup, 60);
-    c.check(st.success(), format!("the new backup exited {st}"));
+    backup_finishes_the_disk_workload(&mut c, &j, "the new backup");
     let said = |text: &str, what: &str| {
         text.lines()
             .find(|l| l.contains(what))
