@@ -330,18 +330,16 @@ impl Precopy {
         if self.finished {
             return Phase::Finished;
         }
-        if let Some(why) = self
-            .shared
-            .failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
-            return Phase::Failed(why);
-        }
+        // Atomics only while it runs: the run loop asks at every exit.
         if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
-            // It ended without a word: it panicked.
-            Phase::Failed("the transfer thread ended unexpectedly".into())
+            // It says why before it ends; without a word, it panicked.
+            let why = self
+                .shared
+                .failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            Phase::Failed(why.unwrap_or_else(|| "the transfer thread ended unexpectedly".into()))
         } else if self.shared.round_sent.load(Ordering::Acquire) {
             Phase::RoundSent
         } else {

@@ -32,6 +32,9 @@ pub(super) struct Joiner {
 /// listener, taken at a boundary while the primary runs unprotected.
 pub(super) struct Joins {
     pending: Arc<Mutex<Option<Joiner>>>,
+    /// Whether `pending` holds a joiner (set and cleared under its lock;
+    /// read without it at every boundary).
+    waiting: Arc<AtomicBool>,
     /// The current generation: a joiner's is larger.
     floor: Arc<AtomicU64>,
     /// The state transfer of the last backup that joined.
@@ -168,11 +171,13 @@ impl PrimaryHooks {
         let alive = Arc::new(AtomicBool::new(true));
         let addr = listener.local_addr().ok();
         let copying = Arc::new(AtomicBool::new(false));
-        let (p, f, a, c) = (
+        let waiting = Arc::new(AtomicBool::new(false));
+        let (p, f, a, c, w) = (
             pending.clone(),
             floor.clone(),
             alive.clone(),
             copying.clone(),
+            waiting.clone(),
         );
         let spawned = std::thread::Builder::new()
             .name("vmft-join".into())
@@ -201,6 +206,7 @@ impl PrimaryHooks {
                         ));
                         f.store(generation, Ordering::Release);
                         *slot = Some(Joiner { link, generation });
+                        w.store(true, Ordering::Release);
                     }
                     Err(e) => note(&format!("refused a joining backup: {e}")),
                 }
@@ -214,6 +220,7 @@ impl PrimaryHooks {
         };
         self.joins = Some(Joins {
             pending,
+            waiting,
             floor,
             copy: None,
             copying,
@@ -245,11 +252,8 @@ impl PrimaryHooks {
                 JoinStep::Idle
             }
             Some(Phase::Finished) | None => {
-                let waits = protection == Protection::Unprotected
-                    && j.pending
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .is_some();
+                let waits =
+                    protection == Protection::Unprotected && j.waiting.load(Ordering::Acquire);
                 if waits {
                     JoinStep::Begin
                 } else {
@@ -271,6 +275,7 @@ impl PrimaryHooks {
         let joiner = {
             // Taken and marked under one lock: no other joiner slips in.
             let mut pending = joins.pending.lock().unwrap_or_else(|e| e.into_inner());
+            joins.waiting.store(false, Ordering::Release);
             let joiner = pending
                 .take()
                 .ok_or_else(|| DoorError::Ft("no joining backup waits".into()))?;
@@ -448,7 +453,11 @@ impl PrimaryHooks {
 
     pub(super) fn refuse_joiner(&mut self, why: &str) {
         if let Some(j) = self.joins.as_mut() {
-            j.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
+            {
+                let mut pending = j.pending.lock().unwrap_or_else(|e| e.into_inner());
+                pending.take();
+                j.waiting.store(false, Ordering::Release);
+            }
             // A copy under way is given up: what it had taken of the
             // written pages is gone with it.
             if let Some(mut c) = j.copy.take_if(|c| !c.copy.is_finished()) {
