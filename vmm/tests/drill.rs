@@ -227,9 +227,10 @@ fn in_network_namespaces_with_firewall_partitions_every_invariant_holds() {
     );
     // A line every 100 ms through five rounds (about 10 s at the least).
     assert!(sent >= 100, "only {sent} lines in the stream: {tcp}");
-    // Each round's stall is in the table; where nobody was live for the
-    // 2 s failure timeout (stop, partition, the arbiter down), no echo
-    // came back for at least about that long, and the stream waited it out.
+    // Each round's stall is in the table (a stall that spans rounds counts
+    // in each); where nobody was live for the 2 s failure timeout (stop,
+    // partition, the arbiter down), no echo came back for at least about
+    // that long within the round, and the stream waited it out.
     let header: Vec<&str> = tsv.lines().next().unwrap().split('\t').collect();
     let col = header
         .iter()

@@ -202,19 +202,33 @@ impl Report {
             .rposition(|r| r.at <= s.start + STALL_LEAD)
     }
 
-    /// The stream's longest stall in each round (`None` for every round
-    /// when no stream ran; zero for a round without a kept stall).
+    /// The stream's stall in each round: the longest time without an echo
+    /// inside the round, which runs from its fault to the next round's
+    /// (each less [`STALL_LEAD`]). A stall that spans rounds counts in
+    /// each for its part there: a stop that comes while the stream still
+    /// waits out an earlier round shows as a stall of its own. `None` for
+    /// every round when no stream ran; zero for a round without a kept
+    /// stall.
     pub fn round_stalls(&self) -> Vec<Option<Duration>> {
         let Tcp::Checked(f) = &self.tcp else {
             return vec![None; self.rounds.len()];
         };
-        let mut v = vec![Some(Duration::ZERO); self.rounds.len()];
-        for s in &f.stalls {
-            if let Some(i) = self.round_of(s) {
-                v[i] = v[i].max(Some(s.length));
-            }
-        }
-        v
+        let starts: Vec<Duration> = self
+            .rounds
+            .iter()
+            .map(|r| r.at.saturating_sub(STALL_LEAD))
+            .collect();
+        (0..starts.len())
+            .map(|i| {
+                let (from, to) = (starts[i], starts.get(i + 1).copied());
+                let part = |s: &Stall| {
+                    let end = s.start + s.length;
+                    let end = to.map_or(end, |to| end.min(to));
+                    end.saturating_sub(s.start.max(from))
+                };
+                Some(f.stalls.iter().map(part).max().unwrap_or_default())
+            })
+            .collect()
     }
 
     /// "round 3 (stop)", or "before the first round".
@@ -733,6 +747,20 @@ mod tests {
         assert!(r
             .svg()
             .contains("tcp stream stalled 3.20 s, round 2 (stop)"));
+
+        // A stall that spans both rounds counts in each for its part
+        // there: 4.4 s in the kill round, 3.6 s in the stop round.
+        r.tcp = Tcp::Checked(figures(&[(5_100, 8_000), (11_000, 400)], None));
+        assert_eq!(
+            r.round_stalls(),
+            vec![
+                Some(Duration::from_millis(4_400)),
+                Some(Duration::from_millis(3_600))
+            ]
+        );
+        assert!(r
+            .table()
+            .contains("longest stall 8.00 s at 5.1 s, round 1 (kill)"));
 
         // A round without a kept stall shows zero, not a dash.
         r.tcp = Tcp::Checked(figures(&[], None));
