@@ -176,7 +176,9 @@ impl RecordDecoder {
 pub struct Fence {
     file: Mutex<File>,
     path: PathBuf,
-    generation: u64,
+    /// This side's generation: moves on when a new backup joins
+    /// ([`Fence::advance`]).
+    generation: AtomicU64,
     me: String,
 }
 
@@ -259,7 +261,7 @@ impl Fence {
         Ok(Fence {
             file: Mutex::new(file),
             path,
-            generation,
+            generation: AtomicU64::new(generation),
             me: me.to_string(),
         })
     }
@@ -301,7 +303,7 @@ impl Fence {
     /// Write the fence's line, then cut what an older, longer line left:
     /// a crash in between leaves the new line first (never an empty file).
     fn store(&self, file: &File, owner: Option<&str>) -> Result<(), SharedDiskError> {
-        let line = format!("{} {}\n", self.generation, owner.unwrap_or("-"));
+        let line = format!("{} {}\n", self.generation(), owner.unwrap_or("-"));
         file.write_all_at(line.as_bytes(), 0)
             .and_then(|_| file.set_len(line.len() as u64))
             .and_then(|_| file.sync_data())
@@ -310,22 +312,23 @@ impl Fence {
 
     /// Whether this side may write, given what the fence holds.
     fn check(&self, holder: &Option<Holder>) -> Result<(), SharedDiskError> {
+        let mine = self.generation();
         let fenced = |holder: String| SharedDiskError::Fenced {
             path: self.path.clone(),
             holder,
-            generation: self.generation,
+            generation: mine,
             me: self.me.clone(),
         };
         match holder {
             None => Ok(()),
-            Some(h) if h.generation > self.generation => Err(fenced(format!(
+            Some(h) if h.generation > mine => Err(fenced(format!(
                 "generation {} has spoken since",
                 h.generation
             ))),
             Some(Holder {
                 generation,
                 owner: Some(o),
-            }) if *generation == self.generation && *o != self.me => {
+            }) if *generation == mine && *o != self.me => {
                 Err(fenced(format!("{o} won generation {generation}")))
             }
             Some(_) => Ok(()),
@@ -350,7 +353,7 @@ impl Fence {
             let holder = self.read(file)?;
             self.check(&holder)?;
             match holder {
-                Some(h) if h.generation == self.generation => Ok(()),
+                Some(h) if h.generation == self.generation() => Ok(()),
                 _ => self.store(file, None),
             }
         })
@@ -363,6 +366,21 @@ impl Fence {
             self.check(&self.read(file)?)?;
             self.store(file, Some(&self.me))
         })
+    }
+
+    /// This side's generation.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// This side (live, owning its generation) formed a pair of the newer
+    /// `generation` with a backup that joined: its writes are checked
+    /// against that one from now on. The fence file is left as it is: it
+    /// names this side as the owner of an older generation, which fences
+    /// off the other sides of that generation and lets either side of the
+    /// new pair claim the new one. Never moves back.
+    pub fn advance(&self, generation: u64) {
+        self.generation.fetch_max(generation, Ordering::AcqRel);
     }
 
     /// Run `write` while holding the fence, if this side may still write.
@@ -503,6 +521,17 @@ impl Fences {
     /// A pair of this generation forms: older generations are fenced off.
     pub fn join(&self) -> Result<(), SharedDiskError> {
         self.0.iter().try_for_each(Fence::join)
+    }
+
+    /// A new backup joined: this side's pair is of `generation` now (see
+    /// [`Fence::advance`]).
+    pub fn advance(&self, generation: u64) {
+        self.0.iter().for_each(|f| f.advance(generation));
+    }
+
+    /// This side's generation (the newest of its fences').
+    pub fn generation(&self) -> u64 {
+        self.0.iter().map(Fence::generation).max().unwrap_or(0)
     }
 }
 
@@ -1068,6 +1097,45 @@ mod tests {
         let e = backup.write(|| Ok(())).unwrap_err().to_string();
         assert!(e.contains("generation 11 has spoken"), "{e}");
         assert!(old.join().is_err(), "an older pair cannot form");
+    }
+
+    #[test]
+    fn a_live_side_that_takes_a_new_backup_moves_to_its_generation() {
+        let img = image(4096);
+        // Generation 10: the backup went live (claimed), its primary is
+        // stopped, not dead.
+        let stale = Fence::open(img.path(), 10, "primary:1:a").unwrap();
+        let live = Fence::open(img.path(), 10, "backup:2:b").unwrap();
+        live.claim().unwrap();
+        // A new backup joined: the pair is of generation 11.
+        live.advance(11);
+        live.advance(9);
+        assert_eq!(live.generation(), 11, "never moves back");
+        live.write(|| Ok(())).unwrap();
+        assert!(stale.write(|| Ok(())).is_err(), "generation 10's loser");
+        // The new backup wins generation 11 (its primary failed): the side
+        // that was live may no longer write, and says why.
+        let joined = Fence::open(img.path(), 11, "backup:3:c").unwrap();
+        joined.claim().unwrap();
+        joined.write(|| Ok(())).unwrap();
+        let e = live.write(|| Ok(())).unwrap_err();
+        assert!(
+            e.to_string().contains("backup:3:c won generation 11")
+                && e.to_string().contains("generation 11, backup:2:b"),
+            "{e}"
+        );
+        // Had the backup failed instead, the live side claims generation
+        // 11 itself and goes on writing.
+        let img2 = image(4096);
+        let live = Fence::open(img2.path(), 10, "backup:2:b").unwrap();
+        live.claim().unwrap();
+        live.advance(11);
+        live.claim().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(Fence::path_of(img2.path())).unwrap(),
+            "11 backup:2:b\n"
+        );
+        live.write(|| Ok(())).unwrap();
     }
 
     #[test]

@@ -1245,6 +1245,102 @@ fn with_a_shared_disk_a_paused_primary_is_fenced_and_no_write_is_lost() {
     );
 }
 
+/// The generation and owner a shared disk's fence file holds.
+fn fence_of(img: &Path) -> (u64, String) {
+    let text = std::fs::read_to_string(format!("{}.vmft-fence", img.display())).unwrap_or_default();
+    let (g, owner) = text.trim().split_once(' ').unwrap_or_default();
+    (g.parse().unwrap_or(0), owner.to_string())
+}
+
+/// Re-protection with a shared disk: the backup goes live while the
+/// primary is stopped, a new backup joins it (the pair moves to a newer
+/// generation, and the live side's writes with it at the fence), the
+/// promoted side dies, and the new backup goes live at the new generation
+/// and finishes the workload on the same image. The first primary, woken
+/// at the end, writes nothing.
+#[test]
+fn with_a_shared_disk_a_new_backup_joins_and_takes_over_at_the_new_generation() {
+    if !require_kvm() {
+        return;
+    }
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let img = blank_disk(&dir.path().join("shared.img"));
+    let shared = format!("{},shared", img.display());
+    let mut c = Cluster::start(Opts {
+        guest: Guest::Restore(disk_snapshot()),
+        primary_args: vec!["--disk".into(), shared.clone().into()],
+        backup_args: vec!["--disk".into(), shared.clone().into()],
+        timeout_ms: 1500,
+        ..Opts::default()
+    });
+    // Once live, the backup takes new backups where the primary reached it.
+    let join = c.s.backup_addr.clone();
+    c.start_primary();
+    c.wait_for("the first MiB written", 300, |c| {
+        disk_lines(c)
+            .iter()
+            .any(|l| l.starts_with("disk 1 written"))
+    });
+    c.primary().signal(libc::SIGSTOP);
+    c.wait_for("the backup to go live", 120, |c| {
+        c.backup.stderr().contains("claim won: the backup is LIVE")
+    });
+    let (g1, owner1) = fence_of(&img);
+    c.check(
+        owner1.starts_with("backup:"),
+        format!("after the takeover the fence names {owner1:?}, not the backup"),
+    );
+    let listen = format!("127.0.0.1:{}", free_port());
+    let joiner = c.spawn_backup(&["--join", &join, "--listen", &listen, "--disk", &shared]);
+    let mut promoted = std::mem::replace(&mut c.backup, joiner);
+    c.wait_for("the promoted backup to be protected again", 120, |_| {
+        promoted.stderr().contains("the VM is PROTECTED again")
+    });
+    let at = disk_lines(&c).len();
+    c.check(
+        at < 2 * DISK_MIB as usize + 1,
+        format!("the workload had ended ({at} lines) before the pair was protected again"),
+    );
+    promoted.kill9();
+    c.wait_for("the new backup to go live", 120, |c| {
+        c.backup.stderr().contains("claim won: the backup is LIVE")
+    });
+    // The new backup owns the disk at the new pair's generation.
+    let (g2, owner2) = fence_of(&img);
+    c.check(
+        g2 > g1 && owner2.starts_with("backup:") && owner2 != owner1,
+        format!(
+            "after the second takeover the fence holds {g2} {owner2:?} (before: {g1} {owner1:?})"
+        ),
+    );
+    backup_finishes_the_disk_workload(&mut c, &img, "the new backup");
+    // The first primary wakes up, perhaps holding writes it believes
+    // acknowledged: it stops without touching the image.
+    let before = std::fs::metadata(&img).unwrap().modified().unwrap();
+    c.primary().signal(libc::SIGCONT);
+    let st = c.wait_exit(Who::Primary, 120);
+    c.check(
+        matches!(st.code(), Some(3) | Some(5)),
+        format!("the woken primary exited {st}, not 3 (lost the claim) or 5 (fenced)"),
+    );
+    let after = std::fs::metadata(&img).unwrap().modified().unwrap();
+    c.check(
+        after == before,
+        "the woken primary wrote to the shared disk after two takeovers",
+    );
+    if let Some(problem) = disk_problem(&img, DISK_MIB) {
+        c.check(
+            false,
+            format!("the shared disk is wrong at the end: {problem}"),
+        );
+    }
+    println!(
+        "pair: shared disk re-protected with {at} of {} disk lines on the console; fence {g1} -> {g2}",
+        2 * DISK_MIB + 1
+    );
+}
+
 #[test]
 fn kill_9_of_the_backup_the_primary_wins_and_finishes() {
     if !require_kvm() {

@@ -200,8 +200,9 @@ pub fn ft(args: FtArgs, stop: StopHandle) -> Result<u8> {
              or hosts (see docs/NETWORK.md)"
         );
     }
-    let shared = args.boot.disks.iter().any(|d| d.shared);
-    let writable = args.boot.disks.iter().any(|d| !d.read_only);
+    // Writable images of each side's own: a new backup takes the failed
+    // side's once its process ended (a shared image is nobody's to take).
+    let writable = args.boot.disks.iter().any(|d| !d.read_only && !d.shared);
     let mut vm_args: Vec<String> = Vec::new();
     // Separate disks (VMware FT's default): the backup gets its own copy,
     // next to the original, and executes the same reads and writes on it.
@@ -359,14 +360,7 @@ pub fn ft(args: FtArgs, stop: StopHandle) -> Result<u8> {
 
     // Re-protection: a side left alone gets a new backup, which joins it
     // and listens for the next one.
-    if args.no_reprotect || shared {
-        if shared && !args.no_reprotect {
-            eprintln!(
-                "vmft ft: no new backup after a failover: with a shared disk the new pair \
-                 cannot take the disk's fence over yet"
-            );
-        }
-    } else {
+    if !args.no_reprotect {
         // The pair now: each side with its disk images. A new backup takes
         // the failed side's images (the state transfer overwrites them),
         // once that side's process has ended: it wrote them until then.

@@ -29,7 +29,7 @@ use vmm::ft::status::{Role, State, StatusBoard};
 use vmm::nondet::InputSource;
 use vmm::record::{config_hash, config_hash_of_transfer, log_header, recorder_id, VmSource};
 use vmm::replay::ReplayDoor;
-use vmm::shared_disk::{Fences, SharedDisks};
+use vmm::shared_disk::{FencedFlag, Fences, SharedDisks};
 use vmm::stop::StopHandle;
 use vmm::stop::StopReason;
 use vmm::vm::{AfterTakeover, FtMode, LogSink, RunOptions, Vm};
@@ -267,6 +267,51 @@ fn shared_disks(
     Ok(Some((disks, fences)))
 }
 
+/// A side that ends as a primary with shared disks: its last writes are
+/// released once the backup has the end entry. If the backup did not
+/// acknowledge them, either it is gone (then this side claims the VM, at
+/// the pair's current generation, and writes them) or it will go live
+/// (then it wins the claim and writes them itself).
+fn last_shared_writes(
+    pair: &PairArgs,
+    claimant: &Mutex<Claimant>,
+    fences: &Fences,
+    fenced: &FencedFlag,
+    held: &HeldOutput,
+) -> Result<()> {
+    if held.drain(Duration::from_secs(30)) {
+        return Ok(());
+    }
+    let generation = fences.generation();
+    eprintln!(
+        "vmft: the backup did not acknowledge the last shared-disk writes: claiming \
+         {} generation {generation} to write them",
+        pair.vm
+    );
+    match vmm::ft::pair::claim_shared(claimant, &pair.vm, generation)? {
+        arbiter::Decision::Won => {
+            fences
+                .claim()
+                .context("cannot take the shared disk's fence")?;
+            held.set_mode(vmm::ft::output::ReleaseMode::Free);
+            if !held.drain(Duration::from_secs(30)) {
+                let why = fenced.get().map(|f| f.message).unwrap_or_default();
+                bail!(
+                    "{} bytes of shared-disk writes were not written: {why}",
+                    held.held()
+                );
+            }
+            Ok(())
+        }
+        arbiter::Decision::Lost { owner } => Err(vmm::nondet::DoorError::LostClaim {
+            vm: pair.vm.clone(),
+            generation,
+            owner,
+        })
+        .context("the backup went live and writes the last shared-disk writes"),
+    }
+}
+
 fn stdout_release() -> Box<dyn Release> {
     Box::new(ToWriter(io::stdout()))
 }
@@ -454,39 +499,7 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
         }
     }
     if let (Ok(_), Some((_, fences, fenced, h))) = (&result, &disk_held) {
-        if !h.drain(Duration::from_secs(30)) {
-            // The backup did not acknowledge the last writes: either it is
-            // gone (then this side claims the VM and writes them) or it
-            // will go live (then it wins the claim and writes them itself).
-            eprintln!(
-                "vmft: the backup did not acknowledge the last shared-disk writes: claiming \
-                 {} generation {generation} to write them",
-                pair.vm
-            );
-            match vmm::ft::pair::claim_shared(&claimant, &pair.vm, generation)? {
-                arbiter::Decision::Won => {
-                    fences
-                        .claim()
-                        .context("cannot take the shared disk's fence")?;
-                    h.set_mode(vmm::ft::output::ReleaseMode::Free);
-                    if !h.drain(Duration::from_secs(30)) {
-                        let why = fenced.get().map(|f| f.message).unwrap_or_default();
-                        bail!(
-                            "{} bytes of shared-disk writes were not written: {why}",
-                            h.held()
-                        );
-                    }
-                }
-                arbiter::Decision::Lost { owner } => {
-                    return Err(vmm::nondet::DoorError::LostClaim {
-                        vm: pair.vm.clone(),
-                        generation,
-                        owner,
-                    })
-                    .context("the backup went live and writes the last shared-disk writes");
-                }
-            }
-        }
+        last_shared_writes(&pair, &claimant, fences, fenced, h)?;
     }
     if pair.stats {
         eprint!("{}", vm.stats.report(vm.unknown_ports()));
@@ -646,6 +659,27 @@ fn listen(args: BackupArgs, stop: StopHandle) -> Result<()> {
     )
 }
 
+/// A backup's outputs once it went live and may take a new backup: held
+/// like a primary's, free until one joins.
+struct Reprotect {
+    loglink: LogLink,
+    held: HeldOutput,
+    net_held: Option<HeldOutput>,
+    /// Shared-disk writes, where their sink says it was fenced off, and
+    /// the disks' fences.
+    disk_held: Option<(HeldOutput, FencedFlag, Fences)>,
+    hooks: PrimaryHooks,
+}
+
+/// What a promoted backup's end needs of [`Reprotect`] once its hooks
+/// went to the VM.
+struct PromotedOutputs {
+    loglink: LogLink,
+    held: HeldOutput,
+    net_held: Option<HeldOutput>,
+    disk_held: Option<(HeldOutput, FencedFlag, Fences)>,
+}
+
 /// Where a backup's copies of the output streams begin.
 #[derive(Debug, Clone, Copy, Default)]
 struct Offsets {
@@ -679,12 +713,6 @@ struct Following {
 /// follow its log like any backup.
 fn join(args: BackupArgs, addr: &str, stop: StopHandle, hello: Vec<u8>) -> Result<()> {
     let pair = args.pair.clone();
-    if args.boot.disks.iter().any(|d| d.shared) {
-        bail!(
-            "--join with a shared --disk is not supported yet (the new pair's generation \
-             does not take the disk's fence over): use disks of this side's own"
-        );
-    }
     if args.takeover_log.is_some() {
         bail!("--join and --takeover-log cannot be combined yet");
     }
@@ -714,9 +742,11 @@ fn join(args: BackupArgs, addr: &str, stop: StopHandle, hello: Vec<u8>) -> Resul
     let mut reader = link.log_reader();
     let mut last = t0;
     let mut round = 0;
-    // The writable disks of this side's own take the primary's contents.
+    // The writable disks of this side's own take the primary's contents
+    // (a shared disk is the primary's own image: nothing to copy).
+    let own = |d: &&vmm::boot::DiskSpec| !d.read_only && !d.shared;
     let mut images = Vec::new();
-    for d in args.boot.disks.iter().filter(|d| !d.read_only) {
+    for d in args.boot.disks.iter().filter(own) {
         images.push(
             std::fs::OpenOptions::new()
                 .read(true)
@@ -733,7 +763,7 @@ fn join(args: BackupArgs, addr: &str, stop: StopHandle, hello: Vec<u8>) -> Resul
             args.boot
                 .disks
                 .iter()
-                .filter(|d| !d.read_only)
+                .filter(own)
                 .map(|d| d.path.display().to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
@@ -896,16 +926,10 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
     // Once live, a new backup may join (re-protection): output then goes
     // through held output, free until a backup joins.
     let promoted = Arc::new(AtomicBool::new(false));
+    let shared = shared_disks(&source, generation, &claimant_id)?;
     let reprotect = match joins {
         Some(_) if args.takeover_log.is_some() => {
             eprintln!("vmft: with --takeover-log, no backup can join once this side is live");
-            None
-        }
-        Some(_) if source.disks().iter().any(|d| d.shared) => {
-            eprintln!(
-                "vmft: with a shared disk, no backup can join once this side is live (the new \
-                 pair's generation does not take the disk's fence over yet)"
-            );
             None
         }
         Some((listener, secret)) => {
@@ -940,29 +964,51 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
             if let Some(h) = &net_held {
                 hooks = hooks.with_net(h.clone());
             }
+            // Shared-disk writes too, behind the fences (moved to each new
+            // pair's generation as a backup joins).
+            let disk_held = shared.as_ref().map(|(disks, fences)| {
+                let sink = disks.sink_fenced(fences.clone());
+                let fenced = sink.fenced_flag();
+                let held = HeldOutput::start_strict(0, Box::new(sink), ack_waiter(&loglink));
+                (held, fenced, fences.clone())
+            });
+            if let Some((held, _, fences)) = &disk_held {
+                hooks = hooks.with_shared_disks(held.clone(), fences.clone());
+            }
             let kick = stop.clone();
             let cfg = join_config(&pair, channel_config(&pair, secret, String::new()))
                 .with_on_failure(move || kick.kick());
             hooks = hooks
                 .with_joins(listener, cfg)
                 .with_transfer_rate(pair.transfer_rate());
-            Some((loglink, held, net_held, hooks))
+            Some(Reprotect {
+                loglink,
+                held,
+                net_held,
+                disk_held,
+                hooks,
+            })
         }
         None => None,
     };
     let sink: Box<dyn Release> = match &reprotect {
-        Some((_, held, _, _)) => Box::new(IntoHeld(held.capture())),
+        Some(r) => Box::new(IntoHeld(r.held.capture())),
         None => sink,
     };
     // Shared disks: the primary's writes not known to be written, kept;
     // written (behind the fences, claimed first) if this side goes live.
-    let disk_tail = match shared_disks(&source, generation, &claimant_id)? {
+    let disk_tail = match shared {
         Some((disks, fences)) => {
             let tail = OutputTail::for_records(offsets.disk);
             let t = tail.clone();
             door.on_disk_released(Box::new(move |off| t.set_released(off)));
             let sink = disks.sink_fenced(fences.clone());
-            let fenced = sink.fenced_flag();
+            // Once live, a side that may take a new backup writes through
+            // its held output's sink: that one says if it was fenced off.
+            let fenced = match reprotect.as_ref().and_then(|r| r.disk_held.as_ref()) {
+                Some((_, f, _)) => f.clone(),
+                None => sink.fenced_flag(),
+            };
             Some((disks, fences, sink, fenced, tail))
         }
         None => None,
@@ -984,19 +1030,24 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
         }
         None => None,
     };
+    let claimant_for_end = claimant.clone();
     let mut takeover = TakeOver {
         status: Some(board.clone()),
         disk: disk_tail
             .map(|(_, fences, sink, _, tail)| (tail, Box::new(sink) as Box<dyn Release>, fences)),
         net: net_tail.as_ref().map(|(tap, tail)| {
-            let sink: Box<dyn Release> = match &reprotect {
-                Some((_, _, Some(h), _)) => Box::new(IntoHeld(h.capture())),
-                _ => Box::new(vmm::netio::TapSink::new(tap.clone())),
+            let sink: Box<dyn Release> = match reprotect.as_ref().and_then(|r| r.net_held.as_ref())
+            {
+                Some(h) => Box::new(IntoHeld(h.capture())),
+                None => Box::new(vmm::netio::TapSink::new(tap.clone())),
             };
             (tail.clone(), sink)
         }),
-        held: reprotect.as_ref().map(|r| r.1.clone()),
-        net_held: reprotect.as_ref().and_then(|r| r.2.clone()),
+        held: reprotect.as_ref().map(|r| r.held.clone()),
+        net_held: reprotect.as_ref().and_then(|r| r.net_held.clone()),
+        disk_held: reprotect
+            .as_ref()
+            .and_then(|r| r.disk_held.as_ref().map(|(h, _, _)| h.clone())),
         live: Some(promoted.clone()),
         vm: pair.vm.clone(),
         generation,
@@ -1041,14 +1092,18 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
             if let Some(c) = &console {
                 hooks = hooks.with_console(c.clone(), went_live.clone());
             }
-            let (loglink, held, net_held) = match reprotect {
-                Some((loglink, held, net_held, primary)) => {
-                    hooks = hooks.then_primary(primary, promoted.clone());
-                    (Some(loglink), Some(held), net_held)
+            promoted_outputs = match reprotect {
+                Some(r) => {
+                    hooks = hooks.then_primary(r.hooks, promoted.clone());
+                    Some(PromotedOutputs {
+                        loglink: r.loglink,
+                        held: r.held,
+                        net_held: r.net_held,
+                        disk_held: r.disk_held,
+                    })
                 }
-                None => (None, None, None),
+                None => None,
             };
-            promoted_outputs = (loglink, held, net_held);
             hooks
         })),
     };
@@ -1067,10 +1122,14 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
     // A side that went live and was joined by a new backup ends like a
     // primary: the last output once the new backup has the end entry, then
     // the channel closed cleanly (the new backup stops without a claim).
-    if let (Some(loglink), Some(held)) = (&promoted_outputs.0, &promoted_outputs.1) {
+    if let Some(p) = &promoted_outputs {
+        let loglink = &p.loglink;
         loglink.wait_transfer(Duration::from_secs(120));
-        held.mark(loglink.written());
-        if let Some(h) = &promoted_outputs.2 {
+        p.held.mark(loglink.written());
+        if let Some(h) = &p.net_held {
+            h.mark(loglink.written());
+        }
+        if let Some((h, _, _)) = &p.disk_held {
             h.mark(loglink.written());
         }
         let unprotected = loglink.is_dropped();
@@ -1079,13 +1138,16 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
                 eprintln!("vmft: the channel to the new backup did not close cleanly: {e}");
             }
         }
-        if result.is_ok() && !held.drain(Duration::from_secs(30)) {
+        if result.is_ok() && !p.held.drain(Duration::from_secs(30)) {
             eprintln!(
                 "vmft: warning: some console output was never acknowledged by the new backup"
             );
         }
-        if let (Ok(_), Some(h)) = (&result, &promoted_outputs.2) {
+        if let (Ok(_), Some(h)) = (&result, &p.net_held) {
             h.drain(Duration::from_secs(30));
+        }
+        if let (Ok(_), Some((h, fenced, fences))) = (&result, &p.disk_held) {
+            last_shared_writes(&pair, &claimant_for_end, fences, fenced, h)?;
         }
     }
     if pair.stats {

@@ -130,6 +130,7 @@ impl Vm {
             Ok(p) => p,
             Err(e) => {
                 self.door = Box::new(live);
+                self.live_views();
                 self.join_failed(&e.to_string());
                 return Ok(());
             }
@@ -140,9 +141,6 @@ impl Vm {
         // The dirty log is on and was cleared with the last pages: epochs
         // carry what is written from here on, whole at first.
         self.epoch_pages = Default::default();
-        for v in self.devices.mmio.shared_views() {
-            v.set_mode(ViewMode::Record);
-        }
         let Some(pair) = self.pair.as_mut() else {
             self.door = Box::new(live);
             return Ok(());
@@ -152,9 +150,14 @@ impl Vm {
             Err(e) => {
                 pair.join_failed(&e.to_string());
                 self.door = Box::new(live);
+                self.live_views();
                 return Ok(());
             }
         };
+        // Shared disks: reads go into the log from here on.
+        for v in self.devices.mmio.shared_views() {
+            v.set_mode(ViewMode::Record);
+        }
         self.epoch_bound = next.epoch_bound;
         self.door = Box::new(
             RecordDoor::to_writer(next.sink, next.name, &header, live)?
@@ -162,6 +165,14 @@ impl Vm {
         );
         pair.resumed(t0.elapsed());
         Ok(())
+    }
+
+    /// Shared disks: a side that goes on live without a log reads the
+    /// images and keeps no reads for a log.
+    fn live_views(&mut self) {
+        for v in self.devices.mmio.shared_views() {
+            v.set_mode(ViewMode::Direct);
+        }
     }
 
     /// The rest of the state now: the pages and disk chunks written since

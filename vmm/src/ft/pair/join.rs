@@ -22,6 +22,11 @@ use crate::memory::GuestMemoryMmap;
 use crate::nondet::DoorError;
 use crate::vm::{HandOver, JoinStep, LogContinues};
 
+/// Longest wait in the hand-over's pause for the shared-disk writes made
+/// before it to reach the images (a fence held by a stopped side makes it
+/// wait: the joiner is refused then).
+const DISK_DRAIN: Duration = Duration::from_secs(5);
+
 /// A joining backup, accepted and waiting for the state.
 pub(super) struct Joiner {
     link: PrimaryLink,
@@ -369,6 +374,25 @@ impl PrimaryHooks {
         pos: u64,
         rest: HandOver,
     ) -> Result<LogContinues, DoorError> {
+        // What the guest wrote before the state is the unprotected run's:
+        // free. The new backup's copies start where the streams are now.
+        if self.held.has_unmarked() {
+            self.held.mark(0);
+        }
+        for s in self.streams.iter().filter(|s| s.held.has_unmarked()) {
+            s.held.mark(0);
+        }
+        // Shared-disk writes before the state must be on the images first:
+        // the new backup's copy of the write stream starts after them, so
+        // a failure of this side just after the pause would lose them.
+        for s in self.streams.iter().filter(|s| s.kind == StreamKind::Disk) {
+            if !s.held.drain(DISK_DRAIN) {
+                return Err(DoorError::Ft(format!(
+                    "the shared-disk writes before the state were not written within {} s",
+                    DISK_DRAIN.as_secs()
+                )));
+            }
+        }
         let offsets = StreamOffsets {
             console: self.held.end(),
             frames: self.stream_end(StreamKind::Net),
@@ -385,14 +409,6 @@ impl PrimaryHooks {
             .ok_or_else(|| DoorError::Ft("no state transfer waits for its pause".into()))?;
         let generation = c.generation;
         joins.floor.fetch_max(generation, Ordering::AcqRel);
-        // What the guest wrote before the state is the unprotected run's:
-        // free. The new backup's copies start where the streams are now.
-        if self.held.has_unmarked() {
-            self.held.mark(0);
-        }
-        for s in self.streams.iter().filter(|s| s.held.has_unmarked()) {
-            s.held.mark(0);
-        }
         let pause_pages = rest.pages.len();
         let total = c
             .copy
@@ -420,6 +436,11 @@ impl PrimaryHooks {
             )
         };
         self.generation = generation;
+        // Shared disks: this side's writes are of the new pair now; either
+        // side of it may claim the disks (see `Fence::advance`).
+        if let Some(f) = &self.fences {
+            f.advance(generation);
+        }
         self.protection = Protection::Protected;
         self.handover_pos = pos;
         self.inputs = InputConfirmer::default();

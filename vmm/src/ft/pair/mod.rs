@@ -25,7 +25,7 @@ use ft_log::InputCursor;
 
 use super::claim::Claimant;
 use super::console_side::{ConsoleSide, InputConfirmer};
-use super::output::{HeldOutput, OutputTail, Release, ReleaseMode, MAX_HELD};
+use super::output::{HeldOutput, IntoHeld, OutputTail, Release, ReleaseMode, MAX_HELD};
 use super::precopy::Written;
 use super::status::{State, StatusBoard};
 use crate::devices::virtio::written::OwnImage;
@@ -638,6 +638,11 @@ pub struct TakeOver {
     /// the sink that writes them once live, and the disks' fences (claimed
     /// first, so a primary that wakes up can no longer write).
     pub disk: Option<(OutputTail, Box<dyn Release>, Fences)>,
+    /// Held output that the shared-disk writes go into once live (a side
+    /// that may take a new backup; `disk`'s sink is not used then): the
+    /// tail is written through it before the guest goes on, what the guest
+    /// writes after it is held, free until a backup joins.
+    pub disk_held: Option<HeldOutput>,
     /// The operator's view of this side.
     pub status: Option<StatusBoard>,
     /// Held output that the console output goes into once live (the sink
@@ -648,6 +653,10 @@ pub struct TakeOver {
     /// Set once the claim is won: the side's hooks become a primary's.
     pub live: Option<Arc<AtomicBool>>,
 }
+
+/// Longest wait at a takeover for the shared-disk writes the primary may
+/// not have made to be written through held output.
+const DISK_TAIL_WRITTEN: Duration = Duration::from_secs(30);
 
 /// Told, once the backup won its claim, where the console's input stream
 /// goes on (what the primary handed the guest is in the log).
@@ -688,9 +697,28 @@ impl TakeOver {
                     fences
                         .claim()
                         .map_err(|e| DoorError::Fenced(e.to_string()))?;
-                    let from = tail
-                        .go_live(sink)
-                        .map_err(|e| DoorError::Ft(format!("writing shared-disk writes: {e}")))?;
+                    let failed = |e| DoorError::Ft(format!("writing shared-disk writes: {e}"));
+                    let from = match &self.disk_held {
+                        // Through held output (free: no backup yet), and
+                        // written before the guest goes on: it reads the
+                        // images from now on.
+                        Some(held) => {
+                            held.rebase(tail.kept().0);
+                            let from = tail
+                                .go_live(Box::new(IntoHeld(held.capture())))
+                                .map_err(failed)?;
+                            held.mark(0);
+                            if !held.drain(DISK_TAIL_WRITTEN) {
+                                return Err(DoorError::Ft(format!(
+                                    "the shared-disk writes the primary may not have made were not \
+                                     written within {} s",
+                                    DISK_TAIL_WRITTEN.as_secs()
+                                )));
+                            }
+                            from
+                        }
+                        None => tail.go_live(sink).map_err(failed)?,
+                    };
                     tracing::info!(
                         from,
                         "shared-disk writes the primary may not have made written"
