@@ -202,6 +202,20 @@ impl StatusBoard {
         });
     }
 
+    /// Change the state to `to` only if it is `from` now (a thread that
+    /// finished a step must not overwrite what the run loop said since,
+    /// such as a backup found gone). Says whether it changed.
+    pub fn change_state(&self, from: State, to: State) -> bool {
+        self.with(|b| {
+            let now = b.status.state == from;
+            if now {
+                b.status.state = to;
+                b.status.protected = to.protected();
+            }
+            now
+        })
+    }
+
     /// This side's role changed (a backup that went live hands its state
     /// to a new backup: it is that pair's primary).
     pub fn set_role(&self, role: Role) {
@@ -433,6 +447,21 @@ mod tests {
         assert_eq!((s.lag_exits, s.unacked_bytes), (None, None));
         let f = s.last_failover.unwrap();
         assert_eq!((f.failed.as_str(), f.claim_ms), ("backup", 12));
+    }
+
+    #[test]
+    fn a_finished_transfer_does_not_overwrite_a_backup_found_gone() {
+        let b = StatusBoard::new("db", Role::Primary, None);
+        b.set_state(State::Transfer);
+        assert!(b.change_state(State::Transfer, State::Protected));
+        assert!(b.snapshot().protected);
+        // The next transfer: the run loop finds the new backup gone before
+        // the copy thread says it has the state.
+        b.set_state(State::Transfer);
+        b.set_state(State::Unprotected);
+        assert!(!b.change_state(State::Transfer, State::Protected));
+        let s = b.snapshot();
+        assert_eq!((s.state, s.protected), (State::Unprotected, false));
     }
 
     #[test]

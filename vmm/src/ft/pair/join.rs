@@ -147,7 +147,8 @@ impl PrimaryHooks {
                             t.total = total;
                             t.done = true;
                         });
-                        s.set_state(State::Protected);
+                        // Unless the run loop found the backup gone since.
+                        s.change_state(State::Transfer, State::Protected);
                     }
                     note(&format!(
                         "state sent to the new backup ({} MB in {:.1} s): the VM is PROTECTED again (generation {generation})",
