@@ -26,12 +26,17 @@
 //! - **The fence** ([`Fence`]): a side that was stopped (SIGSTOP, a long
 //!   pause) may wake holding writes it believes acknowledged, after the
 //!   other side went live and wrote newer data. The file `PATH.vmft-fence`
-//!   holds `generation owner`: the pair's generation and the claimant that
-//!   won the VM (`-` before any claim). Every release of writes takes an
-//!   exclusive `flock` on it, checks that no other side owns this
-//!   generation and that no newer generation has spoken, writes, and
-//!   unlocks, so a fenced side's late write never reaches the image; it
-//!   stops itself instead (exit status 5).
+//!   holds `generation owner`: the newest generation that formed a pair or
+//!   claimed the VM, and the claimant that won it (`-` before any claim).
+//!   Every release of writes takes an exclusive `flock` on it, checks that
+//!   no other side owns this side's generation and that no newer
+//!   generation has spoken, writes, and unlocks, so a fenced side's late
+//!   write never reaches the image; it stops itself instead (exit status
+//!   5). A live side that takes a new backup (re-protection) moves its
+//!   own generation on to the new pair's without writing the file
+//!   ([`Fence::advance`]): the file still names it as the owner of the
+//!   old generation, and the first claim of the new one is written as
+//!   usual.
 
 use std::collections::BTreeMap;
 use std::collections::VecDeque;
@@ -84,6 +89,18 @@ pub enum SharedDiskError {
         generation: u64,
         /// This side.
         me: String,
+    },
+    /// This side never claimed its generation: it cannot take its fence
+    /// to a newer one.
+    #[error(
+        "shared disk fence {path}: this side never claimed generation {generation}, so a \
+         new pair cannot take the disk over from it"
+    )]
+    NotOwner {
+        /// The fence file.
+        path: PathBuf,
+        /// This side's generation.
+        generation: u64,
     },
     /// Reading, writing or syncing the fence or the image failed.
     #[error("shared disk {path}: {what}: {source}")]
@@ -179,6 +196,8 @@ pub struct Fence {
     /// This side's generation: moves on when a new backup joins
     /// ([`Fence::advance`]).
     generation: AtomicU64,
+    /// The generation this side last claimed (0: none).
+    claimed: AtomicU64,
     me: String,
 }
 
@@ -262,6 +281,7 @@ impl Fence {
             file: Mutex::new(file),
             path,
             generation: AtomicU64::new(generation),
+            claimed: AtomicU64::new(0),
             me: me.to_string(),
         })
     }
@@ -364,7 +384,9 @@ impl Fence {
     pub fn claim(&self) -> Result<(), SharedDiskError> {
         self.locked(|file| {
             self.check(&self.read(file)?)?;
-            self.store(file, Some(&self.me))
+            self.store(file, Some(&self.me))?;
+            self.claimed.store(self.generation(), Ordering::Release);
+            Ok(())
         })
     }
 
@@ -376,11 +398,27 @@ impl Fence {
     /// This side (live, owning its generation) formed a pair of the newer
     /// `generation` with a backup that joined: its writes are checked
     /// against that one from now on. The fence file is left as it is: it
-    /// names this side as the owner of an older generation, which fences
+    /// names this side as the owner of the older generation, which fences
     /// off the other sides of that generation and lets either side of the
-    /// new pair claim the new one. Never moves back.
-    pub fn advance(&self, generation: u64) {
+    /// new pair claim the new one. That holds only if this side claimed
+    /// its generation: refused otherwise ([`SharedDiskError::NotOwner`]).
+    /// Never moves back.
+    pub fn advance(&self, generation: u64) -> Result<(), SharedDiskError> {
+        self.owns()?;
         self.generation.fetch_max(generation, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Whether this side claimed its current generation.
+    fn owns(&self) -> Result<(), SharedDiskError> {
+        let generation = self.generation();
+        if self.claimed.load(Ordering::Acquire) == generation {
+            return Ok(());
+        }
+        Err(SharedDiskError::NotOwner {
+            path: self.path.clone(),
+            generation,
+        })
     }
 
     /// Run `write` while holding the fence, if this side may still write.
@@ -524,9 +562,10 @@ impl Fences {
     }
 
     /// A new backup joined: this side's pair is of `generation` now (see
-    /// [`Fence::advance`]).
-    pub fn advance(&self, generation: u64) {
-        self.0.iter().for_each(|f| f.advance(generation));
+    /// [`Fence::advance`]); all or none of the fences move.
+    pub fn advance(&self, generation: u64) -> Result<(), SharedDiskError> {
+        self.0.iter().try_for_each(Fence::owns)?;
+        self.0.iter().try_for_each(|f| f.advance(generation))
     }
 
     /// This side's generation (the newest of its fences').
@@ -1106,11 +1145,17 @@ mod tests {
         // stopped, not dead.
         let stale = Fence::open(img.path(), 10, "primary:1:a").unwrap();
         let live = Fence::open(img.path(), 10, "backup:2:b").unwrap();
+        // A side that never claimed its generation cannot move it on.
+        assert!(matches!(
+            live.advance(11),
+            Err(SharedDiskError::NotOwner { generation: 10, .. })
+        ));
+        assert_eq!(live.generation(), 10);
         live.claim().unwrap();
         // A new backup joined: the pair is of generation 11.
-        live.advance(11);
-        live.advance(9);
-        assert_eq!(live.generation(), 11, "never moves back");
+        live.advance(11).unwrap();
+        assert!(live.advance(12).is_err(), "generation 11 not claimed yet");
+        assert_eq!(live.generation(), 11);
         live.write(|| Ok(())).unwrap();
         assert!(stale.write(|| Ok(())).is_err(), "generation 10's loser");
         // The new backup wins generation 11 (its primary failed): the side
@@ -1129,8 +1174,10 @@ mod tests {
         let img2 = image(4096);
         let live = Fence::open(img2.path(), 10, "backup:2:b").unwrap();
         live.claim().unwrap();
-        live.advance(11);
+        live.advance(11).unwrap();
         live.claim().unwrap();
+        live.advance(9).unwrap();
+        assert_eq!(live.generation(), 11, "never moves back");
         assert_eq!(
             std::fs::read_to_string(Fence::path_of(img2.path())).unwrap(),
             "11 backup:2:b\n"

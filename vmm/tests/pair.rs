@@ -1252,17 +1252,23 @@ fn fence_of(img: &Path) -> (u64, String) {
     (g.parse().unwrap_or(0), owner.to_string())
 }
 
+/// Which side of the re-protected pair fails in [`shared_reprotection`].
+#[derive(Clone, Copy, PartialEq)]
+enum Fails {
+    /// kill -9 of the live side: the new backup claims the new generation.
+    Live,
+    /// SIGSTOP of the new backup: the live side claims the new generation
+    /// itself (its fence moved there at the hand-over).
+    NewBackup,
+}
+
 /// Re-protection with a shared disk: the backup goes live while the
 /// primary is stopped, a new backup joins it (the pair moves to a newer
-/// generation, and the live side's writes with it at the fence), the
-/// promoted side dies, and the new backup goes live at the new generation
-/// and finishes the workload on the same image. The first primary, woken
-/// at the end, writes nothing.
-#[test]
-fn with_a_shared_disk_a_new_backup_joins_and_takes_over_at_the_new_generation() {
-    if !require_kvm() {
-        return;
-    }
+/// generation, and the live side's writes with it at the fence), then one
+/// side of the new pair fails (`fails`) and the other wins the new
+/// generation, owns the fence there and finishes the workload on the same
+/// image. The sides that were stopped, woken at the end, write nothing.
+fn shared_reprotection(fails: Fails) {
     let _one = serial();
     let dir = tempfile::tempdir().unwrap();
     let img = blank_disk(&dir.path().join("shared.img"));
@@ -1292,32 +1298,63 @@ fn with_a_shared_disk_a_new_backup_joins_and_takes_over_at_the_new_generation() 
         format!("after the takeover the fence names {owner1:?}, not the backup"),
     );
     let listen = format!("127.0.0.1:{}", free_port());
-    let joiner = c.spawn_backup(&["--join", &join, "--listen", &listen, "--disk", &shared]);
-    let mut promoted = std::mem::replace(&mut c.backup, joiner);
-    c.wait_for("the promoted backup to be protected again", 120, |_| {
-        promoted.stderr().contains("the VM is PROTECTED again")
+    let mut joiner = c.spawn_backup(&["--join", &join, "--listen", &listen, "--disk", &shared]);
+    c.wait_for("the promoted backup to be protected again", 120, |c| {
+        c.backup.stderr().contains("the VM is PROTECTED again")
     });
     let at = disk_lines(&c).len();
     c.check(
         at < 2 * DISK_MIB as usize + 1,
         format!("the workload had ended ({at} lines) before the pair was protected again"),
     );
-    promoted.kill9();
-    c.wait_for("the new backup to go live", 120, |c| {
-        c.backup.stderr().contains("claim won: the backup is LIVE")
-    });
-    // The new backup owns the disk at the new pair's generation.
-    let (g2, owner2) = fence_of(&img);
-    c.check(
-        g2 > g1 && owner2.starts_with("backup:") && owner2 != owner1,
-        format!(
-            "after the second takeover the fence holds {g2} {owner2:?} (before: {g1} {owner1:?})"
-        ),
-    );
-    backup_finishes_the_disk_workload(&mut c, &img, "the new backup");
-    // The first primary wakes up, perhaps holding writes it believes
-    // acknowledged: it stops without touching the image.
+    let (g2, owner2) = match fails {
+        Fails::Live => {
+            // The joiner is the cluster's backup from here on.
+            std::mem::swap(&mut c.backup, &mut joiner);
+            joiner.kill9();
+            c.wait_for("the new backup to go live", 120, |c| {
+                c.backup.stderr().contains("claim won: the backup is LIVE")
+            });
+            let (g2, owner2) = fence_of(&img);
+            c.check(
+                g2 > g1 && owner2.starts_with("backup:") && owner2 != owner1,
+                format!(
+                    "the new backup took over: the fence holds {g2} {owner2:?} (before: {g1} {owner1:?})"
+                ),
+            );
+            (g2, owner2)
+        }
+        Fails::NewBackup => {
+            joiner.signal(libc::SIGSTOP);
+            c.wait_for("the live side to win the new generation", 120, |c| {
+                c.backup
+                    .stderr()
+                    .contains("claim won: the VM continues here, UNPROTECTED")
+            });
+            let (g2, owner2) = fence_of(&img);
+            c.check(
+                g2 > g1 && owner2 == owner1,
+                format!(
+                    "the live side claimed the new generation: the fence holds {g2} {owner2:?} \
+                     (before: {g1} {owner1:?})"
+                ),
+            );
+            (g2, owner2)
+        }
+    };
+    backup_finishes_the_disk_workload(&mut c, &img, "the live side");
+    // The stopped sides wake up, perhaps holding writes they believe
+    // acknowledged: each stops without touching the image.
     let before = std::fs::metadata(&img).unwrap().modified().unwrap();
+    if fails == Fails::NewBackup {
+        std::mem::swap(&mut c.backup, &mut joiner);
+        c.backup.signal(libc::SIGCONT);
+        let st = c.wait_exit(Who::Backup, 120);
+        c.check(
+            matches!(st.code(), Some(3) | Some(5)),
+            format!("the woken new backup exited {st}, not 3 (lost the claim) or 5 (fenced)"),
+        );
+    }
     c.primary().signal(libc::SIGCONT);
     let st = c.wait_exit(Who::Primary, 120);
     c.check(
@@ -1327,7 +1364,7 @@ fn with_a_shared_disk_a_new_backup_joins_and_takes_over_at_the_new_generation() 
     let after = std::fs::metadata(&img).unwrap().modified().unwrap();
     c.check(
         after == before,
-        "the woken primary wrote to the shared disk after two takeovers",
+        "a woken side wrote to the shared disk after the new generation's claim",
     );
     if let Some(problem) = disk_problem(&img, DISK_MIB) {
         c.check(
@@ -1336,9 +1373,26 @@ fn with_a_shared_disk_a_new_backup_joins_and_takes_over_at_the_new_generation() 
         );
     }
     println!(
-        "pair: shared disk re-protected with {at} of {} disk lines on the console; fence {g1} -> {g2}",
+        "pair: shared disk re-protected with {at} of {} disk lines on the console; fence {g1} \
+         {owner1} -> {g2} {owner2}",
         2 * DISK_MIB + 1
     );
+}
+
+#[test]
+fn with_a_shared_disk_a_new_backup_joins_and_takes_over_at_the_new_generation() {
+    if !require_kvm() {
+        return;
+    }
+    shared_reprotection(Fails::Live);
+}
+
+#[test]
+fn with_a_shared_disk_the_live_side_claims_the_new_generation_when_its_new_backup_stops() {
+    if !require_kvm() {
+        return;
+    }
+    shared_reprotection(Fails::NewBackup);
 }
 
 #[test]

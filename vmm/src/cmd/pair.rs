@@ -26,7 +26,7 @@ use vmm::ft::console_side::ConsoleSide;
 use vmm::ft::output::{HeldOutput, IntoHeld, OutputTail, Release, ToWriter};
 use vmm::ft::pair::{BackupHooks, LogLink, OnWon, PrimaryHooks, PrimaryStats, TakeOver};
 use vmm::ft::status::{Role, State, StatusBoard};
-use vmm::nondet::InputSource;
+use vmm::nondet::{DoorError, InputSource};
 use vmm::record::{config_hash, config_hash_of_transfer, log_header, recorder_id, VmSource};
 use vmm::replay::ReplayDoor;
 use vmm::shared_disk::{FencedFlag, Fences, SharedDisks};
@@ -271,14 +271,14 @@ fn shared_disks(
 /// released once the backup has the end entry. If the backup did not
 /// acknowledge them, either it is gone (then this side claims the VM, at
 /// the pair's current generation, and writes them) or it will go live
-/// (then it wins the claim and writes them itself).
+/// (then it wins the claim and writes them itself: a lost claim).
 fn last_shared_writes(
     pair: &PairArgs,
     claimant: &Mutex<Claimant>,
     fences: &Fences,
     fenced: &FencedFlag,
     held: &HeldOutput,
-) -> Result<()> {
+) -> Result<(), DoorError> {
     if held.drain(Duration::from_secs(30)) {
         return Ok(());
     }
@@ -292,23 +292,41 @@ fn last_shared_writes(
         arbiter::Decision::Won => {
             fences
                 .claim()
-                .context("cannot take the shared disk's fence")?;
+                .map_err(|e| DoorError::Fenced(e.to_string()))?;
             held.set_mode(vmm::ft::output::ReleaseMode::Free);
-            if !held.drain(Duration::from_secs(30)) {
-                let why = fenced.get().map(|f| f.message).unwrap_or_default();
-                bail!(
-                    "{} bytes of shared-disk writes were not written: {why}",
-                    held.held()
-                );
+            if held.drain(Duration::from_secs(30)) {
+                return Ok(());
             }
-            Ok(())
+            Err(match fenced.get() {
+                Some(f) if f.fenced => DoorError::Fenced(f.message),
+                why => DoorError::Ft(format!(
+                    "{} bytes of shared-disk writes were not written{}",
+                    held.held(),
+                    why.map(|f| format!(": {}", f.message)).unwrap_or_default()
+                )),
+            })
         }
-        arbiter::Decision::Lost { owner } => Err(vmm::nondet::DoorError::LostClaim {
+        arbiter::Decision::Lost { owner } => Err(DoorError::LostClaim {
             vm: pair.vm.clone(),
             generation,
             owner,
-        })
-        .context("the backup went live and writes the last shared-disk writes"),
+        }),
+    }
+}
+
+/// What the console is told at the end of a side that speaks for the VM
+/// (ended cleanly as its live side): `result`, unless writing the last
+/// shared-disk writes failed. `None` when another side speaks: the backup
+/// won the claim for those writes.
+fn last_word(
+    result: &Result<vmm::vm::VmExit, vmm::vm::VmError>,
+    shared_end: &Result<(), DoorError>,
+) -> Option<(String, i32)> {
+    match (result, shared_end) {
+        (_, Err(DoorError::LostClaim { .. })) => None,
+        (_, Err(e)) => Some((e.to_string(), e.exit_status() as i32)),
+        (Ok(exit), Ok(())) => Some((exit.to_string(), 0)),
+        (Err(e), Ok(())) => Some((e.to_string(), e.exit_status() as i32)),
     }
 }
 
@@ -498,9 +516,12 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
             );
         }
     }
-    if let (Ok(_), Some((_, fences, fenced, h))) = (&result, &disk_held) {
-        last_shared_writes(&pair, &claimant, fences, fenced, h)?;
-    }
+    let shared_end = match (&result, &disk_held) {
+        (Ok(_), Some((_, fences, fenced, h))) => {
+            last_shared_writes(&pair, &claimant, fences, fenced, h)
+        }
+        _ => Ok(()),
+    };
     if pair.stats {
         eprint!("{}", vm.stats.report(vm.unknown_ports()));
         let ls = link.stats();
@@ -524,9 +545,12 @@ pub fn primary(args: PrimaryArgs, stop: StopHandle) -> Result<()> {
     }
     // Only a clean end speaks for the VM: a primary that failed or lost
     // its claim leaves the console to the side that goes (or went) live.
-    if let (Some(c), Ok(exit)) = (&console, &result) {
-        c.done(&exit.to_string(), 0);
+    if let (Some(c), Ok(_)) = (&console, &result) {
+        if let Some((why, status)) = last_word(&result, &shared_end) {
+            c.done(&why, status);
+        }
     }
+    shared_end.context("the last shared-disk writes")?;
     let exit = result.context("the primary stopped")?;
     if let Some(Err(e)) = finished {
         eprintln!("vmft: the channel did not close cleanly: {e}");
@@ -1047,7 +1071,7 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
         net_held: reprotect.as_ref().and_then(|r| r.net_held.clone()),
         disk_held: reprotect
             .as_ref()
-            .and_then(|r| r.disk_held.as_ref().map(|(h, _, _)| h.clone())),
+            .and_then(|r| r.disk_held.as_ref().map(|(h, f, _)| (h.clone(), f.clone()))),
         live: Some(promoted.clone()),
         vm: pair.vm.clone(),
         generation,
@@ -1122,6 +1146,7 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
     // A side that went live and was joined by a new backup ends like a
     // primary: the last output once the new backup has the end entry, then
     // the channel closed cleanly (the new backup stops without a claim).
+    let mut shared_end = Ok(());
     if let Some(p) = &promoted_outputs {
         let loglink = &p.loglink;
         loglink.wait_transfer(Duration::from_secs(120));
@@ -1147,7 +1172,7 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
             h.drain(Duration::from_secs(30));
         }
         if let (Ok(_), Some((h, fenced, fences))) = (&result, &p.disk_held) {
-            last_shared_writes(&pair, &claimant_for_end, fences, fenced, h)?;
+            shared_end = last_shared_writes(&pair, &claimant_for_end, fences, fenced, h);
         }
     }
     if pair.stats {
@@ -1156,14 +1181,41 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
     }
     // Only a backup that went live speaks for the VM at the end.
     if let (Some(c), true) = (&console, went_live.load(Ordering::Acquire)) {
-        match &result {
-            Ok(exit) => c.done(&exit.to_string(), 0),
-            Err(e) => c.done(&e.to_string(), e.exit_status() as i32),
+        if let Some((why, status)) = last_word(&result, &shared_end) {
+            c.done(&why, status);
         }
     }
+    shared_end.context("the last shared-disk writes")?;
     let exit = result.context("the backup stopped")?;
     report_exit(exit, &stop);
     eprintln!("vmft: exits {} epochs {}", vm.position().exit, vm.epochs());
     eprintln!("vmft: final state digest {}", vm.final_digest());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm::vm::VmExit;
+
+    #[test]
+    fn the_console_hears_of_last_shared_writes_that_failed_and_not_from_a_loser() {
+        let halted = Ok(VmExit::Halted);
+        assert_eq!(
+            last_word(&halted, &Ok(())),
+            Some(("guest halted (powered off)".to_string(), 0))
+        );
+        let fenced = Err(DoorError::Fenced("generation 12 has spoken since".into()));
+        assert_eq!(
+            last_word(&halted, &fenced).map(|(w, s)| (w.contains("spoken since"), s)),
+            Some((true, 5))
+        );
+        // The backup won the claim for those writes: it speaks.
+        let lost = Err(DoorError::LostClaim {
+            vm: "db".into(),
+            generation: 12,
+            owner: "backup:3:c".into(),
+        });
+        assert_eq!(last_word(&halted, &lost), None);
+    }
 }

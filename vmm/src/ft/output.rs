@@ -360,17 +360,26 @@ impl HeldOutput {
         self.shared.wake.notify_all();
     }
 
+    /// How held output is treated now.
+    pub fn mode(&self) -> ReleaseMode {
+        ReleaseMode::from_u8(self.shared.mode.load(Ordering::Acquire))
+    }
+
     /// Wait (up to `timeout`) until everything marked is released (handed
-    /// to the sink, not merely taken off the queue).
+    /// to the sink, not merely taken off the queue). False at once when
+    /// nothing more will be released ([`ReleaseMode::Halt`]: the claim
+    /// was lost, or a strict sink failed).
     pub fn drain(&self, timeout: Duration) -> bool {
         let t0 = Instant::now();
-        while t0.elapsed() < timeout {
+        loop {
             if self.released() >= self.shared.marked_end.load(Ordering::Acquire) {
                 return true;
             }
+            if self.mode() == ReleaseMode::Halt || t0.elapsed() >= timeout {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
-        false
     }
 
     /// The delays of the last `n` released chunks.
@@ -655,6 +664,11 @@ mod tests {
             vec![0, 3],
             "nothing after it is tried"
         );
+        // Halted: a drain says so at once instead of waiting it out.
+        assert_eq!(held.mode(), ReleaseMode::Halt);
+        let t = Instant::now();
+        assert!(!held.drain(Duration::from_secs(30)));
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     }
 
     #[test]

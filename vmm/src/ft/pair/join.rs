@@ -409,6 +409,12 @@ impl PrimaryHooks {
             .filter(|c| c.copy.phase() == Phase::RoundSent)
             .ok_or_else(|| DoorError::Ft("no state transfer waits for its pause".into()))?;
         let generation = c.generation;
+        // Shared disks: this side's writes are of the new pair from now on;
+        // either side of it may claim the disks (see `Fence::advance`).
+        if let Some(f) = &self.fences {
+            f.advance(generation)
+                .map_err(|e| DoorError::Ft(e.to_string()))?;
+        }
         joins.floor.fetch_max(generation, Ordering::AcqRel);
         let pause_pages = rest.pages.len();
         let total = c
@@ -437,11 +443,6 @@ impl PrimaryHooks {
             )
         };
         self.generation = generation;
-        // Shared disks: this side's writes are of the new pair now; either
-        // side of it may claim the disks (see `Fence::advance`).
-        if let Some(f) = &self.fences {
-            f.advance(generation);
-        }
         self.protection = Protection::Protected;
         self.handover_pos = pos;
         self.inputs = InputConfirmer::default();

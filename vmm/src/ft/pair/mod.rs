@@ -32,7 +32,7 @@ use crate::devices::virtio::written::OwnImage;
 use crate::memory::GuestMemoryMmap;
 use crate::nondet::{Door, DoorError, Recorder};
 use crate::replay::LogEnd;
-use crate::shared_disk::Fences;
+use crate::shared_disk::{FencedFlag, Fences};
 use crate::vm::{HandOver, JoinStep, LogContinues, PairHooks};
 
 mod join;
@@ -107,7 +107,8 @@ pub struct PrimaryHooks {
     /// Outputs besides the console (transmitted frames, shared-disk
     /// writes), held like console output.
     streams: Vec<HeldStream>,
-    /// The shared disks' fences, claimed when this side wins the VM.
+    /// The shared disks' fences, claimed when this side wins the VM and
+    /// moved to a new pair's generation when a backup joins.
     fences: Option<Fences>,
     /// The operator's view of this side.
     status: Option<StatusBoard>,
@@ -402,6 +403,14 @@ impl PairHooks for PrimaryHooks {
             for s in self.streams.iter().filter(|s| s.held.has_unmarked()) {
                 s.held.mark(0);
             }
+            // Bounded here too: a guest that writes (its shared disks,
+            // say) faster than the sink takes it waits for the releaser. A
+            // halted stream holds nobody: the run loop stops the VM for
+            // what halted it.
+            let full = |h: &HeldOutput| h.held() > MAX_HELD && h.mode() != ReleaseMode::Halt;
+            while full(&self.held) || self.streams.iter().any(|s| full(&s.held)) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             if let Some(console) = &self.console {
                 // Live without a log (a backup that went live): input is
                 // safe once the guest has it.
@@ -642,7 +651,7 @@ pub struct TakeOver {
     /// that may take a new backup; `disk`'s sink is not used then): the
     /// tail is written through it before the guest goes on, what the guest
     /// writes after it is held, free until a backup joins.
-    pub disk_held: Option<HeldOutput>,
+    pub disk_held: Option<(HeldOutput, FencedFlag)>,
     /// The operator's view of this side.
     pub status: Option<StatusBoard>,
     /// Held output that the console output goes into once live (the sink
@@ -702,18 +711,23 @@ impl TakeOver {
                         // Through held output (free: no backup yet), and
                         // written before the guest goes on: it reads the
                         // images from now on.
-                        Some(held) => {
-                            held.rebase(tail.kept().0);
+                        Some((held, fenced)) => {
+                            let fresh = held.rebase(tail.kept().0);
+                            debug_assert!(fresh, "shared-disk writes held before going live");
                             let from = tail
                                 .go_live(Box::new(IntoHeld(held.capture())))
                                 .map_err(failed)?;
                             held.mark(0);
                             if !held.drain(DISK_TAIL_WRITTEN) {
-                                return Err(DoorError::Ft(format!(
-                                    "the shared-disk writes the primary may not have made were not \
-                                     written within {} s",
-                                    DISK_TAIL_WRITTEN.as_secs()
-                                )));
+                                return Err(match fenced.get() {
+                                    Some(f) if f.fenced => DoorError::Fenced(f.message),
+                                    Some(f) => failed(std::io::Error::other(f.message)),
+                                    None => DoorError::Ft(format!(
+                                        "the shared-disk writes the primary may not have made \
+                                         were not written within {} s",
+                                        DISK_TAIL_WRITTEN.as_secs()
+                                    )),
+                                });
                             }
                             from
                         }
