@@ -314,20 +314,23 @@ fn last_shared_writes(
     }
 }
 
-/// What the console is told at the end of a side that speaks for the VM
-/// (ended cleanly as its live side): `result`, unless writing the last
-/// shared-disk writes failed. `None` when another side speaks: the backup
-/// won the claim for those writes.
+/// What the console is told at the end of a side that was live (`result`,
+/// then the last shared-disk writes, `shared_end`), if anything. `None`
+/// when another side is live and speaks for the VM: this side lost a claim
+/// (exit status 3) or was fenced off a shared disk (5). A live side that
+/// lost the claim to its own new backup (a partition) must not end the
+/// console's session before the winner says it is live.
 fn last_word(
     result: &Result<vmm::vm::VmExit, vmm::vm::VmError>,
     shared_end: &Result<(), DoorError>,
 ) -> Option<(String, i32)> {
-    match (result, shared_end) {
-        (_, Err(DoorError::LostClaim { .. })) => None,
-        (_, Err(e)) => Some((e.to_string(), e.exit_status() as i32)),
-        (Ok(exit), Ok(())) => Some((exit.to_string(), 0)),
-        (Err(e), Ok(())) => Some((e.to_string(), e.exit_status() as i32)),
-    }
+    let another_side_live = |status: u8| matches!(status, 3 | 5);
+    let (why, status) = match (result, shared_end) {
+        (_, Err(e)) => (e.to_string(), e.exit_status()),
+        (Err(e), Ok(())) => (e.to_string(), e.exit_status()),
+        (Ok(exit), Ok(())) => (exit.to_string(), 0),
+    };
+    (!another_side_live(status)).then_some((why, status as i32))
 }
 
 fn stdout_release() -> Box<dyn Release> {
@@ -1196,26 +1199,36 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmm::vm::VmExit;
+    use vmm::vm::{VmError, VmExit};
 
     #[test]
-    fn the_console_hears_of_last_shared_writes_that_failed_and_not_from_a_loser() {
+    fn the_console_hears_the_end_only_from_a_side_when_no_other_is_live() {
         let halted = Ok(VmExit::Halted);
         assert_eq!(
             last_word(&halted, &Ok(())),
             Some(("guest halted (powered off)".to_string(), 0))
         );
-        let fenced = Err(DoorError::Fenced("generation 12 has spoken since".into()));
+        let failed = Err(DoorError::Ft(
+            "3 bytes of shared-disk writes were not written".into(),
+        ));
         assert_eq!(
-            last_word(&halted, &fenced).map(|(w, s)| (w.contains("spoken since"), s)),
-            Some((true, 5))
+            last_word(&halted, &failed).map(|(w, s)| (w.contains("not written"), s)),
+            Some((true, 1))
         );
-        // The backup won the claim for those writes: it speaks.
-        let lost = Err(DoorError::LostClaim {
+        // Another side is live and speaks: the backup won the claim for
+        // those writes, or a newer side owns the disk.
+        let lost = || DoorError::LostClaim {
             vm: "db".into(),
             generation: 12,
             owner: "backup:3:c".into(),
-        });
-        assert_eq!(last_word(&halted, &lost), None);
+        };
+        assert_eq!(last_word(&halted, &Err(lost())), None);
+        let fenced = Err(DoorError::Fenced("generation 12 has spoken since".into()));
+        assert_eq!(last_word(&halted, &fenced), None);
+        // A live side that lost the claim to its new backup (a partition)
+        // leaves the console to the winner.
+        assert_eq!(last_word(&Err(VmError::Door(lost())), &Ok(())), None);
+        let other = Err(VmError::Door(DoorError::Ft("the log broke".into())));
+        assert_eq!(last_word(&other, &Ok(())).map(|(_, s)| s), Some(1));
     }
 }
