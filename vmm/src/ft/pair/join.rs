@@ -424,6 +424,20 @@ impl PrimaryHooks {
         // The log waits on the link until the thread has sent the rest.
         c.announced.store(total, Ordering::Release);
         self.link.begin(c.handle.clone(), total);
+        // The side is the new pair's primary, in transfer, before the
+        // thread sends the rest: it says the VM is protected as soon as
+        // the backup has it all, which may come before this thread goes
+        // on (and the console must hear of the new generation from this
+        // side before the new backup says hello).
+        if let Some(s) = &self.status {
+            s.set_role(crate::ft::status::Role::Primary);
+            s.set_generation(generation);
+            s.set_state(State::Transfer);
+            s.update_transfer(|t| t.total = total);
+        }
+        if let Some(console) = &self.console {
+            console.rehello(generation);
+        }
         c.copy
             .finish(rest.pages, rest.data, rest.disks, offsets, rest.state);
         let rounds = c.copy.rounds();
@@ -448,17 +462,8 @@ impl PrimaryHooks {
         self.inputs = InputConfirmer::default();
         // Output from here on waits for the new backup's acks.
         self.set_release_mode(ReleaseMode::Rule);
-        if let Some(c) = &self.console {
-            c.rehello(generation);
-        }
         if let Some(s) = &self.status {
-            s.set_role(crate::ft::status::Role::Primary);
-            s.set_generation(generation);
-            s.set_state(State::Transfer);
-            s.update_transfer(|t| {
-                t.total = total;
-                t.rounds = rounds;
-            });
+            s.update_transfer(|t| t.rounds = rounds);
         }
         note(&format!(
             "handing the state at exit {pos} to the new backup after {rounds} rounds in {:.1} s: \
