@@ -688,22 +688,12 @@ fn listen(args: BackupArgs, stop: StopHandle) -> Result<()> {
 
 /// A backup's outputs once it went live and may take a new backup: held
 /// like a primary's, free until one joins.
-struct Reprotect {
+struct PromotedOutputs {
     loglink: LogLink,
     held: HeldOutput,
     net_held: Option<HeldOutput>,
     /// Shared-disk writes, where their sink says it was fenced off, and
     /// the disks' fences.
-    disk_held: Option<(HeldOutput, FencedFlag, Fences)>,
-    hooks: PrimaryHooks,
-}
-
-/// What a promoted backup's end needs of [`Reprotect`] once its hooks
-/// went to the VM.
-struct PromotedOutputs {
-    loglink: LogLink,
-    held: HeldOutput,
-    net_held: Option<HeldOutput>,
     disk_held: Option<(HeldOutput, FencedFlag, Fences)>,
 }
 
@@ -1008,18 +998,20 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
             hooks = hooks
                 .with_joins(listener, cfg)
                 .with_transfer_rate(pair.transfer_rate());
-            Some(Reprotect {
-                loglink,
-                held,
-                net_held,
-                disk_held,
+            Some((
+                PromotedOutputs {
+                    loglink,
+                    held,
+                    net_held,
+                    disk_held,
+                },
                 hooks,
-            })
+            ))
         }
         None => None,
     };
     let sink: Box<dyn Release> = match &reprotect {
-        Some(r) => Box::new(IntoHeld(r.held.capture())),
+        Some((r, _)) => Box::new(IntoHeld(r.held.capture())),
         None => sink,
     };
     // Shared disks: the primary's writes not known to be written, kept;
@@ -1032,7 +1024,7 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
             let sink = disks.sink_fenced(fences.clone());
             // Once live, a side that may take a new backup writes through
             // its held output's sink: that one says if it was fenced off.
-            let fenced = match reprotect.as_ref().and_then(|r| r.disk_held.as_ref()) {
+            let fenced = match reprotect.as_ref().and_then(|(r, _)| r.disk_held.as_ref()) {
                 Some((_, f, _)) => f.clone(),
                 None => sink.fenced_flag(),
             };
@@ -1063,18 +1055,18 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
         disk: disk_tail
             .map(|(_, fences, sink, _, tail)| (tail, Box::new(sink) as Box<dyn Release>, fences)),
         net: net_tail.as_ref().map(|(tap, tail)| {
-            let sink: Box<dyn Release> = match reprotect.as_ref().and_then(|r| r.net_held.as_ref())
-            {
-                Some(h) => Box::new(IntoHeld(h.capture())),
-                None => Box::new(vmm::netio::TapSink::new(tap.clone())),
-            };
+            let sink: Box<dyn Release> =
+                match reprotect.as_ref().and_then(|(r, _)| r.net_held.as_ref()) {
+                    Some(h) => Box::new(IntoHeld(h.capture())),
+                    None => Box::new(vmm::netio::TapSink::new(tap.clone())),
+                };
             (tail.clone(), sink)
         }),
-        held: reprotect.as_ref().map(|r| r.held.clone()),
-        net_held: reprotect.as_ref().and_then(|r| r.net_held.clone()),
+        held: reprotect.as_ref().map(|(r, _)| r.held.clone()),
+        net_held: reprotect.as_ref().and_then(|(r, _)| r.net_held.clone()),
         disk_held: reprotect
             .as_ref()
-            .and_then(|r| r.disk_held.as_ref().map(|(h, f, _)| (h.clone(), f.clone()))),
+            .and_then(|(r, _)| r.disk_held.as_ref().map(|(h, f, _)| (h.clone(), f.clone()))),
         live: Some(promoted.clone()),
         vm: pair.vm.clone(),
         generation,
@@ -1120,14 +1112,9 @@ fn follow(args: BackupArgs, f: Following, stop: StopHandle) -> Result<()> {
                 hooks = hooks.with_console(c.clone(), went_live.clone());
             }
             promoted_outputs = match reprotect {
-                Some(r) => {
-                    hooks = hooks.then_primary(r.hooks, promoted.clone());
-                    Some(PromotedOutputs {
-                        loglink: r.loglink,
-                        held: r.held,
-                        net_held: r.net_held,
-                        disk_held: r.disk_held,
-                    })
+                Some((outputs, primary)) => {
+                    hooks = hooks.then_primary(primary, promoted.clone());
+                    Some(outputs)
                 }
                 None => None,
             };

@@ -311,6 +311,14 @@ impl PrimaryHooks {
         }
     }
 
+    /// Whether a held stream is past [`MAX_HELD`]: the guest waits for its
+    /// releaser. A halted stream holds nobody (nothing more will be
+    /// released): the run loop stops the VM for what halted it.
+    fn held_full(&self) -> bool {
+        let full = |h: &HeldOutput| h.held() > MAX_HELD && h.mode() != ReleaseMode::Halt;
+        full(&self.held) || self.streams.iter().any(|s| full(&s.held))
+    }
+
     fn backup_failed(&mut self, reason: &str) -> Result<(), DoorError> {
         let detected = Instant::now();
         note(&format!(
@@ -404,11 +412,8 @@ impl PairHooks for PrimaryHooks {
                 s.held.mark(0);
             }
             // Bounded here too: a guest that writes (its shared disks,
-            // say) faster than the sink takes it waits for the releaser. A
-            // halted stream holds nobody: the run loop stops the VM for
-            // what halted it.
-            let full = |h: &HeldOutput| h.held() > MAX_HELD && h.mode() != ReleaseMode::Halt;
-            while full(&self.held) || self.streams.iter().any(|s| full(&s.held)) {
+            // say) faster than the sink takes it waits for the releaser.
+            while self.held_full() {
                 std::thread::sleep(Duration::from_millis(1));
             }
             if let Some(console) = &self.console {
@@ -434,7 +439,7 @@ impl PairHooks for PrimaryHooks {
         }
         // Held output is bounded, each stream: past MAX_HELD the guest waits
         // for the releaser (back-pressure, never a silent drop).
-        while self.held.held() > MAX_HELD || self.streams.iter().any(|s| s.held.held() > MAX_HELD) {
+        while self.held_full() {
             if let PeerState::Failed { reason } = self.link.peer_state() {
                 return self.backup_failed(&reason);
             }
